@@ -1,0 +1,276 @@
+"""The run configuration: one tree of nested dataclasses; YAML is only its serialization.
+
+`RunConfig{model, moe, parallel, train, data, runtime}`. Each field carries its help text and its
+allowed range in the dataclass field metadata, so validation, `pangu-moe config --show` and the
+docs read from one place. Every user error raises `ConfigError` with one line naming the dotted
+path, the bad value and what is allowed.
+"""
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import List
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line: path, value, what is allowed."""
+
+
+def _f(default, help, *, lo=None, hi=None, choices=None, lo_open=False):
+    """A config field with its help text and its allowed values (inclusive `lo`/`hi` unless `lo_open`)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(256, "vocabulary size V (256 for the byte tokenizer)", lo=2)
+    hidden: int = _f(128, "hidden size H", lo=1)
+    num_heads: int = _f(2, "attention heads; must divide hidden", lo=1)
+    num_dense_layers: int = _f(2, "dense blocks at the bottom, shared by all domains", lo=0)
+    num_moe_layers: int = _f(2, "sparse (MoE) blocks above the dense blocks", lo=1)
+    ffn_hidden: int = _f(512, "FFN hidden size F of the dense blocks and the query layer", lo=1)
+    seq_len: int = _f(256, "tokens per sequence S", lo=2)
+    init_std: float = _f(0.02, "std of the normal weight init", lo=0.0, lo_open=True)
+
+
+@dataclass
+class MoEConfig:
+    router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2) or rre (PanGu-Sigma random "
+                     "routed experts: fixed token-id table)", choices=("topk", "rre"))
+    num_experts: int = _f(8, "experts E per MoE layer (all groups together)", lo=1)
+    expert_hidden: int = _f(512, "expert FFN hidden size F", lo=1)
+    top_k: int = _f(1, "choices K per token", lo=1)
+    num_groups: int = _f(1, "level-1 expert groups G: domain d is routed to group d; 1 = plain router, "
+                         "else must equal the number of data domains", lo=1)
+    capacity_factor: float = _f(1.25, "training capacity factor: C = ceil(K*T*factor/E)", lo=0.0, lo_open=True)
+    eval_capacity_factor: float = _f(2.0, "capacity factor used for evaluation", lo=0.0, lo_open=True)
+    min_capacity: int = _f(4, "lower bound on C (slots per expert per routing group)", lo=1)
+    aux_loss_coeff: float = _f(0.01, "alpha of the Switch load-balancing loss alpha*E*sum(f_i*P_i)", lo=0.0)
+    z_loss_coeff: float = _f(0.001, "coefficient of the router z-loss mean(logsumexp(logits)^2)", lo=0.0)
+    jitter_eps: float = _f(0.0, "multiplicative router-input jitter U(1-eps, 1+eps), training only; "
+                           "0 disables it (and keeps resumed runs bit-exact)", lo=0.0, hi=1.0)
+    normalize_topk_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1 (GShard)")
+    router_init_std: float = _f(0.02, "std of the learned router weight init", lo=0.0, lo_open=True)
+    rre_seed: int = _f(0, "seed of the RRE token-id -> expert tables (per layer and group)", lo=0)
+
+
+@dataclass
+class ParallelConfig:
+    dispatch: str = _f("local", "exchange backend; this release has the single-device backend only",
+                       choices=("local",))
+    nodes: int = _f(1, "nodes N", lo=1)
+    devices_per_node: int = _f(1, "devices per node D", lo=1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(400, "optimizer steps", lo=1)
+    batch_size: int = _f(16, "sequences per step B", lo=1)
+    lr: float = _f(3e-3, "peak learning rate", lo=0.0, lo_open=True)
+    min_lr: float = _f(3e-4, "final learning rate of the cosine decay", lo=0.0)
+    warmup_steps: int = _f(30, "linear warmup steps", lo=0)
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to norms and biases)", lo=0.0)
+    beta1: float = _f(0.9, "Adam beta1", lo=0.0, hi=1.0)
+    beta2: float = _f(0.95, "Adam beta2", lo=0.0, hi=1.0)
+    eps: float = _f(1e-8, "Adam epsilon of the dense parameters", lo=0.0, lo_open=True)
+    expert_eps: float = _f(1e-20, "Adam epsilon of the expert parameters (PanGu-Sigma hybrid-eps Adam)",
+                           lo=0.0, lo_open=True)
+    grad_clip: float = _f(1.0, "global gradient-norm clip; 0 disables clipping", lo=0.0)
+    log_every: int = _f(10, "steps between metrics records", lo=1)
+    eval_every: int = _f(100, "steps between evaluations (and one at the end)", lo=1)
+    eval_batches: int = _f(8, "validation batches per evaluation", lo=1)
+    checkpoint_every: int = _f(100, "steps between checkpoints (and one at the end)", lo=1)
+    keep_checkpoints: int = _f(2, "newest checkpoints kept in RUN_DIR/checkpoints; 0 keeps all", lo=0)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("demo", "demo (text shipped with Python), jsonl (lines {text, domain}), or folders "
+                     "(one sub-folder of .txt files per domain)", choices=("demo", "jsonl", "folders"))
+    path: str = _f("", "file (jsonl) or folder (folders); unused for demo")
+    domains: List[str] = _f(["prose", "code"], "domain names; the domain id is the position in this list")
+    mixture: str = _f("uniform", "how training samples pick their domain: uniform (each domain equally often, "
+                      "so level-1 groups see equal load) or bytes (in proportion to each domain's text)",
+                      choices=("uniform", "bytes"))
+    val_fraction: float = _f(0.05, "share of each domain's documents held out for validation",
+                             lo=0.0, hi=0.5, lo_open=True)
+    max_bytes_per_domain: int = _f(3_000_000, "cap on the bytes read per domain", lo=1)
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = _f("CPU", "MindSpore device target", choices=("CPU", "Ascend"))
+    mode: str = _f("graph", "graph (one compiled train step) or pynative", choices=("graph", "pynative"))
+    seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self):
+        """Cross-section checks; field ranges were checked when the tree was built."""
+        m, moe, data = self.model, self.moe, self.data
+        _require(m.hidden % m.num_heads == 0, "model.num_heads", m.num_heads,
+                 f"a divisor of model.hidden={m.hidden}")
+        _require(moe.num_experts % moe.num_groups == 0, "moe.num_groups", moe.num_groups,
+                 f"a divisor of moe.num_experts={moe.num_experts}")
+        _require(moe.num_groups in (1, len(data.domains)), "moe.num_groups", moe.num_groups,
+                 f"1 or the number of data.domains ({len(data.domains)})")
+        per_group = moe.num_experts // moe.num_groups
+        _require(moe.top_k <= per_group, "moe.top_k", moe.top_k,
+                 f"at most the experts per group ({per_group})")
+        _require(moe.router != "rre" or moe.top_k == 1, "moe.top_k", moe.top_k, "1 for router rre")
+        _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",
+                 data.domains, "a non-empty list of distinct names")
+        _require(data.source == "demo" or data.path != "", "data.path", data.path,
+                 f"a path (data.source={data.source} reads it)")
+        _require(data.source != "demo" or data.domains == ["prose", "code"], "data.domains", data.domains,
+                 "[prose, code] for data.source=demo")
+        _require(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, ">= 256 (byte tokenizer)")
+        _require(self.parallel.nodes * self.parallel.devices_per_node == 1, "parallel.nodes",
+                 self.parallel.nodes, "1 node x 1 device for parallel.dispatch=local")
+        _require(self.train.min_lr <= self.train.lr, "train.min_lr", self.train.min_lr,
+                 f"<= train.lr={self.train.lr}")
+        _require(self.train.warmup_steps <= self.train.steps, "train.warmup_steps", self.train.warmup_steps,
+                 f"<= train.steps={self.train.steps}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d, overrides=()):
+        """Build and validate from a nested dict, then apply `overrides` ("dotted.key=value" strings)."""
+        d = {} if d is None else d
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: the top level must be a mapping, got {type(d).__name__}")
+        d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+        for item in overrides:
+            _apply_override(d, item)
+        return _build(cls, d, "").validate()
+
+    @classmethod
+    def from_yaml(cls, path, overrides=()):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                d = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({_one_line(e)})") from None
+        return cls.from_dict(d, overrides)
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_yaml())
+
+
+def _one_line(e):
+    return " ".join(str(e).split())
+
+
+def _require(ok, path, value, allowed):
+    if not ok:
+        raise ConfigError(f"{path} = {value!r}: must be {allowed}")
+
+
+def _apply_override(d, item):
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {key!r}: must be a dotted path section.key, e.g. train.steps")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    section = d.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]} = {section!r}: must be a mapping")
+    section[parts[1]] = value
+
+
+def _check_type(path, value, tp):
+    origin = typing.get_origin(tp)
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} = {value!r}: must be a list of {item_tp.__name__}")
+        return [_check_type(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {value!r}: must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {value!r}: must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} = {value!r}: must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} = {value!r}: must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(path, value, meta):
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path} = {value!r}: must be one of {', '.join(choices)}")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+        raise ConfigError(f"{path} = {value!r}: must be {bound}" + (f" and <= {hi}" if hi is not None else ""))
+    if hi is not None and value > hi:
+        raise ConfigError(f"{path} = {value!r}: must be <= {hi}")
+
+
+def _build(cls, d, prefix):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} = {d!r}: must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in d:
+            continue
+        path = prefix + name
+        if dataclasses.is_dataclass(f.type):
+            kwargs[name] = _build(f.type, d[name] if d[name] is not None else {}, path + ".")
+        else:
+            value = _check_type(path, d[name], f.type)
+            if f.type is not list and typing.get_origin(f.type) is None:
+                _check_range(path, value, f.metadata)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def describe(cls=RunConfig, prefix=""):
+    """Yield (dotted path, default, help) for every leaf field, for `config --show` and the docs."""
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            yield from describe(f.type, prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield prefix + f.name, default, f.metadata.get("help", "")

@@ -1,0 +1,1 @@
+"""Data: byte tokenizer, corpora with domain labels, and the training/eval batch pipelines."""

@@ -1,0 +1,34 @@
+"""Batched expert FFNs: one weight tensor per projection, [E, H, F] and [E, F, H]."""
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from pangu_moe.model.mlp import fast_gelu
+
+
+class GroupedExperts(nn.Cell):
+    """E two-layer GeLU FFNs applied to their own buffers with two batched matmuls.
+
+    Parameter names `w_in` / `w_out` under an `experts` cell mark expert parameters (hybrid-eps Adam,
+    domain extraction).
+
+    Args:
+        num_experts: E; hidden: H; expert_hidden: F; init_std: normal init std (w_out is scaled by
+        1/sqrt(2 * num_layers) through `out_std`).
+    """
+
+    def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None):
+        super().__init__()
+        out_std = init_std if out_std is None else out_std
+        self.w_in = Parameter(initializer(Normal(init_std), (num_experts, hidden, expert_hidden), ms.float32),
+                              name="w_in")
+        self.w_out = Parameter(initializer(Normal(out_std), (num_experts, expert_hidden, hidden), ms.float32),
+                               name="w_out")
+
+    def construct(self, expert_in):
+        """expert_in [E, C, H] -> expert_out [E, C, H]."""
+        return ops.bmm(fast_gelu(ops.bmm(expert_in, self.w_in)), self.w_out)
+
+
+

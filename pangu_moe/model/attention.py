@@ -1,0 +1,51 @@
+"""Causal multi-head attention whose query input may differ from its key/value input.
+
+Self-attention passes the same tensor twice; the PanGu-α query layer passes a learned position
+embedding as the query input.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+
+def causal_mask(seq_len):
+    """Additive mask [S, S] fp32: 0 on and below the diagonal, -1e9 above."""
+    return Tensor(np.triu(np.full((seq_len, seq_len), -1e9, np.float32), 1))
+
+
+class Attention(nn.Cell):
+    """Multi-head attention, no biases.
+
+    Args:
+        hidden: H; num_heads: heads (H % heads == 0); init_std / out_std: normal init stds.
+    """
+
+    def __init__(self, hidden, num_heads, init_std=0.02, out_std=None):
+        super().__init__()
+        out_std = init_std if out_std is None else out_std
+        self.num_heads = num_heads
+        self.head_dim = hidden // num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.w_q = Parameter(initializer(Normal(init_std), (hidden, hidden), ms.float32), name="w_q")
+        self.w_kv = Parameter(initializer(Normal(init_std), (hidden, 2 * hidden), ms.float32), name="w_kv")
+        self.w_o = Parameter(initializer(Normal(out_std), (hidden, hidden), ms.float32), name="w_o")
+
+    def _heads(self, x):
+        b, s, _ = x.shape
+        return x.reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, S, hd)
+
+    def construct(self, query_in, kv_in, mask):
+        """query_in [B, S, H] (or [S, H], broadcast), kv_in [B, S, H], mask [S, S] -> [B, S, H]."""
+        b, s, h = kv_in.shape
+        q = ops.matmul(query_in, self.w_q)
+        if q.ndim == 2:
+            q = ops.broadcast_to(q.reshape(1, s, h), (b, s, h))
+        k, v = ops.split(ops.matmul(kv_in, self.w_kv), h, axis=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, S, S)
+        out = ops.bmm(ops.softmax(att, axis=-1), v)  # (B, nh, S, hd)
+        out = out.transpose(0, 2, 1, 3).reshape(b, s, h)  # (B, S, H) <- (B, S, nh, hd)
+        return ops.matmul(out, self.w_o)

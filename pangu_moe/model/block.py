@@ -1,0 +1,57 @@
+"""Pre-LN transformer blocks: dense, sparse (MoE FFN), and the PanGu-α query layer."""
+from mindspore import nn
+
+from pangu_moe.model.attention import Attention
+from pangu_moe.model.mlp import DenseMLP
+
+
+class DenseBlock(nn.Cell):
+    """h + Attn(LN(h)), then + FFN(LN(h)). [B, S, H] -> [B, S, H]."""
+
+    def __init__(self, hidden, num_heads, ffn_hidden, init_std, out_std):
+        super().__init__()
+        self.ln1 = nn.LayerNorm((hidden,))
+        self.attn = Attention(hidden, num_heads, init_std, out_std)
+        self.ln2 = nn.LayerNorm((hidden,))
+        self.mlp = DenseMLP(hidden, ffn_hidden, init_std, out_std)
+
+    def construct(self, h, mask):
+        a = self.ln1(h)
+        h = h + self.attn(a, a, mask)
+        return h + self.mlp(self.ln2(h))
+
+
+class MoEBlock(nn.Cell):
+    """A sparse block: attention, then an MoE FFN over the B*S tokens of the micro-batch."""
+
+    def __init__(self, hidden, num_heads, moe_layer, init_std, out_std):
+        super().__init__()
+        self.ln1 = nn.LayerNorm((hidden,))
+        self.attn = Attention(hidden, num_heads, init_std, out_std)
+        self.ln2 = nn.LayerNorm((hidden,))
+        self.moe = moe_layer
+
+    def construct(self, h, token_ids, group_ids, mask, capacity, training):
+        """h [B, S, H]; token_ids, group_ids [B, S] int32 -> (h, aux, z, tokens_per_expert, kept_per_expert)."""
+        b, s, hidden = h.shape
+        a = self.ln1(h)
+        h = h + self.attn(a, a, mask)
+        x = self.ln2(h).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
+        y, aux, z, tokens_per_expert, kept_per_expert = self.moe(
+            x, token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)
+        return h + y.reshape(b, s, hidden), aux, z, tokens_per_expert, kept_per_expert
+
+
+class QueryLayer(nn.Cell):
+    """PanGu-α top query layer: the attention query is a learned position embedding [S, H]."""
+
+    def __init__(self, hidden, num_heads, ffn_hidden, init_std, out_std):
+        super().__init__()
+        self.ln1 = nn.LayerNorm((hidden,))
+        self.attn = Attention(hidden, num_heads, init_std, out_std)
+        self.ln2 = nn.LayerNorm((hidden,))
+        self.mlp = DenseMLP(hidden, ffn_hidden, init_std, out_std)
+
+    def construct(self, h, query_embedding, mask):
+        h = h + self.attn(query_embedding, self.ln1(h), mask)
+        return h + self.mlp(self.ln2(h))

@@ -1,0 +1,22 @@
+"""Dense FFN and the GeLU used by dense blocks and experts alike."""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+
+def fast_gelu(x):
+    """GeLU as x * sigmoid(1.702 x): about 5x faster than the tanh form on CPU (spec mindspore_cpu Q6)."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+class DenseMLP(nn.Cell):
+    """Two-layer GeLU FFN without biases: [..., H] -> [..., H] through F."""
+
+    def __init__(self, hidden, ffn_hidden, init_std=0.02, out_std=None):
+        super().__init__()
+        out_std = init_std if out_std is None else out_std
+        self.w_in = Parameter(initializer(Normal(init_std), (hidden, ffn_hidden), ms.float32), name="w_in")
+        self.w_out = Parameter(initializer(Normal(out_std), (ffn_hidden, hidden), ms.float32), name="w_out")
+
+    def construct(self, x):
+        return ops.matmul(fast_gelu(ops.matmul(x, self.w_in)), self.w_out)

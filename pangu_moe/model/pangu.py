@@ -1,0 +1,132 @@
+"""PanguModel: embeddings -> dense blocks -> MoE blocks -> query layer -> tied LM head."""
+import dataclasses
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.experts import GroupedExperts
+from pangu_moe.model.attention import causal_mask
+from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
+from pangu_moe.model.moe_layer import MoELayer
+from pangu_moe.routing.rre import RandomRoutedRouter, build_rre_tables
+from pangu_moe.routing.topk import TopKRouter
+
+
+class PanguModel(nn.Cell):
+    """PanGu-Σ-style decoder.
+
+    Every token carries a domain id; level-1 routing sends it to group `domain_id` (or group 0 when
+    `moe.num_groups == 1`).
+
+    Args:
+        model_cfg: `config.ModelConfig`; moe_cfg: `config.MoEConfig`.
+    """
+
+    def __init__(self, model_cfg, moe_cfg):
+        super().__init__()
+        m = model_cfg
+        self.model_cfg, self.moe_cfg = model_cfg, moe_cfg
+        num_layers = m.num_dense_layers + m.num_moe_layers + 1
+        out_std = m.init_std / math.sqrt(2 * num_layers)
+        self.num_groups = moe_cfg.num_groups
+        self.embedding = Parameter(initializer(Normal(m.init_std), (m.vocab_size, m.hidden), ms.float32),
+                                   name="embedding")
+        self.position_embedding = Parameter(initializer(Normal(m.init_std), (m.seq_len, m.hidden), ms.float32),
+                                            name="position_embedding")
+        self.query_embedding = Parameter(initializer(Normal(m.init_std), (m.seq_len, m.hidden), ms.float32),
+                                         name="query_embedding")
+        self.dense_blocks = nn.CellList([DenseBlock(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
+                                         for _ in range(m.num_dense_layers)])
+        self.moe_blocks = nn.CellList([
+            MoEBlock(m.hidden, m.num_heads, build_moe_layer(m, moe_cfg, layer, out_std), m.init_std, out_std)
+            for layer in range(m.num_moe_layers)])
+        self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
+        self.ln_f = nn.LayerNorm((m.hidden,))
+        self.mask = causal_mask(m.seq_len)
+
+    def construct(self, token_ids, domain_ids, capacity, training=False):
+        """Forward pass.
+
+        Args:
+            token_ids: [B, S] int32; domain_ids: [B, S] int32 in [0, num_domains).
+            capacity: python int C per expert per routing group (B*S tokens); training: python bool.
+        Returns:
+            logits [B, S, V] fp32, aux_loss, z_loss (fp32 scalars summed over MoE layers),
+            tokens_per_expert [L_moe, E] int32, kept_per_expert [L_moe, E] int32.
+        """
+        s = token_ids.shape[1]
+        mask = self.mask[:s, :s]
+        group_ids = domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
+        h = ops.gather(self.embedding, token_ids, 0) + self.position_embedding[:s]
+        for block in self.dense_blocks:
+            h = block(h, mask)
+        aux_loss = ops.zeros((), ms.float32)
+        z_loss = ops.zeros((), ms.float32)
+        tokens_per_expert, kept_per_expert = (), ()
+        for block in self.moe_blocks:
+            h, aux, z, demand, kept = block(h, token_ids, group_ids, mask, capacity, training)
+            aux_loss = aux_loss + aux
+            z_loss = z_loss + z
+            tokens_per_expert += (demand,)
+            kept_per_expert += (kept,)
+        h = self.ln_f(self.query_layer(h, self.query_embedding[:s], mask))
+        logits = ops.matmul(h, self.embedding.T)  # tied LM head: (B, S, V)
+        return logits, aux_loss, z_loss, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
+
+
+def build_moe_layer(model_cfg, moe_cfg, layer, out_std):
+    """One MoE layer from the config; RRE tables are seeded per (rre_seed, layer)."""
+    moe = moe_cfg
+    if moe.router == "rre":
+        tables = build_rre_tables(model_cfg.vocab_size, moe.num_experts // moe.num_groups, moe.num_groups,
+                                  seed=(moe.rre_seed, layer))
+        router = RandomRoutedRouter(tables, moe.num_experts)
+    else:
+        router = TopKRouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.top_k, moe.aux_loss_coeff,
+                            moe.z_loss_coeff, moe.jitter_eps, moe.normalize_topk_gates, moe.router_init_std)
+    experts = GroupedExperts(moe.num_experts, model_cfg.hidden, moe.expert_hidden, model_cfg.init_std, out_std)
+    return MoELayer(router, LocalDispatcher(moe.num_experts), experts)
+
+
+def build_model(cfg):
+    """PanguModel from a `RunConfig`."""
+    return PanguModel(cfg.model, cfg.moe)
+
+
+def is_expert_parameter(name):
+    """True for expert FFN weights (hybrid-eps Adam, domain extraction)."""
+    return ".experts." in name
+
+
+def extract_domain(model, domain):
+    """Domain sub-model: all shared weights plus only group `domain`'s experts, routers and tables.
+
+    On inputs of that domain, with the same capacity, its logits are bit-identical to the full model's.
+
+    Args:
+        model: a PanguModel with `moe.num_groups > 1`.
+        domain: domain id (= group id).
+    Returns:
+        a PanguModel with one group of E_g experts.
+    """
+    moe = model.moe_cfg
+    if moe.num_groups == 1:
+        raise ValueError("extract_domain: the model has one expert group; every domain uses all experts")
+    if not 0 <= domain < moe.num_groups:
+        raise ValueError(f"extract_domain: domain = {domain}: must be in [0, {moe.num_groups})")
+    per_group = moe.num_experts // moe.num_groups
+    sub_moe = dataclasses.replace(moe, num_experts=per_group, num_groups=1)
+    sub = PanguModel(model.model_cfg, sub_moe)
+    source = {p.name: p.asnumpy() for p in model.get_parameters()}
+    for p in sub.get_parameters():
+        value = source[p.name]
+        if is_expert_parameter(p.name):
+            value = value[domain * per_group:(domain + 1) * per_group]  # (E_g, ...) <- (E, ...)
+        elif p.name.endswith(".router.weight") or p.name.endswith(".router.table"):
+            value = value[domain:domain + 1]  # (1, ...) <- (G, ...)
+        p.set_data(Tensor(np.ascontiguousarray(value), p.dtype))
+    return sub

@@ -1,0 +1,94 @@
+"""The router contract and the routing vocabulary.
+
+Vocabulary (DESIGN §1), used in code, YAML and logs:
+- `T` tokens in one routing group, `H` hidden, `E` experts, `G` level-1 groups, `E_g = E // G`
+  experts per group, `K` choices per token, `C` capacity (slots per expert per routing group).
+- *logits* [T, E_g] fp32: level-2 router output for the token's own group, before the score function.
+- *scores* [T, E_g] fp32: after the score function (softmax for top-k).
+- *expert_index* [T, K] int32: global expert ids, `group * E_g + local id`.
+- *gate* [T, K] fp32: combine weight; *keep* [T, K] bool: survived capacity;
+  *slot* [T, K] int32: position inside the expert's buffer (valid where keep).
+- *tokens_per_expert* [E]: demand before dropping; *kept_per_expert* [E].
+
+Multi-level routing (PanGu-Σ): level 1 maps `group_id` (the token's domain) to an expert group;
+level 2 is the router restricted to that group's `E_g` experts. With `G = 1` it is the plain
+router. Routers never communicate and know nothing of the rank layout.
+
+A router is a scoring rule (`score`, the subclass's part) plus a slot-assignment policy
+(`routing.slots`). Graph-mode cells return plain tuples; `Routing` names the fields for Python
+callers of the pure-function API `route`.
+"""
+from collections import namedtuple
+
+from mindspore import nn, ops
+
+from pangu_moe.routing.slots import position_slots
+
+Routing = namedtuple("Routing", "expert_index gate keep slot aux_loss z_loss")
+
+
+class Router(nn.Cell):
+    """Base router: `construct` = level-1 group offset + subclass `score` + position slots.
+
+    Args:
+        num_experts: E (all groups).
+        num_groups: G; `E % G == 0`.
+        top_k: K.
+    """
+
+    def __init__(self, num_experts, num_groups, top_k):
+        super().__init__()
+        self.num_experts = num_experts
+        self.num_groups = num_groups
+        self.experts_per_group = num_experts // num_groups
+        self.top_k = top_k
+
+    def score(self, x, token_ids, group_ids, training):
+        """Level-2 choice inside the token's group.
+
+        Returns (local_index [T,K] int32 in [0, E_g), gate [T,K] fp32, aux_loss fp32 scalar,
+        z_loss fp32 scalar), losses already weighted by their coefficients.
+        """
+        raise NotImplementedError
+
+    def construct(self, x, token_ids, group_ids, capacity, training):
+        """Route T tokens.
+
+        Args:
+            x: [T, H] router input (any float dtype; router math is fp32).
+            token_ids: [T] int32 input vocabulary ids.
+            group_ids: [T] int32 level-1 group of each token (its domain, or 0 when G = 1).
+            capacity: python int C.
+            training: python bool; enables training-only noise.
+        Returns:
+            (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32,
+             aux_loss fp32 scalar, z_loss fp32 scalar).
+        """
+        local_index, gate, aux_loss, z_loss = self.score(x, token_ids, group_ids, training)
+        expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)
+        slot, keep = position_slots(expert_index, self.num_experts, capacity)
+        return expert_index, gate, keep, slot, aux_loss, z_loss
+
+
+def route(router, x, token_ids, group_ids, capacity, training=False):
+    """Call a router outside a model and name its outputs: returns a `Routing`."""
+    return Routing(*router(x, token_ids, group_ids, capacity, training))
+
+
+def group_logits(logits_all, group_ids, experts_per_group):
+    """Select each token's own group from per-group logits.
+
+    Args:
+        logits_all: [G, T, E_g] fp32, every group's logits for every token.
+        group_ids: [T] int32.
+    Returns:
+        [T, E_g] fp32. A gather, so the values are bit-identical to the group's own matmul.
+    """
+    num_groups = logits_all.shape[0]
+    if num_groups == 1:
+        return logits_all[0]
+    per_token = logits_all.transpose(1, 0, 2)  # (T, G, E_g) <- (G, T, E_g)
+    index = ops.broadcast_to(group_ids.reshape(-1, 1, 1), (per_token.shape[0], 1, experts_per_group))
+    return ops.gather_elements(per_token, 1, index).reshape(-1, experts_per_group)  # (T, E_g)
+
+

@@ -1,0 +1,45 @@
+"""PanGu-Σ Random Routed Experts: level 2 is a fixed, seeded token-id -> expert table."""
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from pangu_moe.routing.base import Router
+
+
+def build_rre_tables(vocab_size, experts_per_group, num_groups, seed):
+    """Balanced random tables, one per group: a seeded permutation of the vocabulary dealt round-robin.
+
+    Each expert of a group gets floor(V / E_g) or ceil(V / E_g) token ids.
+
+    Returns:
+        int32 array [G, V] of local expert ids in [0, E_g).
+    """
+    rng = np.random.default_rng(seed)
+    tables = np.empty((num_groups, vocab_size), np.int32)
+    for g in range(num_groups):
+        perm = rng.permutation(vocab_size)
+        tables[g, perm] = np.arange(vocab_size) % experts_per_group
+    return tables
+
+
+class RandomRoutedRouter(Router):
+    """RRE router (K = 1): expert = groups[group][table[group, token_id]], gate 1, no losses.
+
+    The table is a non-trainable Parameter, so checkpoints carry it. With one group this is the
+    "HashMoE" baseline (Roller et al. random hash).
+
+    Args:
+        tables: int32 [G, V] from `build_rre_tables` (seed it per layer).
+    """
+
+    def __init__(self, tables, num_experts):
+        num_groups, _ = tables.shape
+        super().__init__(num_experts, num_groups, 1)
+        self.table = Parameter(Tensor(tables, ms.int32), name="table", requires_grad=False)
+
+    def score(self, x, token_ids, group_ids, training):
+        index = ops.stack((group_ids, token_ids), axis=1)  # (T, 2)
+        local_index = ops.gather_nd(self.table, index).reshape(-1, 1)  # (T, 1)
+        gate = ops.ones(local_index.shape, ms.float32)
+        zero = Tensor(0.0, ms.float32)
+        return local_index, gate, zero, zero

@@ -1,0 +1,61 @@
+"""AdamW with PanGu-Σ's hybrid epsilon: a much smaller epsilon for the sparse (expert) parameters,
+whose gradients are small because each expert sees only a fraction of the tokens."""
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from pangu_moe.model.pangu import is_expert_parameter
+
+
+class HybridEpsAdamW(nn.Cell):
+    """Decoupled-weight-decay Adam with a per-parameter epsilon.
+
+    Weight decay applies to matrices (ndim >= 2) only, not to norm gains and biases.
+
+    Args:
+        params: trainable Parameters.
+        beta1, beta2: Adam betas; eps: epsilon of dense parameters; expert_eps: epsilon of expert
+        parameters; weight_decay: decoupled decay coefficient.
+    State (saved with checkpoints): `adam_m.*`, `adam_v.*` moments and `optimizer_step`.
+    """
+
+    def __init__(self, params, beta1, beta2, eps, expert_eps, weight_decay):
+        super().__init__()
+        self.parameters = ParameterTuple(params)
+        self.moments1 = self.parameters.clone(prefix="adam_m", init="zeros")
+        self.moments2 = self.parameters.clone(prefix="adam_v", init="zeros")
+        self.step = Parameter(Tensor(0, ms.int32), name="optimizer_step", requires_grad=False)
+        self.beta1, self.beta2 = beta1, beta2
+        self.eps = tuple(expert_eps if is_expert_parameter(p.name) else eps for p in params)
+        self.decay = tuple(weight_decay if p.ndim >= 2 else 0.0 for p in params)
+
+    def construct(self, grads, lr):
+        """Apply one update. grads: tuple matching `parameters`; lr: fp32 scalar Tensor."""
+        step = self.step + 1
+        ops.assign(self.step, step)
+        t = step.astype(ms.float32)
+        correction1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), t)
+        correction2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), t)
+        for i in range(len(self.parameters)):
+            param, m, v, g = self.parameters[i], self.moments1[i], self.moments2[i], grads[i]
+            m_new = self.beta1 * m + (1.0 - self.beta1) * g
+            v_new = self.beta2 * v + (1.0 - self.beta2) * g * g
+            update = (m_new / correction1) / (ops.sqrt(v_new / correction2) + self.eps[i])
+            ops.assign(m, m_new)
+            ops.assign(v, v_new)
+            ops.assign(param, param * (1.0 - lr * self.decay[i]) - lr * update)
+        return step
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scale grads so their global L2 norm is at most max_norm (0 = no clipping).
+
+    Returns: (clipped grads tuple, global norm fp32 scalar before clipping).
+    """
+    total = ops.zeros((), ms.float32)
+    for g in grads:
+        total = total + (g * g).sum()
+    norm = ops.sqrt(total)
+    if max_norm <= 0:
+        return grads, norm
+    scale = ops.minimum(Tensor(1.0, ms.float32), max_norm / (norm + 1e-6))
+    return tuple(g * scale for g in grads), norm

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pangu_moe",
+    version="0.1.0",
+    description="PanGu-Sigma-style sparse MoE training with locality-aware routing (LocMoE) on MindSpore",
+    packages=find_packages(include=["pangu_moe", "pangu_moe.*"]),
+    python_requires=">=3.9,<3.13",
+    install_requires=[
+        "mindspore>=2.10,<2.11",
+        "numpy>=1.25,<2",  # MindSpore 2.10 breaks with numpy 2 but does not pin it
+        "pyyaml",
+    ],
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["pangu-moe=pangu_moe.cli:main"]},
+)
