@@ -29,7 +29,7 @@ def _eval(args):
                                          "config.yaml")
     cfg = RunConfig.from_yaml(config, args.overrides)
     trainer = Trainer(cfg, os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))))
-    state = checkpoint.load(args.checkpoint, [trainer.model], STATE_KEYS)
+    state = checkpoint.load(args.checkpoint, [trainer.model, trainer.optimizer], STATE_KEYS)
     val_loss, val_bpb = trainer.evaluate()
     from pangu_moe.data.pipeline import unigram_bpb
     result = {"checkpoint": args.checkpoint, "step": state["step"], "val_loss": val_loss, "val_bpb": val_bpb,

@@ -4,7 +4,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from pangu_moe.model.mlp import fast_gelu
+from pangu_moe.activations import fast_gelu
 
 
 class GroupedExperts(nn.Cell):

@@ -8,5 +8,6 @@ def setup(runtime_cfg):
     The context stays PyNative; `runtime.mode = graph` compiles the train and eval steps with
     `ms.jit`, which is how MindSpore runs one graph per step without a global GRAPH_MODE.
     """
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target=runtime_cfg.device)
+    ms.set_device(runtime_cfg.device)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_seed(runtime_cfg.seed)

@@ -1,12 +1,9 @@
-"""Dense FFN and the GeLU used by dense blocks and experts alike."""
+"""Dense FFN of the dense blocks and the query layer."""
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-
-def fast_gelu(x):
-    """GeLU as x * sigmoid(1.702 x): about 5x faster than the tanh form on CPU (spec mindspore_cpu Q6)."""
-    return x * ops.sigmoid(1.702 * x)
+from pangu_moe.activations import fast_gelu
 
 
 class DenseMLP(nn.Cell):

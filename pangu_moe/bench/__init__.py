@@ -1,0 +1,1 @@
+"""Benchmarks and experiment drivers (not imported by the library)."""

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from pangu_moe.cli import main
+from tests.conftest import TINY
+
+
+def test_bad_config_is_one_line_without_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("moe:\n  top_k: 0\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == "pangu-moe train: error: moe.top_k = 0: must be >= 1\n"
+
+
+def test_missing_corpus_is_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  source: jsonl\n  path: {tmp_path / 'nope.jsonl'}\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.jsonl: no such file" in err
+
+
+def test_config_show_prints_resolved_yaml(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 50\n")
+    assert main(["config", "--show", str(path), "--set", "moe.top_k=2"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 50" in out and "top_k: 2" in out and "capacity_factor: 1.25" in out
+
+
+def test_eval_reproduces_the_final_validation_loss(tmp_path, capsys):
+    import yaml
+    cfg = dict(TINY, train=dict(TINY["train"], steps=2, warmup_steps=1, checkpoint_every=2, eval_every=2))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(path), "--out", str(run), "--set", "runtime.mode=pynative"]) == 0
+    capsys.readouterr()
+    summary = json.loads((run / "summary.json").read_text())
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_000002.ckpt")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 2
+    assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
+def test_eval_of_missing_checkpoint_is_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 50\n")
+    assert main(["eval", "--checkpoint", str(tmp_path / "x.ckpt"), "--config", str(path)]) == 2
+    assert "x.ckpt: no such file" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+import pytest
+
+from pangu_moe.config import ConfigError, RunConfig, describe
+from tests.conftest import TINY, tiny_config
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = tiny_config("moe.router=rre", "train.steps=7", "data.domains=[prose, code]")
+    path = tmp_path / "c.yaml"
+    cfg.save(path)
+    again = RunConfig.from_yaml(path)
+    assert again == cfg
+    assert again.moe.router == "rre" and again.train.steps == 7
+
+
+def test_defaults_fill_missing_sections():
+    cfg = RunConfig.from_dict({"train": {"steps": 50}})
+    assert cfg.train.steps == 50 and cfg.model == RunConfig().model
+
+
+def test_int_is_accepted_for_float_field():
+    cfg = tiny_config("train.lr=1")
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_override_parses_yaml_values():
+    cfg = tiny_config("moe.normalize_topk_gates=false", "moe.capacity_factor=2")
+    assert cfg.moe.normalize_topk_gates is False and cfg.moe.capacity_factor == 2.0
+
+
+BAD = [
+    ({"modle": {}}, "modle: unknown key; allowed: model, moe, parallel, train, data, runtime"),
+    ({"model": {"hiden": 3}}, "model.hiden: unknown key; allowed: vocab_size, hidden,"),
+    ({"model": {"hidden": "big"}}, "model.hidden = 'big': must be an integer"),
+    ({"model": {"hidden": 2.5}}, "model.hidden = 2.5: must be an integer"),
+    ({"train": {"lr": -1.0}}, "train.lr = -1.0: must be > 0.0"),
+    ({"train": {"beta2": 1.5}}, "train.beta2 = 1.5: must be <= 1.0"),
+    ({"moe": {"router": "switchy"}}, "moe.router = 'switchy': must be one of topk, rre"),
+    ({"moe": {"normalize_topk_gates": "yes"}}, "moe.normalize_topk_gates = 'yes': must be true or false"),
+    ({"model": {"hidden": 30, "num_heads": 4}}, "model.num_heads = 4: must be a divisor of model.hidden=30"),
+    ({"moe": {"num_experts": 6, "num_groups": 4}}, "moe.num_groups = 4: must be a divisor of moe.num_experts=6"),
+    ({"moe": {"num_experts": 6, "num_groups": 3}}, "moe.num_groups = 3: must be 1 or the number of data.domains (2)"),
+    ({"moe": {"num_experts": 4, "num_groups": 2, "top_k": 3}}, "moe.top_k = 3: must be at most the experts per group (2)"),
+    ({"moe": {"router": "rre", "top_k": 2}}, "moe.top_k = 2: must be 1 for router rre"),
+    ({"data": {"source": "jsonl"}}, "data.path = '': must be a path (data.source=jsonl reads it)"),
+    ({"data": {"domains": ["a", "a"], "source": "jsonl", "path": "x"}}, "data.domains = ['a', 'a']: must be a non-empty list of distinct names"),
+    ({"data": {"domains": "prose"}}, "data.domains = 'prose': must be a list of str"),
+    ({"train": {"steps": 10, "warmup_steps": 11}}, "train.warmup_steps = 11: must be <= train.steps=10"),
+    ({"train": {"lr": float("nan")}}, "train.lr = nan: must be a finite number"),
+    ({"parallel": {"dispatch": "hccl"}}, "parallel.dispatch = 'hccl': must be one of local"),
+    ({"model": 5}, "model = 5: must be a mapping"),
+    ([1, 2], "config: the top level must be a mapping, got list"),
+]
+
+
+@pytest.mark.parametrize("raw, message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_config_names_path_value_and_allowed(raw, message):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(raw)
+    text = str(err.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.steps", "--set 'train.steps': must look like section.key=value"),
+    ("steps=3", "--set 'steps': must be a dotted path section.key"),
+    ("train.stepz=3", "train.stepz: unknown key"),
+])
+def test_bad_override(item, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+        RunConfig.from_dict(TINY, [item])
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RunConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="not found"):
+        RunConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_help():
+    fields = list(describe())
+    assert len(fields) > 40
+    assert all(text for _, _, text in fields)
