@@ -94,8 +94,9 @@ class DataConfig:
                      "(one sub-folder of .txt files per domain)", choices=("demo", "jsonl", "folders"))
     path: str = _f("", "file (jsonl) or folder (folders); unused for demo")
     domains: List[str] = _f(["prose", "code"], "domain names; the domain id is the position in this list")
-    mixture: str = _f("uniform", "how training samples pick their domain: uniform (each domain equally often, "
-                      "so level-1 groups see equal load) or bytes (in proportion to each domain's text)",
+    mixture: str = _f("uniform", "how training samples pick their domain: uniform (sample i has domain i mod D, "
+                      "so each batch holds every domain equally often) or bytes (random, in proportion to each "
+                      "domain's text)",
                       choices=("uniform", "bytes"))
     val_fraction: float = _f(0.05, "share of each domain's documents held out for validation",
                              lo=0.0, hi=0.5, lo_open=True)

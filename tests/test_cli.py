@@ -50,3 +50,15 @@ def test_eval_of_missing_checkpoint_is_one_line(tmp_path, capsys):
     path.write_text("train:\n  steps: 50\n")
     assert main(["eval", "--checkpoint", str(tmp_path / "x.ckpt"), "--config", str(path)]) == 2
     assert "x.ckpt: no such file" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoints_and_rerun_into_a_used_run_dir(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 50\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().endswith("no checkpoints in " + str(tmp_path / "empty") + "/checkpoints")
+    used = tmp_path / "used" / "checkpoints"
+    used.mkdir(parents=True)
+    (used / "step_000010.ckpt").write_bytes(b"")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "used")]) == 2
+    assert "already holds checkpoints (up to step 10); pass --resume" in capsys.readouterr().err

@@ -1,7 +1,11 @@
 """Batches for training and evaluation, through `mindspore.dataset`.
 
-Training sample i is a pure function of (seed, i): a domain drawn by the mixture (uniform, or in
-proportion to training bytes), then a uniformly random window of seq_len + 1 bytes. So a resumed run that starts at sample
+Training sample i is a pure function of (seed, i): its domain, then a uniformly random window of
+seq_len + 1 bytes of that domain's training text. With the `uniform` mixture the domain of sample i
+is i mod D, so every batch whose size is a multiple of D holds each domain equally often and the
+level-1 expert groups see equal load in every step (a random draw would let one group overflow its
+capacity whenever a batch happens to hold more of its domain). With `bytes` the domain is drawn in
+proportion to each domain's training text. So a resumed run that starts at sample
 step * B sees exactly the batches of an uninterrupted run.
 """
 import numpy as np
@@ -21,16 +25,21 @@ class TrainWindows:
 
     def __init__(self, domains, seq_len, seed, start, count, mixture):
         self.texts = [d.train for d in domains]
-        sizes = np.array([len(t) if mixture == "bytes" else 1 for t in self.texts], np.float64)
+        sizes = np.array([len(t) for t in self.texts], np.float64)
         self.weights = sizes / sizes.sum()
+        self.mixture = mixture
         self.seq_len, self.seed, self.start, self.count = seq_len, seed, start, count
 
     def __len__(self):
         return self.count
 
     def __getitem__(self, i):
-        rng = np.random.default_rng((self.seed, self.start + int(i)))
-        domain = int(rng.choice(len(self.texts), p=self.weights))
+        index = self.start + int(i)
+        rng = np.random.default_rng((self.seed, index))
+        if self.mixture == "uniform":
+            domain = index % len(self.texts)
+        else:
+            domain = int(rng.choice(len(self.texts), p=self.weights))
         text = self.texts[domain]
         begin = int(rng.integers(0, len(text) - self.seq_len))
         window = text[begin:begin + self.seq_len + 1].astype(np.int32)

@@ -107,6 +107,10 @@ class Trainer:
         state = {"step": 0, "choices_total": 0, "kept_total": 0, "train_seconds": 0.0, "train_tokens": 0}
         if resume:
             state = self._resume(config_path)
+        elif checkpoint.list_checkpoints(self.run_dir):
+            last = checkpoint.list_checkpoints(self.run_dir)[-1][0]
+            raise ConfigError(f"--out {self.run_dir}: already holds checkpoints (up to step {last}); pass --resume "
+                              f"to continue that run or choose a new --out")
         cfg.save(config_path)
         metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                              keep_until_step=state["step"] if resume else None)

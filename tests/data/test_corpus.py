@@ -96,8 +96,10 @@ def test_train_windows_are_a_function_of_seed_and_index():
     inputs, labels, dom = src[5]
     letter = ord("x") if dom[0] == 0 else ord("y")
     assert (inputs == letter).all() and (labels == letter).all() and len(set(dom)) == 1
-    picked = [src[i][2][0] for i in range(100)]
-    assert 30 < sum(picked) < 70  # uniform mixture
+    assert [src[i][2][0] for i in range(6)] == [0, 1, 0, 1, 0, 1]  # uniform mixture alternates domains
+    by_bytes = pipeline.TrainWindows(domains, 8, seed=3, start=0, count=200, mixture="bytes")
+    picked = [by_bytes[i][2][0] for i in range(200)]
+    assert 60 < sum(picked) < 140 and picked[:6] != [0, 1, 0, 1, 0, 1]
 
 
 def test_val_windows_and_unigram_entropy():

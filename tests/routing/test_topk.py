@@ -1,6 +1,6 @@
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from pangu_moe.routing import TopKRouter, route, topk_scores
 
@@ -43,7 +43,7 @@ def test_at_most_capacity_kept_per_expert():
     idx, keep = r.expert_index.asnumpy(), r.keep.asnumpy()
     for e in range(4):
         assert keep[idx == e].sum() == min(7, (idx == e).sum())
-    assert len(np.unique(idx, axis=1)) and (idx[:, 0] != idx[:, 1]).all()
+    assert (idx[:, 0] != idx[:, 1]).all()  # two distinct experts per token
 
 
 def test_k2_gates_are_normalised_top2():
