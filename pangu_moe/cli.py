@@ -14,40 +14,41 @@ def _add_config_args(p, required=True):
 
 
 def _train(args):
-    from pangu_moe.train.trainer import Trainer
+    from pangu_moe.train.trainer import Trainer, check_run_dir
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    summary = Trainer(cfg, run_dir).train(resume=args.resume)
+    check_run_dir(cfg, run_dir, args.resume)  # fail before the corpus and model are built
+    Trainer(cfg, run_dir).train(resume=args.resume)
     print(f"summary: {os.path.join(run_dir, 'summary.json')}")
-    return summary
 
 
 def _eval(args):
     from pangu_moe.train import checkpoint
     from pangu_moe.train.trainer import STATE_KEYS, Trainer
-    config = args.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))),
-                                         "config.yaml")
-    cfg = RunConfig.from_yaml(config, args.overrides)
-    trainer = Trainer(cfg, os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))))
+    if not os.path.isfile(args.checkpoint):
+        raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))  # RUN_DIR/checkpoints/x.ckpt
+    cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
+    trainer = Trainer(cfg, run_dir)
     state = checkpoint.load(args.checkpoint, [trainer.model, trainer.optimizer], STATE_KEYS)
-    val_loss, val_bpb = trainer.evaluate()
-    from pangu_moe.data.pipeline import unigram_bpb
-    result = {"checkpoint": args.checkpoint, "step": state["step"], "val_loss": val_loss, "val_bpb": val_bpb,
-              "unigram_bpb": unigram_bpb(trainer.domains)}
+    result = {"checkpoint": args.checkpoint, "step": state["step"], **trainer.evaluator.evaluate()}
     print(json.dumps(result))
 
 
 def _config(args):
-    cfg = RunConfig.from_yaml(args.show, args.overrides)
-    if args.help_fields:
+    if args.fields:
         for path, default, text in describe():
             print(f"{path:32s} {default!r:>14}  {text}")
         return
-    print(cfg.to_yaml(), end="")
+    if not args.show:
+        raise ConfigError("config: pass --show FILE or --fields")
+    print(RunConfig.from_yaml(args.show, args.overrides).to_yaml(), end="")
 
 
 def _bench(args):
     from pangu_moe.bench import moe_layer
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats = {args.repeats}: must be >= 1")
     result = moe_layer.run(repeats=args.repeats)
     print(json.dumps(result) if args.json else moe_layer.table(result))
 
@@ -55,23 +56,24 @@ def _bench(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="pangu-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints/,summary.json}")
+    p = sub.add_parser("train", help="train; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints/,summary.json}")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.set_defaults(func=_train)
-    p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a .ckpt written by train")
+    p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt written by train")
     _add_config_args(p, required=False)
     p.set_defaults(func=_eval)
     p = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")
-    p.add_argument("--show", required=True, metavar="FILE", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--fields", dest="help_fields", action="store_true", help="list every field with its help")
+    p.add_argument("--show", metavar="FILE", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
     p.set_defaults(func=_config)
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.add_argument("name", choices=["moe-layer"], help="moe-layer: MoE layer vs dense FFN, forward+backward")
-    p.add_argument("--repeats", type=int, default=10, help="timed iterations (after warmup)")
+    p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     return parser
@@ -83,8 +85,8 @@ def main(argv=None):
     from pangu_moe.train.checkpoint import CheckpointError
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"pangu-moe {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, FloatingPointError, OSError) as e:
+        print(f"pangu-moe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,9 +18,9 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line: path, value, what is allowed."""
 
 
-def _f(default, help, *, lo=None, hi=None, choices=None, lo_open=False):
-    """A config field with its help text and its allowed values (inclusive `lo`/`hi` unless `lo_open`)."""
-    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open}
+def _f(default, help, *, lo=None, hi=None, choices=None, lo_open=False, hi_open=False):
+    """A config field with its help text and allowed values (`lo`/`hi` inclusive unless `lo_open`/`hi_open`)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "hi_open": hi_open}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,7 +54,8 @@ class MoEConfig:
     z_loss_coeff: float = _f(0.001, "coefficient of the router z-loss mean(logsumexp(logits)^2)", lo=0.0)
     jitter_eps: float = _f(0.0, "multiplicative router-input jitter U(1-eps, 1+eps), training only; "
                            "0 disables it (and keeps resumed runs bit-exact)", lo=0.0, hi=1.0)
-    normalize_topk_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1 (GShard)")
+    normalize_topk_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1, before capacity "
+                                    "dropping (GShard / lingvo)")
     router_init_std: float = _f(0.02, "std of the learned router weight init", lo=0.0, lo_open=True)
     rre_seed: int = _f(0, "seed of the RRE token-id -> expert tables (per layer and group)", lo=0)
 
@@ -75,8 +76,8 @@ class TrainConfig:
     min_lr: float = _f(3e-4, "final learning rate of the cosine decay", lo=0.0)
     warmup_steps: int = _f(30, "linear warmup steps", lo=0)
     weight_decay: float = _f(0.1, "AdamW decoupled weight decay (not applied to norms and biases)", lo=0.0)
-    beta1: float = _f(0.9, "Adam beta1", lo=0.0, hi=1.0)
-    beta2: float = _f(0.95, "Adam beta2", lo=0.0, hi=1.0)
+    beta1: float = _f(0.9, "Adam beta1", lo=0.0, hi=1.0, hi_open=True)
+    beta2: float = _f(0.95, "Adam beta2", lo=0.0, hi=1.0, hi_open=True)
     eps: float = _f(1e-8, "Adam epsilon of the dense parameters", lo=0.0, lo_open=True)
     expert_eps: float = _f(1e-20, "Adam epsilon of the expert parameters (PanGu-Sigma hybrid-eps Adam)",
                            lo=0.0, lo_open=True)
@@ -134,6 +135,8 @@ class RunConfig:
         _require(moe.router != "rre" or moe.top_k == 1, "moe.top_k", moe.top_k, "1 for router rre")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",
                  data.domains, "a non-empty list of distinct names")
+        _require(data.mixture != "uniform" or self.train.batch_size % len(data.domains) == 0, "train.batch_size",
+                 self.train.batch_size, f"a multiple of the {len(data.domains)} data.domains for data.mixture=uniform")
         _require(data.source == "demo" or data.path != "", "data.path", data.path,
                  f"a path (data.source={data.source} reads it)")
         _require(data.source != "demo" or data.domains == ["prose", "code"], "data.domains", data.domains,
@@ -238,11 +241,15 @@ def _check_range(path, value, meta):
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{path} = {value!r}: must be one of {', '.join(choices)}")
-    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
-        raise ConfigError(f"{path} = {value!r}: must be {bound}" + (f" and <= {hi}" if hi is not None else ""))
-    if hi is not None and value > hi:
-        raise ConfigError(f"{path} = {value!r}: must be <= {hi}")
+    bounds = []
+    if lo is not None:
+        bounds.append(f"> {lo}" if meta.get("lo_open") else f">= {lo}")
+    if hi is not None:
+        bounds.append(f"< {hi}" if meta.get("hi_open") else f"<= {hi}")
+    too_low = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+    too_high = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+    if too_low or too_high:
+        raise ConfigError(f"{path} = {value!r}: must be {' and '.join(bounds)}")
 
 
 def _build(cls, d, prefix):

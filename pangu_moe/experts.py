@@ -29,6 +29,3 @@ class GroupedExperts(nn.Cell):
     def construct(self, expert_in):
         """expert_in [E, C, H] -> expert_out [E, C, H]."""
         return ops.bmm(fast_gelu(ops.bmm(expert_in, self.w_in)), self.w_out)
-
-
-

@@ -73,7 +73,7 @@ def test_fully_dropped_token_gets_exactly_zero():
     assert (y.asnumpy()[4:] == 0).all() and (np.abs(y.asnumpy()[:4]).sum(1) > 0).all()
 
 
-def test_gradients_match_the_loop_reference_by_finite_differences():
+def test_input_and_router_gradients_match_finite_differences():
     layer = _layer(k=2)
     rng = np.random.default_rng(5)
     x = Tensor(rng.standard_normal((12, 8)).astype(np.float32))
@@ -83,16 +83,29 @@ def test_gradients_match_the_loop_reference_by_finite_differences():
     def loss(inp):
         return (layer(inp, zeros, zeros, 5, False)[0] * Tensor(cot)).sum()
 
-    grad = ms.grad(loss)(x).asnumpy()
-    r = route(layer.router, x, zeros, zeros, 5)
-    keep = r.keep.asnumpy()
-    # Perturb one input row that was kept: the analytic grad must match a central difference
-    # (the routing decision does not change for a tiny step).
-    t = int(np.argmax(keep.all(1)))
-    eps = 1e-2
-    for col in range(3):
-        plus, minus = x.asnumpy().copy(), x.asnumpy().copy()
-        plus[t, col] += eps
-        minus[t, col] -= eps
-        fd = (float(loss(Tensor(plus)).asnumpy()) - float(loss(Tensor(minus)).asnumpy())) / (2 * eps)
-        assert abs(fd - grad[t, col]) < 2e-2 * max(1.0, abs(fd))
+    grad_x, (grad_router,) = ms.grad(loss, 0, [layer.router.weight])(x)
+    grad_x, grad_router = grad_x.asnumpy(), grad_router.asnumpy()
+    keep = route(layer.router, x, zeros, zeros, 5).keep.asnumpy()
+    assert keep.all(1).any()
+    t = int(np.argmax(keep.all(1)))  # a token whose two choices were both kept
+
+    def central_difference(perturb, eps):
+        return (float(perturb(eps).asnumpy()) - float(perturb(-eps).asnumpy())) / (2 * eps)
+
+    for col in range(3):  # input: a tiny step does not change the routing decision
+        def shifted(d, col=col):
+            moved = x.asnumpy().copy()
+            moved[t, col] += d
+            return loss(Tensor(moved))
+        assert abs(central_difference(shifted, 1e-2) - grad_x[t, col]) < 2e-2 * max(1.0, abs(grad_x[t, col]))
+    original = layer.router.weight.asnumpy().copy()
+    for h in range(2):  # router weight: reaches the loss through the gates
+        def shifted_weight(d, h=h):
+            moved = original.copy()
+            moved[0, h, 0] += d
+            layer.router.weight.set_data(Tensor(moved))
+            return loss(x)
+        fd = central_difference(shifted_weight, 1e-3)  # small: a large step could flip a routing choice
+        layer.router.weight.set_data(Tensor(original))
+        assert abs(fd - grad_router[0, h, 0]) < 2e-2 * max(1.0, abs(fd))
+    assert np.abs(grad_router).max() > 0

@@ -10,7 +10,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from pangu_moe import runtime
 from pangu_moe.capacity import expert_capacity
+from pangu_moe.config import RuntimeConfig
 from pangu_moe.dispatch.local import LocalDispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.mlp import DenseMLP
@@ -42,9 +44,7 @@ def _time(step, x, cotangent):
 
 def run(repeats=10, shapes=SHAPES, seed=0):
     """Measure; returns a dict of shapes, seconds, tokens/s and `moe_over_dense` (time ratio)."""
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_seed(seed)
+    runtime.setup(RuntimeConfig(device="CPU", mode="graph", seed=seed))
     t, h, f, e, k = shapes["T"], shapes["H"], shapes["F"], shapes["E"], shapes["K"]
     capacity = expert_capacity(t, e, k, shapes["capacity_factor"])
     moe = MoELayer(TopKRouter(h, e, 1, k, 0.01, 0.001), LocalDispatcher(e), GroupedExperts(e, h, f))
@@ -87,6 +87,3 @@ def table(result):
         f"  {'dense':8s} {result['dense_seconds'] * 1e3:9.1f} {result['dense_tokens_per_s']:10,.0f}",
         f"  moe_over_dense = {result['moe_over_dense']:.3f}  (time ratio; target <= 1.15)",
     ])
-
-
-

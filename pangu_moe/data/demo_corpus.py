@@ -3,9 +3,9 @@
 Two domains:
 - `prose`: the language-reference and library help topics in `pydoc_data.topics` (English prose
   with code snippets), one document per topic, sorted by topic name;
-- `code`: the standard library's `.py` sources, sorted by relative path, skipping `test`,
-  `idlelib` and `site-packages` (the latter is not part of the standard library), and skipping
-  the few files that are not UTF-8.
+- `code`: the standard library's `.py` sources, sorted by relative path, skipping the folders
+  `test`, `tests`, `idlelib`, `lib2to3` (test data and odd encodings), `__pycache__` and
+  `site-packages` (not part of the standard library), and the few files that are not UTF-8.
 The content therefore depends on the Python version, but is fixed for a given installation.
 """
 import os

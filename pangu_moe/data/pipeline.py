@@ -5,7 +5,7 @@ seq_len + 1 bytes of that domain's training text. With the `uniform` mixture the
 is i mod D, so every batch whose size is a multiple of D holds each domain equally often and the
 level-1 expert groups see equal load in every step (a random draw would let one group overflow its
 capacity whenever a batch happens to hold more of its domain). With `bytes` the domain is drawn in
-proportion to each domain's training text. So a resumed run that starts at sample
+proportion to each domain's training text. Either way a resumed run that starts at sample
 step * B sees exactly the batches of an uninterrupted run.
 """
 import numpy as np
@@ -26,8 +26,7 @@ class TrainWindows:
     def __init__(self, domains, seq_len, seed, start, count, mixture):
         self.texts = [d.train for d in domains]
         sizes = np.array([len(t) for t in self.texts], np.float64)
-        self.weights = sizes / sizes.sum()
-        self.mixture = mixture
+        self.weights = sizes / sizes.sum() if mixture == "bytes" else None
         self.seq_len, self.seed, self.start, self.count = seq_len, seed, start, count
 
     def __len__(self):
@@ -36,7 +35,7 @@ class TrainWindows:
     def __getitem__(self, i):
         index = self.start + int(i)
         rng = np.random.default_rng((self.seed, index))
-        if self.mixture == "uniform":
+        if self.weights is None:
             domain = index % len(self.texts)
         else:
             domain = int(rng.choice(len(self.texts), p=self.weights))
@@ -47,25 +46,25 @@ class TrainWindows:
 
 
 def val_windows(domains, seq_len):
-    """Every non-overlapping window of each domain's validation text, round-robin over domains.
+    """Validation windows, the same number from every domain, interleaved domain by domain.
 
-    Returns: (input_ids [N, S], labels [N, S], domain_ids [N, S]) int32 arrays.
+    Each domain's validation text is cut into non-overlapping windows of seq_len + 1 bytes; every
+    domain contributes n = (fewest windows of any domain) of them, spread evenly over its text. The
+    set is balanced like the `uniform` training mixture, and any run of len(domains) consecutive
+    windows holds every domain once, so evaluation batches load the level-1 groups equally.
+
+    Returns: (input_ids [N, S], labels [N, S], domain_ids [N, S]) int32 arrays, N = n * len(domains).
     """
-    per_domain = []
-    for d, dom in enumerate(domains):
-        n = (len(dom.val) - 1) // seq_len
-        rows = np.stack([dom.val[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int32)
-        per_domain.append([(r, d) for r in rows])
-    order = [item for group in _round_robin(per_domain) for item in group]
-    windows = np.stack([r for r, _ in order])
-    domain_ids = np.repeat(np.array([d for _, d in order], np.int32)[:, None], seq_len, 1)
+    counts = [(len(d.val) - 1) // seq_len for d in domains]
+    n = min(counts)
+    rows = []
+    for count, dom in zip(counts, domains):
+        starts = np.linspace(0, count - 1, n).round().astype(np.int64) * seq_len
+        rows.append(np.stack([dom.val[s:s + seq_len + 1] for s in starts]).astype(np.int32))
+    windows = np.stack(rows, 1).reshape(n * len(domains), seq_len + 1)  # (n*D, S+1) <- (n, D, S+1)
+    domain_ids = np.tile(np.arange(len(domains), dtype=np.int32), n)
+    domain_ids = np.repeat(domain_ids[:, None], seq_len, 1)  # (N, S)
     return windows[:, :-1], windows[:, 1:], domain_ids
-
-
-def _round_robin(lists):
-    longest = max(len(x) for x in lists)
-    for i in range(longest):
-        yield [x[i] for x in lists if i < len(x)]
 
 
 def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture):
@@ -77,10 +76,8 @@ def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture
     return dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
 
 
-def unigram_bpb(domains):
-    """Entropy in bits of the byte-unigram distribution of all validation text."""
-    counts = np.zeros(256, np.float64)
-    for d in domains:
-        counts += np.bincount(d.val, minlength=256)
+def unigram_bpb(labels):
+    """Entropy in bits of the byte-unigram distribution of the scored bytes (labels [N, S])."""
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=256).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())

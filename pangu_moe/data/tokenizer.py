@@ -1,8 +1,6 @@
 """Byte-level tokenizer: token id = UTF-8 byte value, so vocabulary 256 and bits per token = bits per byte."""
 import numpy as np
 
-VOCAB_SIZE = 256
-
 
 def encode(text):
     """str -> uint8 array [n] of UTF-8 bytes."""

@@ -26,7 +26,7 @@ class LocalDispatcher(nn.Cell):
         """
         rows = expert_index * capacity + slot
         dropped = ops.full_like(rows, self.num_experts * capacity)
-        return ops.select(keep, rows, dropped).reshape(-1)
+        return ops.select(keep, rows, dropped).reshape(-1)  # (T*K,) <- (T, K)
 
     def dispatch(self, x, flat_index, capacity):
         """Permute tokens into the expert buffer.
@@ -40,12 +40,12 @@ class LocalDispatcher(nn.Cell):
         num_tokens, hidden = x.shape
         top_k = flat_index.shape[0] // num_tokens
         num_rows = self.num_experts * capacity
-        source = ops.arange(num_tokens, dtype=ms.int32).reshape(-1, 1)
-        source = ops.broadcast_to(source, (num_tokens, top_k)).reshape(-1, 1)  # (T*K, 1)
+        source = ops.arange(num_tokens, dtype=ms.int32).reshape(-1, 1)  # (T, 1)
+        source = ops.broadcast_to(source, (num_tokens, top_k)).reshape(-1)  # (T*K,): token of each choice
         # Row r of the buffer reads token row_source[r]; unused rows (and the dropped-choice sink row
         # E*C) read the zero row appended at index T.
         row_source = ops.full((num_rows + 1,), num_tokens, dtype=ms.int32)
-        row_source = ops.tensor_scatter_update(row_source, flat_index.reshape(-1, 1), source.reshape(-1))
+        row_source = ops.tensor_scatter_update(row_source, flat_index.reshape(-1, 1), source)  # (E*C+1,)
         padded = ops.concat((x, ops.zeros((1, hidden), x.dtype)), 0)  # (T+1, H)
         expert_in = ops.gather(padded, row_source[:num_rows], 0)  # (E*C, H)
         return expert_in.reshape(self.num_experts, capacity, hidden)  # (E, C, H) <- (E*C, H)
@@ -65,5 +65,5 @@ class LocalDispatcher(nn.Cell):
         rows = expert_out.reshape(-1, hidden)  # (E*C, H) <- (E, C, H)
         padded = ops.concat((rows, ops.zeros((1, hidden), rows.dtype)), 0)  # (E*C+1, H)
         picked = ops.gather(padded, flat_index, 0).reshape(num_tokens, top_k, hidden)  # (T, K, H)
-        weight = (gate * keep.astype(gate.dtype)).astype(rows.dtype).reshape(num_tokens, top_k, 1)
+        weight = (gate * keep.astype(gate.dtype)).astype(rows.dtype).reshape(num_tokens, top_k, 1)  # (T, K, 1)
         return (picked * weight).sum(1)

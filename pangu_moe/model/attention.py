@@ -42,7 +42,7 @@ class Attention(nn.Cell):
         b, s, h = kv_in.shape
         q = ops.matmul(query_in, self.w_q)
         if q.ndim == 2:
-            q = ops.broadcast_to(q.reshape(1, s, h), (b, s, h))
+            q = ops.broadcast_to(q.reshape(1, s, h), (b, s, h))  # (B, S, H) <- (S, H)
         k, v = ops.split(ops.matmul(kv_in, self.w_kv), h, axis=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, S, S)

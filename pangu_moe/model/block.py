@@ -16,6 +16,7 @@ class DenseBlock(nn.Cell):
         self.mlp = DenseMLP(hidden, ffn_hidden, init_std, out_std)
 
     def construct(self, h, mask):
+        """h [B, S, H]; mask [S, S] additive -> [B, S, H]."""
         a = self.ln1(h)
         h = h + self.attn(a, a, mask)
         return h + self.mlp(self.ln2(h))
@@ -38,8 +39,8 @@ class MoEBlock(nn.Cell):
         h = h + self.attn(a, a, mask)
         x = self.ln2(h).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
         y, aux, z, tokens_per_expert, kept_per_expert = self.moe(
-            x, token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)
-        return h + y.reshape(b, s, hidden), aux, z, tokens_per_expert, kept_per_expert
+            x, token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)  # ids: (T,) <- (B, S)
+        return h + y.reshape(b, s, hidden), aux, z, tokens_per_expert, kept_per_expert  # (B, S, H) <- (T, H)
 
 
 class QueryLayer(nn.Cell):
@@ -53,5 +54,6 @@ class QueryLayer(nn.Cell):
         self.mlp = DenseMLP(hidden, ffn_hidden, init_std, out_std)
 
     def construct(self, h, query_embedding, mask):
+        """h [B, S, H]; query_embedding [S, H]; mask [S, S] -> [B, S, H]."""
         h = h + self.attn(query_embedding, self.ln1(h), mask)
         return h + self.mlp(self.ln2(h))

@@ -16,4 +16,5 @@ class DenseMLP(nn.Cell):
         self.w_out = Parameter(initializer(Normal(out_std), (ffn_hidden, hidden), ms.float32), name="w_out")
 
     def construct(self, x):
+        """x [..., H] -> [..., H]."""
         return ops.matmul(fast_gelu(ops.matmul(x, self.w_in)), self.w_out)

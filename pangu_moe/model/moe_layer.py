@@ -39,12 +39,12 @@ class MoELayer(nn.Cell):
 
 
 def expert_counts(expert_index, keep, num_experts):
-    """Exact token accounting: demand and kept choices per expert.
+    """Exact token accounting: demand and kept choices per expert, by segment sums (no one-hot).
 
     Args: expert_index [T, K] int32; keep [T, K] bool.
     Returns: tokens_per_expert [E] int32, kept_per_expert [E] int32; sum(tokens_per_expert) = T*K.
     """
-    onehot = ops.one_hot(expert_index.reshape(-1), num_experts, ms.Tensor(1, ms.int32),
-                         ms.Tensor(0, ms.int32))  # (T*K, E)
-    kept = onehot * keep.reshape(-1, 1).astype(ms.int32)
-    return onehot.sum(0).astype(ms.int32), kept.sum(0).astype(ms.int32)
+    segments = expert_index.reshape(-1)  # (T*K,)
+    kept = keep.reshape(-1).astype(ms.int32)  # (T*K,)
+    demand = ops.unsorted_segment_sum(ops.ones_like(kept), segments, num_experts)
+    return demand, ops.unsorted_segment_sum(kept, segments, num_experts)

@@ -12,7 +12,10 @@ Vocabulary (DESIGN §1), used in code, YAML and logs:
 
 Multi-level routing (PanGu-Σ): level 1 maps `group_id` (the token's domain) to an expert group;
 level 2 is the router restricted to that group's `E_g` experts. With `G = 1` it is the plain
-router. Routers never communicate and know nothing of the rank layout.
+router. The composition lives in this base class rather than in a wrapper router: every level-2
+rule must score within a group anyway (its parameters are per group, so a domain's sub-model can be
+cut out), and the base class adds the group offset and assigns slots over all E experts.
+Routers never communicate and know nothing of the rank layout.
 
 A router is a scoring rule (`score`, the subclass's part) plus a slot-assignment policy
 (`routing.slots`). Graph-mode cells return plain tuples; `Routing` names the fields for Python
@@ -65,7 +68,7 @@ class Router(nn.Cell):
              aux_loss fp32 scalar, z_loss fp32 scalar).
         """
         local_index, gate, aux_loss, z_loss = self.score(x, token_ids, group_ids, training)
-        expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)
+        expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, K) + (T, 1)
         slot, keep = position_slots(expert_index, self.num_experts, capacity)
         return expert_index, gate, keep, slot, aux_loss, z_loss
 
@@ -88,7 +91,7 @@ def group_logits(logits_all, group_ids, experts_per_group):
     if num_groups == 1:
         return logits_all[0]
     per_token = logits_all.transpose(1, 0, 2)  # (T, G, E_g) <- (G, T, E_g)
-    index = ops.broadcast_to(group_ids.reshape(-1, 1, 1), (per_token.shape[0], 1, experts_per_group))
+    index = ops.broadcast_to(group_ids.reshape(-1, 1, 1), (per_token.shape[0], 1, experts_per_group))  # (T, 1, E_g)
     return ops.gather_elements(per_token, 1, index).reshape(-1, experts_per_group)  # (T, E_g)
 
 

@@ -38,6 +38,8 @@ class RandomRoutedRouter(Router):
         self.table = Parameter(Tensor(tables, ms.int32), name="table", requires_grad=False)
 
     def score(self, x, token_ids, group_ids, training):
+        """x is unused: the expert depends on (group, token id) only. Returns local_index [T,1] int32,
+        gate [T,1] fp32 ones, and zero losses."""
         index = ops.stack((group_ids, token_ids), axis=1)  # (T, 2)
         local_index = ops.gather_nd(self.table, index).reshape(-1, 1)  # (T, 1)
         gate = ops.ones(local_index.shape, ms.float32)

@@ -8,6 +8,12 @@ from pangu_moe.routing import losses
 from pangu_moe.routing.base import Router, group_logits
 
 
+def multiplicative_jitter(x, eps):
+    """Switch-style router-input noise: x * U(1 - eps, 1 + eps), element-wise. x [T, H] fp32."""
+    low, high = Tensor(1.0 - eps, ms.float32), Tensor(1.0 + eps, ms.float32)
+    return x * ops.uniform(x.shape, low, high)
+
+
 def topk_scores(logits, top_k, normalize):
     """Softmax-then-top-k, the scoring rule as a pure function.
 
@@ -17,7 +23,7 @@ def topk_scores(logits, top_k, normalize):
     Args:
         logits: [T, E_g] fp32.
         top_k: K.
-        normalize: K > 1 only: renormalise the K gates to sum to 1 (GShard).
+        normalize: K > 1 only: renormalise the K gates to sum to 1 (GShard), before any capacity dropping.
     Returns:
         scores [T, E_g] fp32, local_index [T, K] int32, gate [T, K] fp32.
     """
@@ -33,6 +39,14 @@ class TopKRouter(Router):
 
     Per-group weights make the logits of a token bit-identical to those of the extracted domain
     sub-model, whose router is that group's slice.
+
+    Args:
+        hidden: H; num_experts: E; num_groups: G; top_k: K.
+        aux_loss_coeff: alpha of `losses.load_balancing_loss` (f counts all K choices, divided by K,
+            as Megatron does; GShard counts first choices only); z_loss_coeff: of `losses.z_loss`.
+        jitter_eps: training-only `multiplicative_jitter`; 0 disables it.
+        normalize: K > 1: renormalise the K gates (see `topk_scores`).
+        init_std: normal init std of the [G, H, E_g] weight.
     """
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff,
@@ -48,13 +62,9 @@ class TopKRouter(Router):
     def score(self, x, token_ids, group_ids, training):
         x = x.astype(ms.float32)
         if training and self.jitter_eps > 0:
-            x = x * ops.uniform(x.shape, Tensor(1.0 - self.jitter_eps, ms.float32),
-                                Tensor(1.0 + self.jitter_eps, ms.float32))
+            x = multiplicative_jitter(x, self.jitter_eps)
         logits_all = ops.matmul(x, self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
         logits = group_logits(logits_all, group_ids, self.experts_per_group)
         scores, local_index, gate = topk_scores(logits, self.top_k, self.normalize)
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
         return local_index, gate, aux, losses.z_loss(logits, self.z_loss_coeff)
-
-
-

@@ -33,11 +33,17 @@ def save(path, cells, state):
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
 
 
 def load(path, cells, state_keys):
     """Load `path` into `cells`; every Parameter must be present with the same shape.
 
+    Everything is checked before anything is written, so a failed load leaves the cells unchanged.
     Returns: {key: value} for `state_keys`.
     """
     if not os.path.isfile(path):
@@ -57,11 +63,11 @@ def load(path, cells, state_keys):
     extra = [n for n in saved if n not in params and n not in state_keys]
     if extra:
         raise CheckpointError(f"checkpoint {path}: has {len(extra)} parameters this model lacks, e.g. {extra[0]}")
-    for name, p in params.items():
-        p.set_data(saved[name].astype(p.dtype))
     missing_state = [k for k in state_keys if k not in saved]
     if missing_state:
         raise CheckpointError(f"checkpoint {path}: lacks trainer state {missing_state[0]}")
+    for name, p in params.items():
+        p.set_data(saved[name].astype(p.dtype))
     return {k: saved[k].asnumpy().item() for k in state_keys}
 
 

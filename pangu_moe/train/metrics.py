@@ -2,14 +2,13 @@
 import json
 import os
 
-BYTES_PER_ELEMENT = 4  # fp32 activations on CPU
 
-
-def layer_records(tokens_per_expert, kept_per_expert, capacity, hidden):
+def layer_records(tokens_per_expert, kept_per_expert, capacity):
     """Per-MoE-layer accounting for one step (single device: every kept token is local).
 
     Args:
-        tokens_per_expert, kept_per_expert: [L, E] int arrays.
+        tokens_per_expert, kept_per_expert: [L, E] int arrays (demand before dropping, kept).
+        capacity: C of the step.
     Returns:
         list of L dicts with tokens_per_expert, kept_per_expert, dropped, capacity, tokens_local,
         tokens_intra, tokens_inter, bytes_intra, bytes_inter.

@@ -1,12 +1,11 @@
-"""The training loop: one compiled step, periodic evaluation, metrics, checkpoints, summary."""
+"""The training loop: compiled steps, periodic evaluation, metrics, checkpoints, summary."""
 import json
-import math
 import os
 import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from pangu_moe import runtime
 from pangu_moe.capacity import expert_capacity
@@ -15,12 +14,17 @@ from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
 from pangu_moe.model.pangu import build_model, is_expert_parameter
 from pangu_moe.train import checkpoint
+from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train.metrics import MetricsLog, layer_records
-from pangu_moe.train.optim import HybridEpsAdamW, clip_by_global_norm
+from pangu_moe.train.optim import HybridEpsAdamW
 from pangu_moe.train.schedule import learning_rate
+from pangu_moe.train.steps import make_eval_step, make_train_step
 
 STATE_KEYS = ("step", "choices_total", "kept_total", "train_seconds", "train_tokens")
-REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (LocMoE+ baseline)
+REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
+# Fields a resumed run may change without changing the trajectory of the steps already planned.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.checkpoint_every", "train.keep_checkpoints", "runtime.mode"}
 
 
 class Trainer:
@@ -43,75 +47,26 @@ class Trainer:
         self.tokens_per_step = t.batch_size * m.seq_len
         self.capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.capacity_factor,
                                         moe.min_capacity)
-        self.eval_capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k,
-                                             moe.eval_capacity_factor, moe.min_capacity)
-        self.train_step = self._make_train_step()
-        self.eval_step = self._make_eval_step()
-        self.val = pipeline.val_windows(self.domains, m.seq_len)
+        eval_capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.eval_capacity_factor,
+                                        moe.min_capacity)
+        graph = cfg.runtime.mode == "graph"
+        self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph)
+        self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
+                                   make_eval_step(self.model, eval_capacity, graph))
 
-    # --- compiled steps -------------------------------------------------------------------------
-    def _make_train_step(self):
-        model, optimizer, capacity = self.model, self.optimizer, self.capacity
-        vocab, clip = self.cfg.model.vocab_size, self.cfg.train.grad_clip
-
-        def forward(input_ids, labels, domain_ids):
-            logits, aux_loss, z_loss, demand, kept = model(input_ids, domain_ids, capacity, True)
-            lm_loss = ops.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))
-            return lm_loss + aux_loss + z_loss, (lm_loss, aux_loss, z_loss, demand, kept)
-
-        grad_fn = ms.value_and_grad(forward, None, optimizer.parameters, has_aux=True)
-
-        def train_step(input_ids, labels, domain_ids, lr):
-            (loss, (lm_loss, aux_loss, z_loss, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
-            grads, grad_norm = clip_by_global_norm(grads, clip)
-            optimizer(grads, lr)
-            return loss, lm_loss, aux_loss, z_loss, grad_norm, demand, kept
-
-        return ms.jit(train_step) if self.cfg.runtime.mode == "graph" else train_step
-
-    def _make_eval_step(self):
-        model, capacity, vocab = self.model, self.eval_capacity, self.cfg.model.vocab_size
-
-        def eval_step(input_ids, labels, domain_ids):
-            logits = model(input_ids, domain_ids, capacity, False)[0]
-            return ops.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="sum")
-
-        return ms.jit(eval_step) if self.cfg.runtime.mode == "graph" else eval_step
-
-    # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, max_batches=None):
-        """Mean validation loss (nats per byte) over whole batches of the validation windows.
-
-        Returns: (val_loss, val_bpb).
-        """
-        batch = self.cfg.train.batch_size
-        inputs, labels, domains = self.val
-        n_batches = len(inputs) // batch
-        if n_batches == 0:
-            raise ConfigError(f"train.batch_size = {batch}: larger than the {len(inputs)} validation windows")
-        if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
-        total = 0.0
-        for b in range(n_batches):
-            rows = slice(b * batch, (b + 1) * batch)
-            total += float(self.eval_step(Tensor(inputs[rows]), Tensor(labels[rows]), Tensor(domains[rows])).asnumpy())
-        val_loss = total / (n_batches * batch * self.cfg.model.seq_len)
-        return val_loss, val_loss / math.log(2)
-
-    # --- training -------------------------------------------------------------------------------
     def train(self, resume=False):
-        """Train to `train.steps`; returns the summary dict (also written to summary.json)."""
+        """Train to `train.steps`, or with `resume` continue from the run dir's newest checkpoint.
+
+        Returns the summary dict (also written to summary.json).
+        """
         cfg, t = self.cfg, self.cfg.train
-        os.makedirs(self.run_dir, exist_ok=True)
-        config_path = os.path.join(self.run_dir, "config.yaml")
+        resume_from = check_run_dir(cfg, self.run_dir, resume)
         state = {"step": 0, "choices_total": 0, "kept_total": 0, "train_seconds": 0.0, "train_tokens": 0}
-        if resume:
-            state = self._resume(config_path)
-        elif checkpoint.list_checkpoints(self.run_dir):
-            last = checkpoint.list_checkpoints(self.run_dir)[-1][0]
-            raise ConfigError(f"--out {self.run_dir}: already holds checkpoints (up to step {last}); pass --resume "
-                              f"to continue that run or choose a new --out")
-        cfg.save(config_path)
+        if resume_from:
+            state = checkpoint.load(resume_from, [self.model, self.optimizer], STATE_KEYS)
+            self.log(f"resumed from {resume_from} at step {state['step']}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        cfg.save(os.path.join(self.run_dir, "config.yaml"))
         metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                              keep_until_step=state["step"] if resume else None)
         batches = pipeline.train_batches(self.domains, cfg.model.seq_len, t.batch_size, cfg.runtime.seed,
@@ -119,31 +74,33 @@ class Trainer:
         self.log(f"training {cfg.moe.router} router, {count_parameters(self.model)[0]:,} parameters, "
                  f"C={self.capacity} slots/expert, steps {state['step']}..{t.steps} -> {self.run_dir}")
         window_tokens, window_seconds = 0, 0.0
+        first = True
         for input_ids, labels, domain_ids in batches:
-            step = state["step"]
-            lr = learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+            lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             began = time.perf_counter()
             out = self.train_step(Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32))
             loss, lm_loss, aux_loss, z_loss, grad_norm, demand, kept = [o.asnumpy() for o in out]
             seconds = time.perf_counter() - began
+            state["step"] = step = state["step"] + 1
             if not np.isfinite(loss):
-                raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower train.lr or raise train.warmup_steps")
-            state["step"] = step = step + 1
+                raise FloatingPointError(f"step {step}: loss is {loss}; lower train.lr or raise train.warmup_steps")
             state["choices_total"] += int(demand.sum())
             state["kept_total"] += int(kept.sum())
-            if step > 1 or resume:  # the first step of a process includes graph compilation
+            if not first:  # a process's first step includes graph compilation
                 state["train_seconds"] += seconds
                 state["train_tokens"] += self.tokens_per_step
                 window_tokens += self.tokens_per_step
                 window_seconds += seconds
+            first = False
             do_eval = step % t.eval_every == 0 or step == t.steps
             if step % t.log_every == 0 or do_eval:
                 record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss), "aux_loss": float(aux_loss),
                           "z_loss": float(z_loss), "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
-                          "layers": layer_records(demand, kept, self.capacity, cfg.model.hidden)}
+                          "layers": layer_records(demand, kept, self.capacity)}
                 if do_eval:
-                    record["val_loss"], record["val_bpb"] = self.evaluate(t.eval_batches)
+                    val = self.evaluator.evaluate(t.eval_batches)
+                    record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"])
                 metrics.write(record)
                 per_step = state["train_seconds"] * self.tokens_per_step / max(1, state["train_tokens"])
                 self.log(progress_line(record, t.steps, per_step))
@@ -159,33 +116,16 @@ class Trainer:
             for _, path in checkpoint.list_checkpoints(self.run_dir)[:-keep]:
                 os.remove(path)
 
-    def _resume(self, config_path):
-        found = checkpoint.list_checkpoints(self.run_dir)
-        if not found:
-            raise checkpoint.CheckpointError(f"--resume: no checkpoints in {self.run_dir}/checkpoints")
-        if os.path.exists(config_path):
-            saved = RunConfig.from_yaml(config_path)
-            for section in ("model", "moe", "data"):
-                if getattr(saved, section) != getattr(self.cfg, section):
-                    raise ConfigError(f"--resume: the {section} section differs from {config_path}; "
-                                      f"resume with the run's own config")
-        state = checkpoint.load(found[-1][1], [self.model, self.optimizer], STATE_KEYS)
-        if state["step"] >= self.cfg.train.steps:
-            raise ConfigError(f"train.steps = {self.cfg.train.steps}: the run already reached step {state['step']}; "
-                              f"raise train.steps to continue")
-        self.log(f"resumed from {found[-1][1]} at step {state['step']}")
-        return state
-
     def _finish(self, state):
         cfg = self.cfg
-        val_loss, val_bpb = self.evaluate()
-        unigram = pipeline.unigram_bpb(self.domains)
+        val = self.evaluator.evaluate()
+        unigram = pipeline.unigram_bpb(self.evaluator.scored_labels())
         reference = expert_capacity(self.tokens_per_step, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
         total, active = count_parameters(self.model, cfg.moe.top_k / cfg.moe.num_experts)
         summary = {
-            "steps": state["step"], "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": unigram,
-            "bpb_over_unigram": val_bpb / unigram,
+            "steps": state["step"], "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "unigram_bpb": unigram,
+            "bpb_over_unigram": val["val_bpb"] / unigram, "val_bpb_per_domain": val["val_bpb_per_domain"],
             "tokens_per_s": state["train_tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0,
             "router": cfg.moe.router, "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts,
             "num_groups": cfg.moe.num_groups,
@@ -196,9 +136,47 @@ class Trainer:
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
-        self.log(f"done: val_bpb {val_bpb:.3f} = {val_bpb / unigram:.3f} x unigram ({unigram:.3f}); "
+        self.log(f"done: val_bpb {val['val_bpb']:.3f} = {val['val_bpb'] / unigram:.3f} x unigram ({unigram:.3f}); "
                  f"dropped {summary['dropped_fraction']:.2%}; {summary['tokens_per_s']:,.0f} tokens/s")
         return summary
+
+
+def check_run_dir(cfg, run_dir, resume):
+    """Refuse to mix runs: a fresh run needs a run dir without checkpoints; a resume needs one with
+    checkpoints and the run's own config (up to `RESUMABLE_CHANGES`).
+
+    Returns: the checkpoint to resume from, or None.
+    """
+    found = checkpoint.list_checkpoints(run_dir)
+    if not resume:
+        if found:
+            raise ConfigError(f"--out {run_dir}: already holds checkpoints (up to step {found[-1][0]}); pass "
+                              f"--resume to continue that run or choose a new --out")
+        return None
+    if not found:
+        raise checkpoint.CheckpointError(f"--resume: no checkpoints in {os.path.join(run_dir, 'checkpoints')}")
+    config_path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(config_path):
+        saved, now = _flatten(RunConfig.from_yaml(config_path).to_dict()), _flatten(cfg.to_dict())
+        changed = [k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(f"--resume: {changed[0]} = {now[changed[0]]!r} differs from {saved.get(changed[0])!r} in "
+                              f"{config_path}; a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}")
+    step, path = found[-1]
+    if step >= cfg.train.steps:
+        raise ConfigError(f"train.steps = {cfg.train.steps}: the run already reached step {step}; raise "
+                          f"train.steps to continue")
+    return path
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def count_parameters(model, expert_share=1.0):
@@ -213,15 +191,10 @@ def count_parameters(model, expert_share=1.0):
 
 def progress_line(record, total_steps, seconds_per_step):
     """One human line: step, losses, lr, throughput, ETA (and validation when present)."""
-    tps = record["tokens_per_s"]
-    remaining = (total_steps - record["step"]) * seconds_per_step
+    remaining = int((total_steps - record["step"]) * seconds_per_step)
     line = (f"step {record['step']:>5}/{total_steps}  loss {record['loss']:.4f}  lm {record['lm_loss']:.4f}  "
-            f"aux {record['aux_loss']:.4f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s  eta {_clock(remaining)}")
+            f"aux {record['aux_loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"eta {remaining // 60}m{remaining % 60:02d}s")
     if "val_loss" in record:
         line += f"  | val_loss {record['val_loss']:.4f}  val_bpb {record['val_bpb']:.3f}"
     return line
-
-
-def _clock(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s"

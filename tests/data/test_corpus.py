@@ -102,10 +102,18 @@ def test_train_windows_are_a_function_of_seed_and_index():
     assert 60 < sum(picked) < 140 and picked[:6] != [0, 1, 0, 1, 0, 1]
 
 
-def test_val_windows_and_unigram_entropy():
-    domains = split_domains({"a": ["ab" * 50], "b": ["cccc" * 25]}, 0.5, 10**9, 9, "t")
+def test_val_windows_are_balanced_and_interleaved():
+    # Domain a has 50 validation bytes (6 windows of 8+1), domain b 200 (24 windows): 6 of each are used,
+    # spread evenly over b's text.
+    domains = split_domains({"a": ["ab" * 50], "b": ["".join(chr(65 + i // 9 % 26) for i in range(400))]},
+                            0.5, 10**9, 9, "t")
     inputs, labels, dom = pipeline.val_windows(domains, 8)
-    assert inputs.shape[1] == 8 and (labels[:, :-1] == inputs[:, 1:]).all()
-    assert dom[0, 0] == 0 and dom[1, 0] == 1  # round-robin over domains
-    # validation text: 50 bytes of "abab..." and 50 of "cccc": p = 1/4, 1/4, 1/2 -> 1.5 bits
-    assert abs(pipeline.unigram_bpb(domains) - 1.5) < 1e-12
+    assert inputs.shape == (12, 8) and (labels[:, :-1] == inputs[:, 1:]).all()
+    assert dom[:, 0].tolist() == [0, 1] * 6 and (dom == dom[:, :1]).all()
+    b_windows = [tokenizer.decode(w) for w in inputs[1::2]]
+    assert b_windows[0][0] != b_windows[-1][0]  # first and last windows of b come from different places
+
+
+def test_unigram_entropy_of_scored_bytes():
+    labels = np.array([[97, 98, 99, 99], [99, 99, 97, 98]])  # p = 1/4, 1/4, 1/2 -> 1.5 bits
+    assert abs(pipeline.unigram_bpb(labels) - 1.5) < 1e-12

@@ -41,6 +41,19 @@ def test_extracted_domain_sub_model_gives_identical_logits(router, domain):
     np.testing.assert_array_equal(full[4].asnumpy()[:, lo:lo + 2], part[4].asnumpy())
 
 
+def test_seed_fixes_the_initial_weights():
+    from pangu_moe import runtime
+
+    def weights(seed):
+        cfg = tiny_config(f"runtime.seed={seed}")
+        runtime.setup(cfg.runtime)
+        return [p.asnumpy() for p in build_model(cfg).trainable_params()]
+
+    a, b, c = weights(5), weights(5), weights(6)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not any(np.array_equal(u, w) for u, w in zip(a, c) if u.ndim == 2)
+
+
 def test_extract_rejects_bad_domain():
     model = build_model(tiny_config())
     with pytest.raises(ValueError, match=r"domain = 2: must be in \[0, 2\)"):

@@ -3,6 +3,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe.routing import TopKRouter, route, topk_scores
+from pangu_moe.routing.topk import multiplicative_jitter
 
 
 def _router(h=16, e=4, g=1, k=1, aux=0.01, z=0.001, jitter=0.0):
@@ -61,7 +62,7 @@ def test_groups_route_inside_the_tokens_group():
     assert ((idx // 4) == groups.asnumpy()).all()
 
 
-def test_one_group_reduces_to_the_plain_router():
+def test_a_group_of_a_grouped_router_equals_a_plain_router_with_that_slice():
     x, zeros = _inputs()
     plain = _router(e=4, g=1)
     grouped = _router(e=8, g=2)
@@ -80,9 +81,12 @@ def test_jitter_is_training_only_and_bounded():
     np.testing.assert_array_equal(a.gate.asnumpy(), b.gate.asnumpy())
     c = route(router, x, zeros, zeros, capacity=64, training=True)
     assert not np.array_equal(a.gate.asnumpy(), c.gate.asnumpy())
+    ones = Tensor(np.ones((500, 16), np.float32))
+    noise = multiplicative_jitter(ones, 0.1).asnumpy()
+    assert noise.min() >= 0.9 and noise.max() <= 1.1 and noise.std() > 0.04
 
 
-def test_router_math_is_fp32_for_fp16_input():
+def test_router_outputs_are_fp32_for_fp16_input():
     router = _router()
     x, zeros = _inputs()
     r = route(router, x.astype(ms.float16), zeros, zeros, capacity=64)

@@ -6,14 +6,16 @@ import shutil
 import numpy as np
 import pytest
 
+from pangu_moe.config import ConfigError
 from pangu_moe.train.checkpoint import list_checkpoints
 from pangu_moe.train.metrics import read
-from pangu_moe.train.trainer import Trainer
+from pangu_moe.train.trainer import Trainer, check_run_dir
 from tests.conftest import tiny_config
 
-SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "tokens_per_s", "router", "dropped_fraction",
-                "inter_node_fraction", "capacity_ratio"}
-RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "layers"}
+SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "val_bpb_per_domain",
+                "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
+                "inter_node_fraction", "capacity", "capacity_ratio", "params_total", "params_active"}
+RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "layers"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
               "tokens_inter", "bytes_intra", "bytes_inter"}
 
@@ -42,7 +44,11 @@ def test_twenty_steps_lower_the_loss(run_a):
 
 def test_outputs_have_the_documented_fields(run_a):
     run_dir, summary = run_a
-    assert SUMMARY_KEYS <= set(summary)
+    assert SUMMARY_KEYS == set(summary)
+    assert set(summary["val_bpb_per_domain"]) == {"prose", "code"}
+    per_domain = summary["val_bpb_per_domain"]
+    assert abs((per_domain["prose"] + per_domain["code"]) / 2 - summary["val_bpb"]) < 1e-9  # balanced windows
+    assert summary["params_active"] < summary["params_total"]
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     records = read(run_dir / "metrics.jsonl")
     assert all(RECORD_KEYS <= set(r) for r in records)
@@ -79,7 +85,11 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
-def test_different_seed_gives_different_losses_in_pynative_mode(run_a, tmp_path):
+def test_resume_refuses_a_changed_trajectory(run_a):
     run_dir, _ = run_a
-    _train(tmp_path / "d", "runtime.seed=8", "train.steps=2", "train.warmup_steps=1", "runtime.mode=pynative")
-    assert _losses(tmp_path / "d")[0] != _losses(run_dir)[0]
+    with pytest.raises(ConfigError, match=r"--resume: train.lr = 0.004 differs from 0.003"):
+        check_run_dir(tiny_config("train.lr=0.004", "train.steps=30"), str(run_dir), resume=True)
+    with pytest.raises(ConfigError, match="the run already reached step 20"):
+        check_run_dir(tiny_config(), str(run_dir), resume=True)
+    assert check_run_dir(tiny_config("train.steps=30", "runtime.mode=pynative"), str(run_dir), resume=True) \
+        .endswith("step_000020.ckpt")

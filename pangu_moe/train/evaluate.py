@@ -1,0 +1,50 @@
+"""Validation loss and bits per byte over the balanced validation windows."""
+import math
+
+import numpy as np
+from mindspore import Tensor
+
+from pangu_moe.config import ConfigError
+from pangu_moe.data import pipeline
+
+
+class Evaluator:
+    """Scores whole batches of `pipeline.val_windows` with an eval step.
+
+    Args:
+        domains: [DomainText]; seq_len: S; batch_size: B; eval_step: from `steps.make_eval_step`.
+    """
+
+    def __init__(self, domains, seq_len, batch_size, eval_step):
+        self.names = [d.name for d in domains]
+        self.inputs, self.labels, self.domain_ids = pipeline.val_windows(domains, seq_len)
+        self.batch_size, self.eval_step = batch_size, eval_step
+        self.num_batches = len(self.inputs) // batch_size
+        if self.num_batches == 0:
+            raise ConfigError(f"train.batch_size = {batch_size}: must be at most the {len(self.inputs)} validation "
+                              f"windows (raise data.val_fraction or lower the batch size)")
+
+    def scored_labels(self, max_batches=None):
+        """The bytes that `evaluate(max_batches)` scores: labels [N, S]."""
+        return self.labels[:self._batches(max_batches) * self.batch_size]
+
+    def _batches(self, max_batches):
+        return self.num_batches if max_batches is None else min(self.num_batches, max_batches)
+
+    def evaluate(self, max_batches=None):
+        """Score the first `max_batches` batches (all by default).
+
+        Returns: {"val_loss": nats per byte, "val_bpb": bits per byte,
+                  "val_bpb_per_domain": {domain name: bits per byte}}.
+        """
+        n = self._batches(max_batches) * self.batch_size
+        sums = np.concatenate([
+            self.eval_step(Tensor(self.inputs[i:i + self.batch_size]), Tensor(self.labels[i:i + self.batch_size]),
+                           Tensor(self.domain_ids[i:i + self.batch_size])).asnumpy()
+            for i in range(0, n, self.batch_size)]).astype(np.float64)  # (N,) summed nats per window
+        seq_len = self.inputs.shape[1]
+        window_domain = self.domain_ids[:n, 0]
+        per_domain = {name: float(sums[window_domain == d].sum() / ((window_domain == d).sum() * seq_len) / math.log(2))
+                      for d, name in enumerate(self.names) if (window_domain == d).any()}
+        val_loss = float(sums.sum() / (n * seq_len))
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2), "val_bpb_per_domain": per_domain}
