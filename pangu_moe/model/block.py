@@ -43,15 +43,8 @@ class MoEBlock(nn.Cell):
         return h + y.reshape(b, s, hidden), aux, z, tokens_per_expert, kept_per_expert  # (B, S, H) <- (T, H)
 
 
-class QueryLayer(nn.Cell):
-    """PanGu-α top query layer: the attention query is a learned position embedding [S, H]."""
-
-    def __init__(self, hidden, num_heads, ffn_hidden, init_std, out_std):
-        super().__init__()
-        self.ln1 = nn.LayerNorm((hidden,))
-        self.attn = Attention(hidden, num_heads, init_std, out_std)
-        self.ln2 = nn.LayerNorm((hidden,))
-        self.mlp = DenseMLP(hidden, ffn_hidden, init_std, out_std)
+class QueryLayer(DenseBlock):
+    """PanGu-α top query layer: a dense block whose attention query is a learned position embedding [S, H]."""
 
     def construct(self, h, query_embedding, mask):
         """h [B, S, H]; query_embedding [S, H]; mask [S, S] -> [B, S, H]."""
