@@ -23,3 +23,55 @@ def expert_capacity(num_tokens, num_experts, top_k, factor, min_capacity=1):
                          f"T={num_tokens}, E={num_experts}, K={top_k}, factor={factor}")
     slots = math.ceil(Fraction(str(factor)) * top_k * num_tokens / num_experts)
     return max(1, min(num_tokens, max(min_capacity, slots)))
+
+
+LOWER_BOUND_FORMS = ("exact", "erfc", "exp")
+
+
+def discriminative_probability(delta, hidden):
+    """LocMoE Lemma 3: P(|cos(x, w)| >= delta) for x uniform on the unit sphere of R^hidden.
+
+    Equals 1 - I_{delta^2}(1/2, (hidden - 1)/2), the regularized incomplete beta (two spherical caps).
+    """
+    from scipy.special import betaincc
+    return float(betaincc(0.5, (hidden - 1) / 2, delta * delta))
+
+
+def capacity_lower_bound(delta, hidden, num_experts, form="exact"):
+    """LocMoE Theorem 1: the expected tokens an expert needs to receive one class-discriminative token.
+
+    ec_min = 1 / (n * p_delta) with n = num_experts and p_delta from `discriminative_probability`
+    ("exact"); the large-d forms are 1 / (n * erfc(z)) ("erfc") and exp(z^2) / n ("exp", a looser lower
+    bound), with z^2 = delta^2 * d / (2 - delta^2).
+
+    Args:
+        delta: cosine threshold in [0, 1); hidden: d; num_experts: n (experts the token chooses among).
+    Returns:
+        float ec_min (not rounded).
+    """
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"capacity_lower_bound: delta = {delta}: must be in [0, 1)")
+    if form not in LOWER_BOUND_FORMS:
+        raise ValueError(f"capacity_lower_bound: form = {form!r}: must be one of {', '.join(LOWER_BOUND_FORMS)}")
+    if form == "exact":
+        return 1.0 / (num_experts * discriminative_probability(delta, hidden))
+    z2 = delta * delta * hidden / (2.0 - delta * delta)
+    if form == "erfc":
+        from scipy.special import erfc
+        return 1.0 / (num_experts * float(erfc(math.sqrt(z2))))
+    return math.exp(z2) / num_experts
+
+
+def estimate_delta(routed_cosines, quantile=0.0):
+    """LocMoE's measured delta-hat: the cosine of the largest angle between a token and its expert.
+
+    Our reading of "calculated through the maximal angular deviation" (spec [D]): the minimum of the
+    routed cosines, or a low `quantile` of them for robustness; clipped to [0, 1).
+
+    Args:
+        routed_cosines: array of cos(x_t, w_{expert(t)}) over the measured tokens.
+    """
+    import numpy as np
+    values = np.asarray(routed_cosines, dtype=np.float64).ravel()
+    delta = float(values.min() if quantile == 0.0 else np.quantile(values, quantile))
+    return min(max(delta, 0.0), np.nextafter(1.0, 0.0))

@@ -40,8 +40,9 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
-    router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2) or rre (PanGu-Sigma random "
-                     "routed experts: fixed token-id table)", choices=("topk", "rre"))
+    router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2), rre (PanGu-Sigma random "
+                     "routed experts: fixed token-id table) or locmoe (parameter-free GrAP gating with a "
+                     "locality loss)", choices=("topk", "rre", "locmoe"))
     num_experts: int = _f(8, "experts E per MoE layer (all groups together)", lo=1)
     expert_hidden: int = _f(512, "expert FFN hidden size F", lo=1)
     top_k: int = _f(1, "choices K per token", lo=1)
@@ -56,6 +57,10 @@ class MoEConfig:
                            "0 disables it (and keeps resumed runs bit-exact)", lo=0.0, hi=1.0)
     normalize_topk_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1, before capacity "
                                     "dropping (GShard / lingvo)")
+    locality_loss_coeff: float = _f(0.01, "locmoe: mu of the locality loss", lo=0.0)
+    locality_variant: str = _f("kl", "locmoe: kl (KL to uniform over the node's experts, smoothed) or mass "
+                               "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
+    locmoe_bias: bool = _f(True, "locmoe: learnable per-expert bias (epsilon_i of LocMoE Eq. 2)")
     router_init_std: float = _f(0.02, "std of the learned router weight init", lo=0.0, lo_open=True)
     rre_seed: int = _f(0, "seed of the RRE token-id -> expert tables (per layer and group)", lo=0)
 
@@ -133,6 +138,8 @@ class RunConfig:
         _require(moe.top_k <= per_group, "moe.top_k", moe.top_k,
                  f"at most the experts per group ({per_group})")
         _require(moe.router != "rre" or moe.top_k == 1, "moe.top_k", moe.top_k, "1 for router rre")
+        _require(moe.router != "locmoe" or m.hidden % per_group == 0, "model.hidden", m.hidden,
+                 f"a multiple of the experts per group ({per_group}) for router locmoe (GrAP blocks)")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",
                  data.domains, "a non-empty list of distinct names")
         _require(data.mixture != "uniform" or self.train.batch_size % len(data.domains) == 0, "train.batch_size",

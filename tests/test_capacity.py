@@ -1,6 +1,9 @@
+import math
+
+import numpy as np
 import pytest
 
-from pangu_moe.capacity import expert_capacity
+from pangu_moe.capacity import capacity_lower_bound, discriminative_probability, estimate_delta, expert_capacity
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -19,3 +22,50 @@ def test_expert_capacity_exact(args, expected):
 def test_expert_capacity_rejects_bad_arguments():
     with pytest.raises(ValueError, match="factor=0"):
         expert_capacity(10, 2, 1, 0)
+
+
+def test_lower_bound_regression_values():
+    assert abs(capacity_lower_bound(0.03, 5120, 16) - 1.965) < 0.01
+    assert abs(capacity_lower_bound(0.05, 5120, 16) - 181.5) < 0.5
+
+
+def test_lemma3_constant_near_one_over_sqrt_d():
+    for d, expected in [(64, 0.3211), (512, 0.3178), (5120, 0.3174)]:
+        assert abs(discriminative_probability(1 / math.sqrt(d), d) - expected) < 1e-4
+
+
+def test_lemma3_matches_monte_carlo():
+    rng = np.random.default_rng(0)
+    d, delta, n = 32, 0.2, 200_000
+    x = rng.standard_normal((n, d))
+    cos = np.abs(x[:, 0]) / np.linalg.norm(x, axis=1)  # |cos| with a fixed axis w = e_0
+    p = discriminative_probability(delta, d)
+    mc = (cos >= delta).mean()
+    assert abs(mc - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_lower_bound_monotonicity_and_scaling():
+    deltas = [0.0, 0.01, 0.02, 0.04, 0.06]
+    values = [capacity_lower_bound(dl, 2048, 8) for dl in deltas]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert capacity_lower_bound(0.03, 1024, 8) < capacity_lower_bound(0.03, 4096, 8)
+    assert capacity_lower_bound(0.03, 4096, 4) * 4 == pytest.approx(capacity_lower_bound(0.03, 4096, 16) * 16)
+
+
+def test_bound_forms_ordering_and_agreement():
+    for d in (1024, 4096, 5120):
+        for delta in (0.0, 0.01, 0.03, 0.05):
+            exp_form = capacity_lower_bound(delta, d, 16, "exp")
+            erfc_form = capacity_lower_bound(delta, d, 16, "erfc")
+            exact = capacity_lower_bound(delta, d, 16, "exact")
+            assert exp_form <= erfc_form
+            assert abs(exact - erfc_form) <= 0.01 * exact
+    with pytest.raises(ValueError, match="delta = 1.0: must be in"):
+        capacity_lower_bound(1.0, 64, 4)
+
+
+def test_estimate_delta_is_the_clipped_minimum_or_quantile():
+    assert estimate_delta([0.5, 0.2, 0.9]) == 0.2
+    assert estimate_delta([-0.1, 0.4]) == 0.0
+    assert estimate_delta(np.linspace(0, 1, 101), quantile=0.1) == pytest.approx(0.1)
+    assert estimate_delta([1.0]) < 1.0

@@ -8,10 +8,12 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.attention import causal_mask
 from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
 from pangu_moe.model.moe_layer import MoELayer
+from pangu_moe.routing.locmoe import LocMoERouter
 from pangu_moe.routing.rre import RandomRoutedRouter, build_rre_tables
 from pangu_moe.routing.topk import TopKRouter
 
@@ -24,11 +26,13 @@ class PanguModel(nn.Cell):
 
     Args:
         model_cfg: `config.ModelConfig`; moe_cfg: `config.MoEConfig`.
+        topology: `dispatch.topology.Topology` read by locality-aware routers (default: one device).
     """
 
-    def __init__(self, model_cfg, moe_cfg):
+    def __init__(self, model_cfg, moe_cfg, topology=None):
         super().__init__()
         m = model_cfg
+        topology = topology or Topology(1, 1, moe_cfg.num_experts)
         self.model_cfg, self.moe_cfg = model_cfg, moe_cfg
         num_layers = m.num_dense_layers + m.num_moe_layers + 1
         out_std = m.init_std / math.sqrt(2 * num_layers)
@@ -42,7 +46,8 @@ class PanguModel(nn.Cell):
         self.dense_blocks = nn.CellList([DenseBlock(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
                                          for _ in range(m.num_dense_layers)])
         self.moe_blocks = nn.CellList([
-            MoEBlock(m.hidden, m.num_heads, build_moe_layer(m, moe_cfg, layer, out_std), m.init_std, out_std)
+            MoEBlock(m.hidden, m.num_heads, build_moe_layer(m, moe_cfg, layer, out_std, topology), m.init_std,
+                     out_std)
             for layer in range(m.num_moe_layers)])
         self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
         self.ln_f = nn.LayerNorm((m.hidden,))
@@ -78,10 +83,14 @@ class PanguModel(nn.Cell):
         return logits, aux_loss, z_loss, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
 
 
-def build_moe_layer(model_cfg, moe_cfg, layer, out_std):
+def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology):
     """One MoE layer from the config; RRE tables are seeded per (rre_seed, layer)."""
     moe = moe_cfg
-    if moe.router == "rre":
+    if moe.router == "locmoe":
+        router = LocMoERouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.top_k, moe.aux_loss_coeff,
+                              moe.z_loss_coeff, moe.locality_loss_coeff, moe.locality_variant,
+                              topology.local_expert_mask(), moe.locmoe_bias)
+    elif moe.router == "rre":
         tables = build_rre_tables(model_cfg.vocab_size, moe.num_experts // moe.num_groups, moe.num_groups,
                                   seed=(moe.rre_seed, layer))
         router = RandomRoutedRouter(tables, moe.num_experts)
@@ -94,7 +103,8 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std):
 
 def build_model(cfg):
     """PanguModel from a `RunConfig`."""
-    return PanguModel(cfg.model, cfg.moe)
+    topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, cfg.moe.num_experts)
+    return PanguModel(cfg.model, cfg.moe, topology)
 
 
 def is_expert_parameter(name):
@@ -126,7 +136,7 @@ def extract_domain(model, domain):
         value = source[p.name]
         if is_expert_parameter(p.name):
             value = value[domain * per_group:(domain + 1) * per_group]  # (E_g, ...) <- (E, ...)
-        elif p.name.endswith(".router.weight") or p.name.endswith(".router.table"):
+        elif p.name.rsplit(".", 1)[-1] in ("weight", "table", "bias") and ".router." in p.name:
             value = value[domain:domain + 1]  # (1, ...) <- (G, ...)
         p.set_data(Tensor(np.ascontiguousarray(value), p.dtype))
     return sub

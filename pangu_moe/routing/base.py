@@ -95,3 +95,17 @@ def group_logits(logits_all, group_ids, experts_per_group):
     return ops.gather_elements(per_token, 1, index).reshape(-1, experts_per_group)  # (T, E_g)
 
 
+def global_probs(scores, group_ids, num_groups):
+    """Scatter group-restricted scores into the global expert axis.
+
+    Args:
+        scores: [T, E_g] fp32; group_ids: [T] int32.
+    Returns:
+        [T, G*E_g] fp32, zero outside each token's group.
+    """
+    num_tokens, experts_per_group = scores.shape
+    if num_groups == 1:
+        return scores
+    onehot = ops.one_hot(group_ids, num_groups, ops.ones((), scores.dtype), ops.zeros((), scores.dtype))  # (T, G)
+    spread = onehot.reshape(num_tokens, num_groups, 1) * scores.reshape(num_tokens, 1, experts_per_group)
+    return spread.reshape(num_tokens, num_groups * experts_per_group)  # (T, E) <- (T, G, E_g)

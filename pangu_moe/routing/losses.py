@@ -44,3 +44,38 @@ def z_loss(logits, coeff):
     """
     lse = ops.logsumexp(logits, -1)
     return coeff * (lse * lse).mean()
+
+
+LOCALITY_VARIANTS = ("kl", "mass")
+
+
+def locality_loss(probs, local_mask, variant, coeff, smoothing=1e-3):
+    """LocMoE locality loss mu * L_loc, averaged over ranks.
+
+    Tokens belong to ranks in contiguous blocks (rank r holds tokens [r*T/W, (r+1)*T/W)). Per rank r on
+    node nu(r), D_c = mean over its tokens of the router probabilities [E], L(nu) = experts hosted on
+    nu(r). Our readings of the paper's unspecified D_c / D_l (spec locmoe.md §2.2 [D]):
+    - "kl" (variant A): KL(D_c || D~_l), D_l uniform over L(nu), smoothed D~_l = (1-eps) D_l + eps/E.
+      Zero-measure experts contribute 0; minimal (0) at D_c = D~_l.
+    - "mass" (variant B): -log sum_{i in L(nu)} D_c(i); zero iff all mass is on local experts.
+    Ranks whose node hosts no expert contribute 0 (the paper notes locality loses efficacy there).
+
+    Args:
+        probs: [T, E] fp32 router probabilities over all experts (0 outside the token's group).
+        local_mask: [W, E] fp32, 1 where expert e is on rank r's node (`Topology.local_expert_mask`).
+        variant: "kl" or "mass"; coeff: mu; smoothing: eps of variant "kl".
+    Returns:
+        fp32 scalar.
+    """
+    num_ranks, num_experts = local_mask.shape
+    current = probs.reshape(num_ranks, -1, num_experts).mean(1)  # (W, E) <- (W, T/W, E)
+    local_count = local_mask.sum(1)  # (W,)
+    hosts = (local_count > 0).astype(ms.float32)
+    tiny = ms.Tensor(1e-30, ms.float32)
+    if variant == "kl":
+        target = local_mask / ops.maximum(local_count, 1.0).reshape(-1, 1)
+        target = (1.0 - smoothing) * target + smoothing / num_experts
+        per_rank = (current * (ops.log(ops.maximum(current, tiny)) - ops.log(target))).sum(1)
+    else:
+        per_rank = -ops.log(ops.maximum((current * local_mask).sum(1), tiny))
+    return coeff * (per_rank * hosts).mean()

@@ -25,7 +25,7 @@ def test_forward_shapes_and_exact_token_accounting():
     assert (demand[:, 2:] == 0).all()                       # domain 0 only reaches group 0's experts
 
 
-@pytest.mark.parametrize("router", ["topk", "rre"])
+@pytest.mark.parametrize("router", ["topk", "rre", "locmoe"])
 @pytest.mark.parametrize("domain", [0, 1])
 def test_extracted_domain_sub_model_gives_identical_logits(router, domain):
     ms.set_seed(2)

@@ -85,6 +85,15 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
+@pytest.mark.parametrize("router", ["rre", "locmoe"])
+def test_other_routers_train_in_pynative_mode(router, tmp_path):
+    summary = _train(tmp_path / router, f"moe.router={router}", "train.steps=12", "runtime.mode=pynative",
+                     "train.eval_every=12", "train.checkpoint_every=12")
+    lm = [r["lm_loss"] for r in read(tmp_path / router / "metrics.jsonl")]
+    assert np.mean(lm[-3:]) < 0.9 * np.mean(lm[:3])
+    assert summary["router"] == router and np.isfinite(summary["val_bpb"])
+
+
 def test_resume_refuses_a_changed_trajectory(run_a):
     run_dir, _ = run_a
     with pytest.raises(ConfigError, match=r"--resume: train.lr = 0.004 differs from 0.003"):

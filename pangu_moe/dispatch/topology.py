@@ -1,0 +1,44 @@
+"""The cluster layout the routers may read: N nodes x D devices, and where each expert lives."""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Topology:
+    """W = N * D ranks; experts placed contiguously in rank order.
+
+    With E >= W each rank hosts E_loc = E / W consecutive experts; with E < W each expert spans
+    W / E ranks and lives on the node of its first rank (LocMoE's placement: node(e) =
+    floor(e * devices_per_expert / D)), so some nodes may host no expert.
+
+    Args:
+        nodes: N; devices_per_node: D; num_experts: E (E % W == 0 or W % E == 0).
+    """
+    nodes: int
+    devices_per_node: int
+    num_experts: int
+
+    def __post_init__(self):
+        w, e = self.world_size, self.num_experts
+        if e % w and w % e:
+            raise ValueError(f"Topology: num_experts = {e} and world size {w}: one must divide the other")
+
+    @property
+    def world_size(self):
+        return self.nodes * self.devices_per_node
+
+    def expert_rank(self):
+        """int array [E]: the (first) rank hosting each expert."""
+        e, w = self.num_experts, self.world_size
+        experts = np.arange(e)
+        return experts // (e // w) if e >= w else experts * (w // e)
+
+    def expert_node(self):
+        """int array [E]: the node hosting each expert."""
+        return self.expert_rank() // self.devices_per_node
+
+    def local_expert_mask(self):
+        """bool array [W, E]: expert e lives on the node of rank r."""
+        rank_node = np.arange(self.world_size) // self.devices_per_node
+        return rank_node[:, None] == self.expert_node()[None, :]

@@ -1,0 +1,87 @@
+"""LocMoE (arXiv 2401.13920): parameter-free GrAP gating, top-1 by softmax probability, and a
+locality loss that pulls tokens toward experts on their own node.
+
+Choices where the paper is silent (spec locmoe.md §2, tags [?]/[D]); each is a constructor argument:
+- epsilon_i of Eq. (2) is an optional learnable per-expert bias, initialised to 0 (`use_bias`).
+- The expert is the argmax of the pre-ReLU logits w_i.x + b_i (with ReLU every logit can be 0 and the
+  argmax arbitrary); the gate is softmax(ReLU(logits)) at that expert, as Eq. (3) writes it.
+- GrAP has no parameters, so L_aux and L_loc train the representation x upstream (x is not detached)
+  and the bias.
+- D_c and D_l of the locality loss: see `losses.locality_loss` ("kl" = variant A, "mass" = variant B).
+- Inside PanGu-Σ multi-level routing, GrAP splits H into E_g blocks (n = E_g in Eq. 4), the same for
+  every group; only the biases differ by group. One group gives plain LocMoE.
+- The locality loss is added to `aux_loss` (the router contract has two loss slots).
+- K > 1 is allowed (top-K of the pre-ReLU logits) though the paper uses K = 1.
+The capacity lower bound (Theorem 1) is `capacity.capacity_lower_bound`, fed by
+`capacity.estimate_delta` over `grap_cosines` of the routed experts.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from pangu_moe.routing import losses
+from pangu_moe.routing.base import Router, global_probs
+
+
+def grap_weight(hidden, num_experts):
+    """The GrAP matrix W [n, d] fp32 of Eq. (4): w_i = (n/d) on block i of size d/n, else 0 (numpy)."""
+    if hidden % num_experts:
+        raise ValueError(f"GrAP: hidden = {hidden} must be a multiple of the experts per group ({num_experts})")
+    block = hidden // num_experts
+    w = np.zeros((num_experts, hidden), np.float32)
+    for i in range(num_experts):
+        w[i, i * block:(i + 1) * block] = num_experts / hidden
+    return w
+
+
+def grap_logits(x, num_experts):
+    """W x without the matrix: the mean of each of the n blocks of x. x [T, H] -> [T, n] fp32."""
+    t, h = x.shape
+    return x.astype(ms.float32).reshape(t, num_experts, h // num_experts).mean(-1)  # (T, n) <- (T, n, H/n)
+
+
+def grap_cosines(x, num_experts):
+    """cos(x_t, w_i) [T, n]: GrAP rows all have norm sqrt(n/d), so cos = (W x) / (sqrt(n/d) |x|)."""
+    t, h = x.shape
+    norm = ops.sqrt((x.astype(ms.float32) ** 2).sum(-1, keepdims=True)) * math.sqrt(num_experts / h)
+    return grap_logits(x, num_experts) / ops.maximum(norm, Tensor(1e-12, ms.float32))
+
+
+class LocMoERouter(Router):
+    """GrAP top-K router with load-balancing, z and locality losses.
+
+    Args:
+        hidden: H (a multiple of E_g); num_experts: E; num_groups: G; top_k: K.
+        aux_loss_coeff, z_loss_coeff: as for `TopKRouter`.
+        locality_coeff: mu; locality_variant: "kl" or "mass".
+        local_mask: bool/float array [W, E] from `Topology.local_expert_mask` (W must divide T).
+        use_bias: learnable per-group, per-expert bias epsilon_i.
+    """
+
+    def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
+                 locality_variant, local_mask, use_bias=True):
+        super().__init__(num_experts, num_groups, top_k)
+        grap_weight(hidden, self.experts_per_group)  # validates H % E_g
+        if locality_variant not in losses.LOCALITY_VARIANTS:
+            raise ValueError(f"LocMoE: locality_variant = {locality_variant!r}: must be one of "
+                             f"{', '.join(losses.LOCALITY_VARIANTS)}")
+        self.bias = Parameter(Tensor(np.zeros((num_groups, self.experts_per_group), np.float32)), name="bias",
+                              requires_grad=use_bias)
+        self.local_mask = Tensor(np.asarray(local_mask, np.float32))
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
+
+    def score(self, x, token_ids, group_ids, training):
+        pre_relu = grap_logits(x, self.experts_per_group) + ops.gather(self.bias, group_ids, 0)  # (T, E_g)
+        logits = ops.relu(pre_relu)
+        scores = ops.softmax(logits, axis=-1)
+        _, local_index = ops.topk(pre_relu, self.top_k)
+        local_index = local_index.astype(ms.int32)
+        gate = ops.gather_elements(scores, 1, local_index)
+        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        if self.locality_coeff > 0:
+            probs = global_probs(scores, group_ids, self.num_groups)
+            aux = aux + losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
+        return local_index, gate, aux, losses.z_loss(logits, self.z_loss_coeff)

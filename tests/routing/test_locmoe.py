@@ -1,0 +1,123 @@
+"""LocMoE claims of spec/locmoe.md §5 (items 1-3, 8, 11) and the locality loss."""
+import numpy as np
+import mindspore as ms
+import pytest
+from scipy.stats import chisquare
+from mindspore import Tensor, ops
+
+from pangu_moe.dispatch.topology import Topology
+from pangu_moe.routing import route
+from pangu_moe.routing.locmoe import LocMoERouter, grap_cosines, grap_logits, grap_weight
+from pangu_moe.routing.losses import locality_loss
+
+
+def _x(t, h, seed=0):
+    return np.random.default_rng(seed).standard_normal((t, h)).astype(np.float32)
+
+
+def test_grap_is_orthogonal_block_means():
+    w = grap_weight(12, 4)
+    np.testing.assert_allclose(w @ w.T, (4 / 12) * np.eye(4), rtol=1e-6)
+    x = _x(5, 12)
+    np.testing.assert_allclose(grap_logits(Tensor(x), 4).asnumpy(), x @ w.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grap_logits(Tensor(x), 4).asnumpy(), x.reshape(5, 4, 3).mean(-1), rtol=1e-6)
+    with pytest.raises(ValueError, match="hidden = 10 must be a multiple"):
+        grap_weight(10, 4)
+
+
+def test_lemma1_argmax_of_logits_is_argmax_of_cosine():
+    x = Tensor(_x(1000, 64, seed=1))
+    w = grap_weight(64, 8)
+    cos = grap_cosines(x, 8).asnumpy()
+    direct = (x.asnumpy() @ w.T) / (np.linalg.norm(x.asnumpy(), axis=1, keepdims=True) * np.linalg.norm(w, axis=1))
+    np.testing.assert_allclose(cos, direct, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(cos.argmax(1), grap_logits(x, 8).asnumpy().argmax(1))
+
+
+def test_lemma2_top1_frequencies_are_uniform():
+    x = Tensor(_x(100_000, 32, seed=2))
+    counts = np.bincount(grap_logits(x, 8).asnumpy().argmax(1), minlength=8)
+    assert chisquare(counts).pvalue > 0.01
+
+
+def _router(h=16, e=4, g=1, mu=0.0, variant="kl", mask=None, bias=True):
+    mask = np.ones((1, e), bool) if mask is None else mask
+    return LocMoERouter(h, e, g, 1, 0.01, 0.0, mu, variant, mask, use_bias=bias)
+
+
+def test_with_zero_locality_weight_locmoe_is_grap_switch():
+    x = _x(40, 16, seed=3)
+    zeros = Tensor(np.zeros(40, np.int32))
+    r = route(_router(), Tensor(x), zeros, zeros, capacity=40)
+    pre = x.reshape(40, 4, 4).mean(-1)
+    relu = np.maximum(pre, 0)
+    probs = np.exp(relu) / np.exp(relu).sum(1, keepdims=True)
+    np.testing.assert_array_equal(r.expert_index.asnumpy()[:, 0], pre.argmax(1))
+    np.testing.assert_allclose(r.gate.asnumpy()[:, 0], probs[np.arange(40), pre.argmax(1)], rtol=1e-5)
+    f = np.bincount(pre.argmax(1), minlength=4) / 40
+    assert float(r.aux_loss.asnumpy()) == pytest.approx(0.01 * 4 * (f * probs.mean(0)).sum(), rel=1e-5)
+
+
+def test_groups_use_per_group_biases_and_stay_in_group():
+    router = _router(e=8, g=2)
+    bias = np.zeros((2, 4), np.float32)
+    bias[1, 3] = 100.0  # group 1 always picks its last expert
+    router.bias.set_data(Tensor(bias))
+    groups = Tensor((np.arange(20) % 2).astype(np.int32))
+    idx = route(router, Tensor(_x(20, 16)), groups, groups, capacity=20).expert_index.asnumpy()[:, 0]
+    assert (idx[1::2] == 7).all() and (idx[0::2] < 4).all()
+
+
+def _loss(probs, mask, variant):
+    return float(locality_loss(Tensor(np.asarray(probs, np.float32)), Tensor(np.asarray(mask, np.float32)),
+                               variant, 1.0).asnumpy())
+
+
+MASK = [[1, 1, 0, 0], [0, 0, 1, 1]]  # 2 ranks on 2 nodes, 2 experts per node
+
+
+def test_locality_variant_a_is_nonnegative_and_minimal_at_the_smoothed_target():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = rng.dirichlet(np.ones(4), size=6)
+        assert _loss(p, MASK, "kl") >= 0
+    eps = 1e-3
+    target0 = (1 - eps) * np.array([0.5, 0.5, 0, 0]) + eps / 4
+    target1 = (1 - eps) * np.array([0, 0, 0.5, 0.5]) + eps / 4
+    at_target = np.array([target0] * 3 + [target1] * 3)
+    assert _loss(at_target, MASK, "kl") == pytest.approx(0.0, abs=1e-6)
+    assert np.isfinite(_loss(np.array([[0, 0, 0, 1.0]] * 6), MASK, "kl"))
+
+
+def test_locality_variant_b_is_zero_iff_all_mass_local_and_decreasing_in_local_mass():
+    local = np.array([[0.5, 0.5, 0, 0]] * 3 + [[0, 0, 0.7, 0.3]] * 3)
+    assert _loss(local, MASK, "mass") == pytest.approx(0.0, abs=1e-7)
+    values = []
+    for m in (0.2, 0.5, 0.8, 0.99):
+        p = np.array([[m, 0, 1 - m, 0]] * 3 + [[1 - m, 0, m, 0]] * 3)
+        values.append(_loss(p, MASK, "mass"))
+    assert all(a > b > 0 for a, b in zip(values, values[1:]))
+
+
+def test_locality_is_zero_on_ranks_whose_node_hosts_no_expert():
+    mask = Topology(nodes=2, devices_per_node=1, num_experts=1).local_expert_mask()  # [[True], [False]]
+    assert mask.tolist() == [[True], [False]]
+    p = np.ones((4, 1))
+    for variant in ("kl", "mass"):
+        assert _loss(p, np.array([[0.0], [0.0]]), variant) == 0.0
+
+
+def test_locality_loss_trains_the_input_toward_local_experts():
+    mask = Topology(nodes=2, devices_per_node=1, num_experts=4).local_expert_mask()
+    router = _router(mu=1.0, variant="mass", mask=mask, bias=False)
+    router.aux_loss_coeff = 0.0
+    zeros = Tensor(np.zeros(8, np.int32))
+
+    def loss(x):
+        return router(x, zeros, zeros, 8, True)[4]
+
+    grad = ms.grad(loss)(Tensor(_x(8, 16))).asnumpy()
+    assert np.abs(grad).max() > 0
+    # Rank 0 (tokens 0-3) is pulled toward experts 0-1, i.e. up in the first two blocks of x.
+    assert grad[:4, :8].sum() < 0 < grad[:4, 8:].sum()
+    assert ops.isfinite(Tensor(grad)).all()
