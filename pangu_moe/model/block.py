@@ -33,14 +33,14 @@ class MoEBlock(nn.Cell):
         self.moe = moe_layer
 
     def construct(self, h, token_ids, group_ids, mask, capacity, training):
-        """h [B, S, H]; token_ids, group_ids [B, S] int32 -> (h, aux, z, tokens_per_expert, kept_per_expert)."""
+        """h [B, S, H]; token_ids, group_ids [B, S] int32 -> (h, losses [3], tokens_per_expert, kept_per_expert)."""
         b, s, hidden = h.shape
         a = self.ln1(h)
         h = h + self.attn(a, a, mask)
         x = self.ln2(h).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
-        y, aux, z, tokens_per_expert, kept_per_expert = self.moe(
+        y, losses, tokens_per_expert, kept_per_expert = self.moe(
             x, token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)  # ids: (T,) <- (B, S)
-        return h + y.reshape(b, s, hidden), aux, z, tokens_per_expert, kept_per_expert  # (B, S, H) <- (T, H)
+        return h + y.reshape(b, s, hidden), losses, tokens_per_expert, kept_per_expert  # (B, S, H) <- (T, H)
 
 
 class QueryLayer(DenseBlock):

@@ -26,16 +26,16 @@ class MoELayer(nn.Cell):
             x: [T, H]; token_ids, group_ids: [T] int32; capacity: python int C; training: python bool.
         Returns:
             y [T, H] (0 for fully dropped tokens; the block's residual carries them),
-            aux_loss, z_loss (fp32 scalars, weighted),
+            losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`),
             tokens_per_expert [E] int32 (demand before dropping), kept_per_expert [E] int32.
         """
-        expert_index, gate, keep, slot, aux_loss, z_loss = self.router(x, token_ids, group_ids, capacity, training)
+        expert_index, gate, keep, slot, losses = self.router(x, token_ids, group_ids, capacity, training)
         flat_index = self.dispatcher.flat_index(expert_index, keep, slot, capacity)
         expert_in = self.dispatcher.dispatch(x, flat_index, capacity)
         expert_out = self.experts(expert_in)
         y = self.dispatcher.combine(expert_out, flat_index, gate, keep)
         tokens_per_expert, kept_per_expert = expert_counts(expert_index, keep, self.num_experts)
-        return y, aux_loss, z_loss, tokens_per_expert, kept_per_expert
+        return y, losses, tokens_per_expert, kept_per_expert
 
 
 def expert_counts(expert_index, keep, num_experts):

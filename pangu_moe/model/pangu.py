@@ -60,7 +60,8 @@ class PanguModel(nn.Cell):
             token_ids: [B, S] int32; domain_ids: [B, S] int32 in [0, num_domains).
             capacity: python int C per expert per routing group (B*S tokens); training: python bool.
         Returns:
-            logits [B, S, V] fp32, aux_loss, z_loss (fp32 scalars summed over MoE layers),
+            logits [B, S, V] fp32, losses [3] fp32 (router losses summed over MoE layers, named by
+            `routing.base.LOSS_NAMES`),
             tokens_per_expert [L_moe, E] int32, kept_per_expert [L_moe, E] int32.
         """
         s = token_ids.shape[1]
@@ -69,18 +70,16 @@ class PanguModel(nn.Cell):
         h = ops.gather(self.embedding, token_ids, 0) + self.position_embedding[:s]
         for block in self.dense_blocks:
             h = block(h, mask)
-        aux_loss = ops.zeros((), ms.float32)
-        z_loss = ops.zeros((), ms.float32)
+        losses = ops.zeros((3,), ms.float32)
         tokens_per_expert, kept_per_expert = (), ()
         for block in self.moe_blocks:
-            h, aux, z, demand, kept = block(h, token_ids, group_ids, mask, capacity, training)
-            aux_loss = aux_loss + aux
-            z_loss = z_loss + z
+            h, layer_losses, demand, kept = block(h, token_ids, group_ids, mask, capacity, training)
+            losses = losses + layer_losses
             tokens_per_expert += (demand,)
             kept_per_expert += (kept,)
         h = self.ln_f(self.query_layer(h, self.query_embedding[:s], mask))
         logits = ops.matmul(h, self.embedding.T)  # tied LM head: (B, S, V)
-        return logits, aux_loss, z_loss, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
+        return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology):

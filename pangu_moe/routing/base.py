@@ -9,6 +9,8 @@ Vocabulary (DESIGN §1), used in code, YAML and logs:
 - *gate* [T, K] fp32: combine weight; *keep* [T, K] bool: survived capacity;
   *slot* [T, K] int32: position inside the expert's buffer (valid where keep).
 - *tokens_per_expert* [E]: demand before dropping; *kept_per_expert* [E].
+- *losses* [3] fp32: the router's weighted auxiliary losses in the order of `LOSS_NAMES`; the model
+  sums them over layers and adds them to the LM loss, the trainer logs each by name.
 
 Multi-level routing (PanGu-Σ): level 1 maps `group_id` (the token's domain) to an expert group;
 level 2 is the router restricted to that group's `E_g` experts. With `G = 1` it is the plain
@@ -27,7 +29,22 @@ from mindspore import nn, ops
 
 from pangu_moe.routing.slots import position_slots
 
-Routing = namedtuple("Routing", "expert_index gate keep slot aux_loss z_loss")
+LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
+
+
+class Routing(namedtuple("Routing", "expert_index gate keep slot losses")):
+    """A router's outputs by name; `aux_loss`, `z_loss`, `locality_loss` index `losses`."""
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        if name in LOSS_NAMES:
+            return self.losses[LOSS_NAMES.index(name)]
+        raise AttributeError(name)
+
+
+def stack_losses(aux_loss, z_loss, locality_loss):
+    """The `losses` vector [3] fp32 from its named parts (weighted scalars)."""
+    return ops.stack((aux_loss, z_loss, locality_loss))
 
 
 class Router(nn.Cell):
@@ -49,8 +66,8 @@ class Router(nn.Cell):
     def score(self, x, token_ids, group_ids, training):
         """Level-2 choice inside the token's group.
 
-        Returns (local_index [T,K] int32 in [0, E_g), gate [T,K] fp32, aux_loss fp32 scalar,
-        z_loss fp32 scalar), losses already weighted by their coefficients.
+        Returns (local_index [T,K] int32 in [0, E_g), gate [T,K] fp32, losses [3] fp32 from
+        `stack_losses`, already weighted by their coefficients).
         """
         raise NotImplementedError
 
@@ -64,13 +81,12 @@ class Router(nn.Cell):
             capacity: python int C.
             training: python bool; enables training-only noise.
         Returns:
-            (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32,
-             aux_loss fp32 scalar, z_loss fp32 scalar).
+            (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32, losses [3] fp32).
         """
-        local_index, gate, aux_loss, z_loss = self.score(x, token_ids, group_ids, training)
+        local_index, gate, losses = self.score(x, token_ids, group_ids, training)
         expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, K) + (T, 1)
         slot, keep = position_slots(expert_index, self.num_experts, capacity)
-        return expert_index, gate, keep, slot, aux_loss, z_loss
+        return expert_index, gate, keep, slot, losses
 
 
 def route(router, x, token_ids, group_ids, capacity, training=False):

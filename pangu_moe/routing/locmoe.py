@@ -10,7 +10,6 @@ Choices where the paper is silent (spec locmoe.md §2, tags [?]/[D]); each is a 
 - D_c and D_l of the locality loss: see `losses.locality_loss` ("kl" = variant A, "mass" = variant B).
 - Inside PanGu-Σ multi-level routing, GrAP splits H into E_g blocks (n = E_g in Eq. 4), the same for
   every group; only the biases differ by group. One group gives plain LocMoE.
-- The locality loss is added to `aux_loss` (the router contract has two loss slots).
 - K > 1 is allowed (top-K of the pre-ReLU logits) though the paper uses K = 1.
 The capacity lower bound (Theorem 1) is `capacity.capacity_lower_bound`, fed by
 `capacity.estimate_delta` over `grap_cosines` of the routed experts.
@@ -22,7 +21,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, global_probs
+from pangu_moe.routing.base import Router, global_probs, stack_losses
 
 
 def grap_weight(hidden, num_experts):
@@ -81,7 +80,8 @@ class LocMoERouter(Router):
         local_index = local_index.astype(ms.int32)
         gate = ops.gather_elements(scores, 1, local_index)
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        locality = ops.zeros((), ms.float32)
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
-            aux = aux + losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
-        return local_index, gate, aux, losses.z_loss(logits, self.z_loss_coeff)
+            locality = losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
+        return local_index, gate, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), locality)

@@ -3,7 +3,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from pangu_moe.routing.base import Router
+from pangu_moe.routing.base import Router, stack_losses
 
 
 def build_rre_tables(vocab_size, experts_per_group, num_groups, seed):
@@ -43,5 +43,5 @@ class RandomRoutedRouter(Router):
         index = ops.stack((group_ids, token_ids), axis=1)  # (T, 2)
         local_index = ops.gather_nd(self.table, index).reshape(-1, 1)  # (T, 1)
         gate = ops.ones(local_index.shape, ms.float32)
-        zero = Tensor(0.0, ms.float32)
-        return local_index, gate, zero, zero
+        zero = ops.zeros((), ms.float32)
+        return local_index, gate, stack_losses(zero, zero, zero)

@@ -5,7 +5,7 @@ from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, group_logits
+from pangu_moe.routing.base import Router, group_logits, stack_losses
 
 
 def multiplicative_jitter(x, eps):
@@ -67,4 +67,4 @@ class TopKRouter(Router):
         logits = group_logits(logits_all, group_ids, self.experts_per_group)
         scores, local_index, gate = topk_scores(logits, self.top_k, self.normalize)
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
-        return local_index, gate, aux, losses.z_loss(logits, self.z_loss_coeff)
+        return local_index, gate, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), ops.zeros((), ms.float32))

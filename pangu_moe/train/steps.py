@@ -9,23 +9,23 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph):
     """Forward, backward, clip and update in one step.
 
     Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
-    (loss, lm_loss, aux_loss, z_loss, grad_norm) fp32 scalars, tokens_per_expert [L,E] int32,
-    kept_per_expert [L,E] int32.
+    (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
+    tokens_per_expert [L,E] int32, kept_per_expert [L,E] int32.
     """
 
     def forward(input_ids, labels, domain_ids):
-        logits, aux_loss, z_loss, demand, kept = model(input_ids, domain_ids, capacity, True)
+        logits, losses, demand, kept = model(input_ids, domain_ids, capacity, True)
         vocab = logits.shape[-1]
         lm_loss = ops.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1))  # (B*S, V)
-        return lm_loss + aux_loss + z_loss, (lm_loss, aux_loss, z_loss, demand, kept)
+        return lm_loss + losses.sum(), (lm_loss, losses, demand, kept)
 
     grad_fn = ms.value_and_grad(forward, None, optimizer.parameters, has_aux=True)
 
     def train_step(input_ids, labels, domain_ids, lr):
-        (loss, (lm_loss, aux_loss, z_loss, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
+        (loss, (lm_loss, losses, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
         grads, grad_norm = clip_by_global_norm(grads, grad_clip)
         optimizer(grads, lr)
-        return loss, lm_loss, aux_loss, z_loss, grad_norm, demand, kept
+        return loss, lm_loss, losses, grad_norm, demand, kept
 
     return ms.jit(train_step) if graph else train_step
 

@@ -13,6 +13,7 @@ from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
 from pangu_moe.model.pangu import build_model, is_expert_parameter
+from pangu_moe.routing.base import LOSS_NAMES
 from pangu_moe.train import checkpoint
 from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train.metrics import MetricsLog, layer_records
@@ -79,7 +80,7 @@ class Trainer:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             began = time.perf_counter()
             out = self.train_step(Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32))
-            loss, lm_loss, aux_loss, z_loss, grad_norm, demand, kept = [o.asnumpy() for o in out]
+            loss, lm_loss, router_losses, grad_norm, demand, kept = [o.asnumpy() for o in out]
             seconds = time.perf_counter() - began
             state["step"] = step = state["step"] + 1
             if not np.isfinite(loss):
@@ -94,8 +95,9 @@ class Trainer:
             first = False
             do_eval = step % t.eval_every == 0 or step == t.steps
             if step % t.log_every == 0 or do_eval:
-                record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss), "aux_loss": float(aux_loss),
-                          "z_loss": float(z_loss), "lr": lr, "grad_norm": float(grad_norm),
+                record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss),
+                          **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
+                          "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
                           "layers": layer_records(demand, kept, self.capacity)}
                 if do_eval:

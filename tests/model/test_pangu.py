@@ -16,7 +16,8 @@ def test_forward_shapes_and_exact_token_accounting():
     ms.set_seed(1)
     model = build_model(tiny_config())
     ids, dom = _batch(0)
-    logits, aux, z, demand, kept = model(ids, dom, 5, True)
+    logits, losses, demand, kept = model(ids, dom, 5, True)
+    assert losses.shape == (3,) and float(losses.asnumpy()[2]) == 0.0  # topk has no locality loss
     assert logits.shape == (3, 32, 256) and logits.dtype == ms.float32
     demand, kept = demand.asnumpy(), kept.asnumpy()
     assert demand.shape == (2, 4)
@@ -38,7 +39,7 @@ def test_extracted_domain_sub_model_gives_identical_logits(router, domain):
     part = sub(ids, dom, capacity, False)
     np.testing.assert_array_equal(full[0].asnumpy(), part[0].asnumpy())
     lo = domain * 2
-    np.testing.assert_array_equal(full[4].asnumpy()[:, lo:lo + 2], part[4].asnumpy())
+    np.testing.assert_array_equal(full[3].asnumpy()[:, lo:lo + 2], part[3].asnumpy())
 
 
 def test_seed_fixes_the_initial_weights():

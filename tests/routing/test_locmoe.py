@@ -56,6 +56,7 @@ def test_with_zero_locality_weight_locmoe_is_grap_switch():
     np.testing.assert_allclose(r.gate.asnumpy()[:, 0], probs[np.arange(40), pre.argmax(1)], rtol=1e-5)
     f = np.bincount(pre.argmax(1), minlength=4) / 40
     assert float(r.aux_loss.asnumpy()) == pytest.approx(0.01 * 4 * (f * probs.mean(0)).sum(), rel=1e-5)
+    assert float(r.locality_loss.asnumpy()) == 0.0
 
 
 def test_groups_use_per_group_biases_and_stay_in_group():
@@ -114,7 +115,7 @@ def test_locality_loss_trains_the_input_toward_local_experts():
     zeros = Tensor(np.zeros(8, np.int32))
 
     def loss(x):
-        return router(x, zeros, zeros, 8, True)[4]
+        return router(x, zeros, zeros, 8, True)[4][2]  # locality_loss
 
     grad = ms.grad(loss)(Tensor(_x(8, 16))).asnumpy()
     assert np.abs(grad).max() > 0

@@ -15,7 +15,8 @@ from tests.conftest import tiny_config
 SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "val_bpb_per_domain",
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
                 "inter_node_fraction", "capacity", "capacity_ratio", "params_total", "params_active"}
-RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "layers"}
+RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
+               "layers"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
               "tokens_inter", "bytes_intra", "bytes_inter"}
 
@@ -92,6 +93,8 @@ def test_other_routers_train_in_pynative_mode(router, tmp_path):
     lm = [r["lm_loss"] for r in read(tmp_path / router / "metrics.jsonl")]
     assert np.mean(lm[-3:]) < 0.9 * np.mean(lm[:3])
     assert summary["router"] == router and np.isfinite(summary["val_bpb"])
+    locality = [r["locality_loss"] for r in read(tmp_path / router / "metrics.jsonl")]
+    assert all(v > 0 for v in locality) if router == "locmoe" else all(v == 0 for v in locality)
 
 
 def test_resume_refuses_a_changed_trajectory(run_a):
