@@ -75,3 +75,23 @@ def estimate_delta(routed_cosines, quantile=0.0):
     values = np.asarray(routed_cosines, dtype=np.float64).ravel()
     delta = float(values.min() if quantile == 0.0 else np.quantile(values, quantile))
     return min(max(delta, 0.0), np.nextafter(1.0, 0.0))
+
+
+def locmoe_capacity(routed_cosines, hidden, experts_per_group, num_tokens, min_capacity=1, quantile=0.0):
+    """LocMoE's frozen capacity from the measured cosines of the first batch (spec locmoe.md §2.4 [D]).
+
+    Per MoE layer: delta-hat = `estimate_delta` of the cosines between each token and its routed
+    expert, ec_min = `capacity_lower_bound(delta-hat, hidden, experts_per_group)`. One capacity serves
+    every layer (graph shapes are static): C = clamp(ceil(max ec_min), min_capacity, num_tokens).
+    `min_capacity` is the safety floor: the bound is tiny at small delta-hat and says nothing about
+    load imbalance.
+
+    Args:
+        routed_cosines: list (one per layer) of arrays [T] of cos(x_t, w_{expert(t)}).
+    Returns:
+        (C int, delta_hat list of floats, ec_min list of floats), per layer in order.
+    """
+    deltas = [estimate_delta(c, quantile) for c in routed_cosines]
+    bounds = [capacity_lower_bound(d, hidden, experts_per_group) for d in deltas]
+    capacity = min(num_tokens, max(min_capacity, math.ceil(max(bounds))))
+    return capacity, deltas, bounds

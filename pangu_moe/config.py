@@ -51,6 +51,11 @@ class MoEConfig:
     capacity_factor: float = _f(1.25, "training capacity factor: C = ceil(K*T*factor/E)", lo=0.0, lo_open=True)
     eval_capacity_factor: float = _f(2.0, "capacity factor used for evaluation", lo=0.0, lo_open=True)
     min_capacity: int = _f(4, "lower bound on C (slots per expert per routing group)", lo=1)
+    capacity_mode: str = _f("factor", "factor: C from capacity_factor; locmoe_bound: C frozen at LocMoE's lower "
+                            "bound measured on the first batch (router locmoe only; floored at min_capacity)",
+                            choices=("factor", "locmoe_bound"))
+    delta_quantile: float = _f(0.0, "locmoe_bound: quantile of the routed cosines taken as delta-hat (0 = minimum)",
+                               lo=0.0, hi=0.5)
     aux_loss_coeff: float = _f(0.01, "alpha of the Switch load-balancing loss alpha*E*sum(f_i*P_i)", lo=0.0)
     z_loss_coeff: float = _f(0.001, "coefficient of the router z-loss mean(logsumexp(logits)^2)", lo=0.0)
     jitter_eps: float = _f(0.0, "multiplicative router-input jitter U(1-eps, 1+eps), training only; "
@@ -138,6 +143,8 @@ class RunConfig:
         _require(moe.top_k <= per_group, "moe.top_k", moe.top_k,
                  f"at most the experts per group ({per_group})")
         _require(moe.router != "rre" or moe.top_k == 1, "moe.top_k", moe.top_k, "1 for router rre")
+        _require(moe.capacity_mode != "locmoe_bound" or moe.router == "locmoe", "moe.capacity_mode",
+                 moe.capacity_mode, "factor unless moe.router = locmoe")
         _require(moe.router != "locmoe" or m.hidden % per_group == 0, "model.hidden", m.hidden,
                  f"a multiple of the experts per group ({per_group}) for router locmoe (GrAP blocks)")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",

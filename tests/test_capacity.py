@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from pangu_moe.capacity import capacity_lower_bound, discriminative_probability, estimate_delta, expert_capacity
+from pangu_moe.capacity import (capacity_lower_bound, discriminative_probability, estimate_delta, expert_capacity,
+                                locmoe_capacity)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -69,3 +70,14 @@ def test_estimate_delta_is_the_clipped_minimum_or_quantile():
     assert estimate_delta([-0.1, 0.4]) == 0.0
     assert estimate_delta(np.linspace(0, 1, 101), quantile=0.1) == pytest.approx(0.1)
     assert estimate_delta([1.0]) < 1.0
+
+
+def test_locmoe_capacity_takes_the_largest_layer_bound_within_floor_and_ceiling():
+    cosines = [np.array([0.3, 0.05, 0.2]), np.array([0.1, 0.5])]
+    c, deltas, bounds = locmoe_capacity(cosines, 256, 8, num_tokens=100, min_capacity=1)
+    assert deltas == [0.05, 0.1]
+    assert bounds == [capacity_lower_bound(0.05, 256, 8), capacity_lower_bound(0.1, 256, 8)]
+    assert bounds[1] == pytest.approx(1.139, abs=1e-3) and c == 2
+    assert locmoe_capacity(cosines, 256, 8, num_tokens=100, min_capacity=4)[0] == 4
+    assert locmoe_capacity(cosines, 256, 8, num_tokens=1, min_capacity=4)[0] == 1
+    assert locmoe_capacity(cosines, 256, 8, 100, 1, quantile=0.5)[1] == [0.2, 0.3]

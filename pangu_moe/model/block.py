@@ -32,11 +32,15 @@ class MoEBlock(nn.Cell):
         self.ln2 = nn.LayerNorm((hidden,))
         self.moe = moe_layer
 
+    def attend(self, h, mask):
+        """The attention half: h [B, S, H] -> h + Attn(LN(h)) [B, S, H]."""
+        a = self.ln1(h)
+        return h + self.attn(a, a, mask)
+
     def construct(self, h, token_ids, group_ids, mask, capacity, training):
         """h [B, S, H]; token_ids, group_ids [B, S] int32 -> (h, losses [3], tokens_per_expert, kept_per_expert)."""
         b, s, hidden = h.shape
-        a = self.ln1(h)
-        h = h + self.attn(a, a, mask)
+        h = self.attend(h, mask)
         x = self.ln2(h).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
         y, losses, tokens_per_expert, kept_per_expert = self.moe(
             x, token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)  # ids: (T,) <- (B, S)

@@ -67,9 +67,7 @@ class PanguModel(nn.Cell):
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
         group_ids = domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
-        h = ops.gather(self.embedding, token_ids, 0) + self.position_embedding[:s]
-        for block in self.dense_blocks:
-            h = block(h, mask)
+        h = self._dense_trunk(token_ids, mask)
         losses = ops.zeros((3,), ms.float32)
         tokens_per_expert, kept_per_expert = (), ()
         for block in self.moe_blocks:
@@ -80,6 +78,31 @@ class PanguModel(nn.Cell):
         h = self.ln_f(self.query_layer(h, self.query_embedding[:s], mask))
         logits = ops.matmul(h, self.embedding.T)  # tied LM head: (B, S, V)
         return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
+
+    def _dense_trunk(self, token_ids, mask):
+        """Embeddings and dense blocks: token_ids [B, S] int32 -> h [B, S, H]."""
+        h = ops.gather(self.embedding, token_ids, 0) + self.position_embedding[:token_ids.shape[1]]
+        for block in self.dense_blocks:
+            h = block(h, mask)
+        return h
+
+    def moe_inputs(self, token_ids, domain_ids, capacity):
+        """The router input of every MoE layer, for host-side probes (PyNative, not for `ms.jit`).
+
+        Args: as `construct` (evaluation mode).
+        Returns: list of L_moe tuples (x [T, H] fp32, token_ids [T] int32, group_ids [T] int32).
+        """
+        s = token_ids.shape[1]
+        mask = self.mask[:s, :s]
+        group_ids = domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
+        h = self._dense_trunk(token_ids, mask)
+        inputs = []
+        for block in self.moe_blocks:
+            b, _, hidden = h.shape
+            x = block.ln2(block.attend(h, mask)).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
+            inputs.append((x, token_ids.reshape(-1), group_ids.reshape(-1)))
+            h = block(h, token_ids, group_ids, mask, capacity, False)[0]
+        return inputs
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology):

@@ -85,3 +85,15 @@ class LocMoERouter(Router):
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
         return local_index, gate, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), locality)
+
+
+def routed_cosines(router, x, token_ids, group_ids):
+    """cos(x_t, w_{expert(t)}) of each token's first choice under `router` (host-side probe).
+
+    Args: router: LocMoERouter; x [T, H]; token_ids, group_ids [T] int32.
+    Returns: numpy float array [T].
+    """
+    expert_index = router(x, token_ids, group_ids, x.shape[0], False)[0].asnumpy()[:, 0]
+    local = expert_index - group_ids.asnumpy() * router.experts_per_group
+    cos = grap_cosines(x, router.experts_per_group).asnumpy()
+    return cos[np.arange(len(local)), local]

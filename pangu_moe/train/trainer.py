@@ -8,12 +8,13 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe import runtime
-from pangu_moe.capacity import expert_capacity
+from pangu_moe.capacity import expert_capacity, locmoe_capacity
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
 from pangu_moe.model.pangu import build_model, is_expert_parameter
 from pangu_moe.routing.base import LOSS_NAMES
+from pangu_moe.routing.locmoe import routed_cosines
 from pangu_moe.train import checkpoint
 from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train.metrics import MetricsLog, layer_records
@@ -48,12 +49,35 @@ class Trainer:
         self.tokens_per_step = t.batch_size * m.seq_len
         self.capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.capacity_factor,
                                         moe.min_capacity)
+        self.capacity_probe = {}
+        if moe.capacity_mode == "locmoe_bound":
+            self.capacity, self.capacity_probe = self._probe_locmoe_capacity()
         eval_capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.eval_capacity_factor,
                                         moe.min_capacity)
         graph = cfg.runtime.mode == "graph"
         self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph)
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
                                    make_eval_step(self.model, eval_capacity, graph))
+
+    def _probe_locmoe_capacity(self):
+        """LocMoE capacity from the cosines of the step-0 batch under the initial weights.
+
+        The probe always uses the step-0 batch and the seeded initial model, so a resumed run gets the
+        same capacity as the original one. Returns (C, {"delta_hat": [...], "capacity_lower_bound": [...]}).
+        """
+        cfg = self.cfg
+        batch = next(pipeline.train_batches(self.domains, cfg.model.seq_len, cfg.train.batch_size, cfg.runtime.seed,
+                                            0, 1, cfg.data.mixture))
+        input_ids, _, domain_ids = (Tensor(a) for a in batch)
+        cosines = [routed_cosines(block.moe.router, *layer_input)
+                   for block, layer_input in zip(self.model.moe_blocks,
+                                                 self.model.moe_inputs(input_ids, domain_ids, self.tokens_per_step))]
+        capacity, deltas, bounds = locmoe_capacity(cosines, cfg.model.hidden,
+                                                   cfg.moe.num_experts // cfg.moe.num_groups, self.tokens_per_step,
+                                                   cfg.moe.min_capacity, cfg.moe.delta_quantile)
+        self.log(f"locmoe capacity: delta_hat {[round(d, 4) for d in deltas]}, lower bound "
+                 f"{[round(b, 3) for b in bounds]} -> C = {capacity}")
+        return capacity, {"delta_hat": deltas, "capacity_lower_bound": bounds}
 
     def train(self, resume=False):
         """Train to `train.steps`, or with `resume` continue from the run dir's newest checkpoint.
@@ -134,6 +158,7 @@ class Trainer:
             "dropped_fraction": 1.0 - state["kept_total"] / state["choices_total"] if state["choices_total"] else 0.0,
             "inter_node_fraction": 0.0,
             "capacity": self.capacity, "capacity_ratio": self.capacity / reference,
+            "capacity_mode": cfg.moe.capacity_mode, **self.capacity_probe,
             "params_total": total, "params_active": active,
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:

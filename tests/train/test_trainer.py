@@ -14,7 +14,7 @@ from tests.conftest import tiny_config
 
 SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "val_bpb_per_domain",
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
-                "inter_node_fraction", "capacity", "capacity_ratio", "params_total", "params_active"}
+                "inter_node_fraction", "capacity", "capacity_ratio", "capacity_mode", "params_total", "params_active"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
                "layers"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
