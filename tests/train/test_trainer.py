@@ -105,3 +105,10 @@ def test_resume_refuses_a_changed_trajectory(run_a):
         check_run_dir(tiny_config(), str(run_dir), resume=True)
     assert check_run_dir(tiny_config("train.steps=30", "runtime.mode=pynative"), str(run_dir), resume=True) \
         .endswith("step_000020.ckpt")
+
+
+def test_pynative_mode_matches_graph_mode(run_a, tmp_path):
+    run_dir, _ = run_a
+    _train(tmp_path / "p", "runtime.mode=pynative", "train.steps=20")
+    graph, pynative = _losses(run_dir)[:5], _losses(tmp_path / "p")[:5]
+    np.testing.assert_allclose(np.array(pynative)[:, 1:], np.array(graph)[:, 1:], rtol=1e-4)
