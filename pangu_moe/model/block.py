@@ -37,14 +37,20 @@ class MoEBlock(nn.Cell):
         a = self.ln1(h)
         return h + self.attn(a, a, mask)
 
+    def router_input(self, h):
+        """The MoE layer's input: LN(h) [T, H] <- h [B, S, H]."""
+        b, s, hidden = h.shape
+        return self.ln2(h).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
+
+    def sparse_ffn(self, h, token_ids, group_ids, capacity, training):
+        """The MoE half: h [B, S, H] -> (h + MoE(LN(h)), losses [3], tokens_per_expert, kept_per_expert)."""
+        y, losses, tokens_per_expert, kept_per_expert = self.moe(
+            self.router_input(h), token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)  # ids: (T,)
+        return h + y.reshape(h.shape), losses, tokens_per_expert, kept_per_expert  # (B, S, H) <- (T, H)
+
     def construct(self, h, token_ids, group_ids, mask, capacity, training):
         """h [B, S, H]; token_ids, group_ids [B, S] int32 -> (h, losses [3], tokens_per_expert, kept_per_expert)."""
-        b, s, hidden = h.shape
-        h = self.attend(h, mask)
-        x = self.ln2(h).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
-        y, losses, tokens_per_expert, kept_per_expert = self.moe(
-            x, token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)  # ids: (T,) <- (B, S)
-        return h + y.reshape(b, s, hidden), losses, tokens_per_expert, kept_per_expert  # (B, S, H) <- (T, H)
+        return self.sparse_ffn(self.attend(h, mask), token_ids, group_ids, capacity, training)
 
 
 class QueryLayer(DenseBlock):

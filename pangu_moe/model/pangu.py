@@ -66,7 +66,7 @@ class PanguModel(nn.Cell):
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
-        group_ids = domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
+        group_ids = self._group_ids(domain_ids)
         h = self._dense_trunk(token_ids, mask)
         losses = ops.zeros((3,), ms.float32)
         tokens_per_expert, kept_per_expert = (), ()
@@ -78,6 +78,10 @@ class PanguModel(nn.Cell):
         h = self.ln_f(self.query_layer(h, self.query_embedding[:s], mask))
         logits = ops.matmul(h, self.embedding.T)  # tied LM head: (B, S, V)
         return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
+
+    def _group_ids(self, domain_ids):
+        """Level 1: domain d goes to group d, or everything to group 0 with one group. [B, S] int32."""
+        return domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
 
     def _dense_trunk(self, token_ids, mask):
         """Embeddings and dense blocks: token_ids [B, S] int32 -> h [B, S, H]."""
@@ -94,14 +98,13 @@ class PanguModel(nn.Cell):
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
-        group_ids = domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
+        group_ids = self._group_ids(domain_ids)
         h = self._dense_trunk(token_ids, mask)
         inputs = []
         for block in self.moe_blocks:
-            b, _, hidden = h.shape
-            x = block.ln2(block.attend(h, mask)).reshape(b * s, hidden)  # (T, H) <- (B, S, H)
-            inputs.append((x, token_ids.reshape(-1), group_ids.reshape(-1)))
-            h = block(h, token_ids, group_ids, mask, capacity, False)[0]
+            h = block.attend(h, mask)
+            inputs.append((block.router_input(h), token_ids.reshape(-1), group_ids.reshape(-1)))
+            h = block.sparse_ffn(h, token_ids, group_ids, capacity, False)[0]
         return inputs
 
 

@@ -101,11 +101,16 @@ def test_locality_variant_b_is_zero_iff_all_mass_local_and_decreasing_in_local_m
 
 
 def test_locality_is_zero_on_ranks_whose_node_hosts_no_expert():
-    mask = Topology(nodes=2, devices_per_node=1, num_experts=1).local_expert_mask()  # [[True], [False]]
-    assert mask.tolist() == [[True], [False]]
-    p = np.ones((4, 1))
+    # 2 experts over 4 one-device nodes: experts on nodes 0 and 2, none on nodes 1 and 3.
+    mask = Topology(nodes=4, devices_per_node=1, num_experts=2).local_expert_mask()
+    assert mask.tolist() == [[True, False], [False, False], [False, True], [False, False]]
+    hosting = [[0.9, 0.1], [0.3, 0.7]]  # one token each on ranks 0 and 2
     for variant in ("kl", "mass"):
-        assert _loss(p, np.array([[0.0], [0.0]]), variant) == 0.0
+        a = _loss([hosting[0], [0.5, 0.5], hosting[1], [0.5, 0.5]], mask, variant)
+        b = _loss([hosting[0], [1.0, 0.0], hosting[1], [0.0, 1.0]], mask, variant)
+        alone = _loss(hosting, mask[[0, 2]], variant)  # the two hosting ranks on their own
+        assert alone > 0
+        assert a == pytest.approx(b, abs=1e-7) and a == pytest.approx(alone / 2, rel=1e-6)
 
 
 def test_locality_loss_trains_the_input_toward_local_experts():
