@@ -95,3 +95,50 @@ def locmoe_capacity(routed_cosines, hidden, experts_per_group, num_tokens, min_c
     bounds = [capacity_lower_bound(d, hidden, experts_per_group) for d in deltas]
     capacity = min(num_tokens, max(min_capacity, math.ceil(max(bounds))))
     return capacity, deltas, bounds
+
+
+def score_sum_capacity(affinity, expert_index, num_experts, coverage):
+    """LocMoE+ re-estimated capacity need (spec locmoe.md §3.4 [D], the "score-sum range").
+
+    For each expert i, sort the clipped affinities a = max(delta, 0) of its candidates in descending
+    order; k_i is the smallest k whose top-k sum reaches `coverage` of the expert's total. The need is
+    max_i k_i: enough slots for every expert to keep the tokens carrying most of its affinity.
+
+    Args:
+        affinity: float array [M] of the candidates' affinities; expert_index: int array [M] (global ids).
+        num_experts: E; coverage: rho_C in (0, 1].
+    Returns:
+        int max_i k_i (0 when no candidate has positive affinity).
+    """
+    import numpy as np
+    affinity = np.maximum(np.asarray(affinity, np.float64).ravel(), 0.0)
+    expert_index = np.asarray(expert_index).ravel()
+    need = 0
+    for e in range(num_experts):
+        a = np.sort(affinity[expert_index == e])[::-1]
+        total = a.sum()
+        if total > 0:
+            need = max(need, int(np.searchsorted(np.cumsum(a), coverage * total * (1 - 1e-12)) + 1))
+    return need
+
+
+def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasing=True):
+    """LocMoE+ live capacity C_t from the measured need (spec locmoe.md §3.4 [D]).
+
+    C_t = clamp(need, floor, ceiling), optionally smoothed with the previous value
+    (C_t = ceil(ema * previous + (1 - ema) * C_t)) and never above the previous value (`non_increasing`).
+    The floor wins over everything: C_t >= floor always, and C_t <= ceiling when floor <= ceiling.
+
+    Args:
+        need: int from `score_sum_capacity`; floor: LocMoE's lower bound (already rounded up) or min capacity;
+        ceiling: the capacity-factor capacity (static buffer size); previous: C_{t-1} or None.
+    Returns:
+        int C_t.
+    """
+    c = min(max(need, floor), ceiling)
+    if previous is not None:
+        if ema > 0:
+            c = math.ceil(ema * previous + (1.0 - ema) * c)
+        if non_increasing:
+            c = min(c, previous)
+    return max(c, floor)

@@ -38,16 +38,81 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init", lo=0.0, lo_open=True)
 
 
+ROUTERS = ("topk", "rre", "locmoe", "locmoe_plus", "expert_choice", "sinkhorn", "deepseek")
+SLOT_POLICIES = ("position", "probs", "random", "affinity", "none")
+
+
+@dataclass
+class TopKSection:
+    jitter_eps: float = _f(0.0, "multiplicative router-input jitter U(1-eps, 1+eps), training only; "
+                           "0 disables it (and keeps resumed runs bit-exact)", lo=0.0, hi=1.0)
+    normalize_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1, before capacity "
+                               "dropping (GShard / lingvo)")
+    init_std: float = _f(0.02, "std of the router weight init", lo=0.0, lo_open=True)
+
+
+@dataclass
+class RRESection:
+    seed: int = _f(0, "seed of the token-id -> expert tables (per layer and group)", lo=0)
+
+
+@dataclass
+class LocMoESection:
+    locality_coeff: float = _f(0.01, "mu of the locality loss", lo=0.0)
+    locality_variant: str = _f("kl", "kl (KL to uniform over the node's experts, smoothed) or mass "
+                               "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
+    bias: bool = _f(True, "learnable per-expert bias (epsilon_i of LocMoE Eq. 2)")
+
+
+@dataclass
+class LocMoEPlusSection:
+    locality_coeff: float = _f(0.01, "mu of the locality loss", lo=0.0)
+    locality_variant: str = _f("kl", "as moe.locmoe.locality_variant", choices=("kl", "mass"))
+    keep_rule: str = _f("hybrid", "which candidates an expert keeps: tcr (first C by position), ecr (top C by "
+                        "affinity) or hybrid (tcr, then ecr after the switch)", choices=("tcr", "ecr", "hybrid"))
+    switch_step: int = _f(0, "hybrid: switch to ecr at this step (0: only the concentration criterion)", lo=0)
+    switch_ratio: float = _f(0.6, "hybrid: switch to ecr once the re-estimated capacity is at most this share "
+                             "of the capacity-factor capacity (experts have become discriminative); "
+                             "0 disables the criterion", lo=0.0, hi=1.0)
+    score_threshold: float = _f(1.0, "K>1: a token keeps its first l choices, l the smallest with a "
+                                "score sum >= threshold (1.0 keeps all K)", lo=0.0, hi=1.0, lo_open=True)
+    gate_temperature: float = _f(1.0, "tau of the gate softmax(cos / tau) (cosines are in [-1, 1])",
+                                 lo=0.0, lo_open=True)
+    recompute_every: int = _f(50, "steps between capacity re-estimates (0: the capacity stays at its ceiling, "
+                              "the moe.capacity_factor capacity, which is also the static buffer size)", lo=0)
+    coverage: float = _f(0.9, "rho_C: the capacity keeps, for every expert, the candidates holding this share "
+                         "of its affinity sum", lo=0.0, hi=1.0, lo_open=True)
+    ema: float = _f(0.0, "EMA weight of the previous capacity estimate (0: none)", lo=0.0, hi=1.0, hi_open=True)
+    non_increasing: bool = _f(True, "never raise the capacity again (the paper's progressive decrease)")
+
+
+@dataclass
+class SinkhornSection:
+    iterations: int = _f(30, "Sinkhorn iterations (fixed, so the graph is static)", lo=1)
+
+
+@dataclass
+class DeepSeekSection:
+    bias_rate: float = _f(0.001, "gamma: per-step change of the selection bias (sign rule); 0 freezes it", lo=0.0)
+    node_limit: int = _f(0, "M: a token's experts span at most M nodes of parallel.* (0: no limit)", lo=0)
+    seq_aux_coeff: float = _f(0.0001, "alpha of the sequence-wise balance loss", lo=0.0)
+    scaling: float = _f(1.0, "routed scaling factor multiplying the normalised gates", lo=0.0, lo_open=True)
+
+
 @dataclass
 class MoEConfig:
-    router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2), rre (PanGu-Sigma random "
-                     "routed experts: fixed token-id table) or locmoe (parameter-free GrAP gating with a "
-                     "locality loss)", choices=("topk", "rre", "locmoe"))
+    router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2), rre (PanGu-Sigma random routed "
+                     "experts), locmoe, locmoe_plus, expert_choice, sinkhorn or deepseek; each has its own "
+                     "section moe.<router> where it has settings (expert_choice, sinkhorn and deepseek take "
+                     "their weight init from moe.topk.init_std)", choices=ROUTERS)
     num_experts: int = _f(8, "experts E per MoE layer (all groups together)", lo=1)
     expert_hidden: int = _f(512, "expert FFN hidden size F", lo=1)
     top_k: int = _f(1, "choices K per token", lo=1)
     num_groups: int = _f(1, "level-1 expert groups G: domain d is routed to group d; 1 = plain router, "
                          "else must equal the number of data domains", lo=1)
+    slot_policy: str = _f("position", "which choices an expert keeps when over capacity: position (first come), "
+                          "probs (highest gate), random (uniform subset, RTS), affinity (highest router "
+                          "affinity) or none (dropless: C = T)", choices=SLOT_POLICIES)
     capacity_factor: float = _f(1.25, "training capacity factor: C = ceil(K*T*factor/E)", lo=0.0, lo_open=True)
     eval_capacity_factor: float = _f(2.0, "capacity factor used for evaluation", lo=0.0, lo_open=True)
     min_capacity: int = _f(4, "lower bound on C (slots per expert per routing group)", lo=1)
@@ -58,21 +123,19 @@ class MoEConfig:
                                lo=0.0, hi=0.5)
     aux_loss_coeff: float = _f(0.01, "alpha of the Switch load-balancing loss alpha*E*sum(f_i*P_i)", lo=0.0)
     z_loss_coeff: float = _f(0.001, "coefficient of the router z-loss mean(logsumexp(logits)^2)", lo=0.0)
-    jitter_eps: float = _f(0.0, "multiplicative router-input jitter U(1-eps, 1+eps), training only; "
-                           "0 disables it (and keeps resumed runs bit-exact)", lo=0.0, hi=1.0)
-    normalize_topk_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1, before capacity "
-                                    "dropping (GShard / lingvo)")
-    locality_loss_coeff: float = _f(0.01, "locmoe: mu of the locality loss", lo=0.0)
-    locality_variant: str = _f("kl", "locmoe: kl (KL to uniform over the node's experts, smoothed) or mass "
-                               "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
-    locmoe_bias: bool = _f(True, "locmoe: learnable per-expert bias (epsilon_i of LocMoE Eq. 2)")
-    router_init_std: float = _f(0.02, "std of the learned router weight init", lo=0.0, lo_open=True)
-    rre_seed: int = _f(0, "seed of the RRE token-id -> expert tables (per layer and group)", lo=0)
+    topk: TopKSection = field(default_factory=TopKSection)
+    rre: RRESection = field(default_factory=RRESection)
+    locmoe: LocMoESection = field(default_factory=LocMoESection)
+    locmoe_plus: LocMoEPlusSection = field(default_factory=LocMoEPlusSection)
+    sinkhorn: SinkhornSection = field(default_factory=SinkhornSection)
+    deepseek: DeepSeekSection = field(default_factory=DeepSeekSection)
 
 
 @dataclass
 class ParallelConfig:
-    dispatch: str = _f("local", "exchange backend; this release has the single-device backend only",
+    dispatch: str = _f("local", "exchange backend; this release has the single-device backend only, on which "
+                       "nodes x devices_per_node are virtual ranks: each holds batch_size/W sequences, and the "
+                       "ranks are used for the locality loss and the local/intra/inter-node accounting",
                        choices=("local",))
     nodes: int = _f(1, "nodes N", lo=1)
     devices_per_node: int = _f(1, "devices per node D", lo=1)
@@ -142,11 +205,23 @@ class RunConfig:
         per_group = moe.num_experts // moe.num_groups
         _require(moe.top_k <= per_group, "moe.top_k", moe.top_k,
                  f"at most the experts per group ({per_group})")
-        _require(moe.router != "rre" or moe.top_k == 1, "moe.top_k", moe.top_k, "1 for router rre")
+        for router in ("rre", "expert_choice"):
+            _require(moe.router != router or moe.top_k == 1, "moe.top_k", moe.top_k, f"1 for router {router}")
+        for router in ("expert_choice", "locmoe_plus"):
+            _require(moe.router != router or moe.slot_policy == "position", "moe.slot_policy", moe.slot_policy,
+                     f"position (the default) for router {router}, which assigns its own slots")
+        _require(moe.router not in ("locmoe", "locmoe_plus") or m.hidden % per_group == 0, "model.hidden", m.hidden,
+                 f"a multiple of the experts per group ({per_group}) for router {moe.router} (GrAP blocks)")
+        world = self.parallel.nodes * self.parallel.devices_per_node
+        _require(moe.num_experts % world == 0 or world % moe.num_experts == 0, "parallel.devices_per_node",
+                 self.parallel.devices_per_node, f"such that nodes x devices_per_node divides or is a multiple of "
+                 f"moe.num_experts={moe.num_experts}")
+        _require(self.train.batch_size % world == 0, "train.batch_size", self.train.batch_size,
+                 f"a multiple of nodes x devices_per_node = {world} (each rank holds whole sequences)")
+        _require(moe.deepseek.node_limit <= self.parallel.nodes, "moe.deepseek.node_limit", moe.deepseek.node_limit,
+                 f"at most parallel.nodes={self.parallel.nodes}")
         _require(moe.capacity_mode != "locmoe_bound" or moe.router == "locmoe", "moe.capacity_mode",
                  moe.capacity_mode, "factor unless moe.router = locmoe")
-        _require(moe.router != "locmoe" or m.hidden % per_group == 0, "model.hidden", m.hidden,
-                 f"a multiple of the experts per group ({per_group}) for router locmoe (GrAP blocks)")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",
                  data.domains, "a non-empty list of distinct names")
         _require(data.mixture != "uniform" or self.train.batch_size % len(data.domains) == 0, "train.batch_size",
@@ -156,8 +231,6 @@ class RunConfig:
         _require(data.source != "demo" or data.domains == ["prose", "code"], "data.domains", data.domains,
                  "[prose, code] for data.source=demo")
         _require(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, ">= 256 (byte tokenizer)")
-        _require(self.parallel.nodes * self.parallel.devices_per_node == 1, "parallel.nodes",
-                 self.parallel.nodes, "1 node x 1 device for parallel.dispatch=local")
         _require(self.train.min_lr <= self.train.lr, "train.min_lr", self.train.min_lr,
                  f"<= train.lr={self.train.lr}")
         _require(self.train.warmup_steps <= self.train.steps, "train.warmup_steps", self.train.warmup_steps,
@@ -211,16 +284,21 @@ def _apply_override(d, item):
         raise ConfigError(f"--set {item!r}: must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {key!r}: must be a dotted path section.key, e.g. train.steps")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {key!r}: must be a dotted path section.key, e.g. train.steps or "
+                          f"moe.locmoe.locality_coeff")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    section = d.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{parts[0]} = {section!r}: must be a mapping")
-    section[parts[1]] = value
+    for depth, name in enumerate(parts[:-1]):
+        section = d.get(name)
+        section = {} if section is None else section
+        if not isinstance(section, dict):
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])} = {section!r}: must be a mapping")
+        d[name] = section = dict(section)
+        d = section
+    d[parts[-1]] = value
 
 
 def _check_type(path, value, tp):

@@ -23,9 +23,15 @@ def test_int_is_accepted_for_float_field():
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
+def test_nested_override_leaves_the_source_dict_alone():
+    cfg = tiny_config("moe.locmoe.locality_coeff=0.5", "parallel.nodes=2")
+    assert cfg.moe.locmoe.locality_coeff == 0.5 and cfg.parallel.nodes == 2
+    assert "locmoe" not in TINY["moe"] and "parallel" not in TINY
+
+
 def test_override_parses_yaml_values():
-    cfg = tiny_config("moe.normalize_topk_gates=false", "moe.capacity_factor=2")
-    assert cfg.moe.normalize_topk_gates is False and cfg.moe.capacity_factor == 2.0
+    cfg = tiny_config("moe.topk.normalize_gates=false", "moe.capacity_factor=2")
+    assert cfg.moe.topk.normalize_gates is False and cfg.moe.capacity_factor == 2.0
 
 
 BAD = [
@@ -37,13 +43,19 @@ BAD = [
     ({"train": {"beta2": 1.0}}, "train.beta2 = 1.0: must be >= 0.0 and < 1.0"),
     ({"model": {"hidden": 0}}, "model.hidden = 0: must be >= 1"),
     ({"train": {"batch_size": 5}}, "train.batch_size = 5: must be a multiple of the 2 data.domains"),
-    ({"moe": {"router": "switchy"}}, "moe.router = 'switchy': must be one of topk, rre, locmoe"),
-    ({"moe": {"normalize_topk_gates": "yes"}}, "moe.normalize_topk_gates = 'yes': must be true or false"),
+    ({"moe": {"router": "switchy"}}, "moe.router = 'switchy': must be one of topk, rre, locmoe, locmoe_plus, expert_choice"),
+    ({"moe": {"topk": {"normalize_gates": "yes"}}}, "moe.topk.normalize_gates = 'yes': must be true or false"),
     ({"model": {"hidden": 30, "num_heads": 4}}, "model.num_heads = 4: must be a divisor of model.hidden=30"),
     ({"moe": {"num_experts": 6, "num_groups": 4}}, "moe.num_groups = 4: must be a divisor of moe.num_experts=6"),
     ({"moe": {"num_experts": 6, "num_groups": 3}}, "moe.num_groups = 3: must be 1 or the number of data.domains (2)"),
     ({"moe": {"num_experts": 4, "num_groups": 2, "top_k": 3}}, "moe.top_k = 3: must be at most the experts per group (2)"),
     ({"moe": {"router": "rre", "top_k": 2}}, "moe.top_k = 2: must be 1 for router rre"),
+    ({"moe": {"locmoe": {"locality_variant": "js"}}}, "moe.locmoe.locality_variant = 'js': must be one of kl, mass"),
+    ({"moe": {"locmoe_plus": {"bogus": 1}}}, "moe.locmoe_plus.bogus: unknown key; allowed: locality_coeff,"),
+    ({"moe": {"slot_policy": "lifo"}}, "moe.slot_policy = 'lifo': must be one of position, probs, random"),
+    ({"parallel": {"nodes": 3}}, "parallel.devices_per_node = 1: must be such that nodes x devices_per_node divides"),
+    ({"parallel": {"nodes": 2, "devices_per_node": 4}, "train": {"batch_size": 4}},
+     "train.batch_size = 4: must be a multiple of nodes x devices_per_node = 8"),
     ({"model": {"hidden": 36, "num_heads": 2}, "moe": {"router": "locmoe", "num_experts": 8}},
      "model.hidden = 36: must be a multiple of the experts per group (8) for router locmoe"),
     ({"data": {"source": "jsonl"}}, "data.path = '': must be a path (data.source=jsonl reads it)"),

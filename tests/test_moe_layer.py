@@ -69,7 +69,7 @@ def test_fully_dropped_token_gets_exactly_zero():
     x = Tensor(np.abs(np.random.default_rng(1).standard_normal((10, 8))).astype(np.float32))
     zeros = Tensor(np.zeros(10, np.int32))
     y, _, demand, kept = layer(x, zeros, zeros, 4, False)
-    assert demand.asnumpy().tolist() == [10, 0, 0, 0] and kept.asnumpy().tolist() == [4, 0, 0, 0]
+    assert demand.asnumpy().tolist() == [[10, 0, 0, 0]] and kept.asnumpy().tolist() == [[4, 0, 0, 0]]
     assert (y.asnumpy()[4:] == 0).all() and (np.abs(y.asnumpy()[:4]).sum(1) > 0).all()
 
 

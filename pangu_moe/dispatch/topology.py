@@ -42,3 +42,15 @@ class Topology:
         """bool array [W, E]: expert e lives on the node of rank r."""
         rank_node = np.arange(self.world_size) // self.devices_per_node
         return rank_node[:, None] == self.expert_node()[None, :]
+
+    def placement_classes(self):
+        """int array [W, E]: 0 if expert e lives on rank r (local), 1 on another rank of r's node
+        (intra-node), 2 on another node (inter-node). An expert spanning several ranks (E < W) is local
+        to each of them."""
+        w, e = self.world_size, self.num_experts
+        ranks = np.arange(w)
+        first = self.expert_rank()
+        span = max(1, w // e)
+        on_rank = (ranks[:, None] >= first[None, :]) & (ranks[:, None] < first[None, :] + span)
+        same_node = self.local_expert_mask()
+        return np.where(on_rank, 0, np.where(same_node, 1, 2))

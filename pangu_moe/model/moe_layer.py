@@ -10,14 +10,16 @@ class MoELayer(nn.Cell):
         router: a `routing.base.Router`.
         dispatcher: an exchange backend (e.g. `dispatch.local.LocalDispatcher`).
         experts: `experts.GroupedExperts`.
+        num_ranks: W ranks whose tokens are counted apart (rank r holds tokens [r*T/W, (r+1)*T/W)).
     """
 
-    def __init__(self, router, dispatcher, experts):
+    def __init__(self, router, dispatcher, experts, num_ranks=1):
         super().__init__()
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
         self.num_experts = router.num_experts
+        self.num_ranks = num_ranks
 
     def construct(self, x, token_ids, group_ids, capacity, training):
         """Apply the layer to one routing group.
@@ -27,24 +29,30 @@ class MoELayer(nn.Cell):
         Returns:
             y [T, H] (0 for fully dropped tokens; the block's residual carries them),
             losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`),
-            tokens_per_expert [E] int32 (demand before dropping), kept_per_expert [E] int32.
+            tokens_per_expert [W, E] int32 (requested choices of each rank's tokens, before dropping),
+            kept_per_expert [W, E] int32.
         """
-        expert_index, gate, keep, slot, losses = self.router(x, token_ids, group_ids, capacity, training)
+        expert_index, gate, keep, slot, requested, losses = self.router(x, token_ids, group_ids, capacity, training)
         flat_index = self.dispatcher.flat_index(expert_index, keep, slot, capacity)
         expert_in = self.dispatcher.dispatch(x, flat_index, capacity)
         expert_out = self.experts(expert_in)
         y = self.dispatcher.combine(expert_out, flat_index, gate, keep)
-        tokens_per_expert, kept_per_expert = expert_counts(expert_index, keep, self.num_experts)
+        tokens_per_expert, kept_per_expert = expert_counts(expert_index, requested, keep, self.num_experts,
+                                                           self.num_ranks)
         return y, losses, tokens_per_expert, kept_per_expert
 
 
-def expert_counts(expert_index, keep, num_experts):
-    """Exact token accounting: demand and kept choices per expert, by segment sums (no one-hot).
+def expert_counts(expert_index, requested, keep, num_experts, num_ranks=1):
+    """Exact token accounting per source rank and expert, by segment sums (no one-hot).
 
-    Args: expert_index [T, K] int32; keep [T, K] bool.
-    Returns: tokens_per_expert [E] int32, kept_per_expert [E] int32; sum(tokens_per_expert) = T*K.
+    Args: expert_index [T, K] int32; requested, keep [T, K] bool; W = num_ranks divides T.
+    Returns: tokens_per_expert [W, E] int32 (requested choices), kept_per_expert [W, E] int32;
+        for token-choice routers sum(tokens_per_expert) = T*K.
     """
-    segments = expert_index.reshape(-1)  # (T*K,)
+    num_tokens, top_k = expert_index.shape
+    rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // num_ranks)).reshape(-1, 1)  # (T, 1)
+    segments = (rank * num_experts + expert_index).reshape(-1)  # (T*K,): rank-major (W*E) segment ids
     kept = keep.reshape(-1).astype(ms.int32)  # (T*K,)
-    demand = ops.unsorted_segment_sum(ops.ones_like(kept), segments, num_experts)
-    return demand, ops.unsorted_segment_sum(kept, segments, num_experts)
+    demand = ops.unsorted_segment_sum(requested.reshape(-1).astype(ms.int32), segments, num_ranks * num_experts)
+    kept = ops.unsorted_segment_sum(kept, segments, num_ranks * num_experts)
+    return demand.reshape(num_ranks, num_experts), kept.reshape(num_ranks, num_experts)  # (W, E) <- (W*E,)

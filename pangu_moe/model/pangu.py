@@ -13,9 +13,7 @@ from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.attention import causal_mask
 from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
 from pangu_moe.model.moe_layer import MoELayer
-from pangu_moe.routing.locmoe import LocMoERouter
-from pangu_moe.routing.rre import RandomRoutedRouter, build_rre_tables
-from pangu_moe.routing.topk import TopKRouter
+from pangu_moe.routing.registry import build_router
 
 
 class PanguModel(nn.Cell):
@@ -62,7 +60,8 @@ class PanguModel(nn.Cell):
         Returns:
             logits [B, S, V] fp32, losses [3] fp32 (router losses summed over MoE layers, named by
             `routing.base.LOSS_NAMES`),
-            tokens_per_expert [L_moe, E] int32, kept_per_expert [L_moe, E] int32.
+            tokens_per_expert [L_moe, W, E] int32, kept_per_expert [L_moe, W, E] int32 (W ranks of the
+            topology, each holding B/W whole sequences).
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
@@ -109,21 +108,11 @@ class PanguModel(nn.Cell):
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology):
-    """One MoE layer from the config; RRE tables are seeded per (rre_seed, layer)."""
-    moe = moe_cfg
-    if moe.router == "locmoe":
-        router = LocMoERouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.top_k, moe.aux_loss_coeff,
-                              moe.z_loss_coeff, moe.locality_loss_coeff, moe.locality_variant,
-                              topology.local_expert_mask(), moe.locmoe_bias)
-    elif moe.router == "rre":
-        tables = build_rre_tables(model_cfg.vocab_size, moe.num_experts // moe.num_groups, moe.num_groups,
-                                  seed=(moe.rre_seed, layer))
-        router = RandomRoutedRouter(tables, moe.num_experts)
-    else:
-        router = TopKRouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.top_k, moe.aux_loss_coeff,
-                            moe.z_loss_coeff, moe.jitter_eps, moe.normalize_topk_gates, moe.router_init_std)
-    experts = GroupedExperts(moe.num_experts, model_cfg.hidden, moe.expert_hidden, model_cfg.init_std, out_std)
-    return MoELayer(router, LocalDispatcher(moe.num_experts), experts)
+    """One MoE layer from the config (router by name, see `routing.registry`)."""
+    router = build_router(model_cfg, moe_cfg, layer, topology)
+    experts = GroupedExperts(moe_cfg.num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std,
+                             out_std)
+    return MoELayer(router, LocalDispatcher(moe_cfg.num_experts), experts, topology.world_size)
 
 
 def build_model(cfg):

@@ -7,7 +7,12 @@ Vocabulary (DESIGN §1), used in code, YAML and logs:
 - *scores* [T, E_g] fp32: after the score function (softmax for top-k).
 - *expert_index* [T, K] int32: global expert ids, `group * E_g + local id`.
 - *gate* [T, K] fp32: combine weight; *keep* [T, K] bool: survived capacity;
-  *slot* [T, K] int32: position inside the expert's buffer (valid where keep).
+  *slot* [T, K] int32: position inside the expert's buffer (valid where keep);
+  *requested* [T, K] bool: the choices the token asked for (all, except for routers that pick a
+  variable number of experts per token: LocMoE+ with a score threshold, Expert Choice); keep implies
+  requested, and demand counts requested choices.
+- *affinity* [T, K] fp32: the router's own ranking of a choice, used by the affinity slot policy
+  (cosine for the GrAP routers, the logit otherwise).
 - *tokens_per_expert* [E]: demand before dropping; *kept_per_expert* [E].
 - *losses* [3] fp32: the router's weighted auxiliary losses in the order of `LOSS_NAMES`; the model
   sums them over layers and adds them to the LM loss, the trainer logs each by name.
@@ -20,19 +25,19 @@ cut out), and the base class adds the group offset and assigns slots over all E 
 Routers never communicate and know nothing of the rank layout.
 
 A router is a scoring rule (`score`, the subclass's part) plus a slot-assignment policy
-(`routing.slots`). Graph-mode cells return plain tuples; `Routing` names the fields for Python
+(`routing.slots`, chosen by name; a router with its own keep rule overrides `assign`). Graph-mode cells return plain tuples; `Routing` names the fields for Python
 callers of the pure-function API `route`.
 """
 from collections import namedtuple
 
 from mindspore import nn, ops
 
-from pangu_moe.routing.slots import position_slots
+from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
 
 
-class Routing(namedtuple("Routing", "expert_index gate keep slot losses")):
+class Routing(namedtuple("Routing", "expert_index gate keep slot requested losses")):
     """A router's outputs by name; `aux_loss`, `z_loss`, `locality_loss` index `losses`."""
     __slots__ = ()
 
@@ -48,28 +53,38 @@ def stack_losses(aux_loss, z_loss, locality_loss):
 
 
 class Router(nn.Cell):
-    """Base router: `construct` = level-1 group offset + subclass `score` + position slots.
+    """Base router: `construct` = level-1 group offset + subclass `score` + slot policy.
 
     Args:
         num_experts: E (all groups).
         num_groups: G; `E % G == 0`.
         top_k: K.
+        slot_policy: a `routing.slots.SLOT_POLICIES` name.
     """
 
-    def __init__(self, num_experts, num_groups, top_k):
+    def __init__(self, num_experts, num_groups, top_k, slot_policy="position"):
         super().__init__()
         self.num_experts = num_experts
         self.num_groups = num_groups
         self.experts_per_group = num_experts // num_groups
         self.top_k = top_k
+        self.slot_policy = slot_policy
 
     def score(self, x, token_ids, group_ids, training):
         """Level-2 choice inside the token's group.
 
-        Returns (local_index [T,K] int32 in [0, E_g), gate [T,K] fp32, losses [3] fp32 from
-        `stack_losses`, already weighted by their coefficients).
+        Returns (local_index [T,K] int32 in [0, E_g), gate [T,K] fp32, affinity [T,K] fp32,
+        requested [T,K] bool or None for all, losses [3] fp32 from `stack_losses`, already weighted).
         """
         raise NotImplementedError
+
+    def assign(self, expert_index, gate, affinity, requested, capacity, training):
+        """Slots under capacity by `slot_policy`: returns (slot [T,K] int32, keep [T,K] bool)."""
+        return assign_slots(self.slot_policy, expert_index, gate, affinity, self.num_experts, capacity, training,
+                            requested)
+
+    def after_step(self, tokens_per_expert):
+        """Host-side hook after each training step with the layer's demand [E] (no-op by default)."""
 
     def construct(self, x, token_ids, group_ids, capacity, training):
         """Route T tokens.
@@ -81,12 +96,15 @@ class Router(nn.Cell):
             capacity: python int C.
             training: python bool; enables training-only noise.
         Returns:
-            (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32, losses [3] fp32).
+            (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32,
+             requested [T,K] bool, losses [3] fp32).
         """
-        local_index, gate, losses = self.score(x, token_ids, group_ids, training)
+        local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training)
         expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, K) + (T, 1)
-        slot, keep = position_slots(expert_index, self.num_experts, capacity)
-        return expert_index, gate, keep, slot, losses
+        slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training)
+        if requested is None:
+            requested = ops.ones_like(keep)
+        return expert_index, gate, keep, slot, requested, losses
 
 
 def route(router, x, token_ids, group_ids, capacity, training=False):

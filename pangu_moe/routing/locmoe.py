@@ -57,11 +57,12 @@ class LocMoERouter(Router):
         locality_coeff: mu; locality_variant: "kl" or "mass".
         local_mask: bool/float array [W, E] from `Topology.local_expert_mask` (W must divide T).
         use_bias: learnable per-group, per-expert bias epsilon_i.
+        slot_policy: see `routing.slots`; the affinity of a choice is cos(x, w_i).
     """
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
-                 locality_variant, local_mask, use_bias=True):
-        super().__init__(num_experts, num_groups, top_k)
+                 locality_variant, local_mask, use_bias=True, slot_policy="position"):
+        super().__init__(num_experts, num_groups, top_k, slot_policy)
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
         if locality_variant not in losses.LOCALITY_VARIANTS:
             raise ValueError(f"LocMoE: locality_variant = {locality_variant!r}: must be one of "
@@ -84,7 +85,8 @@ class LocMoERouter(Router):
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
-        return local_index, gate, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), locality)
+        affinity = ops.gather_elements(grap_cosines(x, self.experts_per_group), 1, local_index)
+        return local_index, gate, affinity, None, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), locality)
 
 
 def routed_cosines(router, x, token_ids, group_ids):

@@ -30,18 +30,20 @@ class RandomRoutedRouter(Router):
 
     Args:
         tables: int32 [G, V] from `build_rre_tables` (seed it per layer).
+        slot_policy: see `routing.slots`; gates and affinities are all 1, so probs and affinity
+            fall back to an arbitrary but fixed order.
     """
 
-    def __init__(self, tables, num_experts):
+    def __init__(self, tables, num_experts, slot_policy="position"):
         num_groups, _ = tables.shape
-        super().__init__(num_experts, num_groups, 1)
+        super().__init__(num_experts, num_groups, 1, slot_policy)
         self.table = Parameter(Tensor(tables, ms.int32), name="table", requires_grad=False)
 
     def score(self, x, token_ids, group_ids, training):
         """x is unused: the expert depends on (group, token id) only. Returns local_index [T,1] int32,
-        gate [T,1] fp32 ones, and zero losses."""
+        gate and affinity [T,1] fp32 ones, all requested, and zero losses."""
         index = ops.stack((group_ids, token_ids), axis=1)  # (T, 2)
         local_index = ops.gather_nd(self.table, index).reshape(-1, 1)  # (T, 1)
         gate = ops.ones(local_index.shape, ms.float32)
         zero = ops.zeros((), ms.float32)
-        return local_index, gate, stack_losses(zero, zero, zero)
+        return local_index, gate, gate, None, stack_losses(zero, zero, zero)

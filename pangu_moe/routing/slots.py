@@ -1,23 +1,91 @@
-"""Slot assignment under capacity: a pure function of the chosen experts."""
+"""Slot assignment under capacity: pure functions of the chosen experts.
+
+A policy decides which choices an over-subscribed expert keeps (DESIGN §2):
+- position: first come, first served, every first choice before any second choice (Switch, GShard);
+- probs: the choices with the highest gate (Megatron `drop_policy=probs`);
+- random: a uniformly random subset (DeepSpeed RTS; the keep rule of Kool's skip estimator);
+  evaluation falls back to position, so evaluation is deterministic;
+- affinity: the choices with the highest router affinity (LocMoE+ ECR);
+- none: dropless; every requested choice is kept, and the caller sizes C to T (`dropless_capacity`).
+Choices that were not requested (`requested` False) take no slot and are never kept.
+"""
 import mindspore as ms
-from mindspore import ops
+from mindspore import Tensor, ops
+
+SLOT_POLICIES = ("position", "probs", "random", "affinity", "none")
 
 
-def position_slots(expert_index, num_experts, capacity):
-    """Position policy: first come, first served, with every first choice before any second choice.
+def position_slots(expert_index, num_experts, capacity, requested=None):
+    """Position policy.
 
     Args:
         expert_index: [T, K] int32 global expert ids.
         num_experts: E.
-        capacity: C, slots per expert.
+        capacity: C, slots per expert (python int or int32 scalar tensor).
+        requested: optional [T, K] bool; unrequested choices take no slot.
     Returns:
         slot: [T, K] int32, the position of choice (t, k) in its expert's arrival order
-              (contiguous from 0 per expert; may be >= C).
-        keep: [T, K] bool, slot < C.
+              (contiguous from 0 per expert over the requested choices; may be >= C).
+        keep: [T, K] bool, requested and slot < C.
     """
     num_tokens, top_k = expert_index.shape
     order = expert_index.T.reshape(-1)  # (K*T,) <- (K, T): all first choices, then all second choices
-    onehot = ops.one_hot(order, num_experts, ms.Tensor(1, ms.int32), ms.Tensor(0, ms.int32))  # (K*T, E)
+    onehot = ops.one_hot(order, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # (K*T, E)
+    if requested is not None:
+        onehot = onehot * requested.T.reshape(-1, 1).astype(ms.int32)
     position = (ops.cumsum(onehot, 0) * onehot).sum(1).astype(ms.int32) - 1  # (K*T,)
     slot = position.reshape(top_k, num_tokens).T  # (T, K) <- (K, T)
-    return slot, slot < capacity
+    return slot, _keep(slot, capacity, requested)
+
+
+def priority_slots(expert_index, priority, num_experts, capacity, requested=None):
+    """Per expert, slots in descending `priority` (the probs, random and affinity policies).
+
+    Args:
+        expert_index: [T, K] int32; priority: [T, K] fp32 (higher is served first); requested: as above.
+    Returns:
+        slot [T, K] int32 (rank among the expert's requested choices), keep [T, K] bool.
+    """
+    num_tokens, top_k = expert_index.shape
+    flat_priority = priority.reshape(-1).astype(ms.float32)  # (T*K,)
+    _, order = ops.sort(flat_priority, descending=True)
+    sorted_experts = ops.gather(expert_index.reshape(-1), order, 0)  # (T*K,) in service order
+    onehot = ops.one_hot(sorted_experts, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # (T*K, E)
+    if requested is not None:
+        onehot = onehot * ops.gather(requested.reshape(-1), order, 0).reshape(-1, 1).astype(ms.int32)
+    sorted_slot = (ops.cumsum(onehot, 0) * onehot).sum(1).astype(ms.int32) - 1  # (T*K,)
+    inverse = ops.argsort(order.astype(ms.float32))  # position of each choice in the service order
+    slot = ops.gather(sorted_slot, inverse, 0).reshape(num_tokens, top_k)  # (T, K) <- (T*K,)
+    return slot, _keep(slot, capacity, requested)
+
+
+def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, training, requested=None):
+    """Dispatch on the policy name (a python string, so graph mode keeps one branch).
+
+    Args:
+        policy: one of `SLOT_POLICIES`; expert_index [T, K] int32; gate, affinity [T, K] fp32;
+        capacity: C; training: python bool; requested: optional [T, K] bool.
+    Returns:
+        slot [T, K] int32, keep [T, K] bool.
+    """
+    if policy == "probs":
+        return priority_slots(expert_index, gate, num_experts, capacity, requested)
+    if policy == "affinity":
+        return priority_slots(expert_index, affinity, num_experts, capacity, requested)
+    if policy == "random" and training:
+        keys = ops.uniform(expert_index.shape, Tensor(0.0, ms.float32), Tensor(1.0, ms.float32))
+        return priority_slots(expert_index, keys, num_experts, capacity, requested)
+    slot, keep = position_slots(expert_index, num_experts, capacity, requested)
+    if policy == "none":
+        keep = ops.ones_like(keep) if requested is None else requested
+    return slot, keep
+
+
+def dropless_capacity(num_tokens):
+    """C for policy none: no expert can receive more than T choices (a token picks an expert once)."""
+    return num_tokens
+
+
+def _keep(slot, capacity, requested):
+    keep = slot < capacity
+    return keep if requested is None else keep & requested

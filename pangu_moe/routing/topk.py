@@ -47,11 +47,12 @@ class TopKRouter(Router):
         jitter_eps: training-only `multiplicative_jitter`; 0 disables it.
         normalize: K > 1: renormalise the K gates (see `topk_scores`).
         init_std: normal init std of the [G, H, E_g] weight.
+        slot_policy: see `routing.slots`; the affinity of a choice is its logit.
     """
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff,
-                 jitter_eps=0.0, normalize=True, init_std=0.02):
-        super().__init__(num_experts, num_groups, top_k)
+                 jitter_eps=0.0, normalize=True, init_std=0.02, slot_policy="position"):
+        super().__init__(num_experts, num_groups, top_k, slot_policy)
         shape = (num_groups, hidden, self.experts_per_group)
         self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
         self.aux_loss_coeff = aux_loss_coeff
@@ -67,4 +68,6 @@ class TopKRouter(Router):
         logits = group_logits(logits_all, group_ids, self.experts_per_group)
         scores, local_index, gate = topk_scores(logits, self.top_k, self.normalize)
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
-        return local_index, gate, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), ops.zeros((), ms.float32))
+        affinity = ops.gather_elements(logits, 1, local_index)
+        return local_index, gate, affinity, None, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
+                                                              ops.zeros((), ms.float32))

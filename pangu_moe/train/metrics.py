@@ -1,32 +1,6 @@
-"""metrics.jsonl records and the exact per-layer token accounting they carry."""
+"""metrics.jsonl: one JSON record per logged step (per-layer accounting: `dispatch.accounting`)."""
 import json
 import os
-
-
-def layer_records(tokens_per_expert, kept_per_expert, capacity):
-    """Per-MoE-layer accounting for one step (single device: every kept token is local).
-
-    Args:
-        tokens_per_expert, kept_per_expert: [L, E] int arrays (demand before dropping, kept).
-        capacity: C of the step.
-    Returns:
-        list of L dicts with tokens_per_expert, kept_per_expert, dropped, capacity, tokens_local,
-        tokens_intra, tokens_inter, bytes_intra, bytes_inter.
-    """
-    out = []
-    for demand, kept in zip(tokens_per_expert, kept_per_expert):
-        out.append({
-            "tokens_per_expert": [int(v) for v in demand],
-            "kept_per_expert": [int(v) for v in kept],
-            "dropped": int(demand.sum() - kept.sum()),
-            "capacity": int(capacity),
-            "tokens_local": int(kept.sum()),
-            "tokens_intra": 0,
-            "tokens_inter": 0,
-            "bytes_intra": 0,
-            "bytes_inter": 0,
-        })
-    return out
 
 
 class MetricsLog:

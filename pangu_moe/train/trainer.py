@@ -12,17 +12,24 @@ from pangu_moe.capacity import expert_capacity, locmoe_capacity
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
+from pangu_moe.dispatch.accounting import PLACES, layer_record, route_classes, window_load_stats
+from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
 from pangu_moe.routing.base import LOSS_NAMES
 from pangu_moe.routing.locmoe import routed_cosines
+from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter
+from pangu_moe.routing.slots import dropless_capacity
 from pangu_moe.train import checkpoint
 from pangu_moe.train.evaluate import Evaluator
-from pangu_moe.train.metrics import MetricsLog, layer_records
+from pangu_moe.train import metrics as metrics_file
+from pangu_moe.train.metrics import MetricsLog
 from pangu_moe.train.optim import HybridEpsAdamW
 from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
-STATE_KEYS = ("step", "choices_total", "kept_total", "train_seconds", "train_tokens")
+STATE_KEYS = ("step", "choices_total", "kept_total", "train_seconds", "train_tokens", "routed_local",
+              "routed_intra", "routed_inter", "capacity_sum")
+LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -43,6 +50,7 @@ class Trainer:
         runtime.setup(cfg.runtime)
         m, moe, t = cfg.model, cfg.moe, cfg.train
         self.domains = load_corpus(cfg.data, m.seq_len)
+        self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
         self.model = build_model(cfg)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay)
@@ -54,6 +62,11 @@ class Trainer:
             self.capacity, self.capacity_probe = self._probe_locmoe_capacity()
         eval_capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.eval_capacity_factor,
                                         moe.min_capacity)
+        if moe.slot_policy == "none":
+            self.capacity = eval_capacity = dropless_capacity(self.tokens_per_step)
+        self.plus_routers = [b.moe.router for b in self.model.moe_blocks if isinstance(b.moe.router, LocMoEPlusRouter)]
+        for router in self.plus_routers:
+            router.start(self.capacity)
         graph = cfg.runtime.mode == "graph"
         self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph)
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
@@ -79,6 +92,26 @@ class Trainer:
                  f"{[round(b, 3) for b in bounds]} -> C = {capacity}")
         return capacity, {"delta_hat": deltas, "capacity_lower_bound": bounds}
 
+    def _update_router_state(self, step, input_ids, domain_ids):
+        """Host-side router updates before training step `step` (0-based); returns each layer's live C.
+
+        LocMoE+ re-estimates its capacity on the batch about to be trained every `recompute_every` steps
+        (from step 0, so the first re-estimate sees the initial features) and may switch TCR -> ECR.
+        """
+        every = self.cfg.moe.locmoe_plus.recompute_every
+        if self.plus_routers:
+            for router in self.plus_routers:
+                router.advance(step)
+            if every and step % every == 0:
+                inputs = self.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), self.capacity)
+                found = [router.reestimate(*layer_input, step, self.capacity, self.cfg.moe.min_capacity)
+                         for router, layer_input in zip(self.plus_routers, inputs)]
+                self.log(f"step {step}: locmoe_plus capacity {[f['capacity'] for f in found]} (need "
+                         f"{[f['need'] for f in found]}, floor {[f['floor'] for f in found]}), "
+                         f"keep rule {['ecr' if f['ecr'] else 'tcr' for f in found]}")
+        return [int(b.moe.router.live_capacity.asnumpy()) if isinstance(b.moe.router, LocMoEPlusRouter)
+                else self.capacity for b in self.model.moe_blocks]
+
     def train(self, resume=False):
         """Train to `train.steps`, or with `resume` continue from the run dir's newest checkpoint.
 
@@ -86,7 +119,8 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.train
         resume_from = check_run_dir(cfg, self.run_dir, resume)
-        state = {"step": 0, "choices_total": 0, "kept_total": 0, "train_seconds": 0.0, "train_tokens": 0}
+        state = {key: 0 for key in STATE_KEYS}
+        state["train_seconds"] = 0.0
         if resume_from:
             state = checkpoint.load(resume_from, [self.model, self.optimizer], STATE_KEYS)
             self.log(f"resumed from {resume_from} at step {state['step']}")
@@ -102,6 +136,8 @@ class Trainer:
         first = True
         for input_ids, labels, domain_ids in batches:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
+            capacities = self._update_router_state(state["step"], input_ids, domain_ids)
+            state["capacity_sum"] += float(np.mean(capacities))
             began = time.perf_counter()
             out = self.train_step(Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32))
             loss, lm_loss, router_losses, grad_norm, demand, kept = [o.asnumpy() for o in out]
@@ -109,8 +145,13 @@ class Trainer:
             state["step"] = step = state["step"] + 1
             if not np.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss}; lower train.lr or raise train.warmup_steps")
+            for block, layer_demand in zip(self.model.moe_blocks, demand):
+                block.moe.router.after_step(layer_demand.sum(0))
             state["choices_total"] += int(demand.sum())
             state["kept_total"] += int(kept.sum())
+            for layer_kept in kept:
+                for place, count in route_classes(layer_kept, self.topology).items():
+                    state["routed_" + place] += count
             if not first:  # a process's first step includes graph compilation
                 state["train_seconds"] += seconds
                 state["train_tokens"] += self.tokens_per_step
@@ -123,7 +164,8 @@ class Trainer:
                           **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
                           "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
-                          "layers": layer_records(demand, kept, self.capacity)}
+                          "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden)
+                                     for d, k, c in zip(demand, kept, capacities)]}
                 if do_eval:
                     val = self.evaluator.evaluate(t.eval_batches)
                     record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"])
@@ -149,6 +191,7 @@ class Trainer:
         reference = expert_capacity(self.tokens_per_step, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
         total, active = count_parameters(self.model, cfg.moe.top_k / cfg.moe.num_experts)
+        routed = sum(state["routed_" + place] for place in PLACES)
         summary = {
             "steps": state["step"], "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "unigram_bpb": unigram,
             "bpb_over_unigram": val["val_bpb"] / unigram, "val_bpb_per_domain": val["val_bpb_per_domain"],
@@ -156,8 +199,12 @@ class Trainer:
             "router": cfg.moe.router, "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts,
             "num_groups": cfg.moe.num_groups,
             "dropped_fraction": 1.0 - state["kept_total"] / state["choices_total"] if state["choices_total"] else 0.0,
-            "inter_node_fraction": 0.0,
-            "capacity": self.capacity, "capacity_ratio": self.capacity / reference,
+            "inter_node_fraction": state["routed_inter"] / routed if routed else 0.0,
+            **{f"tokens_{place}": state["routed_" + place] for place in PLACES},
+            **window_load_stats(metrics_file.read(os.path.join(self.run_dir, "metrics.jsonl")), state["step"],
+                                LOAD_WINDOW),
+            "capacity": self.capacity,
+            "capacity_ratio": state["capacity_sum"] / state["step"] / reference if state["step"] else 0.0,
             "capacity_mode": cfg.moe.capacity_mode, **self.capacity_probe,
             "params_total": total, "params_active": active,
         }

@@ -19,8 +19,8 @@ def test_forward_shapes_and_exact_token_accounting():
     logits, losses, demand, kept = model(ids, dom, 5, True)
     assert losses.shape == (3,) and float(losses.asnumpy()[2]) == 0.0  # topk has no locality loss
     assert logits.shape == (3, 32, 256) and logits.dtype == ms.float32
-    demand, kept = demand.asnumpy(), kept.asnumpy()
-    assert demand.shape == (2, 4)
+    assert demand.shape == (2, 1, 4)                        # (L, W, E) with one rank
+    demand, kept = demand.asnumpy()[:, 0], kept.asnumpy()[:, 0]
     assert (demand.sum(1) == 3 * 32).all()                 # kept + dropped = T*K in every layer
     assert (kept <= np.minimum(demand, 5)).all()
     assert (demand[:, 2:] == 0).all()                       # domain 0 only reaches group 0's experts
@@ -39,7 +39,7 @@ def test_extracted_domain_sub_model_gives_identical_logits(router, domain):
     part = sub(ids, dom, capacity, False)
     np.testing.assert_array_equal(full[0].asnumpy(), part[0].asnumpy())
     lo = domain * 2
-    np.testing.assert_array_equal(full[3].asnumpy()[:, lo:lo + 2], part[3].asnumpy())
+    np.testing.assert_array_equal(full[3].asnumpy()[:, :, lo:lo + 2], part[3].asnumpy())
 
 
 def test_seed_fixes_the_initial_weights():
@@ -82,10 +82,10 @@ def test_router_weight_gets_gradient_from_lm_loss_alone():
 def test_rre_tables_survive_a_checkpoint_round_trip(tmp_path):
     from pangu_moe.train import checkpoint
     ms.set_seed(4)
-    model = build_model(tiny_config("moe.router=rre", "moe.rre_seed=1"))
+    model = build_model(tiny_config("moe.router=rre", "moe.rre.seed=1"))
     path = str(tmp_path / "m.ckpt")
     checkpoint.save(path, [model], {"step": 3})
-    other = build_model(tiny_config("moe.router=rre", "moe.rre_seed=2"))
+    other = build_model(tiny_config("moe.router=rre", "moe.rre.seed=2"))
     tables = [p for p in model.get_parameters() if p.name.endswith("router.table")]
     others = [p for p in other.get_parameters() if p.name.endswith("router.table")]
     assert len(tables) == 2 and not np.array_equal(tables[0].asnumpy(), others[0].asnumpy())
@@ -95,3 +95,16 @@ def test_rre_tables_survive_a_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
     ids, dom = _batch(1)
     np.testing.assert_array_equal(model(ids, dom, 96, False)[0].asnumpy(), other(ids, dom, 96, False)[0].asnumpy())
+
+
+def test_demand_is_counted_per_rank():
+    ms.set_seed(1)
+    model = build_model(tiny_config("parallel.nodes=2", "train.batch_size=4"))
+    ids = Tensor(np.random.default_rng(0).integers(0, 256, (4, 32)).astype(np.int32))
+    dom = Tensor(np.repeat(np.array([[0], [1], [0], [1]], np.int32), 32, 1))
+    _, _, demand, kept = model(ids, dom, 64, False)
+    demand, kept = demand.asnumpy(), kept.asnumpy()
+    assert demand.shape == (2, 2, 4)
+    assert (demand.sum(2) == 2 * 32).all()  # each rank holds 2 sequences
+    assert (kept == demand).all()           # C = 64 never binds
+    assert (demand[:, :, :2].sum(2) == 32).all()  # one sequence per rank is domain 0 (group 0)

@@ -120,7 +120,7 @@ def test_locality_loss_trains_the_input_toward_local_experts():
     zeros = Tensor(np.zeros(8, np.int32))
 
     def loss(x):
-        return router(x, zeros, zeros, 8, True)[4][2]  # locality_loss
+        return router(x, zeros, zeros, 8, True)[5][2]  # locality_loss
 
     grad = ms.grad(loss)(Tensor(_x(8, 16))).asnumpy()
     assert np.abs(grad).max() > 0

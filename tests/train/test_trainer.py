@@ -14,11 +14,13 @@ from tests.conftest import tiny_config
 
 SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "val_bpb_per_domain",
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
-                "inter_node_fraction", "capacity", "capacity_ratio", "capacity_mode", "params_total", "params_active"}
+                "inter_node_fraction", "tokens_local", "tokens_intra", "tokens_inter", "max_over_mean_load",
+                "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
+                "capacity_ratio", "capacity_mode", "params_total", "params_active"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
                "layers"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
-              "tokens_inter", "bytes_intra", "bytes_inter"}
+              "tokens_inter", "bytes_intra", "bytes_inter", "max_over_mean_load", "dead_experts"}
 
 
 def _train(run_dir, *overrides, resume=False):
@@ -86,15 +88,26 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
-@pytest.mark.parametrize("router", ["rre", "locmoe"])
-def test_other_routers_train_in_pynative_mode(router, tmp_path):
-    summary = _train(tmp_path / router, f"moe.router={router}", "train.steps=12", "runtime.mode=pynative",
+@pytest.mark.parametrize("router", ["rre", "locmoe", "expert_choice", "sinkhorn", "deepseek"])
+def test_other_routers_train(router, tmp_path):
+    mode = "pynative" if router == "rre" else "graph"  # one router keeps PyNative covered
+    summary = _train(tmp_path / router, f"moe.router={router}", "train.steps=12", f"runtime.mode={mode}",
                      "train.eval_every=12", "train.checkpoint_every=12")
     lm = [r["lm_loss"] for r in read(tmp_path / router / "metrics.jsonl")]
     assert np.mean(lm[-3:]) < 0.9 * np.mean(lm[:3])
     assert summary["router"] == router and np.isfinite(summary["val_bpb"])
     locality = [r["locality_loss"] for r in read(tmp_path / router / "metrics.jsonl")]
     assert all(v > 0 for v in locality) if router == "locmoe" else all(v == 0 for v in locality)
+
+
+def test_deepseek_bias_moves_in_graph_mode_and_dropless_drops_nothing(tmp_path):
+    trainer = Trainer(tiny_config("moe.router=deepseek", "moe.slot_policy=none", "train.steps=6",
+                                  "train.eval_every=6", "train.checkpoint_every=6"), str(tmp_path), log=lambda _: None)
+    summary = trainer.train()
+    bias = trainer.model.moe_blocks[0].moe.router.bias.asnumpy()
+    steps = bias / 0.001  # gamma = 0.001: each step moves every entry by -1, 0 or +1 units
+    assert np.abs(bias).max() > 0 and np.allclose(steps, np.round(steps), atol=1e-3) and np.abs(steps).max() <= 6
+    assert summary["dropped_fraction"] == 0.0 and summary["capacity"] == 4 * 32
 
 
 def test_resume_refuses_a_changed_trajectory(run_a):
@@ -112,3 +125,28 @@ def test_pynative_mode_matches_graph_mode(run_a, tmp_path):
     _train(tmp_path / "p", "runtime.mode=pynative", "train.steps=20")
     graph, pynative = _losses(run_dir)[:5], _losses(tmp_path / "p")[:5]
     np.testing.assert_allclose(np.array(pynative)[:, 1:], np.array(graph)[:, 1:], rtol=1e-4)
+
+
+def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path):
+    overrides = ("moe.router=locmoe_plus", "moe.locmoe_plus.recompute_every=4", "moe.locmoe_plus.coverage=0.5",
+                 "parallel.nodes=2", "train.steps=12", "train.eval_every=12", "train.checkpoint_every=8")
+    summary = _train(tmp_path / "plus", *overrides)
+    records = read(tmp_path / "plus" / "metrics.jsonl")
+    capacities = np.array([[layer["capacity"] for layer in r["layers"]] for r in records])  # (steps, L)
+    assert (np.diff(capacities, axis=0) <= 0).all() and capacities.max() <= 40 and capacities[-1].max() < 40
+    for r in records:
+        for layer in r["layers"]:
+            assert max(layer["kept_per_expert"]) <= layer["capacity"]
+            assert layer["tokens_local"] + layer["tokens_intra"] + layer["tokens_inter"] == sum(layer["kept_per_expert"])
+    assert sum(r["layers"][0]["tokens_inter"] for r in records) > 0  # 2 nodes, each hosting one group
+    assert summary["capacity_ratio"] == pytest.approx(capacities.mean() / 36)
+    inter = sum(layer["tokens_inter"] for r in records for layer in r["layers"])
+    assert summary["inter_node_fraction"] == pytest.approx(inter / sum(sum(layer["kept_per_expert"])
+                                                                       for r in records for layer in r["layers"]))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "plus", resumed)
+    os.remove(resumed / "checkpoints" / "step_000012.ckpt")
+    os.remove(resumed / "summary.json")
+    again = _train(resumed, *overrides, resume=True)
+    assert _losses(resumed) == _losses(tmp_path / "plus")
+    assert again["capacity_ratio"] == summary["capacity_ratio"]

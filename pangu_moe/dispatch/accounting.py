@@ -1,0 +1,90 @@
+"""Exact routing accounting: where the kept tokens of each rank go, and how even the load is.
+
+These are the counts a real cluster would move for the given placement, whatever backend ran the
+step (on one device the ranks are virtual). Bytes count the dispatch and the combine exchange of
+each token's hidden vector.
+"""
+import numpy as np
+
+PLACES = ("local", "intra", "inter")
+
+
+def route_classes(kept_per_expert, topology):
+    """Kept choices by destination class.
+
+    Args:
+        kept_per_expert: int array [W, E], kept choices of rank r's tokens on expert e.
+        topology: `dispatch.topology.Topology` with W ranks.
+    Returns:
+        dict {"local", "intra", "inter"} -> int token counts.
+    """
+    kept = np.asarray(kept_per_expert, np.int64)
+    classes = topology.placement_classes()
+    return {name: int(kept[classes == i].sum()) for i, name in enumerate(PLACES)}
+
+
+def load_stats(tokens_per_expert):
+    """Load balance of one layer's demand.
+
+    Args:
+        tokens_per_expert: int array [E] (or [W, E], summed over ranks).
+    Returns:
+        dict with max_over_mean_load (max / mean demand; 1.0 is perfect balance) and dead_experts
+        (experts with zero demand).
+    """
+    demand = np.asarray(tokens_per_expert, np.int64)
+    demand = demand.sum(0) if demand.ndim == 2 else demand
+    mean = demand.mean()
+    return {"max_over_mean_load": float(demand.max() / mean) if mean else 0.0,
+            "dead_experts": int((demand == 0).sum())}
+
+
+def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden, bytes_per_value=4):
+    """The per-layer metrics.jsonl record for one step (DESIGN §6).
+
+    Args:
+        tokens_per_expert, kept_per_expert: int arrays [W, E]; capacity: C of the step;
+        hidden: H; bytes_per_value: of the exchanged activations (4 for fp32).
+    Returns:
+        dict: tokens_per_expert, kept_per_expert (summed over ranks), dropped, capacity,
+        tokens_local/intra/inter, bytes_intra/inter, max_over_mean_load, dead_experts.
+    """
+    demand = np.asarray(tokens_per_expert, np.int64)
+    kept = np.asarray(kept_per_expert, np.int64)
+    places = route_classes(kept, topology)
+    token_bytes = 2 * hidden * bytes_per_value
+    return {
+        "tokens_per_expert": [int(v) for v in demand.sum(0)],
+        "kept_per_expert": [int(v) for v in kept.sum(0)],
+        "dropped": int(demand.sum() - kept.sum()),
+        "capacity": int(capacity),
+        "tokens_local": places["local"], "tokens_intra": places["intra"], "tokens_inter": places["inter"],
+        "bytes_intra": places["intra"] * token_bytes, "bytes_inter": places["inter"] * token_bytes,
+        **load_stats(demand),
+    }
+
+
+def window_load_stats(records, last_step, window, dead_share=0.01):
+    """Run-level load statistics over the metrics records of the final `window` share of the steps.
+
+    Demand is summed over the window's logged steps, per layer. An expert is *dead* when it got less
+    than `dead_share` of its fair share (total / E) in that window: a strict zero would hide experts
+    that receive a handful of tokens out of thousands.
+
+    Args:
+        records: metrics.jsonl records (dicts with "step" and "layers").
+        last_step: the run's final step; window: share of the steps (0, 1].
+    Returns:
+        dict: max_over_mean_load (mean over layers), dead_experts (sum over layers), and the per-layer
+        lists max_over_mean_load_per_layer, dead_experts_per_layer.
+    """
+    first = last_step * (1.0 - window)
+    chosen = [r["layers"] for r in records if "layers" in r and r["step"] > first]
+    if not chosen:
+        return {"max_over_mean_load": 0.0, "dead_experts": 0}
+    demand = np.array([[layer["tokens_per_expert"] for layer in layers] for layers in chosen]).sum(0)  # (L, E)
+    mean = demand.mean(1)
+    ratio = [float(d.max() / m) if m else 0.0 for d, m in zip(demand, mean)]
+    dead = [int((d < dead_share * m).sum()) for d, m in zip(demand, mean)]
+    return {"max_over_mean_load": float(np.mean(ratio)), "dead_experts": int(sum(dead)),
+            "max_over_mean_load_per_layer": ratio, "dead_experts_per_layer": dead}

@@ -1,0 +1,162 @@
+"""LocMoE+ (arXiv 2406.00023, "Expert-Token Resonance"): cosine affinity routing, a TCR or ECR keep
+rule, and a capacity re-estimated during training.
+
+Choices where the paper is silent (spec locmoe.md §3 tags [?]/[D]); each is a setting of `moe.locmoe_plus`:
+- Affinity delta_{t,i} = cos(x_t, w_i) with the fixed GrAP rows (block-diagonal W_aff); the entries are not
+  trained (the paper gives them fixed values), so the router has no parameters: the aux and locality losses
+  train x upstream, as in LocMoE.
+- Candidates: each token's top-K experts by affinity. With `score_threshold` < 1 a token keeps only its first
+  l choices, l the smallest with a gate sum >= threshold (the "score-sum threshold", per token over experts).
+- Gate: softmax(delta / tau) at the chosen expert (LocMoE Eq. 3 with cosines), renormalised over the
+  requested choices when K > 1. tau = `gate_temperature` (cosine softmax at tau = 1 is nearly uniform).
+- Keep rule: TCR keeps an expert's first C candidates by position; ECR its C candidates of highest
+  affinity. "hybrid" starts with TCR (better early, Theorem 5) and switches to ECR for good at
+  `switch_step` or once the re-estimated capacity is at most `switch_ratio` of its ceiling (the experts
+  have become discriminative: Corollary 6 (ii)), whichever comes first.
+- Capacity: the static buffer is the moe.capacity_factor capacity (the ceiling); a live capacity, one per
+  layer, masks slots beyond it in training. Every `recompute_every` steps the trainer calls `reestimate`
+  on the current batch: need = `capacity.score_sum_capacity` (coverage rho_C), floor = max(min_capacity,
+  ceil(LocMoE bound at the measured delta-hat)), then `capacity.dynamic_capacity` (EMA, non-increasing).
+  Evaluation uses the evaluation capacity without the live mask.
+- Losses: Switch aux loss on softmax(delta / tau), z-loss on delta / tau, and LocMoE's locality loss.
+With C >= T, K = 1 and TCR this routes exactly as LocMoE without bias (argmax of cosine = argmax of the
+block means, Lemma 1); the gate differs only by the temperature and the cosine scaling.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+
+from pangu_moe import capacity as capacity_lib
+from pangu_moe.routing import losses
+from pangu_moe.routing.base import Router, global_probs, stack_losses
+from pangu_moe.routing.locmoe import grap_cosines, grap_weight
+from pangu_moe.routing.slots import position_slots, priority_slots
+
+KEEP_RULES = ("tcr", "ecr", "hybrid")
+NO_LIMIT = 2 ** 30
+
+
+def threshold_requests(gate, threshold):
+    """Score-sum threshold: choice k of a token is requested while the gates before it sum below threshold.
+
+    Args: gate [T, K] fp32 in descending order per token; threshold in (0, 1].
+    Returns: [T, K] bool; the first choice is always requested.
+    """
+    before = ops.cumsum(gate, 1) - gate  # (T, K): sum of the earlier choices
+    return before < threshold
+
+
+class LocMoEPlusRouter(Router):
+    """Affinity router with TCR/ECR keep rules and a live (re-estimated) capacity.
+
+    Args:
+        hidden: H (a multiple of E_g); num_experts: E; num_groups: G; top_k: K (= l_max).
+        aux_loss_coeff, z_loss_coeff: as for `TopKRouter`; locality_coeff, locality_variant, local_mask:
+            as for `LocMoERouter`.
+        keep_rule: "tcr", "ecr" or "hybrid"; switch_step: int (0 = never by step); switch_ratio: float
+            (0 = never by concentration); score_threshold: float in (0, 1]; gate_temperature: tau;
+        coverage, ema, non_increasing: of the capacity re-estimate (`capacity.dynamic_capacity`).
+    """
+
+    def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
+                 locality_variant, local_mask, keep_rule="hybrid", switch_step=0, switch_ratio=0.6,
+                 score_threshold=1.0, gate_temperature=1.0, coverage=0.9, ema=0.0, non_increasing=True):
+        super().__init__(num_experts, num_groups, top_k, "affinity")
+        grap_weight(hidden, self.experts_per_group)  # validates H % E_g
+        if keep_rule not in KEEP_RULES:
+            raise ValueError(f"LocMoE+: keep_rule = {keep_rule!r}: must be one of {', '.join(KEEP_RULES)}")
+        self.hidden = hidden
+        self.local_mask = Tensor(np.asarray(local_mask, np.float32))
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
+        self.keep_rule, self.switch_step, self.switch_ratio = keep_rule, switch_step, switch_ratio
+        self.score_threshold, self.temperature = score_threshold, gate_temperature
+        self.coverage, self.ema, self.non_increasing = coverage, ema, non_increasing
+        # Router state the trainer updates between steps; Parameters, so checkpoints carry it. Updated with
+        # an eager ops.assign: a compiled ms.jit step keeps reading the Parameter's memory, which
+        # set_data would replace (the step would then keep the old value).
+        self.live_capacity = Parameter(Tensor(NO_LIMIT, ms.int32), name="live_capacity", requires_grad=False)
+        self.use_ecr = Parameter(Tensor(int(keep_rule == "ecr"), ms.int32), name="use_ecr", requires_grad=False)
+
+    def score(self, x, token_ids, group_ids, training):
+        cosines = grap_cosines(x, self.experts_per_group)  # (T, E_g)
+        logits = cosines / self.temperature
+        scores = ops.softmax(logits, axis=-1)
+        affinity, local_index = ops.topk(cosines, self.top_k)
+        local_index = local_index.astype(ms.int32)
+        gate = ops.gather_elements(scores, 1, local_index)
+        requested = None
+        if self.top_k > 1:
+            if self.score_threshold < 1.0:
+                requested = threshold_requests(gate, self.score_threshold)
+                gate = gate * requested.astype(ms.float32)
+            gate = gate / gate.sum(-1, keepdims=True)
+        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        locality = ops.zeros((), ms.float32)
+        if self.locality_coeff > 0:
+            probs = global_probs(scores, group_ids, self.num_groups)
+            locality = losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
+        return local_index, gate, affinity, requested, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
+                                                                     locality)
+
+    def assign(self, expert_index, gate, affinity, requested, capacity, training):
+        """TCR (position) or ECR (affinity) slots; in training the live capacity masks slots beyond it."""
+        if self.keep_rule == "tcr":
+            slot, keep = position_slots(expert_index, self.num_experts, capacity, requested)
+        elif self.keep_rule == "ecr":
+            slot, keep = priority_slots(expert_index, affinity, self.num_experts, capacity, requested)
+        else:
+            tcr_slot, tcr_keep = position_slots(expert_index, self.num_experts, capacity, requested)
+            ecr_slot, ecr_keep = priority_slots(expert_index, affinity, self.num_experts, capacity, requested)
+            ecr = self.use_ecr > 0
+            slot, keep = ops.select(ecr, ecr_slot, tcr_slot), ops.select(ecr, ecr_keep, tcr_keep)
+        if training:
+            keep = keep & (slot < self.live_capacity)
+        return slot, keep
+
+    def reestimate(self, x, token_ids, group_ids, step, ceiling, min_capacity):
+        """Host-side capacity re-estimate on one batch (PyNative; call between training steps).
+
+        Args:
+            x: [T, H] this layer's router input; token_ids, group_ids: [T] int32; step: the training step;
+            ceiling: the static buffer capacity; min_capacity: floor of the floor.
+        Returns:
+            dict: capacity (the new live C_t), need, floor, delta_hat, ecr (bool, the keep rule now in force).
+        """
+        expert_index, _, _, _, requested, _ = self(x, token_ids, group_ids, ceiling, False)
+        expert_index, requested = expert_index.asnumpy(), requested.asnumpy()
+        cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
+        local = expert_index - group_ids.asnumpy().reshape(-1, 1) * self.experts_per_group  # (T, K)
+        chosen = np.take_along_axis(cosines, local, 1)[requested]  # (M,) affinities of the requested choices
+        need = capacity_lib.score_sum_capacity(chosen, expert_index[requested], self.num_experts, self.coverage)
+        delta_hat = capacity_lib.estimate_delta(np.take_along_axis(cosines, local[:, :1], 1))
+        bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
+        floor = min(ceiling, max(min_capacity, math.ceil(bound)))
+        live = int(self.live_capacity.asnumpy())
+        previous = live if live < NO_LIMIT else None
+        c = capacity_lib.dynamic_capacity(need, floor, ceiling, previous, self.ema, self.non_increasing)
+        ops.assign(self.live_capacity, Tensor(c, ms.int32))
+        self._switch_if_due(step, c / ceiling)
+        return {"capacity": c, "need": need, "floor": floor, "delta_hat": delta_hat, "ecr": self.ecr_active()}
+
+    def advance(self, step):
+        """Before training step `step`: switch a hybrid router to ECR when `switch_step` is reached."""
+        self._switch_if_due(step, None)
+
+    def ecr_active(self):
+        return bool(int(self.use_ecr.asnumpy()))
+
+    def _switch_if_due(self, step, capacity_share):
+        if self.keep_rule != "hybrid" or self.ecr_active():
+            return
+        by_step = self.switch_step > 0 and step >= self.switch_step
+        by_need = capacity_share is not None and self.switch_ratio > 0 and capacity_share <= self.switch_ratio
+        if by_step or by_need:
+            ops.assign(self.use_ecr, Tensor(1, ms.int32))
+
+    def start(self, ceiling):
+        """Set the live capacity to the ceiling before the first step (a resumed run keeps its own)."""
+        if int(self.live_capacity.asnumpy()) == NO_LIMIT:
+            ops.assign(self.live_capacity, Tensor(ceiling, ms.int32))

@@ -1,0 +1,41 @@
+import numpy as np
+
+from pangu_moe.dispatch.accounting import layer_record, load_stats, route_classes, window_load_stats
+from pangu_moe.dispatch.topology import Topology
+
+# 2 nodes x 2 devices, 4 experts: expert e lives on rank e, node e // 2.
+TOPO = Topology(nodes=2, devices_per_node=2, num_experts=4)
+
+
+def test_placement_classes_exact():
+    assert TOPO.placement_classes().tolist() == [[0, 1, 2, 2], [1, 0, 2, 2], [2, 2, 0, 1], [2, 2, 1, 0]]
+    # 2 experts over 4 ranks: expert 0 spans ranks 0-1 (node 0), expert 1 ranks 2-3 (node 1).
+    wide = Topology(nodes=2, devices_per_node=2, num_experts=2)
+    assert wide.placement_classes().tolist() == [[0, 2], [0, 2], [2, 0], [2, 0]]
+
+
+def test_hand_built_routing_counts_and_bytes():
+    kept = np.array([[3, 1, 2, 0],   # rank 0: 3 local, 1 intra, 2 inter
+                     [0, 4, 0, 1],   # rank 1: 4 local, 1 inter
+                     [1, 1, 1, 1],   # rank 2: 1 local, 1 intra, 2 inter
+                     [0, 0, 5, 0]])  # rank 3: 5 intra
+    assert route_classes(kept, TOPO) == {"local": 8, "intra": 7, "inter": 5}
+    demand = kept + np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]])
+    record = layer_record(demand, kept, 6, TOPO, hidden=16)
+    assert record["dropped"] == 3 and record["tokens_per_expert"] == [5, 6, 8, 4]
+    assert record["bytes_intra"] == 7 * 2 * 16 * 4 and record["bytes_inter"] == 5 * 2 * 16 * 4
+    assert record["tokens_local"] + record["tokens_intra"] + record["tokens_inter"] == kept.sum()
+
+
+def test_load_stats():
+    assert load_stats([2, 2, 2, 2]) == {"max_over_mean_load": 1.0, "dead_experts": 0}
+    assert load_stats([[8, 0, 0, 0], [0, 0, 0, 0]]) == {"max_over_mean_load": 4.0, "dead_experts": 3}
+
+
+def test_window_load_stats_uses_only_the_final_window():
+    early = {"step": 1, "layers": [{"tokens_per_expert": [100, 0]}]}
+    late = [{"step": s, "layers": [{"tokens_per_expert": [300, 100]}]} for s in (9, 10)]
+    stats = window_load_stats([early] + late, 10, 0.2)
+    assert stats["max_over_mean_load"] == 1.5 and stats["dead_experts"] == 0
+    stats = window_load_stats([early] + late, 10, 1.0)  # demand [700, 200]
+    assert abs(stats["max_over_mean_load"] - 700 / 450) < 1e-12
