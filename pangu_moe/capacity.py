@@ -97,29 +97,33 @@ def locmoe_capacity(routed_cosines, hidden, experts_per_group, num_tokens, min_c
     return capacity, deltas, bounds
 
 
-def score_sum_capacity(affinity, expert_index, num_experts, coverage):
-    """LocMoE+ re-estimated capacity need (spec locmoe.md §3.4 [D], the "score-sum range").
+def score_sum_capacity(affinity, expert_index, num_experts, coverage, fair_load):
+    """LocMoE+ re-estimated capacity need (spec locmoe.md §3.4, the "score-sum range"; our reading).
 
-    For each expert i, sort the clipped affinities a = max(delta, 0) of its candidates in descending
-    order; k_i is the smallest k whose top-k sum reaches `coverage` of the expert's total. The need is
-    max_i k_i: enough slots for every expert to keep the tokens carrying most of its affinity.
+    For each expert i, sort the clipped affinities a = max(delta, 0) of its n_i candidates in descending
+    order; k_i is the smallest k whose top-k sum reaches `coverage` of the expert's total, and k_i / n_i the
+    share of its candidates that carry that much affinity. The need is ceil(max_i (k_i / n_i) * fair_load),
+    fair_load = T*K/E. Under balanced load (n_i = T*K/E) this is the spec's max_i k_i; we scale by the
+    share because an overloaded expert (early in training, at small scale) would otherwise pin the need
+    at its whole demand and the capacity would never move.
 
     Args:
         affinity: float array [M] of the candidates' affinities; expert_index: int array [M] (global ids).
-        num_experts: E; coverage: rho_C in (0, 1].
+        num_experts: E; coverage: rho_C in (0, 1]; fair_load: T*K/E.
     Returns:
-        int max_i k_i (0 when no candidate has positive affinity).
+        int need (0 when no candidate has positive affinity).
     """
     import numpy as np
     affinity = np.maximum(np.asarray(affinity, np.float64).ravel(), 0.0)
     expert_index = np.asarray(expert_index).ravel()
-    need = 0
+    share = 0.0
     for e in range(num_experts):
         a = np.sort(affinity[expert_index == e])[::-1]
         total = a.sum()
         if total > 0:
-            need = max(need, int(np.searchsorted(np.cumsum(a), coverage * total * (1 - 1e-12)) + 1))
-    return need
+            k = int(np.searchsorted(np.cumsum(a), coverage * total * (1 - 1e-12)) + 1)
+            share = max(share, k / len(a))
+    return math.ceil(share * fair_load - 1e-9)
 
 
 def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasing=True):

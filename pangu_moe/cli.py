@@ -1,4 +1,4 @@
-"""`pangu-moe`: train, eval, config and bench commands. User errors exit 2 with one line, no traceback."""
+"""`pangu-moe`: train, eval, config, bench and study commands. User errors exit 2 with one line, no traceback."""
 import argparse
 import json
 import os
@@ -53,6 +53,14 @@ def _bench(args):
     print(json.dumps(result) if args.json else moe_layer.table(result))
 
 
+def _study(args):
+    from pangu_moe.bench import study_routers
+    if args.steps < 1:
+        raise ConfigError(f"--steps = {args.steps}: must be >= 1")
+    results = study_routers.run(args.config or study_routers.DEFAULT_CONFIG, args.steps, args.out, args.overrides)
+    print(json.dumps(results) if args.json else study_routers.table(results))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="pangu-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +84,16 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("study", help="experiments that train several models and print one row each")
+    p.add_argument("name", choices=["routers"], help="routers: switch, hash, locmoe, locmoe_plus on 2 nodes x 2 "
+                   "devices (see pangu_moe/bench/study_routers.py)")
+    p.add_argument("--config", default=None, help="base config (default: the package's configs/demo_cpu.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value for every router; repeatable")
+    p.add_argument("--steps", type=int, default=200, help="training steps per router")
+    p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="one run directory per router")
+    p.add_argument("--json", action="store_true", help="print one JSON object keyed by router")
+    p.set_defaults(func=_study)
     return parser
 
 

@@ -169,9 +169,10 @@ class DataConfig:
     path: str = _f("", "file (jsonl) or folder (folders); unused for demo")
     domains: List[str] = _f(["prose", "code"], "domain names; the domain id is the position in this list")
     mixture: str = _f("uniform", "how training samples pick their domain: uniform (sample i has domain i mod D, "
-                      "so each batch holds every domain equally often) or bytes (random, in proportion to each "
-                      "domain's text)",
-                      choices=("uniform", "bytes"))
+                      "so each batch holds every domain equally often), bytes (random, in proportion to each "
+                      "domain's text) or by_node (node n's ranks hold domain n mod D, as PanGu-Sigma places "
+                      "domains with their experts)",
+                      choices=("uniform", "bytes", "by_node"))
     val_fraction: float = _f(0.05, "share of each domain's documents held out for validation",
                              lo=0.0, hi=0.5, lo_open=True)
     max_bytes_per_domain: int = _f(3_000_000, "cap on the bytes read per domain", lo=1)
@@ -226,6 +227,8 @@ class RunConfig:
                  data.domains, "a non-empty list of distinct names")
         _require(data.mixture != "uniform" or self.train.batch_size % len(data.domains) == 0, "train.batch_size",
                  self.train.batch_size, f"a multiple of the {len(data.domains)} data.domains for data.mixture=uniform")
+        _require(data.mixture != "by_node" or self.parallel.nodes % len(data.domains) == 0, "parallel.nodes",
+                 self.parallel.nodes, f"a multiple of the {len(data.domains)} data.domains for data.mixture=by_node")
         _require(data.source == "demo" or data.path != "", "data.path", data.path,
                  f"a path (data.source={data.source} reads it)")
         _require(data.source != "demo" or data.domains == ["prose", "code"], "data.domains", data.domains,

@@ -5,8 +5,12 @@ seq_len + 1 bytes of that domain's training text. With the `uniform` mixture the
 is i mod D, so every batch whose size is a multiple of D holds each domain equally often and the
 level-1 expert groups see equal load in every step (a random draw would let one group overflow its
 capacity whenever a batch happens to hold more of its domain). With `bytes` the domain is drawn in
-proportion to each domain's training text. Either way a resumed run that starts at sample
-step * B sees exactly the batches of an uninterrupted run.
+proportion to each domain's training text. With `by_node` every node's ranks hold one domain (node n
+holds domain n mod D; the batch's B/W-sequence blocks are the ranks): the layout of PanGu-Σ, where a
+domain trains on the devices hosting its experts, and the only layout in which a router can learn to
+prefer a rank's local experts (with every rank holding the same mix, nothing in a token tells the
+shared router where it is). Either way a resumed run that starts at sample step * B sees exactly the
+batches of an uninterrupted run.
 """
 import numpy as np
 import mindspore.dataset as ds
@@ -19,14 +23,16 @@ class TrainWindows:
 
     Args:
         domains: [DomainText]; seq_len: S; seed: int; start: index of the first sample; count: samples;
-        mixture: "uniform" or "bytes".
+        mixture: "uniform", "bytes" or "by_node";
+        layout: (batch_size B, ranks W, devices_per_node D), used by "by_node".
     Item i: (input_ids [S] int32, labels [S] int32, domain_ids [S] int32).
     """
 
-    def __init__(self, domains, seq_len, seed, start, count, mixture):
+    def __init__(self, domains, seq_len, seed, start, count, mixture, layout=(1, 1, 1)):
         self.texts = [d.train for d in domains]
         sizes = np.array([len(t) for t in self.texts], np.float64)
         self.weights = sizes / sizes.sum() if mixture == "bytes" else None
+        self.mixture, self.layout = mixture, layout
         self.seq_len, self.seed, self.start, self.count = seq_len, seed, start, count
 
     def __len__(self):
@@ -35,10 +41,14 @@ class TrainWindows:
     def __getitem__(self, i):
         index = self.start + int(i)
         rng = np.random.default_rng((self.seed, index))
-        if self.weights is None:
-            domain = index % len(self.texts)
-        else:
+        if self.mixture == "bytes":
             domain = int(rng.choice(len(self.texts), p=self.weights))
+        elif self.mixture == "by_node":
+            batch_size, ranks, devices_per_node = self.layout
+            node = (index % batch_size) // (batch_size // ranks) // devices_per_node
+            domain = node % len(self.texts)
+        else:
+            domain = index % len(self.texts)
         text = self.texts[domain]
         begin = int(rng.integers(0, len(text) - self.seq_len))
         window = text[begin:begin + self.seq_len + 1].astype(np.int32)
@@ -67,10 +77,12 @@ def val_windows(domains, seq_len):
     return windows[:, :-1], windows[:, 1:], domain_ids
 
 
-def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture):
-    """Iterator of numpy batches (input_ids, labels, domain_ids) [B, S] for steps start_step..steps-1."""
+def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture, ranks=1, devices_per_node=1):
+    """Iterator of numpy batches (input_ids, labels, domain_ids) [B, S] for steps start_step..steps-1.
+
+    `ranks` W and `devices_per_node` D place the domains for the "by_node" mixture."""
     source = TrainWindows(domains, seq_len, seed, start_step * batch_size, (steps - start_step) * batch_size,
-                          mixture)
+                          mixture, (batch_size, ranks, devices_per_node))
     dataset = ds.GeneratorDataset(source, column_names=COLUMNS, shuffle=False, num_parallel_workers=1)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     return dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)

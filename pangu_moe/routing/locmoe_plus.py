@@ -15,7 +15,8 @@ Choices where the paper is silent (spec locmoe.md §3 tags [?]/[D]); each is a s
   have become discriminative: Corollary 6 (ii)), whichever comes first.
 - Capacity: the static buffer is the moe.capacity_factor capacity (the ceiling); a live capacity, one per
   layer, masks slots beyond it in training. Every `recompute_every` steps the trainer calls `reestimate`
-  on the current batch: need = `capacity.score_sum_capacity` (coverage rho_C), floor = max(min_capacity,
+  on the current batch: need = `capacity.score_sum_capacity` (coverage rho_C, scaled to the fair load
+  T*K/E so that one overloaded expert does not pin it), floor = max(min_capacity,
   ceil(LocMoE bound at the measured delta-hat)), then `capacity.dynamic_capacity` (EMA, non-increasing).
   Evaluation uses the evaluation capacity without the live mask.
 - Losses: Switch aux loss on softmax(delta / tau), z-loss on delta / tau, and LocMoE's locality loss.
@@ -130,7 +131,9 @@ class LocMoEPlusRouter(Router):
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
         local = expert_index - group_ids.asnumpy().reshape(-1, 1) * self.experts_per_group  # (T, K)
         chosen = np.take_along_axis(cosines, local, 1)[requested]  # (M,) affinities of the requested choices
-        need = capacity_lib.score_sum_capacity(chosen, expert_index[requested], self.num_experts, self.coverage)
+        fair_load = requested.sum() / self.num_experts
+        need = capacity_lib.score_sum_capacity(chosen, expert_index[requested], self.num_experts, self.coverage,
+                                               fair_load)
         delta_hat = capacity_lib.estimate_delta(np.take_along_axis(cosines, local[:, :1], 1))
         bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
         floor = min(ceiling, max(min_capacity, math.ceil(bound)))

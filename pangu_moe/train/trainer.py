@@ -80,7 +80,8 @@ class Trainer:
         """
         cfg = self.cfg
         batch = next(pipeline.train_batches(self.domains, cfg.model.seq_len, cfg.train.batch_size, cfg.runtime.seed,
-                                            0, 1, cfg.data.mixture))
+                                            0, 1, cfg.data.mixture, self.topology.world_size,
+                                            cfg.parallel.devices_per_node))
         input_ids, _, domain_ids = (Tensor(a) for a in batch)
         cosines = [routed_cosines(block.moe.router, *layer_input)
                    for block, layer_input in zip(self.model.moe_blocks,
@@ -129,7 +130,8 @@ class Trainer:
         metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                              keep_until_step=state["step"] if resume else None)
         batches = pipeline.train_batches(self.domains, cfg.model.seq_len, t.batch_size, cfg.runtime.seed,
-                                         state["step"], t.steps, cfg.data.mixture)
+                                         state["step"], t.steps, cfg.data.mixture, self.topology.world_size,
+                                         cfg.parallel.devices_per_node)
         self.log(f"training {cfg.moe.router} router, {count_parameters(self.model)[0]:,} parameters, "
                  f"C={self.capacity} slots/expert, steps {state['step']}..{t.steps} -> {self.run_dir}")
         window_tokens, window_seconds = 0, 0.0

@@ -100,6 +100,9 @@ def test_train_windows_are_a_function_of_seed_and_index():
     by_bytes = pipeline.TrainWindows(domains, 8, seed=3, start=0, count=200, mixture="bytes")
     picked = [by_bytes[i][2][0] for i in range(200)]
     assert 60 < sum(picked) < 140 and picked[:6] != [0, 1, 0, 1, 0, 1]
+    # by_node, B = 8 over 4 ranks on 2 nodes: rank r holds samples 2r, 2r+1; node 0 = ranks 0-1 -> domain 0.
+    by_node = pipeline.TrainWindows(domains, 8, seed=3, start=8, count=16, mixture="by_node", layout=(8, 4, 2))
+    assert [by_node[i][2][0] for i in range(16)] == [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
 
 
 def test_val_windows_are_balanced_and_interleaved():

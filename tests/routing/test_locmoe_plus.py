@@ -71,12 +71,14 @@ def test_score_threshold_requests_the_shortest_prefix():
 
 
 def test_score_sum_capacity_exact():
-    # expert 0: affinities 0.5, 0.3, 0.2 (0.9 of 1.0 needs all 3 -- 0.8 < 0.9); expert 1: 0.9, 0.05, 0.05 -> 1.
+    # expert 0: affinities 0.5, 0.3, 0.2 (0.9 of 1.0 needs all 3 of 3); expert 1: 0.9, 0.05, 0.05, -0.4
+    # (0.9 of 1.0 needs 1 of 4). The need is the largest share times the fair load.
     a = [0.5, 0.9, 0.3, 0.05, 0.2, 0.05, -0.4]
     e = [0, 1, 0, 1, 0, 1, 1]
-    assert score_sum_capacity(a, e, 2, 0.9) == 3
-    assert score_sum_capacity(a, e, 2, 0.8) == 2
-    assert score_sum_capacity([-1.0], [0], 2, 0.9) == 0
+    assert score_sum_capacity(a, e, 2, 0.9, 10) == 10
+    assert score_sum_capacity(a, e, 2, 0.8, 10) == 7  # expert 0 needs 2 of 3 -> ceil(6.67)
+    assert score_sum_capacity([0.5, 0.3, 0.2, 0.9, 0.05, 0.05], [0, 0, 0, 1, 1, 1], 2, 0.8, 3) == 2
+    assert score_sum_capacity([-1.0], [0], 2, 0.9, 5) == 0
 
 
 def test_dynamic_capacity_shrinks_as_affinities_sharpen():
@@ -87,7 +89,7 @@ def test_dynamic_capacity_shrinks_as_affinities_sharpen():
     previous, history = None, []
     for a_t in (1.0, 0.5, 0.25, 0.12, 0.06, 0.03):
         affinity = rng.beta(a_t, 1.0, tokens)
-        need = score_sum_capacity(affinity, rng.integers(0, experts, tokens), experts, 0.9)
+        need = score_sum_capacity(affinity, rng.integers(0, experts, tokens), experts, 0.9, tokens / experts)
         previous = dynamic_capacity(need, floor, ceiling, previous)
         history.append(previous)
     assert all(b <= a for a, b in zip(history, history[1:]))
