@@ -54,10 +54,18 @@ def _bench(args):
 
 
 def _study(args):
+    steps = args.steps if args.steps is not None else {"routers": 200, "kool": 3000}[args.name]
+    if steps < 1:
+        raise ConfigError(f"--steps = {steps}: must be >= 1")
+    if args.name == "kool":
+        from pangu_moe.bench import study_kool
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds = {args.seeds}: must be >= 1")
+        results = study_kool.run(args.seeds, steps, log=lambda line: print(line, file=sys.stderr))
+        print(json.dumps(results) if args.json else study_kool.table(results))
+        return
     from pangu_moe.bench import study_routers
-    if args.steps < 1:
-        raise ConfigError(f"--steps = {args.steps}: must be >= 1")
-    results = study_routers.run(args.config or study_routers.DEFAULT_CONFIG, args.steps, args.out, args.overrides)
+    results = study_routers.run(args.config or study_routers.DEFAULT_CONFIG, steps, args.out, args.overrides)
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
@@ -85,13 +93,16 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")
-    p.add_argument("name", choices=["routers"], help="routers: switch, hash, locmoe, locmoe_plus on 2 nodes x 2 "
-                   "devices (see pangu_moe/bench/study_routers.py)")
+    p.add_argument("name", choices=["routers", "kool"], help="routers: switch, hash, locmoe, locmoe_plus on 2 nodes "
+                   "x 2 devices (pangu_moe/bench/study_routers.py); kool: the Kool et al. toy task, success rate "
+                   "over seeds per estimator (pangu_moe/bench/study_kool.py)")
     p.add_argument("--config", default=None, help="base config (default: the package's configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value for every router; repeatable")
-    p.add_argument("--steps", type=int, default=200, help="training steps per router")
-    p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="one run directory per router")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
+    p.add_argument("--seeds", type=int, default=20, help="kool: seeds per method, regime and capacity factor")
+    p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="routers: one run directory per "
+                   "router")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by router")
     p.set_defaults(func=_study)
     return parser

@@ -43,7 +43,7 @@ BAD = [
     ({"train": {"beta2": 1.0}}, "train.beta2 = 1.0: must be >= 0.0 and < 1.0"),
     ({"model": {"hidden": 0}}, "model.hidden = 0: must be >= 1"),
     ({"train": {"batch_size": 5}}, "train.batch_size = 5: must be a multiple of the 2 data.domains"),
-    ({"moe": {"router": "switchy"}}, "moe.router = 'switchy': must be one of topk, rre, locmoe, locmoe_plus, expert_choice"),
+    ({"moe": {"router": "switchy"}}, "moe.router = 'switchy': must be one of topk, rre, locmoe, locmoe_plus, expert_choice, sinkhorn"),
     ({"moe": {"topk": {"normalize_gates": "yes"}}}, "moe.topk.normalize_gates = 'yes': must be true or false"),
     ({"model": {"hidden": 30, "num_heads": 4}}, "model.num_heads = 4: must be a divisor of model.hidden=30"),
     ({"moe": {"num_experts": 6, "num_groups": 4}}, "moe.num_groups = 4: must be a divisor of moe.num_experts=6"),

@@ -52,7 +52,7 @@ def test_layer_matches_loop_and_onehot_references(k, capacity):
     rng = np.random.default_rng(k * 100 + capacity)
     x = rng.standard_normal((40, 8)).astype(np.float32)
     zeros = Tensor(np.zeros(40, np.int32))
-    y, _, demand, kept = layer(Tensor(x), zeros, zeros, capacity, False)
+    y, _, demand, kept, _ = layer(Tensor(x), zeros, zeros, capacity, False)
     r = route(layer.router, Tensor(x), zeros, zeros, capacity)
     idx, gate, keep, slot = (v.asnumpy() for v in r[:4])
     np.testing.assert_allclose(y.asnumpy(), _loop_reference(layer, x, idx, gate, keep), atol=1e-5)
@@ -68,7 +68,7 @@ def test_fully_dropped_token_gets_exactly_zero():
     layer.router.weight.set_data(Tensor(weight))
     x = Tensor(np.abs(np.random.default_rng(1).standard_normal((10, 8))).astype(np.float32))
     zeros = Tensor(np.zeros(10, np.int32))
-    y, _, demand, kept = layer(x, zeros, zeros, 4, False)
+    y, _, demand, kept, _ = layer(x, zeros, zeros, 4, False)
     assert demand.asnumpy().tolist() == [[10, 0, 0, 0]] and kept.asnumpy().tolist() == [[4, 0, 0, 0]]
     assert (y.asnumpy()[4:] == 0).all() and (np.abs(y.asnumpy()[:4]).sum(1) > 0).all()
 

@@ -30,16 +30,25 @@ class MoELayer(nn.Cell):
             y [T, H] (0 for fully dropped tokens; the block's residual carries them),
             losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`),
             tokens_per_expert [W, E] int32 (requested choices of each rank's tokens, before dropping),
-            kept_per_expert [W, E] int32.
+            kept_per_expert [W, E] int32,
+            score [T] fp32: sum over kept choices of gate * log_prob for REINFORCE routers, else 0.
         """
-        expert_index, gate, keep, slot, requested, losses = self.router(x, token_ids, group_ids, capacity, training)
+        expert_index, gate, keep, slot, requested, losses, log_prob = self.router(x, token_ids, group_ids, capacity,
+                                                                                  training)
         flat_index = self.dispatcher.flat_index(expert_index, keep, slot, capacity)
         expert_in = self.dispatcher.dispatch(x, flat_index, capacity)
         expert_out = self.experts(expert_in)
         y = self.dispatcher.combine(expert_out, flat_index, gate, keep)
+        score = ops.zeros(x.shape[:1], ms.float32)
+        if self.router.reinforce:
+            # The gate is a gradient scale only (Kool's HT weight): forward sum(keep * out), backward gate * d out.
+            unweighted = self.dispatcher.combine(expert_out, flat_index, ops.ones_like(gate), keep)
+            y = ops.stop_gradient(unweighted) + y - ops.stop_gradient(y)
+            # stop_gradient: the bool keep mask must not collect gradients (MindSpore cannot add bool grads).
+            score = (ops.stop_gradient(keep.astype(ms.float32) * gate) * log_prob).sum(1)
         tokens_per_expert, kept_per_expert = expert_counts(expert_index, requested, keep, self.num_experts,
                                                            self.num_ranks)
-        return y, losses, tokens_per_expert, kept_per_expert
+        return y, losses, tokens_per_expert, kept_per_expert, score
 
 
 def expert_counts(expert_index, requested, keep, num_experts, num_ranks=1):

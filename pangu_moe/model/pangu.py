@@ -50,6 +50,11 @@ class PanguModel(nn.Cell):
         self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
         self.ln_f = nn.LayerNorm((m.hidden,))
         self.mask = causal_mask(m.seq_len)
+        self.reinforce = any(block.moe.router.reinforce for block in self.moe_blocks)
+        if self.reinforce:
+            # EMA baseline of the REINFORCE term; starts at log V, the loss of a uniform prediction.
+            self.reinforce_baseline = Parameter(Tensor(math.log(m.vocab_size), ms.float32), name="reinforce_baseline",
+                                                requires_grad=False)
 
     def construct(self, token_ids, domain_ids, capacity, training=False):
         """Forward pass.
@@ -61,22 +66,26 @@ class PanguModel(nn.Cell):
             logits [B, S, V] fp32, losses [3] fp32 (router losses summed over MoE layers, named by
             `routing.base.LOSS_NAMES`),
             tokens_per_expert [L_moe, W, E] int32, kept_per_expert [L_moe, W, E] int32 (W ranks of the
-            topology, each holding B/W whole sequences).
+            topology, each holding B/W whole sequences),
+            score [B, S] fp32: REINFORCE score of each token summed over MoE layers (`MoELayer`; 0 unless
+            the router samples its choices).
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
         group_ids = self._group_ids(domain_ids)
         h = self._dense_trunk(token_ids, mask)
         losses = ops.zeros((3,), ms.float32)
+        score = ops.zeros((token_ids.size,), ms.float32)
         tokens_per_expert, kept_per_expert = (), ()
         for block in self.moe_blocks:
-            h, layer_losses, demand, kept = block(h, token_ids, group_ids, mask, capacity, training)
+            h, layer_losses, demand, kept, layer_score = block(h, token_ids, group_ids, mask, capacity, training)
             losses = losses + layer_losses
+            score = score + layer_score
             tokens_per_expert += (demand,)
             kept_per_expert += (kept,)
         h = self.ln_f(self.query_layer(h, self.query_embedding[:s], mask))
         logits = ops.matmul(h, self.embedding.T)  # tied LM head: (B, S, V)
-        return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert)
+        return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert), score.reshape(token_ids.shape)
 
     def _group_ids(self, domain_ids):
         """Level 1: domain d goes to group d, or everything to group 0 with one group. [B, S] int32."""

@@ -13,6 +13,8 @@ Vocabulary (DESIGN §1), used in code, YAML and logs:
   requested, and demand counts requested choices.
 - *affinity* [T, K] fp32: the router's own ranking of a choice, used by the affinity slot policy
   (cosine for the GrAP routers, the logit otherwise).
+- *log_prob* [T, K] fp32: log pi(choice | x) for routers that sample their choice and learn by
+  REINFORCE (`Router.reinforce`); zeros otherwise.
 - *tokens_per_expert* [E]: demand before dropping; *kept_per_expert* [E].
 - *losses* [3] fp32: the router's weighted auxiliary losses in the order of `LOSS_NAMES`; the model
   sums them over layers and adds them to the LM loss, the trainer logs each by name.
@@ -37,7 +39,7 @@ from pangu_moe.routing.slots import assign_slots
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
 
 
-class Routing(namedtuple("Routing", "expert_index gate keep slot requested losses")):
+class Routing(namedtuple("Routing", "expert_index gate keep slot requested losses log_prob")):
     """A router's outputs by name; `aux_loss`, `z_loss`, `locality_loss` index `losses`."""
     __slots__ = ()
 
@@ -61,6 +63,8 @@ class Router(nn.Cell):
         top_k: K.
         slot_policy: a `routing.slots.SLOT_POLICIES` name.
     """
+
+    reinforce = False  # True: the gate scales only the gradient, and log_prob feeds a REINFORCE term
 
     def __init__(self, num_experts, num_groups, top_k, slot_policy="position"):
         super().__init__()
@@ -97,14 +101,14 @@ class Router(nn.Cell):
             training: python bool; enables training-only noise.
         Returns:
             (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32,
-             requested [T,K] bool, losses [3] fp32).
+             requested [T,K] bool, losses [3] fp32, log_prob [T,K] fp32).
         """
         local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training)
         expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, K) + (T, 1)
         slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training)
         if requested is None:
             requested = ops.ones_like(keep)
-        return expert_index, gate, keep, slot, requested, losses
+        return expert_index, gate, keep, slot, requested, losses, ops.zeros_like(gate)
 
 
 def route(router, x, token_ids, group_ids, capacity, training=False):

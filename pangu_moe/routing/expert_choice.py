@@ -52,5 +52,5 @@ class ExpertChoiceRouter(Router):
         expert_index = ops.broadcast_to(ops.arange(self.num_experts, dtype=ms.int32).reshape(1, -1), shape)
         gate = global_probs(scores, group_ids, self.num_groups)
         zero = ops.zeros((), ms.float32)
-        return expert_index, gate, keep, slot, keep, stack_losses(zero, losses.z_loss(logits, self.z_loss_coeff),
-                                                                  zero)
+        return (expert_index, gate, keep, slot, keep, stack_losses(zero, losses.z_loss(logits, self.z_loss_coeff), zero),
+                ops.zeros_like(gate))

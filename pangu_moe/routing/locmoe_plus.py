@@ -126,7 +126,7 @@ class LocMoEPlusRouter(Router):
         Returns:
             dict: capacity (the new live C_t), need, floor, delta_hat, ecr (bool, the keep rule now in force).
         """
-        expert_index, _, _, _, requested, _ = self(x, token_ids, group_ids, ceiling, False)
+        expert_index, _, _, _, requested, _, _ = self(x, token_ids, group_ids, ceiling, False)
         expert_index, requested = expert_index.asnumpy(), requested.asnumpy()
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
         local = expert_index - group_ids.asnumpy().reshape(-1, 1) * self.experts_per_group  # (T, K)

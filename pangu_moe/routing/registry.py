@@ -1,6 +1,7 @@
 """Routers by name: `moe.router` picks the class, `moe.<router>` holds its own settings."""
 from pangu_moe.routing.deepseek import DeepSeekRouter
 from pangu_moe.routing.expert_choice import ExpertChoiceRouter
+from pangu_moe.routing.kool_skip import KoolSkipRouter
 from pangu_moe.routing.locmoe import LocMoERouter
 from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter
 from pangu_moe.routing.rre import RandomRoutedRouter, build_rre_tables
@@ -55,4 +56,6 @@ def build_router(model_cfg, moe_cfg, layer, topology):
                               bias_rate=s.bias_rate, node_limit=s.node_limit, expert_node=topology.expert_node(),
                               num_nodes=topology.nodes, scaling=s.scaling, init_std=moe.topk.init_std,
                               slot_policy=moe.slot_policy)
+    if moe.router == "kool_skip":
+        return KoolSkipRouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.z_loss_coeff, moe.topk.init_std)
     raise ValueError(f"moe.router = {moe.router!r}: no such router")

@@ -68,7 +68,8 @@ class Trainer:
         for router in self.plus_routers:
             router.start(self.capacity)
         graph = cfg.runtime.mode == "graph"
-        self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph)
+        self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph,
+                                          moe.kool_skip.baseline_decay)
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
                                    make_eval_step(self.model, eval_capacity, graph))
 

@@ -88,11 +88,12 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
-@pytest.mark.parametrize("router", ["rre", "locmoe", "expert_choice", "sinkhorn", "deepseek"])
+@pytest.mark.parametrize("router", ["rre", "locmoe", "expert_choice", "sinkhorn", "deepseek", "kool_skip"])
 def test_other_routers_train(router, tmp_path):
     mode = "pynative" if router == "rre" else "graph"  # one router keeps PyNative covered
+    extra = ["moe.slot_policy=random"] if router == "kool_skip" else []
     summary = _train(tmp_path / router, f"moe.router={router}", "train.steps=12", f"runtime.mode={mode}",
-                     "train.eval_every=12", "train.checkpoint_every=12")
+                     "train.eval_every=12", "train.checkpoint_every=12", *extra)
     lm = [r["lm_loss"] for r in read(tmp_path / router / "metrics.jsonl")]
     assert np.mean(lm[-3:]) < 0.9 * np.mean(lm[:3])
     assert summary["router"] == router and np.isfinite(summary["val_bpb"])

@@ -1,0 +1,201 @@
+"""Kool et al.'s toy experiment (our design, spec routers.md §7: the paper's own task was not retrievable).
+
+Data: K = E = 4 clusters in d = 16 (centres ~ N(0, 9 I), points = centre + N(0, 0.25 I)); target
+y = a_k . x + N(0, 0.01) with a random linear map a_k per cluster, so one expert per cluster is needed.
+Regimes: uniform cluster frequencies, and skewed (0.4, 0.3, 0.2, 0.1), where a perfectly balanced
+assignment must misroute. Model: 4 linear experts and a linear softmax router (fp64 numpy, exact
+gradients written out). Batch N = 64, capacity C = ceil(N/E * CF); Adam lr 1e-2; EMA baseline 0.9.
+
+Methods: reinforce (no capacity, reference), skip (HT-weighted), skip_naive (w = 1: biased), balanced
+(Gumbel-matching, B1), switch (argmax, gate p * f, position dropping, aux loss 1e-2), base (balanced
+linear assignment on the logits in training, sigmoid gate, argmax at test). The balanced methods use
+C = N/E whatever CF is. Test: argmax routing, no capacity, 4096 points. Success: test MSE < 5% of
+Var(y) and the cluster -> expert majority map is a bijection.
+"""
+import math
+import time
+
+import numpy as np
+
+from pangu_moe.routing import kool
+
+D, E, N = 16, 4, 64
+REGIMES = {"uniform": (0.25, 0.25, 0.25, 0.25), "skewed": (0.4, 0.3, 0.2, 0.1)}
+CF_METHODS = ("skip", "skip_naive", "switch")
+FIXED_METHODS = ("reinforce", "balanced", "base")
+METHODS = ("reinforce", "skip", "skip_naive", "balanced", "switch", "base")
+
+
+class Task:
+    """One seeded task: cluster centres, per-cluster linear maps and a sampler."""
+
+    def __init__(self, seed, freqs):
+        rng = np.random.default_rng((seed, 0))
+        self.centres = rng.normal(0, 3.0, (E, D))
+        self.maps = rng.normal(0, 1.0, (E, D))
+        self.freqs = np.asarray(freqs)
+
+    def sample(self, n, rng):
+        """x [n, D], y [n], cluster [n]."""
+        cluster = rng.choice(E, n, p=self.freqs)
+        x = self.centres[cluster] + rng.normal(0, 0.5, (n, D))
+        y = (self.maps[cluster] * x).sum(1) + rng.normal(0, 0.1, n)
+        return x, y, cluster
+
+
+class Adam:
+    def __init__(self, params, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
+        self.params, self.lr, self.b1, self.b2, self.eps = params, lr, b1, b2, eps
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads):
+        self.t += 1
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m *= self.b1
+            m += (1 - self.b1) * g
+            v *= self.b2
+            v += (1 - self.b2) * g * g
+            p -= self.lr * (m / (1 - self.b1 ** self.t)) / (np.sqrt(v / (1 - self.b2 ** self.t)) + self.eps)
+
+
+def batch_gradients(method, params, x, y, capacity, rng, baseline, aux_coeff=1e-2):
+    """One batch's gradient estimate for `method`.
+
+    Args:
+        params: [w [D, E], r [E], a [E, D], c [E]]; x [N, D]; y [N]; capacity C; rng; baseline b (float).
+    Returns:
+        (grads like params, value: the batch loss estimate that feeds the EMA baseline, dropped count).
+    """
+    w, r, a, c = params
+    n = len(y)
+    rows = np.arange(n)
+    h = x @ w + r
+    p = kool.softmax(h)
+    pred = x @ a.T + c  # (N, E): every expert's output
+    grad_h = np.zeros_like(h)
+    dropped = 0
+    if method in ("reinforce", "skip", "skip_naive", "balanced"):
+        if method == "balanced":
+            experts, score = kool.gumbel_matching(np.log(p), n // E, rng)
+            scale = np.ones(n)
+        else:
+            experts = (np.log(p) + kool.gumbel(h.shape, rng)).argmax(1)
+            if method == "reinforce":
+                scale = np.ones(n)
+            else:
+                keep = kool.skip_keep(experts, capacity, rng)
+                scale = kool.skip_weights(experts, keep, capacity, method == "skip")
+        residual = pred[rows, experts] - y
+        losses = residual ** 2
+        value = float((scale * losses).mean())
+        if method == "balanced":
+            grad_h = kool.b1_logit_gradient(score, p, value - baseline)
+        else:
+            dlogp = -p
+            dlogp[rows, experts] += 1.0
+            grad_h = (scale * (losses - baseline))[:, None] * dlogp / n
+        dropped = int((scale == 0).sum())
+    elif method == "switch":
+        experts = h.argmax(1)
+        onehot = np.eye(E)[experts]
+        keep = (np.cumsum(onehot, 0) * onehot).sum(1) <= capacity  # position policy
+        gate = p[rows, experts]
+        f = pred[rows, experts]
+        residual = keep * (gate * f - y)
+        grad_h = (2 * residual * f * gate)[:, None] * (onehot - p) / n
+        frac = onehot.mean(0)
+        grad_h += aux_coeff * E / n * p * (frac[None] - (p * frac[None]).sum(1, keepdims=True))
+        scale = keep * gate
+        value = float((residual ** 2).mean())
+        dropped = int((~keep).sum())
+    elif method == "base":
+        experts = kool.balanced_assignment(h, n // E)
+        gate = 1 / (1 + np.exp(-h[rows, experts]))
+        f = pred[rows, experts]
+        residual = gate * f - y
+        grad_h[rows, experts] = 2 * residual * f * gate * (1 - gate) / n
+        scale = gate
+        value = float((residual ** 2).mean())
+    else:
+        raise ValueError(f"study kool: method = {method!r}: must be one of {', '.join(METHODS)}")
+    coeff = 2 * residual * scale / n  # (N,): d loss / d output of the routed expert
+    grad_a, grad_c = np.zeros_like(a), np.zeros_like(c)
+    np.add.at(grad_a, experts, coeff[:, None] * x)
+    np.add.at(grad_c, experts, coeff)
+    return [x.T @ grad_h, grad_h.sum(0), grad_a, grad_c], value, dropped
+
+
+def init_params(rng):
+    """[w, r, a, c]: router at the Switch scale 0.1 (fan-in), experts N(0, 0.01^2)."""
+    return [rng.normal(0, math.sqrt(0.1 / D), (D, E)), np.zeros(E), rng.normal(0, 0.01, (E, D)), np.zeros(E)]
+
+
+def train(method, task, capacity, steps, seed, decay=0.9):
+    """Train one model; returns ((test MSE / Var(y), bijective cluster map), training drop fraction)."""
+    rng = np.random.default_rng((seed, 1))
+    params = init_params(rng)
+    opt = Adam(params)
+    baseline, dropped = None, 0
+    for _ in range(steps):
+        x, y, _ = task.sample(N, rng)
+        grads, value, drop = batch_gradients(method, params, x, y, capacity, rng,
+                                             0.0 if baseline is None else baseline)
+        if baseline is None and method in ("reinforce", "skip", "skip_naive", "balanced"):
+            # The first batch has no baseline yet: recompute with b = its own loss (then it is an EMA of
+            # earlier batches only, independent of the current sample).
+            grads, value, drop = batch_gradients(method, params, x, y, capacity, rng, value)
+        baseline = value if baseline is None else decay * baseline + (1 - decay) * value
+        dropped += drop
+        opt.step(grads)
+    return evaluate(method, task, *params), dropped / (steps * N)
+
+
+def evaluate(method, task, w, r, a, c):
+    """(test MSE / Var(y), majority map cluster -> expert is a bijection) with argmax routing."""
+    x, y, cluster = task.sample(4096, np.random.default_rng(12345))
+    h = x @ w + r
+    experts = h.argmax(1)
+    f = (x * a[experts]).sum(1) + c[experts]
+    if method == "switch":
+        f = f * kool.softmax(h)[np.arange(len(x)), experts]
+    elif method == "base":
+        f = f / (1 + np.exp(-h[np.arange(len(x)), experts]))
+    mse = float(((f - y) ** 2).mean() / y.var())
+    majority = [np.bincount(experts[cluster == k], minlength=E).argmax() for k in range(E)]
+    return mse, len(set(majority)) == E
+
+
+def run(seeds=20, steps=3000, factors=(1.0, 1.25, 2.0), methods=METHODS, log=None):
+    """Success rate per (method, regime, CF) over seeds. Returns a list of result dicts."""
+    results = []
+    began = time.perf_counter()
+    for regime, freqs in REGIMES.items():
+        for method in methods:
+            for factor in (factors if method in CF_METHODS else (None,)):
+                capacity = N if factor is None else kool.capacity_for(N, E, factor)
+                outcomes = []
+                for seed in range(seeds):
+                    (mse, bijective), drop = train(method, Task(seed, freqs), capacity, steps, seed)
+                    outcomes.append((mse < 0.05 and bijective, mse, drop))
+                success = np.array([o[0] for o in outcomes], float)
+                results.append({"regime": regime, "method": method, "capacity_factor": factor,
+                                "success_rate": float(success.mean()),
+                                "success_se": float(success.std() / math.sqrt(seeds)),
+                                "median_test_mse_over_var": float(np.median([o[1] for o in outcomes])),
+                                "train_drop_fraction": float(np.mean([o[2] for o in outcomes]))})
+                if log:
+                    r = results[-1]
+                    log(f"{regime:8s} {method:11s} CF {factor or '-':>4} success {r['success_rate']:.2f} "
+                        f"({time.perf_counter() - began:.0f} s)")
+    return results
+
+
+def table(results):
+    lines = [f"{'regime':8s} {'method':11s} {'CF':>5s} {'success':>8s} {'+-se':>5s} {'mse/var':>8s} {'dropped':>8s}"]
+    for r in results:
+        cf = "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:.2f}"
+        lines.append(f"{r['regime']:8s} {r['method']:11s} {cf:>5s} {r['success_rate']:8.2f} {r['success_se']:5.2f} "
+                     f"{r['median_test_mse_over_var']:8.3f} {r['train_drop_fraction']:8.2%}")
+    return "\n".join(lines)

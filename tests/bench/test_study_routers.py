@@ -1,0 +1,23 @@
+import yaml
+
+from pangu_moe.bench import study_routers
+from tests.conftest import TINY
+
+
+def test_study_configs_share_data_steps_and_topology(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    configs = study_routers.study_configs(str(path), 7)
+    assert list(configs) == ["switch", "hash", "locmoe", "locmoe_plus"]
+    assert [c.moe.router for c in configs.values()] == ["topk", "rre", "locmoe", "locmoe_plus"]
+    for cfg in configs.values():
+        assert (cfg.moe.num_groups, cfg.parallel.nodes, cfg.parallel.devices_per_node) == (1, 2, 2)
+        assert cfg.data.mixture == "by_node" and cfg.train.steps == cfg.train.eval_every == 7
+        assert cfg.data == configs["switch"].data and cfg.runtime == configs["switch"].runtime
+
+
+def test_table_reports_ratios_against_switch():
+    row = {"val_bpb": 3.0, "max_over_mean_load": 2.0, "dead_experts": 1, "inter_node_fraction": 0.5,
+           "capacity_ratio": 1.1, "dropped_fraction": 0.1, "tokens_per_s": 1000.0}
+    text = study_routers.table({"switch": row, "locmoe": {**row, "inter_node_fraction": 0.2, "val_bpb": 3.06}})
+    assert "locmoe vs switch: inter-node x0.40, val_bpb +2.00%" in text

@@ -1,0 +1,62 @@
+"""The Kool skip router inside the MoE layer: sampling, HT weights, ungated forward, weighted backward."""
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.experts import GroupedExperts
+from pangu_moe.model.moe_layer import MoELayer
+from pangu_moe.routing import route
+from pangu_moe.routing.kool_skip import KoolSkipRouter, horvitz_thompson
+
+H, E = 8, 3
+
+
+def _x(t, seed=0):
+    return Tensor(np.random.default_rng(seed).standard_normal((t, H)).astype(np.float32))
+
+
+def test_horvitz_thompson_weights_exact():
+    idx = Tensor(np.array([[0], [0], [0], [1], [2], [2]], np.int32))
+    keep = Tensor(np.array([[True], [False], [True], [True], [True], [True]]))
+    w = horvitz_thompson(idx, keep, 3, 2).asnumpy().ravel()
+    assert w.tolist() == [1.5, 0.0, 1.5, 1.0, 1.0, 1.0]
+
+
+def test_training_samples_from_the_router_distribution_and_evaluation_takes_the_argmax():
+    ms.set_seed(3)
+    router = KoolSkipRouter(H, E, 1, 0.0, init_std=0.5)
+    n = 4000
+    x = Tensor(np.repeat(_x(1, 1).asnumpy(), n, 0))  # one token, n independent draws
+    zeros = Tensor(np.zeros(n, np.int32))
+    logits = (x.asnumpy()[0] @ router.weight.asnumpy()[0])
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    picks = route(router, x, zeros, zeros, n, training=True).expert_index.asnumpy()[:, 0]
+    freq = np.bincount(picks, minlength=E) / n
+    assert np.abs(freq - p).max() < 4 * np.sqrt(p * (1 - p) / n).max()
+    r = route(router, x, zeros, zeros, n, training=False)
+    assert (r.expert_index.asnumpy()[:, 0] == p.argmax()).all()
+    np.testing.assert_allclose(r.log_prob.asnumpy()[0, 0], np.log(p.max()), rtol=1e-5)
+
+
+def test_forward_is_ungated_and_backward_is_importance_weighted():
+    ms.set_seed(5)
+    layer = MoELayer(KoolSkipRouter(H, E, 1, 0.0, init_std=0.5), LocalDispatcher(E), GroupedExperts(E, H, 16, 0.3))
+    x, zeros = _x(12, 2), Tensor(np.zeros(12, np.int32))
+    cot = Tensor(np.random.default_rng(3).standard_normal((12, H)).astype(np.float32))
+    capacity = 2
+    r = route(layer.router, x, zeros, zeros, capacity, training=False)
+    keep, weight = r.keep.asnumpy(), r.gate.asnumpy()
+    assert keep.sum() < 12 and set(np.unique(weight[keep])) - {1.0}  # capacity binds, weights > 1 exist
+    y, _, _, _, score = layer(x, zeros, zeros, capacity, False)
+    flat = layer.dispatcher.flat_index(r.expert_index, r.keep, r.slot, capacity)
+    out = layer.experts(layer.dispatcher.dispatch(x, flat, capacity))
+    plain = layer.dispatcher.combine(out, flat, ms.ops.ones_like(r.gate), r.keep).asnumpy()
+    np.testing.assert_allclose(y.asnumpy(), plain, rtol=1e-6)  # value: the expert's output, no gate
+    np.testing.assert_allclose(score.asnumpy(), (keep * weight * r.log_prob.asnumpy()).sum(1), rtol=1e-6)
+
+    grads = ms.grad(lambda x_: (layer(x_, zeros, zeros, capacity, False)[0] * cot).sum())(x).asnumpy()
+    reference = ms.grad(lambda x_: (layer.dispatcher.combine(
+        layer.experts(layer.dispatcher.dispatch(x_, flat, capacity)), flat, r.gate, r.keep) * cot).sum())(x).asnumpy()
+    np.testing.assert_allclose(grads, reference, rtol=1e-5, atol=1e-6)  # d/dx through the experts, scaled by w
