@@ -1,0 +1,10 @@
+from pangu_moe.bench import moe_layer
+
+
+def test_bench_reports_consistent_figures_on_tiny_shapes():
+    shapes = {"T": 64, "H": 16, "F": 32, "E": 4, "K": 1, "capacity_factor": 1.25}
+    result = moe_layer.run(repeats=1, shapes=shapes)
+    assert result["shapes"]["C"] == 20
+    assert result["moe_over_dense"] == result["moe_seconds"] / result["dense_seconds"]
+    assert result["moe_tokens_per_s"] == 64 / result["moe_seconds"]
+    assert "moe_over_dense = " in moe_layer.table(result)
