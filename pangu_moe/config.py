@@ -38,7 +38,7 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init", lo=0.0, lo_open=True)
 
 
-ROUTERS = ("topk", "rre", "locmoe", "locmoe_plus", "expert_choice", "sinkhorn", "deepseek", "kool_skip")
+ROUTERS = ("topk", "rre", "locmoe", "locmoe_plus", "expert_choice", "sinkhorn", "deepseek", "base", "kool_skip")
 SLOT_POLICIES = ("position", "probs", "random", "affinity", "none")
 
 
@@ -108,10 +108,10 @@ class KoolSkipSection:
 @dataclass
 class MoEConfig:
     router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2), rre (PanGu-Sigma random routed "
-                     "experts), locmoe, locmoe_plus, expert_choice, sinkhorn, deepseek or kool_skip (Kool et al.'s "
-                     "skip estimator); each has its own section moe.<router> where it has settings "
-                     "(expert_choice, sinkhorn, deepseek and kool_skip take their weight init from "
-                     "moe.topk.init_std)", choices=ROUTERS)
+                     "experts), locmoe, locmoe_plus, expert_choice, sinkhorn, deepseek, base (BASE layers; CPU "
+                     "only) or kool_skip (Kool et al.'s skip estimator); each has its own section moe.<router> "
+                     "where it has settings (expert_choice, sinkhorn, deepseek, base and kool_skip take their "
+                     "weight init from moe.topk.init_std)", choices=ROUTERS)
     num_experts: int = _f(8, "experts E per MoE layer (all groups together)", lo=1)
     expert_hidden: int = _f(512, "expert FFN hidden size F", lo=1)
     top_k: int = _f(1, "choices K per token", lo=1)
@@ -214,11 +214,11 @@ class RunConfig:
         per_group = moe.num_experts // moe.num_groups
         _require(moe.top_k <= per_group, "moe.top_k", moe.top_k,
                  f"at most the experts per group ({per_group})")
-        for router in ("rre", "expert_choice", "kool_skip"):
+        for router in ("rre", "expert_choice", "base", "kool_skip"):
             _require(moe.router != router or moe.top_k == 1, "moe.top_k", moe.top_k, f"1 for router {router}")
         _require(moe.router != "kool_skip" or moe.slot_policy == "random", "moe.slot_policy", moe.slot_policy,
                  "random for router kool_skip (its importance weights assume a uniformly random kept subset)")
-        for router in ("expert_choice", "locmoe_plus"):
+        for router in ("expert_choice", "base", "locmoe_plus"):
             _require(moe.router != router or moe.slot_policy == "position", "moe.slot_policy", moe.slot_policy,
                      f"position (the default) for router {router}, which assigns its own slots")
         _require(moe.router not in ("locmoe", "locmoe_plus") or m.hidden % per_group == 0, "model.hidden", m.hidden,

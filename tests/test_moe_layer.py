@@ -109,3 +109,16 @@ def test_input_and_router_gradients_match_finite_differences():
         layer.router.weight.set_data(Tensor(original))
         assert abs(fd - grad_router[0, h, 0]) < 2e-2 * max(1.0, abs(fd))
     assert np.abs(grad_router).max() > 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_without_binding_capacity_nothing_drops_and_token_order_does_not_matter(k):
+    layer = _layer(k=k)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((24, 8)).astype(np.float32)
+    perm = rng.permutation(24)
+    zeros = Tensor(np.zeros(24, np.int32))
+    y, _, demand, kept, _ = layer(Tensor(x), zeros, zeros, 24, False)  # C = T: cannot bind
+    y_perm = layer(Tensor(x[perm]), zeros, zeros, 24, False)[0]
+    assert (demand.asnumpy() == kept.asnumpy()).all()
+    np.testing.assert_allclose(y_perm.asnumpy(), y.asnumpy()[perm], rtol=1e-5, atol=1e-6)

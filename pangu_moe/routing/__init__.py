@@ -1,4 +1,5 @@
 """Routers: scoring rules plus slot assignment; see `routing.base` for the vocabulary."""
+from pangu_moe.routing.balanced import BASERouter
 from pangu_moe.routing.base import LOSS_NAMES, Router, Routing, route
 from pangu_moe.routing.deepseek import DeepSeekRouter
 from pangu_moe.routing.expert_choice import ExpertChoiceRouter
@@ -13,4 +14,5 @@ from pangu_moe.routing.topk import TopKRouter, topk_scores
 
 __all__ = ["LOSS_NAMES", "Router", "Routing", "route", "build_router", "TopKRouter", "topk_scores",
            "RandomRoutedRouter", "build_rre_tables", "LocMoERouter", "LocMoEPlusRouter", "ExpertChoiceRouter",
-           "SinkhornRouter", "DeepSeekRouter", "KoolSkipRouter", "assign_slots", "position_slots", "priority_slots"]
+           "SinkhornRouter", "DeepSeekRouter", "BASERouter", "KoolSkipRouter", "assign_slots", "position_slots",
+           "priority_slots"]

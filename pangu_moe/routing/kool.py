@@ -147,17 +147,36 @@ def sequential_balanced(probs, capacity, order, rng):
 def balanced_assignment(affinity, capacity):
     """BASE layers' training assignment: maximise the total affinity with at most C datapoints per expert.
 
+    Exact either way: a linear assignment over C-replicated columns for small N, the transportation
+    linear program (HiGHS dual simplex; its vertex solutions are integral) for large N, where the
+    replicated square matrix would be too big.
+
     Args: affinity [N, E] (no gradient); capacity C with N <= E*C.
     Returns: assignment [N] int.
     """
     n, e = affinity.shape
     if n > e * capacity:
         raise ValueError(f"balanced_assignment: N = {n} exceeds E * C = {e * capacity}")
+    if n > 256:
+        return _transport_assignment(affinity, capacity)
     from scipy.optimize import linear_sum_assignment
     rows, cols = linear_sum_assignment(np.repeat(affinity, capacity, axis=1), maximize=True)
     out = np.empty(n, np.int64)
     out[rows] = cols // capacity
     return out
+
+
+def _transport_assignment(affinity, capacity):
+    from scipy.optimize import linprog
+    from scipy.sparse import eye, kron
+    n, e = affinity.shape
+    once = kron(eye(n), np.ones((1, e)), format="csr")  # (N, N*E): each datapoint assigned once
+    room = kron(np.ones((1, n)), eye(e), format="csr")  # (E, N*E): at most C per expert
+    result = linprog(-np.asarray(affinity, np.float64).ravel(), A_ub=room, b_ub=np.full(e, capacity), A_eq=once,
+                     b_eq=np.ones(n), bounds=(0, 1), method="highs-ds")
+    if result.status != 0:
+        raise RuntimeError(f"balanced_assignment: the transportation LP failed ({result.message})")
+    return result.x.reshape(n, e).argmax(1)
 
 
 def capacity_for(num, num_experts, factor):

@@ -1,4 +1,5 @@
 """Routers by name: `moe.router` picks the class, `moe.<router>` holds its own settings."""
+from pangu_moe.routing.balanced import BASERouter
 from pangu_moe.routing.deepseek import DeepSeekRouter
 from pangu_moe.routing.expert_choice import ExpertChoiceRouter
 from pangu_moe.routing.kool_skip import KoolSkipRouter
@@ -56,6 +57,8 @@ def build_router(model_cfg, moe_cfg, layer, topology):
                               bias_rate=s.bias_rate, node_limit=s.node_limit, expert_node=topology.expert_node(),
                               num_nodes=topology.nodes, scaling=s.scaling, init_std=moe.topk.init_std,
                               slot_policy=moe.slot_policy)
+    if moe.router == "base":
+        return BASERouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.z_loss_coeff, moe.topk.init_std)
     if moe.router == "kool_skip":
         return KoolSkipRouter(model_cfg.hidden, moe.num_experts, moe.num_groups, moe.z_loss_coeff, moe.topk.init_std)
     raise ValueError(f"moe.router = {moe.router!r}: no such router")

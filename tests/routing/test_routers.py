@@ -138,3 +138,40 @@ def test_sequence_balance_loss_is_alpha_at_balance():
     assert float(sequence_balance_loss(scores, collapsed, 4, 0.1).asnumpy()) == pytest.approx(0.1, rel=1e-6)
     peaked = Tensor(np.tile(np.array([[0.9, 0.1, 0.1, 0.1]], np.float32), (8, 1)))
     assert float(sequence_balance_loss(peaked, collapsed, 4, 0.1).asnumpy()) > 0.1 * 2
+
+
+# ---- BASE
+
+def test_base_training_assignment_is_balanced_and_optimal_and_test_is_argmax():
+    from pangu_moe.routing import kool
+    from pangu_moe.routing.balanced import BASERouter
+    router = BASERouter(H, 4, 2, 0.0, init_std=0.5)
+    groups = _ids([0] * 12 + [1] * 8)
+    x = _x(20, 9)
+    r = route(router, x, groups, groups, 3, training=True)
+    idx = r.expert_index.asnumpy()[:, 0]
+    assert np.bincount(idx[:12], minlength=4).tolist() == [6, 6, 0, 0]  # T_g / E_g per expert
+    assert np.bincount(idx[12:], minlength=4).tolist() == [0, 0, 4, 4]
+    assert r.keep.asnumpy().sum() == 4 * 3  # the buffer C = 3 keeps the first 3 of each
+    logits = np.stack([x.asnumpy() @ router.weight.asnumpy()[g] for g in range(2)])  # (G, T, E_g)
+    own = logits[groups.asnumpy(), np.arange(20)]  # (T, E_g)
+    best = kool.balanced_assignment(own[:12], 6)
+    assert own[np.arange(12), idx[:12]].sum() == pytest.approx(own[np.arange(12), best].sum(), rel=1e-6)
+    np.testing.assert_allclose(r.gate.asnumpy()[:, 0], 1 / (1 + np.exp(-own[np.arange(20), idx % 2])), rtol=1e-5)
+    test = route(router, x, groups, groups, 20, training=False).expert_index.asnumpy()[:, 0]
+    assert (test % 2 == own.argmax(1)).all()
+
+    def experts_of(x_):
+        return router(x_, groups, groups, 3, True)[0]
+
+    assert (ms.jit(experts_of)(x).asnumpy()[:, 0] == idx).all()  # the host assignment inside a compiled graph
+
+
+def test_transportation_lp_matches_the_linear_assignment():
+    from pangu_moe.routing import kool
+    affinity = np.random.default_rng(10).standard_normal((300, 5))
+    via_lp = kool.balanced_assignment(affinity, 60)  # N > 256: the LP
+    from scipy.optimize import linear_sum_assignment
+    rows, cols = linear_sum_assignment(np.repeat(affinity, 60, axis=1), maximize=True)
+    assert np.bincount(via_lp, minlength=5).tolist() == [60] * 5
+    assert affinity[np.arange(300), via_lp].sum() == pytest.approx(affinity[rows, cols // 60].sum(), rel=1e-9)

@@ -88,7 +88,7 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
-@pytest.mark.parametrize("router", ["rre", "locmoe", "expert_choice", "sinkhorn", "deepseek", "kool_skip"])
+@pytest.mark.parametrize("router", ["rre", "locmoe", "expert_choice", "sinkhorn", "deepseek", "base", "kool_skip"])
 def test_other_routers_train(router, tmp_path):
     mode = "pynative" if router == "rre" else "graph"  # one router keeps PyNative covered
     extra = ["moe.slot_policy=random"] if router == "kool_skip" else []
