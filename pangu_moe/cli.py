@@ -69,6 +69,13 @@ def _study(args):
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
+def _plan(args):
+    from pangu_moe.bench import plan
+    result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
+                      hierarchical=args.hierarchical)
+    print(json.dumps(result) if args.json else plan.table(result))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="pangu-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +112,16 @@ def build_parser():
                    "router")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by router")
     p.set_defaults(func=_study)
+    p = sub.add_parser("plan", help="estimated exchange time per router at 64/128/256 devices from runs' routing "
+                       "(pangu_moe/dispatch/cost.py states the model)")
+    p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")
+    p.add_argument("--cluster", default="atlas800", help="cluster preset (atlas800)")
+    p.add_argument("--devices", type=int, nargs="+", default=[64, 128, 256], help="device counts")
+    p.add_argument("--tokens", type=float, default=None, help="kept choices per device per layer (default: the run's)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size H (default: the run's)")
+    p.add_argument("--hierarchical", action="store_true", help="two-stage exchange message counts")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
     return parser
 
 

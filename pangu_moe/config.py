@@ -233,6 +233,8 @@ class RunConfig:
                  f"at most parallel.nodes={self.parallel.nodes}")
         _require(moe.capacity_mode != "locmoe_bound" or moe.router == "locmoe", "moe.capacity_mode",
                  moe.capacity_mode, "factor unless moe.router = locmoe")
+        _require(moe.capacity_mode == "factor" or moe.slot_policy != "none", "moe.capacity_mode", moe.capacity_mode,
+                 "factor with moe.slot_policy = none (dropless sets C = T)")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",
                  data.domains, "a non-empty list of distinct names")
         _require(data.mixture != "uniform" or self.train.batch_size % len(data.domains) == 0, "train.batch_size",

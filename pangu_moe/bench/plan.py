@@ -1,0 +1,71 @@
+"""`pangu-moe plan`: estimated exchange time per router at cluster scale, from runs' measured routing.
+
+Reads each run directory (a study's OUT/<router> folders, or single runs): its summary.json
+(inter_node_fraction, tokens_local/intra/inter, steps) and config.yaml (nodes, devices, layers, H).
+Locality is carried over as `dispatch.cost.locality_preference`; tokens per device and H default to
+the run's own, and can be set to a target model's (`--tokens`, `--hidden`).
+"""
+import json
+import os
+
+from pangu_moe.config import ConfigError, RunConfig
+from pangu_moe.dispatch.cost import PRESETS, exchange_seconds, locality_preference
+
+DEVICES = (64, 128, 256)
+
+
+def find_runs(paths):
+    """{name: run dir} for run dirs or folders of run dirs (a study's OUT)."""
+    runs = {}
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "summary.json")):
+            runs[os.path.basename(os.path.normpath(path))] = path
+            continue
+        found = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "summary.json"))) \
+            if os.path.isdir(path) else []
+        if not found:
+            raise ConfigError(f"plan: {path}: no summary.json in it or in its sub-folders (pass a run or study dir)")
+        runs.update({d: os.path.join(path, d) for d in found})
+    return runs
+
+
+def run_profile(run_dir):
+    """(lambda, kept choices per device per layer and step, H) measured in one run."""
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    cfg = RunConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
+    nodes, world = cfg.parallel.nodes, cfg.parallel.nodes * cfg.parallel.devices_per_node
+    if nodes < 2:
+        raise ConfigError(f"plan: {run_dir} ran on parallel.nodes = {nodes}; its routing says nothing about "
+                          f"locality (need >= 2 nodes)")
+    kept = summary["tokens_local"] + summary["tokens_intra"] + summary["tokens_inter"]
+    tokens = kept / (summary["steps"] * cfg.model.num_moe_layers * world)
+    return locality_preference(summary["inter_node_fraction"], nodes), tokens, cfg.model.hidden
+
+
+def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, bytes_per_value=2, hierarchical=False):
+    """Returns {"cluster": ..., "rows": [{router, devices, ms, inter_fraction}], "reductions": {...}}."""
+    if cluster not in PRESETS:
+        raise ConfigError(f"plan: --cluster {cluster!r}: must be one of {', '.join(PRESETS)}")
+    spec = PRESETS[cluster]
+    rows = []
+    for name, run_dir in find_runs(paths).items():
+        preference, measured_tokens, measured_hidden = run_profile(run_dir)
+        for w in devices:
+            est = exchange_seconds(tokens or measured_tokens, hidden or measured_hidden, bytes_per_value, preference,
+                                   spec, w, hierarchical)
+            rows.append({"router": name, "devices": w, "ms": est["seconds"] * 1e3,
+                         "inter_fraction": est["inter_fraction"], "locality_preference": preference})
+    times = {(r["router"], r["devices"]): r["ms"] for r in rows}
+    reductions = {f"{a}_vs_{b}@{w}": 1.0 - times[(a, w)] / times[(b, w)]
+                  for a in ("locmoe", "locmoe_plus") for b in ("switch", "hash") for w in devices
+                  if (a, w) in times and (b, w) in times}
+    return {"cluster": spec.name, "assumptions": spec.source, "rows": rows, "reductions": reductions}
+
+
+def table(result):
+    lines = [f"cluster {result['cluster']} ({result['assumptions']})",
+             f"{'router':12s} {'devices':>7s} {'ms/layer':>9s} {'inter':>6s}"]
+    lines += [f"{r['router']:12s} {r['devices']:7d} {r['ms']:9.3f} {r['inter_fraction']:6.3f}" for r in result["rows"]]
+    lines += [f"{key}: exchange time {-value:+.1%}" for key, value in result["reductions"].items()]
+    return "\n".join(lines)

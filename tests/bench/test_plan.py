@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from pangu_moe.bench import plan
+from pangu_moe.config import ConfigError
+from tests.conftest import tiny_config
+
+
+def _fake_run(path, inter, nodes=2):
+    path.mkdir()
+    tiny_config(f"parallel.nodes={nodes}").save(str(path / "config.yaml"))
+    summary = {"steps": 10, "inter_node_fraction": inter, "tokens_local": 600, "tokens_intra": 0,
+               "tokens_inter": 200}
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+def test_plan_reads_a_study_folder_and_reports_reductions(tmp_path):
+    _fake_run(tmp_path / "switch", 0.5)
+    _fake_run(tmp_path / "locmoe", 0.25)
+    preference, tokens, hidden = plan.run_profile(str(tmp_path / "locmoe"))
+    assert preference == pytest.approx(0.5) and tokens == 800 / (10 * 2 * 2) and hidden == 32
+    result = plan.run([str(tmp_path)], devices=(64,), tokens=4096, hidden=1024)
+    ms = {r["router"]: r["ms"] for r in result["rows"]}
+    assert result["reductions"]["locmoe_vs_switch@64"] == pytest.approx(1 - ms["locmoe"] / ms["switch"])
+    assert ms["locmoe"] < ms["switch"]
+
+
+def test_plan_refuses_runs_without_locality_information(tmp_path):
+    _fake_run(tmp_path / "one", 0.0, nodes=1)
+    with pytest.raises(ConfigError, match="parallel.nodes = 1"):
+        plan.run([str(tmp_path / "one")])
+    with pytest.raises(ConfigError, match="no summary.json"):
+        plan.run([str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match="--cluster 'dgx'"):
+        plan.run([str(tmp_path)], cluster="dgx")
