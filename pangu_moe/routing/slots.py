@@ -12,7 +12,7 @@ Choices that were not requested (`requested` False) take no slot and are never k
 import mindspore as ms
 from mindspore import Tensor, ops
 
-SLOT_POLICIES = ("position", "probs", "random", "affinity", "none")
+from pangu_moe.config import SLOT_POLICIES
 
 
 def position_slots(expert_index, num_experts, capacity, requested=None):
@@ -68,6 +68,8 @@ def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, tr
     Returns:
         slot [T, K] int32, keep [T, K] bool.
     """
+    if policy not in SLOT_POLICIES:
+        raise ValueError(f"slot policy {policy!r}: must be one of {', '.join(SLOT_POLICIES)}")
     if policy == "probs":
         return priority_slots(expert_index, gate, num_experts, capacity, requested)
     if policy == "affinity":
