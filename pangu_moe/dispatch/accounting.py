@@ -23,6 +23,30 @@ def route_classes(kept_per_expert, topology):
     return {name: int(kept[classes == i].sum()) for i, name in enumerate(PLACES)}
 
 
+def inter_node_messages(kept_per_expert, topology):
+    """Messages crossing a node boundary in one direction of the exchange (dispatch; combine mirrors it).
+
+    Flat all-to-all: one message per (source rank, destination rank on another node) pair that carries
+    tokens. Hierarchical: the inter-node stage sends one message per (source rank, destination node)
+    pair to the same-local-rank peer there, which forwards inside its node, so a token crosses the node
+    boundary once per destination node. An expert spanning several ranks counts at its first rank.
+
+    Args: kept_per_expert [W, E] int; topology: `Topology`.
+    Returns: (flat, hierarchical) ints; hierarchical <= flat always.
+    """
+    kept = np.asarray(kept_per_expert, np.int64)
+    w, d = topology.world_size, topology.devices_per_node
+    to_rank = np.zeros((w, w), np.int64)
+    np.add.at(to_rank.T, topology.expert_rank(), kept.T)  # (W dst, W src) += per expert
+    node = np.arange(w) // d
+    crossing = node[:, None] != node[None, :]  # (src, dst)
+    flat = int(((to_rank > 0) & crossing).sum())
+    to_node = np.zeros((w, topology.nodes), np.int64)
+    np.add.at(to_node.T, node, to_rank.T)  # (N dst, W src)
+    hierarchical = int(((to_node > 0) & (node[:, None] != np.arange(topology.nodes)[None, :])).sum())
+    return flat, hierarchical
+
+
 def load_stats(tokens_per_expert):
     """Load balance of one layer's demand.
 
@@ -47,11 +71,13 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
         hidden: H; bytes_per_value: of the exchanged activations (4 for fp32).
     Returns:
         dict: tokens_per_expert, kept_per_expert (summed over ranks), dropped, capacity,
-        tokens_local/intra/inter, bytes_intra/inter, max_over_mean_load, dead_experts.
+        tokens_local/intra/inter, bytes_intra/inter, messages_inter_flat / _hierarchical (one direction),
+        max_over_mean_load, dead_experts.
     """
     demand = np.asarray(tokens_per_expert, np.int64)
     kept = np.asarray(kept_per_expert, np.int64)
     places = route_classes(kept, topology)
+    flat, hierarchical = inter_node_messages(kept, topology)
     token_bytes = 2 * hidden * bytes_per_value
     return {
         "tokens_per_expert": [int(v) for v in demand.sum(0)],
@@ -60,6 +86,7 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
         "capacity": int(capacity),
         "tokens_local": places["local"], "tokens_intra": places["intra"], "tokens_inter": places["inter"],
         "bytes_intra": places["intra"] * token_bytes, "bytes_inter": places["inter"] * token_bytes,
+        "messages_inter_flat": flat, "messages_inter_hierarchical": hierarchical,
         **load_stats(demand),
     }
 

@@ -39,3 +39,19 @@ def test_window_load_stats_uses_only_the_final_window():
     assert stats["max_over_mean_load"] == 1.5 and stats["dead_experts"] == 0
     stats = window_load_stats([early] + late, 10, 1.0)  # demand [700, 200]
     assert abs(stats["max_over_mean_load"] - 700 / 450) < 1e-12
+
+
+def test_inter_node_messages_flat_and_hierarchical():
+    kept = np.array([[3, 1, 2, 0],   # rank 0 (node 0) -> rank 2 (node 1): 1 flat, 1 hierarchical
+                     [0, 4, 1, 1],   # rank 1 -> ranks 2 and 3 (both node 1): 2 flat, 1 hierarchical
+                     [1, 0, 1, 1],   # rank 2 -> rank 0: 1 and 1
+                     [0, 0, 5, 0]])  # rank 3: intra only
+    from pangu_moe.dispatch.accounting import inter_node_messages
+    assert inter_node_messages(kept, TOPO) == (4, 3)
+    rng = np.random.default_rng(0)
+    big = Topology(nodes=4, devices_per_node=4, num_experts=32)
+    for _ in range(20):
+        k = rng.integers(0, 3, (16, 32)) * (rng.random((16, 32)) < 0.3)
+        flat, hier = inter_node_messages(k, big)
+        assert hier <= flat
+    assert layer_record(kept, kept, 6, TOPO, 16)["messages_inter_flat"] == 4
