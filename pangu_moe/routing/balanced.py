@@ -10,11 +10,10 @@ several groups, a mixture that balances the groups).
 """
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import ops
 
 from pangu_moe.routing import kool, losses
-from pangu_moe.routing.base import Router, group_logits, stack_losses
+from pangu_moe.routing.base import LearnedRouter, stack_losses
 
 
 def group_balanced_assignment(affinity, group_ids):
@@ -36,18 +35,15 @@ _ASSIGN = ops.Custom(group_balanced_assignment, out_shape=lambda affinity, group
                      out_dtype=lambda affinity, groups: ms.int32, func_type="pyfunc", bprop=_no_gradient)
 
 
-class BASERouter(Router):
+class BASERouter(LearnedRouter):
     """Args: hidden H; num_experts E; num_groups G; z_loss_coeff; init_std of the [G, H, E_g] centroids."""
 
     def __init__(self, hidden, num_experts, num_groups, z_loss_coeff, init_std=0.02):
-        super().__init__(num_experts, num_groups, 1, "position")
-        shape = (num_groups, hidden, self.experts_per_group)
-        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+        super().__init__(hidden, num_experts, num_groups, 1, init_std)
         self.z_loss_coeff = z_loss_coeff
 
     def score(self, x, token_ids, group_ids, training):
-        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        logits = group_logits(logits_all, group_ids, self.experts_per_group)
+        logits = self.logits(x, group_ids)
         if training:
             local_index = _ASSIGN(ops.stop_gradient(logits), group_ids).reshape(-1, 1)  # (T, 1)
         else:

@@ -32,7 +32,9 @@ callers of the pure-function API `route`.
 """
 from collections import namedtuple
 
-from mindspore import nn, ops
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.routing.slots import assign_slots
 
@@ -109,6 +111,26 @@ class Router(nn.Cell):
         if requested is None:
             requested = ops.ones_like(keep)
         return expert_index, gate, keep, slot, requested, losses, ops.zeros_like(gate)
+
+
+class LearnedRouter(Router):
+    """A router with a learned linear scorer, one [H, E_g] weight per group (stored as [G, H, E_g]).
+
+    Per-group weights make a token's logits bit-identical to those of the extracted domain sub-model,
+    whose router is that group's slice (`model.pangu.extract_domain` slices the Parameter `weight`).
+
+    Args: hidden H; init_std of the normal init; the rest as `Router`.
+    """
+
+    def __init__(self, hidden, num_experts, num_groups, top_k, init_std=0.02, slot_policy="position"):
+        super().__init__(num_experts, num_groups, top_k, slot_policy)
+        shape = (num_groups, hidden, self.experts_per_group)
+        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+
+    def logits(self, x, group_ids):
+        """x [T, H] (any float dtype), group_ids [T] int32 -> logits [T, E_g] fp32 over the token's group."""
+        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
+        return group_logits(logits_all, group_ids, self.experts_per_group)
 
 
 def route(router, x, token_ids, group_ids, capacity, training=False):

@@ -16,9 +16,8 @@ sign rule instead of an auxiliary loss, node-limited top-k, and a tiny sequence-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
-from mindspore.common.initializer import Normal, initializer
 
-from pangu_moe.routing.base import Router, group_logits, stack_losses
+from pangu_moe.routing.base import LearnedRouter, stack_losses
 
 
 def node_limit_mask(biased, node_of, group_ids, num_nodes, node_limit, top_k):
@@ -62,16 +61,14 @@ def sequence_balance_loss(scores, local_index, seq_len, coeff):
     return coeff * (frac * prob).sum(1).mean()
 
 
-class DeepSeekRouter(Router):
+class DeepSeekRouter(LearnedRouter):
     """Args: hidden H; num_experts E; num_groups G; top_k K; seq_len S; seq_aux_coeff alpha; z_loss_coeff;
     bias_rate gamma; node_limit M (0: none); expert_node: int array [E] (topology placement); num_nodes N;
     scaling; init_std; slot_policy."""
 
     def __init__(self, hidden, num_experts, num_groups, top_k, seq_len, seq_aux_coeff, bias_rate, node_limit,
                  expert_node, num_nodes, scaling=1.0, init_std=0.02, slot_policy="position"):
-        super().__init__(num_experts, num_groups, top_k, slot_policy)
-        shape = (num_groups, hidden, self.experts_per_group)
-        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+        super().__init__(hidden, num_experts, num_groups, top_k, init_std, slot_policy)
         self.bias = Parameter(Tensor(np.zeros((num_groups, self.experts_per_group), np.float32)), name="bias",
                               requires_grad=False)
         self.node_of = Tensor(np.asarray(expert_node, np.int32).reshape(num_groups, self.experts_per_group))
@@ -79,8 +76,7 @@ class DeepSeekRouter(Router):
         self.node_limit, self.num_nodes, self.scaling = node_limit, num_nodes, scaling
 
     def score(self, x, token_ids, group_ids, training):
-        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        scores = ops.sigmoid(group_logits(logits_all, group_ids, self.experts_per_group))
+        scores = ops.sigmoid(self.logits(x, group_ids))
         biased = scores + ops.gather(self.bias, group_ids, 0)  # (T, E_g)
         if self.node_limit > 0:
             allowed = node_limit_mask(biased, self.node_of, group_ids, self.num_nodes, self.node_limit, self.top_k)

@@ -16,27 +16,23 @@ keep[t, e] = expert e chose token t, slot = the token's rank among e's picks, ga
 requested = keep, so demand equals kept and nothing counts as dropped.
 """
 import mindspore as ms
-from mindspore import Parameter, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, global_probs, group_logits, stack_losses
+from pangu_moe.routing.base import LearnedRouter, global_probs, stack_losses
 
 
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LearnedRouter):
     """Args: hidden H; num_experts E; num_groups G; z_loss_coeff; init_std of the [G, H, E_g] weight."""
 
     def __init__(self, hidden, num_experts, num_groups, z_loss_coeff, init_std=0.02):
-        super().__init__(num_experts, num_groups, num_experts)
-        shape = (num_groups, hidden, self.experts_per_group)
-        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+        super().__init__(hidden, num_experts, num_groups, num_experts, init_std)
         self.z_loss_coeff = z_loss_coeff
 
     def construct(self, x, token_ids, group_ids, capacity, training):
         """As `Router.construct`, with K = E; see the module docstring for the meaning of each output."""
         num_tokens = x.shape[0]
-        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        logits = group_logits(logits_all, group_ids, self.experts_per_group)
+        logits = self.logits(x, group_ids)
         scores = ops.softmax(logits, axis=-1)
         # Other groups' tokens score -1 for an expert, below any softmax probability, so they are never picked.
         outside = 1.0 - global_probs(ops.ones_like(scores), group_ids, self.num_groups)  # (T, E)

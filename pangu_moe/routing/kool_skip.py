@@ -19,11 +19,10 @@ How this changes the layer inside an LM (against Switch):
 - The outputs are samples: training loss is noisier than Switch's at the same step.
 """
 import mindspore as ms
-from mindspore import Parameter, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, group_logits, stack_losses
+from pangu_moe.routing.base import LearnedRouter, stack_losses
 from pangu_moe.routing.slots import assign_slots
 
 
@@ -44,22 +43,19 @@ def horvitz_thompson(expert_index, keep, num_experts, capacity):
     return ops.stop_gradient(ops.maximum(n_e / capacity, 1.0) * keep.astype(ms.float32))
 
 
-class KoolSkipRouter(Router):
+class KoolSkipRouter(LearnedRouter):
     """Sampled top-1 router with skip-estimator weights. Args: hidden H; num_experts E; num_groups G;
     z_loss_coeff; init_std of the [G, H, E_g] weight."""
 
     reinforce = True
 
     def __init__(self, hidden, num_experts, num_groups, z_loss_coeff, init_std=0.02):
-        super().__init__(num_experts, num_groups, 1, "random")
-        shape = (num_groups, hidden, self.experts_per_group)
-        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+        super().__init__(hidden, num_experts, num_groups, 1, init_std, "random")
         self.z_loss_coeff = z_loss_coeff
 
     def construct(self, x, token_ids, group_ids, capacity, training):
         """As `Router.construct`; gate is the HT weight (gradient scale only), log_prob = log pi(e | x)."""
-        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        logits = group_logits(logits_all, group_ids, self.experts_per_group)
+        logits = self.logits(x, group_ids)
         log_probs = ops.log_softmax(logits, -1)
         ranking = log_probs + gumbel_noise(logits.shape) if training else log_probs
         local_index = ops.argmax(ranking, -1).astype(ms.int32).reshape(-1, 1)  # (T, 1)

@@ -9,11 +9,10 @@ the top-k of the gates directly. No load-balancing loss (Megatron forbids it wit
 With G groups each group is balanced over its own tokens.
 """
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import Tensor, ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, group_logits, stack_losses
+from pangu_moe.routing.base import LearnedRouter, stack_losses
 
 
 def sinkhorn_bias(logits, group_ids, num_groups, iterations, eps=1e-9):
@@ -39,20 +38,17 @@ def sinkhorn_bias(logits, group_ids, num_groups, iterations, eps=1e-9):
     return ops.log(ops.matmul(onehot, d1) + eps)
 
 
-class SinkhornRouter(Router):
+class SinkhornRouter(LearnedRouter):
     """Args: hidden H; num_experts E; num_groups G; top_k K; z_loss_coeff; iterations; init_std;
     slot_policy (capacity still applies: balancing is approximate for the hard top-k)."""
 
     def __init__(self, hidden, num_experts, num_groups, top_k, z_loss_coeff, iterations=30, init_std=0.02,
                  slot_policy="position"):
-        super().__init__(num_experts, num_groups, top_k, slot_policy)
-        shape = (num_groups, hidden, self.experts_per_group)
-        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+        super().__init__(hidden, num_experts, num_groups, top_k, init_std, slot_policy)
         self.z_loss_coeff, self.iterations = z_loss_coeff, iterations
 
     def score(self, x, token_ids, group_ids, training):
-        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        logits = group_logits(logits_all, group_ids, self.experts_per_group)
+        logits = self.logits(x, group_ids)
         gates = ops.sigmoid(logits) if self.top_k == 1 else ops.softmax(logits, axis=-1)
         ranking = gates
         if training:

@@ -1,11 +1,10 @@
 """Learned top-k router: Switch (K = 1) and GShard-style (K = 2), inside a level-1 group."""
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore import Tensor, ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, group_logits, stack_losses
+from pangu_moe.routing.base import LearnedRouter, stack_losses
 
 
 def multiplicative_jitter(x, eps):
@@ -34,7 +33,7 @@ def topk_scores(logits, top_k, normalize):
     return scores, local_index.astype(ms.int32), gate
 
 
-class TopKRouter(Router):
+class TopKRouter(LearnedRouter):
     """Learned linear router, one [H, E_g] weight per group (stored as [G, H, E_g]).
 
     Per-group weights make the logits of a token bit-identical to those of the extracted domain
@@ -52,9 +51,7 @@ class TopKRouter(Router):
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff,
                  jitter_eps=0.0, normalize=True, init_std=0.02, slot_policy="position"):
-        super().__init__(num_experts, num_groups, top_k, slot_policy)
-        shape = (num_groups, hidden, self.experts_per_group)
-        self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
+        super().__init__(hidden, num_experts, num_groups, top_k, init_std, slot_policy)
         self.aux_loss_coeff = aux_loss_coeff
         self.z_loss_coeff = z_loss_coeff
         self.jitter_eps = jitter_eps
@@ -64,8 +61,7 @@ class TopKRouter(Router):
         x = x.astype(ms.float32)
         if training and self.jitter_eps > 0:
             x = multiplicative_jitter(x, self.jitter_eps)
-        logits_all = ops.matmul(x, self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        logits = group_logits(logits_all, group_ids, self.experts_per_group)
+        logits = self.logits(x, group_ids)
         scores, local_index, gate = topk_scores(logits, self.top_k, self.normalize)
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
         affinity = ops.gather_elements(logits, 1, local_index)
