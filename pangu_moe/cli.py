@@ -18,21 +18,26 @@ def _train(args):
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     check_run_dir(cfg, run_dir, args.resume)  # fail before the corpus and model are built
-    Trainer(cfg, run_dir).train(resume=args.resume)
-    print(f"summary: {os.path.join(run_dir, 'summary.json')}")
+    trainer = Trainer(cfg, run_dir)
+    trainer.train(resume=args.resume)
+    if trainer.rank == 0:
+        print(f"summary: {os.path.join(run_dir, 'summary.json')}")
 
 
 def _eval(args):
     from pangu_moe.train import checkpoint
     from pangu_moe.train.trainer import STATE_KEYS, Trainer
-    if not os.path.isfile(args.checkpoint):
-        raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file")
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))  # RUN_DIR/checkpoints/x.ckpt
+    if not os.path.exists(args.checkpoint):
+        raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
+    # RUN_DIR/checkpoints/step_X.ckpt, or the sharded folder RUN_DIR/checkpoints/step_X/
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint.rstrip("/"))))
     cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
     trainer = Trainer(cfg, run_dir)
-    state = checkpoint.load(args.checkpoint, [trainer.model, trainer.optimizer], STATE_KEYS)
+    state = checkpoint.load(args.checkpoint, [trainer.model, trainer.optimizer], STATE_KEYS,
+                            trainer.rank if trainer.data_parallel else None)
     result = {"checkpoint": args.checkpoint, "step": state["step"], **trainer.evaluator.evaluate()}
-    print(json.dumps(result))
+    if trainer.rank == 0:
+        print(json.dumps(result))
 
 
 def _config(args):
@@ -46,9 +51,14 @@ def _config(args):
 
 
 def _bench(args):
-    from pangu_moe.bench import moe_layer
     if args.repeats < 1:
         raise ConfigError(f"--repeats = {args.repeats}: must be >= 1")
+    if args.name == "ep":
+        from pangu_moe.bench import ep
+        result = ep.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
+        print(json.dumps(result) if args.json else ep.table(result))
+        return
+    from pangu_moe.bench import moe_layer
     result = moe_layer.run(repeats=args.repeats)
     print(json.dumps(result) if args.json else moe_layer.table(result))
 
@@ -85,7 +95,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt written by train")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt, or the folder step_NNNNNN/ of a "
+                   "multi-process run (joined into one model with --set parallel.dispatch=simulated)")
     _add_config_args(p, required=False)
     p.set_defaults(func=_eval)
     p = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")
@@ -95,7 +106,8 @@ def build_parser():
     p.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
     p.set_defaults(func=_config)
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("name", choices=["moe-layer"], help="moe-layer: MoE layer vs dense FFN, forward+backward")
+    p.add_argument("name", choices=["moe-layer", "ep"], help="moe-layer: MoE layer vs dense FFN, forward+backward; "
+                   "ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu (4 processes)")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)

@@ -14,6 +14,10 @@ from typing import List
 import yaml
 
 
+EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, DESIGN section 3
+MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line: path, value, what is allowed."""
 
@@ -141,10 +145,15 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    dispatch: str = _f("local", "exchange backend; this release has the single-device backend only, on which "
-                       "nodes x devices_per_node are virtual ranks: each holds batch_size/W sequences, and the "
-                       "ranks are used for the locality loss and the local/intra/inter-node accounting",
-                       choices=("local",))
+    dispatch: str = _f("local", "exchange backend (DESIGN section 3): local (one process, one buffer over all ranks' "
+                       "slots), simulated (one process, W ranks with send buffers and a transposing exchange), "
+                       "msrun_cpu (one CPU process per rank under msrun), hccl (Ascend AlltoAll). Each of the "
+                       "W = nodes x devices_per_node ranks holds batch_size/W sequences and routes them as its own "
+                       "group with capacity C",
+                       choices=EXCHANGE_BACKENDS)
+    exchange: str = _f("flat", "flat (one world all-to-all) or hierarchical (inter-node stage among same-local-rank "
+                       "peers, then intra-node; the same result, fewer inter-node messages); not for local",
+                       choices=("flat", "hierarchical"))
     nodes: int = _f(1, "nodes N", lo=1)
     devices_per_node: int = _f(1, "devices per node D", lo=1)
 
@@ -229,6 +238,24 @@ class RunConfig:
                  f"moe.num_experts={moe.num_experts}")
         _require(self.train.batch_size % world == 0, "train.batch_size", self.train.batch_size,
                  f"a multiple of nodes x devices_per_node = {world} (each rank holds whole sequences)")
+        p = self.parallel
+        _require(p.dispatch == "local" or moe.num_experts % world == 0, "parallel.dispatch", p.dispatch,
+                 f"local when W = {world} ranks does not divide moe.num_experts={moe.num_experts} (expert "
+                 f"parallelism shards E / W experts per rank)")
+        _require(p.dispatch != "local" or p.exchange == "flat", "parallel.exchange", p.exchange,
+                 "flat with parallel.dispatch=local (it has no exchange)")
+        _require(p.dispatch != "hccl" or self.runtime.device == "Ascend", "runtime.device", self.runtime.device,
+                 "Ascend for parallel.dispatch=hccl")
+        _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
+                 "CPU for parallel.dispatch=msrun_cpu")
+        one_rank = p.dispatch in MULTI_PROCESS_BACKENDS
+        _require(not one_rank or moe.capacity_mode == "factor", "moe.capacity_mode", moe.capacity_mode,
+                 f"factor with parallel.dispatch={p.dispatch} (the locmoe_bound probe runs the whole model in one "
+                 f"process; use simulated)")
+        _require(not one_rank or moe.router != "locmoe_plus" or moe.locmoe_plus.recompute_every == 0,
+                 "moe.locmoe_plus.recompute_every", moe.locmoe_plus.recompute_every,
+                 f"0 with parallel.dispatch={p.dispatch} (the capacity re-estimate runs the whole model in one "
+                 f"process; use simulated)")
         _require(moe.deepseek.node_limit <= self.parallel.nodes, "moe.deepseek.node_limit", moe.deepseek.node_limit,
                  f"at most parallel.nodes={self.parallel.nodes}")
         _require(moe.capacity_mode != "locmoe_bound" or moe.router == "locmoe", "moe.capacity_mode",

@@ -1,7 +1,7 @@
 """Batched expert FFNs: one weight tensor per projection, [E, H, F] and [E, F, H]."""
 
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.activations import fast_gelu
@@ -16,15 +16,22 @@ class GroupedExperts(nn.Cell):
     Args:
         num_experts: E; hidden: H; expert_hidden: F; init_std: normal init std (w_out is scaled by
         1/sqrt(2 * num_layers) through `out_std`).
+        shard: (first, count) to hold experts [first, first + count) only (expert parallelism). The full
+            [E, ...] tensors are drawn first and then sliced, so a shard equals the same experts of an
+            unsharded model built from the same seed.
     """
 
-    def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None):
+    def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None, shard=None):
         super().__init__()
         out_std = init_std if out_std is None else out_std
         self.w_in = Parameter(initializer(Normal(init_std), (num_experts, hidden, expert_hidden), ms.float32),
                               name="w_in")
         self.w_out = Parameter(initializer(Normal(out_std), (num_experts, expert_hidden, hidden), ms.float32),
                                name="w_out")
+        if shard is not None:
+            first, count = shard
+            self.w_in = Parameter(Tensor(self.w_in.asnumpy()[first:first + count]), name="w_in")  # (E_loc, H, F)
+            self.w_out = Parameter(Tensor(self.w_out.asnumpy()[first:first + count]), name="w_out")  # (E_loc, F, H)
 
     def construct(self, expert_in):
         """expert_in [E, C, H] -> expert_out [E, C, H]."""

@@ -1,13 +1,32 @@
 """The only place that sets the MindSpore context or reads the environment."""
 import mindspore as ms
 
+from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError
 
-def setup(runtime_cfg):
-    """Set the device and the global seed (weights, routing tables, stateful random ops).
+
+def setup(runtime_cfg, parallel_cfg=None):
+    """Set the device and the global seed (weights, routing tables, stateful random ops); on a
+    multi-process backend also join the communication world started by msrun.
 
     The context stays PyNative; `runtime.mode = graph` compiles the train and eval steps with
     `ms.jit`, which is how MindSpore runs one graph per step without a global GRAPH_MODE.
+
+    Returns: this process's world rank (0 on single-process backends).
     """
     ms.set_device(runtime_cfg.device)
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_seed(runtime_cfg.seed)
+    if parallel_cfg is None or parallel_cfg.dispatch not in MULTI_PROCESS_BACKENDS:
+        return 0
+    from mindspore.communication import get_group_size, get_rank, init
+    world = parallel_cfg.nodes * parallel_cfg.devices_per_node
+    try:
+        init()
+    except RuntimeError as e:
+        raise ConfigError(f"parallel.dispatch = {parallel_cfg.dispatch}: could not join the msrun world "
+                          f"({' '.join(str(e).split())[:160]}); launch with run_scripts/run_msrun_cpu.sh or "
+                          f"run_ascend_cluster.sh") from None
+    if get_group_size() != world:
+        raise ConfigError(f"parallel.nodes x parallel.devices_per_node = {world}: msrun started "
+                          f"{get_group_size()} workers; they must match")
+    return get_rank()

@@ -68,7 +68,7 @@ BAD = [
     ({"data": {"domains": "prose"}}, "data.domains = 'prose': must be a list of str"),
     ({"train": {"steps": 10, "warmup_steps": 11}}, "train.warmup_steps = 11: must be <= train.steps=10"),
     ({"train": {"lr": float("nan")}}, "train.lr = nan: must be a finite number"),
-    ({"parallel": {"dispatch": "hccl"}}, "parallel.dispatch = 'hccl': must be one of local"),
+    ({"parallel": {"dispatch": "alltoall"}}, "parallel.dispatch = 'alltoall': must be one of local"),
     ({"model": 5}, "model = 5: must be a mapping"),
     ([1, 2], "config: the top level must be a mapping, got list"),
 ]

@@ -4,7 +4,7 @@ import mindspore as ms
 import pytest
 from mindspore import Tensor
 
-from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.routing import TopKRouter, route
@@ -16,7 +16,7 @@ def _gelu(x):
 
 def _layer(e=4, g=1, k=1, h=8, f=16):
     ms.set_seed(11)
-    return MoELayer(TopKRouter(h, e, g, k, 0.01, 0.001), LocalDispatcher(e), GroupedExperts(e, h, f, 0.3))
+    return MoELayer(TopKRouter(h, e, g, k, 0.01, 0.001), Dispatcher(e), GroupedExperts(e, h, f, 0.3))
 
 
 def _loop_reference(layer, x, expert_index, gate, keep):

@@ -13,7 +13,7 @@ from mindspore import Tensor
 from pangu_moe import runtime
 from pangu_moe.capacity import expert_capacity
 from pangu_moe.config import RuntimeConfig
-from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.mlp import DenseMLP
 from pangu_moe.model.moe_layer import MoELayer
@@ -47,7 +47,7 @@ def run(repeats=10, shapes=SHAPES, seed=0):
     runtime.setup(RuntimeConfig(device="CPU", mode="graph", seed=seed))
     t, h, f, e, k = shapes["T"], shapes["H"], shapes["F"], shapes["E"], shapes["K"]
     capacity = expert_capacity(t, e, k, shapes["capacity_factor"])
-    moe = MoELayer(TopKRouter(h, e, 1, k, 0.01, 0.001), LocalDispatcher(e), GroupedExperts(e, h, f))
+    moe = MoELayer(TopKRouter(h, e, 1, k, 0.01, 0.001), Dispatcher(e), GroupedExperts(e, h, f))
     dense = DenseMLP(h, f)
     token_ids = Tensor(np.zeros(t, np.int32))
     group_ids = Tensor(np.zeros(t, np.int32))

@@ -1,4 +1,4 @@
 """Dispatch and combine: move routed tokens into per-expert buffers and back."""
-from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.dispatch.dispatcher import Dispatcher
 
-__all__ = ["LocalDispatcher"]
+__all__ = ["Dispatcher"]

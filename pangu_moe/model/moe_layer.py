@@ -6,38 +6,87 @@ from mindspore import nn, ops
 class MoELayer(nn.Cell):
     """Sparse FFN replacing the dense FFN of a block.
 
+    The process holds R ranks' tokens (R = W on `local` and `simulated`, 1 on a multi-process backend),
+    rank `first_rank + r` holding tokens [r*T/R, (r+1)*T/R). Each rank is its own routing group with
+    capacity C: it routes and assigns slots alone, as it would on a real cluster, and its send buffer
+    [W, E_loc, C, H] is destination-major (expert e lives on rank e // E_loc).
+
     Args:
         router: a `routing.base.Router`.
-        dispatcher: an exchange backend (e.g. `dispatch.local.LocalDispatcher`).
-        experts: `experts.GroupedExperts`.
-        num_ranks: W ranks whose tokens are counted apart (rank r holds tokens [r*T/W, (r+1)*T/W)).
+        dispatcher: `dispatch.dispatcher.Dispatcher` over R*E buffers (one [E, C, H] per rank held here).
+        experts: `experts.GroupedExperts` with the experts of the ranks held here (all E, or E_loc).
+        num_ranks: R ranks held by this process.
+        exchange: `dispatch.exchange.Exchange`, or None for the `local` backend: one buffer [E, R*C, H]
+            over all ranks' slots, no exchange.
+        first_rank: world rank of the first rank held here.
+        world_size: W (= R unless the backend runs one rank per process).
     """
 
-    def __init__(self, router, dispatcher, experts, num_ranks=1):
+    def __init__(self, router, dispatcher, experts, num_ranks=1, exchange=None, first_rank=0, world_size=None):
         super().__init__()
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
         self.num_experts = router.num_experts
         self.num_ranks = num_ranks
+        self.exchange = exchange
+        self.first_rank = first_rank
+        self.world_size = world_size or num_ranks
+
+    def route(self, x, token_ids, group_ids, capacity, training):
+        """Route each rank's tokens as its own group; the router losses are the mean over the R groups.
+
+        Returns the router outputs of `routing.base.Router.construct` concatenated over ranks ([T, K]).
+        """
+        if self.num_ranks == 1:
+            return self.router(x, token_ids, group_ids, capacity, training, self.first_rank)
+        n = x.shape[0] // self.num_ranks
+        parts = ()
+        for r in range(self.num_ranks):
+            parts += (self.router(x[r * n:(r + 1) * n], token_ids[r * n:(r + 1) * n], group_ids[r * n:(r + 1) * n],
+                                  capacity, training, self.first_rank + r),)
+        fields = ()
+        for i in range(7):
+            column = ()
+            for part in parts:
+                column += (part[i],)
+            fields += (ops.stack(column).mean(0) if i == 5 else ops.concat(column, 0),)
+        return fields
+
+    def run_experts(self, buffer):
+        """buffer [R, E, C, H] (rank r's tokens for expert e) -> expert outputs in the same layout."""
+        r, e, c, h = buffer.shape
+        if self.exchange is None:
+            expert_in = ops.swapaxes(buffer, 0, 1).reshape(e, r * c, h)  # (E, R*C, H) <- (E, R, C, H)
+            return ops.swapaxes(self.experts(expert_in).reshape(e, r, c, h), 0, 1)  # (R, E, C, H)
+        w = self.world_size
+        e_loc = e // w
+        received = self.exchange(buffer.reshape(r, w, e_loc, c, h))  # (R, W sources, E_loc, C, H)
+        expert_in = ops.swapaxes(received, 1, 2).reshape(r * e_loc, w * c, h)  # (R*E_loc, W*C, H)
+        expert_out = ops.swapaxes(self.experts(expert_in).reshape(r, e_loc, w, c, h), 1, 2)  # (R, W, E_loc, C, H)
+        return self.exchange(expert_out).reshape(r, e, c, h)  # back at the sources: (R, E, C, H)
 
     def construct(self, x, token_ids, group_ids, capacity, training):
-        """Apply the layer to one routing group.
+        """Apply the layer to the R ranks' tokens.
 
         Args:
-            x: [T, H]; token_ids, group_ids: [T] int32; capacity: python int C; training: python bool.
+            x: [T, H]; token_ids, group_ids: [T] int32; capacity: python int C per rank group;
+            training: python bool.
         Returns:
             y [T, H] (0 for fully dropped tokens; the block's residual carries them),
-            losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`),
-            tokens_per_expert [W, E] int32 (requested choices of each rank's tokens, before dropping),
-            kept_per_expert [W, E] int32,
+            losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`; mean over rank groups),
+            tokens_per_expert [R, E] int32 (requested choices of each rank's tokens, before dropping),
+            kept_per_expert [R, E] int32,
             score [T] fp32: sum over kept choices of gate * log_prob for REINFORCE routers, else 0.
         """
-        expert_index, gate, keep, slot, requested, losses, log_prob = self.router(x, token_ids, group_ids, capacity,
-                                                                                  training)
-        flat_index = self.dispatcher.flat_index(expert_index, keep, slot, capacity)
-        expert_in = self.dispatcher.dispatch(x, flat_index, capacity)
-        expert_out = self.experts(expert_in)
+        expert_index, gate, keep, slot, requested, losses, log_prob = self.route(x, token_ids, group_ids, capacity,
+                                                                                 training)
+        num_tokens, hidden = x.shape
+        rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
+        flat_index = self.dispatcher.flat_index(rank * self.num_experts + expert_index, keep, slot, capacity)
+        buffer = self.dispatcher.dispatch(x, flat_index, capacity)  # (R*E, C, H)
+        expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
+        expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
         y = self.dispatcher.combine(expert_out, flat_index, gate, keep)
         score = ops.zeros(x.shape[:1], ms.float32)
         if self.router.reinforce:

@@ -42,7 +42,7 @@ class BASERouter(LearnedRouter):
         super().__init__(hidden, num_experts, num_groups, 1, init_std)
         self.z_loss_coeff = z_loss_coeff
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         logits = self.logits(x, group_ids)
         if training:
             local_index = _ASSIGN(ops.stop_gradient(logits), group_ids).reshape(-1, 1)  # (T, 1)

@@ -76,9 +76,11 @@ class Router(nn.Cell):
         self.top_k = top_k
         self.slot_policy = slot_policy
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         """Level-2 choice inside the token's group.
 
+        `rank`: the source rank whose tokens x holds (a python int), or None for the tokens of all W ranks in
+        rank-major blocks; only routers with a rank-dependent loss (LocMoE's locality loss) read it.
         Returns (local_index [T,K] int32 in [0, E_g), gate [T,K] fp32, affinity [T,K] fp32,
         requested [T,K] bool or None for all, losses [3] fp32 from `stack_losses`, already weighted).
         """
@@ -92,8 +94,8 @@ class Router(nn.Cell):
     def after_step(self, tokens_per_expert):
         """Host-side hook after each training step with the layer's demand [E] (no-op by default)."""
 
-    def construct(self, x, token_ids, group_ids, capacity, training):
-        """Route T tokens.
+    def construct(self, x, token_ids, group_ids, capacity, training, rank=None):
+        """Route T tokens: one routing group (one rank's tokens under expert parallelism).
 
         Args:
             x: [T, H] router input (any float dtype; router math is fp32).
@@ -101,11 +103,12 @@ class Router(nn.Cell):
             group_ids: [T] int32 level-1 group of each token (its domain, or 0 when G = 1).
             capacity: python int C.
             training: python bool; enables training-only noise.
+            rank: python int, the source rank of these tokens, or None (see `score`).
         Returns:
             (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32,
              requested [T,K] bool, losses [3] fp32, log_prob [T,K] fp32).
         """
-        local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training)
+        local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training, rank)
         expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, K) + (T, 1)
         slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training)
         if requested is None:

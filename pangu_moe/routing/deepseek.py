@@ -75,7 +75,7 @@ class DeepSeekRouter(LearnedRouter):
         self.seq_len, self.seq_aux_coeff, self.bias_rate = seq_len, seq_aux_coeff, bias_rate
         self.node_limit, self.num_nodes, self.scaling = node_limit, num_nodes, scaling
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         scores = ops.sigmoid(self.logits(x, group_ids))
         biased = scores + ops.gather(self.bias, group_ids, 0)  # (T, E_g)
         if self.node_limit > 0:

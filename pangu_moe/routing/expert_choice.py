@@ -29,7 +29,7 @@ class ExpertChoiceRouter(LearnedRouter):
         super().__init__(hidden, num_experts, num_groups, num_experts, init_std)
         self.z_loss_coeff = z_loss_coeff
 
-    def construct(self, x, token_ids, group_ids, capacity, training):
+    def construct(self, x, token_ids, group_ids, capacity, training, rank=None):
         """As `Router.construct`, with K = E; see the module docstring for the meaning of each output."""
         num_tokens = x.shape[0]
         logits = self.logits(x, group_ids)

@@ -53,7 +53,7 @@ class KoolSkipRouter(LearnedRouter):
         super().__init__(hidden, num_experts, num_groups, 1, init_std, "random")
         self.z_loss_coeff = z_loss_coeff
 
-    def construct(self, x, token_ids, group_ids, capacity, training):
+    def construct(self, x, token_ids, group_ids, capacity, training, rank=None):
         """As `Router.construct`; gate is the HT weight (gradient scale only), log_prob = log pi(e | x)."""
         logits = self.logits(x, group_ids)
         log_probs = ops.log_softmax(logits, -1)

@@ -73,7 +73,7 @@ class LocMoERouter(Router):
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         pre_relu = grap_logits(x, self.experts_per_group) + ops.gather(self.bias, group_ids, 0)  # (T, E_g)
         logits = ops.relu(pre_relu)
         scores = ops.softmax(logits, axis=-1)
@@ -84,7 +84,8 @@ class LocMoERouter(Router):
         locality = ops.zeros((), ms.float32)
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
-            locality = losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
+            locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
+                                            self.locality_coeff)
         affinity = ops.gather_elements(grap_cosines(x, self.experts_per_group), 1, local_index)
         return local_index, gate, affinity, None, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), locality)
 

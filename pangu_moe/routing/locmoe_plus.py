@@ -81,7 +81,7 @@ class LocMoEPlusRouter(Router):
         self.live_capacity = Parameter(Tensor(NO_LIMIT, ms.int32), name="live_capacity", requires_grad=False)
         self.use_ecr = Parameter(Tensor(int(keep_rule == "ecr"), ms.int32), name="use_ecr", requires_grad=False)
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         cosines = grap_cosines(x, self.experts_per_group)  # (T, E_g)
         logits = cosines / self.temperature
         scores = ops.softmax(logits, axis=-1)
@@ -98,7 +98,8 @@ class LocMoEPlusRouter(Router):
         locality = ops.zeros((), ms.float32)
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
-            locality = losses.locality_loss(probs, self.local_mask, self.locality_variant, self.locality_coeff)
+            locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
+                                            self.locality_coeff)
         return local_index, gate, affinity, requested, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
                                                                      locality)
 
@@ -117,12 +118,13 @@ class LocMoEPlusRouter(Router):
             keep = keep & (slot < self.live_capacity)
         return slot, keep
 
-    def reestimate(self, x, token_ids, group_ids, step, ceiling, min_capacity):
+    def reestimate(self, x, token_ids, group_ids, step, ceiling, min_capacity, num_ranks=1):
         """Host-side capacity re-estimate on one batch (PyNative; call between training steps).
 
         Args:
             x: [T, H] this layer's router input; token_ids, group_ids: [T] int32; step: the training step;
-            ceiling: the static buffer capacity; min_capacity: floor of the floor.
+            ceiling: the static buffer capacity; min_capacity: floor of the floor; num_ranks: W, the routing
+            groups the batch splits into (capacities are per group).
         Returns:
             dict: capacity (the new live C_t), need, floor, delta_hat, ecr (bool, the keep rule now in force).
         """
@@ -131,7 +133,7 @@ class LocMoEPlusRouter(Router):
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
         local = expert_index - group_ids.asnumpy().reshape(-1, 1) * self.experts_per_group  # (T, K)
         chosen = np.take_along_axis(cosines, local, 1)[requested]  # (M,) affinities of the requested choices
-        fair_load = requested.sum() / self.num_experts
+        fair_load = requested.sum() / (self.num_experts * num_ranks)
         need = capacity_lib.score_sum_capacity(chosen, expert_index[requested], self.num_experts, self.coverage,
                                                fair_load)
         delta_hat = capacity_lib.estimate_delta(np.take_along_axis(cosines, local[:, :1], 1))

@@ -79,3 +79,9 @@ def locality_loss(probs, local_mask, variant, coeff, smoothing=1e-3):
     else:
         per_rank = -ops.log(ops.maximum((current * local_mask).sum(1), tiny))
     return coeff * (per_rank * hosts).mean()
+
+
+def rank_mask(local_mask, rank):
+    """The rows of `local_mask` [W, E] for tokens of one source rank (a python int) -> [1, E], or all W
+    rows for rank None (tokens of every rank in rank-major blocks)."""
+    return local_mask if rank is None else local_mask[rank:rank + 1]

@@ -39,7 +39,7 @@ class RandomRoutedRouter(Router):
         super().__init__(num_experts, num_groups, 1, slot_policy)
         self.table = Parameter(Tensor(tables, ms.int32), name="table", requires_grad=False)
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         """x is unused: the expert depends on (group, token id) only. Returns local_index [T,1] int32,
         gate and affinity [T,1] fp32 ones, all requested, and zero losses."""
         index = ops.stack((group_ids, token_ids), axis=1)  # (T, 2)

@@ -47,7 +47,7 @@ class SinkhornRouter(LearnedRouter):
         super().__init__(hidden, num_experts, num_groups, top_k, init_std, slot_policy)
         self.z_loss_coeff, self.iterations = z_loss_coeff, iterations
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         logits = self.logits(x, group_ids)
         gates = ops.sigmoid(logits) if self.top_k == 1 else ops.softmax(logits, axis=-1)
         ranking = gates

@@ -57,7 +57,7 @@ class TopKRouter(LearnedRouter):
         self.jitter_eps = jitter_eps
         self.normalize = normalize
 
-    def score(self, x, token_ids, group_ids, training):
+    def score(self, x, token_ids, group_ids, training, rank=None):
         x = x.astype(ms.float32)
         if training and self.jitter_eps > 0:
             x = multiplicative_jitter(x, self.jitter_eps)

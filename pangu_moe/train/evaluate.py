@@ -13,12 +13,14 @@ class Evaluator:
 
     Args:
         domains: [DomainText]; seq_len: S; batch_size: B; eval_step: from `steps.make_eval_step`.
+        rows: the rows of each batch this process feeds to `eval_step` (one rank's, under expert
+            parallelism with a rank per process; the step returns every rank's sums).
     """
 
-    def __init__(self, domains, seq_len, batch_size, eval_step):
+    def __init__(self, domains, seq_len, batch_size, eval_step, rows=slice(None)):
         self.names = [d.name for d in domains]
         self.inputs, self.labels, self.domain_ids = pipeline.val_windows(domains, seq_len)
-        self.batch_size, self.eval_step = batch_size, eval_step
+        self.batch_size, self.eval_step, self.rows = batch_size, eval_step, rows
         self.num_batches = len(self.inputs) // batch_size
         if self.num_batches == 0:
             raise ConfigError(f"train.batch_size = {batch_size}: must be at most the {len(self.inputs)} validation "
@@ -39,8 +41,8 @@ class Evaluator:
         """
         n = self._batches(max_batches) * self.batch_size
         sums = np.concatenate([
-            self.eval_step(Tensor(self.inputs[i:i + self.batch_size]), Tensor(self.labels[i:i + self.batch_size]),
-                           Tensor(self.domain_ids[i:i + self.batch_size])).asnumpy()
+            self.eval_step(*(Tensor(a[i:i + self.batch_size][self.rows]) for a in (self.inputs, self.labels,
+                                                                                 self.domain_ids))).asnumpy()
             for i in range(0, n, self.batch_size)]).astype(np.float64)  # (N,) summed nats per window
         seq_len = self.inputs.shape[1]
         window_domain = self.domain_ids[:n, 0]

@@ -46,15 +46,22 @@ class HybridEpsAdamW(nn.Cell):
         return step
 
 
-def clip_by_global_norm(grads, max_norm):
-    """Scale grads so their global L2 norm is at most max_norm (0 = no clipping).
-
-    Returns: (clipped grads tuple, global norm fp32 scalar before clipping).
-    """
+def square_sum(grads):
+    """Sum of squares of all grads: fp32 scalar."""
     total = ops.zeros((), ms.float32)
     for g in grads:
         total = total + (g * g).sum()
-    norm = ops.sqrt(total)
+    return total
+
+
+def clip_by_global_norm(grads, max_norm, squares=None):
+    """Scale grads so their global L2 norm is at most max_norm (0 = no clipping).
+
+    `squares`: the global sum of squares, when grads are sharded over processes
+    (`data_parallel.DataParallel.square_sum`); by default `square_sum(grads)`.
+    Returns: (clipped grads tuple, global norm fp32 scalar before clipping).
+    """
+    norm = ops.sqrt(square_sum(grads) if squares is None else squares)
     if max_norm <= 0:
         return grads, norm
     scale = ops.minimum(Tensor(1.0, ms.float32), max_norm / (norm + 1e-6))

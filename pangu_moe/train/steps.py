@@ -2,20 +2,23 @@
 import mindspore as ms
 from mindspore import ops
 
-from pangu_moe.train.optim import clip_by_global_norm
+from pangu_moe.train.optim import clip_by_global_norm, square_sum
 
 
-def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay=0.9):
-    """Forward, backward, clip and update in one step.
+def make_gradient(model, params, capacity, data_parallel=None):
+    """Loss and gradients of one batch, without the update.
+
+    With `data_parallel` (a `data_parallel.DataParallel`; one rank per process) the inputs are this
+    rank's rows, gradients are reduced to those of the mean loss over ranks, the returned losses are
+    means over ranks and the counts cover all W ranks.
 
     With a REINFORCE router (`model.reinforce`) the loss gains the surrogate
     mean_t(sg(l_t - b) * score_t) - sg(itself): value 0, gradient the REINFORCE term, with l_t the token's
-    LM loss and b = `model.reinforce_baseline`, then updated to its EMA with the batch's mean LM loss
-    (`baseline_decay`), so b never depends on the current batch.
+    LM loss and b = `model.reinforce_baseline`.
 
-    Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
-    (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
-    tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32.
+    Returns gradient(input_ids, labels, domain_ids [B,S] int32) -> (loss, lm_loss fp32 scalars, router losses
+    [3] fp32 (`routing.base.LOSS_NAMES`), tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32,
+    grads (tuple in `params` order), global sum of squares of the grads fp32).
     """
 
     def forward(input_ids, labels, domain_ids):
@@ -30,11 +33,35 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay
             loss = loss + surrogate - ops.stop_gradient(surrogate)
         return loss, (lm_loss, losses, demand, kept)
 
-    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters, has_aux=True)
+    grad_fn = ms.value_and_grad(forward, None, params, has_aux=True)
+
+    def gradient(input_ids, labels, domain_ids):
+        (loss, (lm_loss, losses, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
+        if data_parallel is None:
+            return loss, lm_loss, losses, demand, kept, grads, square_sum(grads)
+        grads = data_parallel.grads(grads)
+        return (data_parallel.mean(loss), data_parallel.mean(lm_loss), data_parallel.mean(losses),
+                data_parallel.gather_ranks(demand), data_parallel.gather_ranks(kept), grads,
+                data_parallel.square_sum(grads))
+
+    return gradient
+
+
+def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay=0.9, data_parallel=None):
+    """Forward, backward (`make_gradient`), clip and update in one step.
+
+    A REINFORCE router's baseline is then updated to its EMA with the batch's mean LM loss
+    (`baseline_decay`), so b never depends on the current batch.
+
+    Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
+    (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
+    tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32.
+    """
+    gradient = make_gradient(model, optimizer.parameters, capacity, data_parallel)
 
     def train_step(input_ids, labels, domain_ids, lr):
-        (loss, (lm_loss, losses, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
-        grads, grad_norm = clip_by_global_norm(grads, grad_clip)
+        loss, lm_loss, losses, demand, kept, grads, squares = gradient(input_ids, labels, domain_ids)
+        grads, grad_norm = clip_by_global_norm(grads, grad_clip, squares)
         optimizer(grads, lr)
         if model.reinforce:
             ops.assign(model.reinforce_baseline,
@@ -44,13 +71,17 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay
     return ms.jit(train_step) if graph else train_step
 
 
-def make_eval_step(model, capacity, graph):
-    """Returns step(input_ids, labels, domain_ids [B,S] int32) -> summed cross-entropy per sequence [B] fp32."""
+def make_eval_step(model, capacity, graph, data_parallel=None):
+    """Returns step(input_ids, labels, domain_ids [B,S] int32) -> summed cross-entropy per sequence [B] fp32.
+
+    With `data_parallel` the inputs are this rank's rows and the result covers all ranks' rows.
+    """
 
     def eval_step(input_ids, labels, domain_ids):
         logits = model(input_ids, domain_ids, capacity, False)[0]
         b, s, vocab = logits.shape
         losses = ops.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")  # (B*S,)
-        return losses.reshape(b, s).sum(1)
+        sums = losses.reshape(b, s).sum(1)
+        return sums if data_parallel is None else data_parallel.gather_rows(sums)
 
     return ms.jit(eval_step) if graph else eval_step

@@ -9,7 +9,7 @@ from mindspore import Tensor
 
 from pangu_moe import runtime
 from pangu_moe.capacity import expert_capacity, locmoe_capacity
-from pangu_moe.config import ConfigError, RunConfig
+from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
 from pangu_moe.dispatch.accounting import PLACES, layer_record, route_classes, window_load_stats
@@ -20,6 +20,7 @@ from pangu_moe.routing.locmoe import routed_cosines
 from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter
 from pangu_moe.routing.slots import dropless_capacity
 from pangu_moe.train import checkpoint
+from pangu_moe.train.data_parallel import DataParallel
 from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train import metrics as metrics_file
 from pangu_moe.train.metrics import MetricsLog
@@ -46,32 +47,42 @@ class Trainer:
     """
 
     def __init__(self, cfg, run_dir, log=print):
-        self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        runtime.setup(cfg.runtime)
+        self.cfg, self.run_dir = cfg, run_dir
+        self.rank = runtime.setup(cfg.runtime, cfg.parallel)
+        self.log = log if self.rank == 0 else _silent  # rank 0 writes logs and outputs for the whole world
         m, moe, t = cfg.model, cfg.moe, cfg.train
         self.domains = load_corpus(cfg.data, m.seq_len)
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg, self.rank)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay)
+        self.data_parallel = None
+        self.rows = slice(None)  # the rows of each global batch this process trains on
+        if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
+            world = self.topology.world_size
+            self.data_parallel = DataParallel(self.optimizer.parameters, world)
+            per_rank = t.batch_size // world
+            self.rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         self.tokens_per_step = t.batch_size * m.seq_len
-        self.capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.capacity_factor,
+        # Each rank routes its own batch_size/W sequences as one group: capacities are per rank group.
+        self.group_tokens = self.tokens_per_step // self.topology.world_size
+        self.capacity = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, moe.capacity_factor,
                                         moe.min_capacity)
         self.capacity_probe = {}
         if moe.capacity_mode == "locmoe_bound":
             self.capacity, self.capacity_probe = self._probe_locmoe_capacity()
-        eval_capacity = expert_capacity(self.tokens_per_step, moe.num_experts, moe.top_k, moe.eval_capacity_factor,
+        eval_capacity = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, moe.eval_capacity_factor,
                                         moe.min_capacity)
         if moe.slot_policy == "none":
-            self.capacity = eval_capacity = dropless_capacity(self.tokens_per_step)
+            self.capacity = eval_capacity = dropless_capacity(self.group_tokens)
         self.plus_routers = [b.moe.router for b in self.model.moe_blocks if isinstance(b.moe.router, LocMoEPlusRouter)]
         for router in self.plus_routers:
             router.start(self.capacity)
         graph = cfg.runtime.mode == "graph"
         self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph,
-                                          moe.kool_skip.baseline_decay)
+                                          moe.kool_skip.baseline_decay, self.data_parallel)
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
-                                   make_eval_step(self.model, eval_capacity, graph))
+                                   make_eval_step(self.model, eval_capacity, graph, self.data_parallel), self.rows)
 
     def _probe_locmoe_capacity(self):
         """LocMoE capacity from the cosines of the step-0 batch under the initial weights.
@@ -80,19 +91,24 @@ class Trainer:
         same capacity as the original one. Returns (C, {"delta_hat": [...], "capacity_lower_bound": [...]}).
         """
         cfg = self.cfg
-        batch = next(pipeline.train_batches(self.domains, cfg.model.seq_len, cfg.train.batch_size, cfg.runtime.seed,
-                                            0, 1, cfg.data.mixture, self.topology.world_size,
-                                            cfg.parallel.devices_per_node))
+        batch = next(self.batches(0))
         input_ids, _, domain_ids = (Tensor(a) for a in batch)
         cosines = [routed_cosines(block.moe.router, *layer_input)
                    for block, layer_input in zip(self.model.moe_blocks,
-                                                 self.model.moe_inputs(input_ids, domain_ids, self.tokens_per_step))]
+                                                 self.model.moe_inputs(input_ids, domain_ids, self.group_tokens))]
         capacity, deltas, bounds = locmoe_capacity(cosines, cfg.model.hidden,
-                                                   cfg.moe.num_experts // cfg.moe.num_groups, self.tokens_per_step,
+                                                   cfg.moe.num_experts // cfg.moe.num_groups, self.group_tokens,
                                                    cfg.moe.min_capacity, cfg.moe.delta_quantile)
         self.log(f"locmoe capacity: delta_hat {[round(d, 4) for d in deltas]}, lower bound "
                  f"{[round(b, 3) for b in bounds]} -> C = {capacity}")
         return capacity, {"delta_hat": deltas, "capacity_lower_bound": bounds}
+
+    def batches(self, start_step):
+        """The global batches (input_ids, labels, domain_ids) numpy [B, S] of steps start_step..train.steps-1."""
+        cfg = self.cfg
+        return pipeline.train_batches(self.domains, cfg.model.seq_len, cfg.train.batch_size, cfg.runtime.seed,
+                                      start_step, cfg.train.steps, cfg.data.mixture, self.topology.world_size,
+                                      cfg.parallel.devices_per_node)
 
     def _update_router_state(self, step, input_ids, domain_ids):
         """Host-side router updates before training step `step` (0-based); returns each layer's live C.
@@ -106,7 +122,8 @@ class Trainer:
                 router.advance(step)
             if every and step % every == 0:
                 inputs = self.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), self.capacity)
-                found = [router.reestimate(*layer_input, step, self.capacity, self.cfg.moe.min_capacity)
+                found = [router.reestimate(*layer_input, step, self.capacity, self.cfg.moe.min_capacity,
+                                           self.topology.world_size)
                          for router, layer_input in zip(self.plus_routers, inputs)]
                 self.log(f"step {step}: locmoe_plus capacity {[f['capacity'] for f in found]} (need "
                          f"{[f['need'] for f in found]}, floor {[f['floor'] for f in found]}), "
@@ -124,16 +141,17 @@ class Trainer:
         state = {key: 0 for key in STATE_KEYS}
         state["train_seconds"] = 0.0
         if resume_from:
-            state = checkpoint.load(resume_from, [self.model, self.optimizer], STATE_KEYS)
+            state = checkpoint.load(resume_from, [self.model, self.optimizer], STATE_KEYS,
+                                    self.rank if self.data_parallel else None)
             self.log(f"resumed from {resume_from} at step {state['step']}")
         os.makedirs(self.run_dir, exist_ok=True)
-        cfg.save(os.path.join(self.run_dir, "config.yaml"))
-        metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
-                             keep_until_step=state["step"] if resume else None)
-        batches = pipeline.train_batches(self.domains, cfg.model.seq_len, t.batch_size, cfg.runtime.seed,
-                                         state["step"], t.steps, cfg.data.mixture, self.topology.world_size,
-                                         cfg.parallel.devices_per_node)
-        self.log(f"training {cfg.moe.router} router, {count_parameters(self.model)[0]:,} parameters, "
+        metrics = None
+        if self.rank == 0:
+            cfg.save(os.path.join(self.run_dir, "config.yaml"))
+            metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                 keep_until_step=state["step"] if resume else None)
+        batches = self.batches(state["step"])
+        self.log(f"training {cfg.moe.router} router, {count_parameters(self.model, 1.0, self._expert_shards())[0]:,} parameters, "
                  f"C={self.capacity} slots/expert, steps {state['step']}..{t.steps} -> {self.run_dir}")
         window_tokens, window_seconds = 0, 0.0
         first = True
@@ -142,7 +160,9 @@ class Trainer:
             capacities = self._update_router_state(state["step"], input_ids, domain_ids)
             state["capacity_sum"] += float(np.mean(capacities))
             began = time.perf_counter()
-            out = self.train_step(Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32))
+            rows = self.rows
+            out = self.train_step(Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]),
+                                  Tensor(lr, ms.float32))
             loss, lm_loss, router_losses, grad_norm, demand, kept = [o.asnumpy() for o in out]
             seconds = time.perf_counter() - began
             state["step"] = step = state["step"] + 1
@@ -172,7 +192,8 @@ class Trainer:
                 if do_eval:
                     val = self.evaluator.evaluate(t.eval_batches)
                     record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"])
-                metrics.write(record)
+                if metrics:
+                    metrics.write(record)
                 per_step = state["train_seconds"] * self.tokens_per_step / max(1, state["train_tokens"])
                 self.log(progress_line(record, t.steps, per_step))
                 window_tokens, window_seconds = 0, 0.0
@@ -180,20 +201,32 @@ class Trainer:
                 self._save(state)
         return self._finish(state)
 
+    def _expert_shards(self):
+        return self.topology.world_size if self.data_parallel else 1
+
     def _save(self, state):
-        checkpoint.save(checkpoint.step_path(self.run_dir, state["step"]), [self.model, self.optimizer], state)
+        cells = [self.model, self.optimizer]
+        if self.data_parallel is None:
+            checkpoint.save(checkpoint.step_path(self.run_dir, state["step"]), cells, state)
+        else:
+            world, experts = self.topology.world_size, self.cfg.moe.num_experts
+            shards = [list(range(r * experts // world, (r + 1) * experts // world)) for r in range(world)]
+            checkpoint.save_sharded(checkpoint.step_path(self.run_dir, state["step"], sharded=True), cells, state,
+                                    self.rank, shards, self.data_parallel.barrier)
         keep = self.cfg.train.keep_checkpoints
-        if keep:
+        if keep and self.rank == 0:
             for _, path in checkpoint.list_checkpoints(self.run_dir)[:-keep]:
-                os.remove(path)
+                checkpoint.remove(path)
 
     def _finish(self, state):
         cfg = self.cfg
         val = self.evaluator.evaluate()
         unigram = pipeline.unigram_bpb(self.evaluator.scored_labels())
-        reference = expert_capacity(self.tokens_per_step, cfg.moe.num_experts, cfg.moe.top_k,
+        reference = expert_capacity(self.group_tokens, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
-        total, active = count_parameters(self.model, cfg.moe.top_k / cfg.moe.num_experts)
+        if self.rank != 0:
+            return None
+        total, active = count_parameters(self.model, cfg.moe.top_k / cfg.moe.num_experts, self._expert_shards())
         routed = sum(state["routed_" + place] for place in PLACES)
         summary = {
             "steps": state["step"], "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "unigram_bpb": unigram,
@@ -216,6 +249,10 @@ class Trainer:
         self.log(f"done: val_bpb {val['val_bpb']:.3f} = {val['val_bpb'] / unigram:.3f} x unigram ({unigram:.3f}); "
                  f"dropped {summary['dropped_fraction']:.2%}; {summary['tokens_per_s']:,.0f} tokens/s")
         return summary
+
+
+def _silent(line):
+    """The log of ranks other than 0."""
 
 
 def check_run_dir(cfg, run_dir, resume):
@@ -256,11 +293,12 @@ def _flatten(d, prefix=""):
     return out
 
 
-def count_parameters(model, expert_share=1.0):
-    """(total, active) trainable parameter counts; active counts experts by `expert_share` (K / E)."""
+def count_parameters(model, expert_share=1.0, expert_shards=1):
+    """(total, active) trainable parameter counts of the whole model; active counts experts by
+    `expert_share` (K / E); `expert_shards`: W when `model` holds one rank's expert shard."""
     total = active = 0
     for p in model.trainable_params():
-        n = int(np.prod(p.shape))
+        n = int(np.prod(p.shape)) * (expert_shards if is_expert_parameter(p.name) else 1)
         total += n
         active += n * expert_share if is_expert_parameter(p.name) else n
     return total, int(active)

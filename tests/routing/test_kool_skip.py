@@ -3,7 +3,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from pangu_moe.dispatch.local import LocalDispatcher
+from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.routing import route
@@ -42,7 +42,7 @@ def test_training_samples_from_the_router_distribution_and_evaluation_takes_the_
 
 def test_forward_is_ungated_and_backward_is_importance_weighted():
     ms.set_seed(5)
-    layer = MoELayer(KoolSkipRouter(H, E, 1, 0.0, init_std=0.5), LocalDispatcher(E), GroupedExperts(E, H, 16, 0.3))
+    layer = MoELayer(KoolSkipRouter(H, E, 1, 0.0, init_std=0.5), Dispatcher(E), GroupedExperts(E, H, 16, 0.3))
     x, zeros = _x(12, 2), Tensor(np.zeros(12, np.int32))
     cot = Tensor(np.random.default_rng(3).standard_normal((12, H)).astype(np.float32))
     capacity = 2

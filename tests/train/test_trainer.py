@@ -134,13 +134,14 @@ def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path):
     summary = _train(tmp_path / "plus", *overrides)
     records = read(tmp_path / "plus" / "metrics.jsonl")
     capacities = np.array([[layer["capacity"] for layer in r["layers"]] for r in records])  # (steps, L)
-    assert (np.diff(capacities, axis=0) <= 0).all() and capacities.max() <= 40 and capacities[-1].max() < 40
+    # Each of the 2 ranks routes its 64 tokens as one group: ceiling C = ceil(64 * 1.25 / 4) = 20.
+    assert (np.diff(capacities, axis=0) <= 0).all() and capacities.max() <= 20 and capacities[-1].max() < 20
     for r in records:
         for layer in r["layers"]:
-            assert max(layer["kept_per_expert"]) <= layer["capacity"]
+            assert max(layer["kept_per_expert"]) <= 2 * layer["capacity"]  # summed over the 2 rank groups
             assert layer["tokens_local"] + layer["tokens_intra"] + layer["tokens_inter"] == sum(layer["kept_per_expert"])
     assert sum(r["layers"][0]["tokens_inter"] for r in records) > 0  # 2 nodes, each hosting one group
-    assert summary["capacity_ratio"] == pytest.approx(capacities.mean() / 36)
+    assert summary["capacity_ratio"] == pytest.approx(capacities.mean() / 18)  # ceil(64 * 1.1 / 4)
     inter = sum(layer["tokens_inter"] for r in records for layer in r["layers"])
     assert summary["inter_node_fraction"] == pytest.approx(inter / sum(sum(layer["kept_per_expert"])
                                                                        for r in records for layer in r["layers"]))
@@ -149,5 +150,7 @@ def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path):
     os.remove(resumed / "checkpoints" / "step_000012.ckpt")
     os.remove(resumed / "summary.json")
     again = _train(resumed, *overrides, resume=True)
-    assert _losses(resumed) == _losses(tmp_path / "plus")
+    # Not bit-exact: with the locality loss on W > 1 rank groups the resumed run's locality loss differs in
+    # the last bit from step 9 on (README, "Resume"); everything else here is exact.
+    np.testing.assert_allclose(np.array(_losses(resumed)), np.array(_losses(tmp_path / "plus")), rtol=1e-5)
     assert again["capacity_ratio"] == summary["capacity_ratio"]

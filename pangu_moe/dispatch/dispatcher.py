@@ -1,4 +1,7 @@
-"""Single-device dispatch (W = 1): index-based gather into an [E, C, H] buffer and back.
+"""Dispatch and combine: index-based gather of routed tokens into per-expert buffers [E, C, H] and back.
+
+Under expert parallelism the "experts" indexed here are (source rank, expert) pairs, R*E of them, so
+the buffer is every held rank's destination-major send buffer (`model.moe_layer.MoELayer`).
 
 No [T, E, C] one-hot tensor is built: dispatch is a gather through a row map (buffer row -> source
 token) and combine is a gather through the flat slot index, both differentiable, both O(T*K*H).
@@ -7,11 +10,11 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
-class LocalDispatcher(nn.Cell):
-    """The `local` exchange backend: identity exchange, permute and un-permute only.
+class Dispatcher(nn.Cell):
+    """Permute tokens into buffers and un-permute them; no communication (that is `dispatch.exchange`).
 
     Args:
-        num_experts: E.
+        num_experts: the number of buffers (E, or R*E for R ranks' send buffers).
     """
 
     def __init__(self, num_experts):

@@ -1,0 +1,124 @@
+"""The one collective the exchange needs: an all-to-all inside a rank group, per backend.
+
+Every primitive maps x [R, G, ...] -> [R, G, ...], where R is the number of ranks this process holds
+(all W for `simulated`, 1 otherwise) and G the size of the group: on entry x[r, j] is what rank r
+sends to the j-th member of its group, on exit x[r, j] is what rank r received from the j-th member.
+
+Groups are the world, a node's ranks (`intra`) or the ranks with the same local rank on every node
+(`inter`); rank = node * D + local rank (`dispatch.topology.Topology`).
+"""
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+GROUP_KINDS = ("world", "intra", "inter")
+
+
+def group_members(kind, rank, nodes, devices_per_node):
+    """The world ranks of `rank`'s group of `kind`, in member order: list of ints."""
+    node, local = divmod(rank, devices_per_node)
+    if kind == "world":
+        return list(range(nodes * devices_per_node))
+    if kind == "intra":
+        return [node * devices_per_node + d for d in range(devices_per_node)]
+    if kind == "inter":
+        return [n * devices_per_node + local for n in range(nodes)]
+    raise ValueError(f"group kind {kind!r}: must be one of {', '.join(GROUP_KINDS)}")
+
+
+def group_name(kind, rank, nodes, devices_per_node):
+    """A name for `rank`'s group of `kind`, the same on all its members."""
+    node, local = divmod(rank, devices_per_node)
+    return {"world": "ep_world", "intra": f"ep_intra_node{node}", "inter": f"ep_inter_local{local}"}[kind]
+
+
+class SimulatedAllToAll(nn.Cell):
+    """All W ranks in one process: the exchange is a transpose of the (source, destination) axes.
+
+    Args: kind: a GROUP_KINDS name; nodes N, devices_per_node D.
+    """
+
+    def __init__(self, kind, nodes, devices_per_node):
+        super().__init__()
+        self.kind, self.nodes, self.devices = kind, nodes, devices_per_node
+
+    def construct(self, x):
+        """x [W, G, ...] -> [W, G, ...]."""
+        n, d = self.nodes, self.devices
+        rest = x.shape[2:]
+        if self.kind == "world":
+            return ops.swapaxes(x, 0, 1)
+        if self.kind == "intra":
+            grid = x.reshape((n, d, d) + rest)  # (node, sender d, receiver e, ...)
+            return ops.swapaxes(grid, 1, 2).reshape((n * d, d) + rest)  # out[n, e, d] = x[n, d, e]
+        grid = x.reshape((n, d, n) + rest)  # inter: (sender node, local rank, receiver node, ...)
+        return ops.swapaxes(grid, 0, 2).reshape((n * d, n) + rest)  # out[m, d, n] = x[n, d, m]
+
+
+class GatheredAllToAll(nn.Cell):
+    """One rank per process on CPU (`msrun_cpu`): world AllGather, then this rank's column of its group.
+
+    CPU MindSpore has no AlltoAll, and AllGather works in the world group only (spec mindspore_cpu.md
+    §3), so every group's exchange gathers the whole world: W x the bytes of a real all-to-all. The
+    counts that `dispatch.accounting` reports are those of the real exchange, not of this emulation.
+    The backward of an all-to-all is the same all-to-all, run here by `bprop` (AllGather has no CPU
+    gradient: it would need ReduceScatter).
+
+    Args: kind; rank: this process's world rank; nodes N, devices_per_node D.
+    """
+
+    def __init__(self, kind, rank, nodes, devices_per_node):
+        super().__init__()
+        members = group_members(kind, rank, nodes, devices_per_node)
+        self.members = Tensor(np.asarray(members, np.int32))
+        self.position = members.index(rank)
+        self.all_gather = ops.AllGather()
+
+    def exchange(self, x):
+        """x [1, G, ...] -> [1, G, ...]."""
+        gathered = self.all_gather(x)  # (W, G, ...): every rank's send buffer
+        return ops.gather(gathered, self.members, 0)[:, self.position].expand_dims(0)  # (1, G, ...)
+
+    def construct(self, x):
+        return self.exchange(x)
+
+    def bprop(self, x, out, dout):
+        return (self.exchange(dout),)
+
+
+class HcclAllToAll(nn.Cell):
+    """Ascend: `ops.AlltoAll` in the group (not run in this repository's CI; see README).
+
+    The group is created by its members only; every rank belongs to exactly one group of each kind, so
+    each rank creates the groups it is in.
+
+    Args: kind; rank: world rank; nodes N, devices_per_node D.
+    """
+
+    def __init__(self, kind, rank, nodes, devices_per_node):
+        super().__init__()
+        from mindspore.communication import GlobalComm, create_group
+        members = group_members(kind, rank, nodes, devices_per_node)
+        if kind == "world":
+            name = GlobalComm.WORLD_COMM_GROUP
+        else:
+            name = group_name(kind, rank, nodes, devices_per_node)
+            create_group(name, members)
+        # x [1, G, ...]: piece j along axis 1 goes to member j; received pieces are concatenated along axis 1
+        # in member order, which is this primitive's contract.
+        self.all_to_all = ops.AlltoAll(split_count=len(members), split_dim=1, concat_dim=1, group=name)
+
+    def construct(self, x):
+        """x [1, G, ...] -> [1, G, ...]."""
+        return self.all_to_all(x)
+
+
+def make_all_to_all(backend, kind, rank, nodes, devices_per_node):
+    """The primitive of `backend` ("simulated", "msrun_cpu", "hccl") for groups of `kind`."""
+    if backend == "simulated":
+        return SimulatedAllToAll(kind, nodes, devices_per_node)
+    if backend == "msrun_cpu":
+        return GatheredAllToAll(kind, rank, nodes, devices_per_node)
+    if backend == "hccl":
+        return HcclAllToAll(kind, rank, nodes, devices_per_node)
+    raise ValueError(f"exchange backend {backend!r}: must be simulated, msrun_cpu or hccl")
+

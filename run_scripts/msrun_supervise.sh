@@ -1,0 +1,63 @@
+# Sourced by the msrun launch scripts: start msrun and supervise it so that no worker outlives the job.
+#
+# supervise_msrun NAME LOG_DIR TIMEOUT MSRUN_COMMAND...
+#   Runs MSRUN_COMMAND (msrun's output goes to LOG_DIR/msrun.log, the workers' to LOG_DIR/worker_*.log).
+#   On a worker error (a traceback in any worker log; the other workers may be blocked in a collective),
+#   on TIMEOUT seconds (0: none), on a non-zero msrun exit and on Ctrl-C it stops msrun and every worker,
+#   prints the tail of the failed workers' logs and exits 1 (130 on Ctrl-C). On success it prints the
+#   log of this node's first worker (rank 0's on node 0) without MindSpore's WARNING/INFO lines.
+
+descendants() {  # every process below $1; msrun puts each worker in its own session, so no group kill
+  local child
+  for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done
+}
+
+stop_all() {  # msrun and every process it started, collected before they are re-parented
+  local pids
+  pids="$leader $known $(descendants "$leader")"
+  kill -TERM $pids 2>/dev/null
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    kill -0 $pids 2>/dev/null || break
+    sleep 0.5
+  done
+  kill -KILL $pids 2>/dev/null
+  wait "$leader" 2>/dev/null
+}
+
+supervise_msrun() {
+  local name="$1" log_dir="$2" timeout="$3"
+  shift 3
+  "$@" >"$log_dir/msrun.log" 2>&1 &
+  leader=$!
+  known=""  # worker PIDs seen so far, in case msrun dies first
+  trap 'echo "$name: interrupted; stopping workers" >&2; stop_all; exit 130' INT TERM
+  local deadline=$((SECONDS + timeout)) status="" code
+  while kill -0 "$leader" 2>/dev/null; do
+    known="$(echo $known $(descendants "$leader") | tr ' ' '\n' | sort -u | tr '\n' ' ')"
+    if (( timeout > 0 && SECONDS >= deadline )); then status="timeout after ${timeout}s"; break; fi
+    if grep -qs "Traceback (most recent call last)" "$log_dir"/worker_*.log; then
+      sleep 2  # let msrun notice the failure itself first
+      kill -0 "$leader" 2>/dev/null && { status="worker failed"; break; }
+    fi
+    sleep 1
+  done
+  if [[ -z "$status" ]]; then
+    wait "$leader"; code=$?
+    [[ $code -eq 0 ]] || status="msrun exited with $code"
+  fi
+  if [[ -n "$status" ]]; then
+    stop_all
+    echo "$name: $status; workers stopped; logs in $log_dir" >&2
+    for f in "$log_dir"/worker_*.log; do
+      if grep -qsE "Traceback|[Ee]rror" "$f"; then
+        echo "---- $f" >&2
+        grep -vE "^\[(WARNING|INFO)\]" "$f" | tail -n 15 >&2
+      fi
+    done
+    exit 1
+  fi
+  local first
+  first="$(ls "$log_dir"/worker_*.log 2>/dev/null | sort -t_ -k2 -n | head -n 1)"
+  [[ -z "$first" ]] || grep -vE "^\[(WARNING|INFO)\]" "$first"
+  exit 0
+}

@@ -1,0 +1,141 @@
+"""Expert parallelism end to end: local, simulated (flat and hierarchical) and msrun_cpu (W = 4 as
+2 nodes x 2 devices, 4 processes) give the same losses and gradients; the launcher leaves no process
+behind, also when a worker fails; sharded checkpoints join into a one-process model."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from pangu_moe.config import ConfigError
+from pangu_moe.train import checkpoint
+from pangu_moe.train.metrics import read
+from pangu_moe.train.trainer import STATE_KEYS, Trainer
+from tests.conftest import TINY, tiny_config
+from tests.train.ep_worker import first_gradients
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCHER = os.path.join(REPO, "run_scripts", "run_msrun_cpu.sh")
+EP = ("parallel.nodes=2", "parallel.devices_per_node=2", "train.steps=5", "train.eval_every=5",
+      "train.checkpoint_every=5")
+
+
+def _run(run_dir, *overrides):
+    """Train 5 steps; returns (losses, step-0 gradients by name, summary)."""
+    trainer = Trainer(tiny_config(*EP, *overrides), str(run_dir), log=lambda line: None)
+    grads = first_gradients(trainer)
+    summary = trainer.train()
+    return [r["loss"] for r in read(run_dir / "metrics.jsonl")], grads, summary
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("local"))
+
+
+@pytest.mark.parametrize("exchange", ["flat", "hierarchical"])
+def test_simulated_equals_local(local_run, tmp_path, exchange):
+    losses, grads, summary = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}")
+    np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
+    assert grads.keys() == local_run[1].keys()
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, local_run[1][name], rtol=1e-5, atol=1e-8, err_msg=name)
+    assert summary["val_loss"] == pytest.approx(local_run[2]["val_loss"], rel=1e-5)
+
+
+def _ours(pattern):
+    """PIDs of live processes whose command line contains `pattern`."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def _launch(tmp_path, *args, timeout=600):
+    cmd = ["bash", LAUNCHER, "--workers", "4", "--python", sys.executable, "--log-dir", str(tmp_path / "logs"),
+           "--timeout", "400", *args]
+    began = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path))
+    return done, time.monotonic() - began
+
+
+@pytest.mark.msrun
+@pytest.mark.parametrize("exchange", ["flat", "hierarchical"])
+def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, exchange):
+    config = tmp_path / "tiny.yaml"
+    with open(config, "w") as fh:
+        yaml.safe_dump(TINY, fh)
+    run_dir = tmp_path / "run"
+    sets = [a for o in EP + ("parallel.dispatch=msrun_cpu", f"parallel.exchange={exchange}") for a in ("--set", o)]
+    done, _ = _launch(tmp_path, "--script", os.path.join(REPO, "tests", "train", "ep_worker.py"), "--", str(config),
+                      str(run_dir), *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not _ours(str(run_dir)), "workers outlived the launcher"
+    losses = [r["loss"] for r in read(run_dir / "metrics.jsonl")]
+    np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
+    local_grads = local_run[1]
+    for rank in range(4):
+        grads = dict(np.load(run_dir / f"grads_rank{rank}.npz"))
+        assert grads.keys() == local_grads.keys()
+        for name, g in grads.items():
+            want = local_grads[name]
+            if ".experts." in name:  # rank r holds expert r of E = 4
+                want = want[rank:rank + 1]
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-8, err_msg=f"rank {rank} {name}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(local_run[2]["val_loss"], rel=1e-5)
+    assert summary["params_total"] == local_run[2]["params_total"]
+
+    # The sharded checkpoint joins into a one-process model with the same validation loss.
+    (step, folder), = checkpoint.list_checkpoints(str(run_dir))
+    manifest = json.loads(open(os.path.join(folder, checkpoint.MANIFEST)).read())
+    assert step == 5 and [s["experts"] for s in manifest["shards"]] == [[0], [1], [2], [3]]
+    joined = Trainer(tiny_config(*EP, "parallel.dispatch=simulated"), str(tmp_path / "eval"), log=lambda line: None)
+    assert checkpoint.load(folder, [joined.model, joined.optimizer], STATE_KEYS)["step"] == 5
+    assert joined.evaluator.evaluate()["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+
+
+FAILING_WORKER = """
+import sys
+from mindspore.communication import get_rank, init
+from mindspore import Tensor, ops
+init()
+if get_rank() == 1:
+    raise RuntimeError("worker 1 fails on purpose")
+ops.AllReduce()(Tensor(1.0)).asnumpy()  # the others block here, waiting for rank 1
+"""
+
+
+@pytest.mark.msrun
+def test_a_failed_worker_stops_the_whole_job(tmp_path):
+    script = tmp_path / "failing_worker_marker.py"
+    script.write_text(FAILING_WORKER)
+    done, seconds = _launch(tmp_path, "--script", str(script), "--", "x")
+    assert done.returncode == 1
+    assert "worker failed" in done.stderr and "worker 1 fails on purpose" in done.stderr
+    assert seconds < 120
+    assert not _ours("failing_worker_marker")
+
+
+def test_launcher_rejects_bad_arguments(tmp_path):
+    done = subprocess.run(["bash", LAUNCHER, "--workers", "0", "--", "train"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--workers = 0: must be a positive integer" in done.stderr
+    done = subprocess.run(["bash", LAUNCHER, "--python", sys.executable, "--script", str(tmp_path / "none.py")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "none.py: no such file" in done.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("parallel.exchange=hierarchical",),
+     "parallel.exchange = 'hierarchical': must be flat with parallel.dispatch=local"),
+    (("parallel.dispatch=simulated", "parallel.devices_per_node=8", "train.batch_size=8"),
+     "parallel.dispatch = 'simulated': must be local when W = 8 ranks does not divide moe.num_experts=4"),
+    (("parallel.dispatch=msrun_cpu", "moe.router=locmoe", "moe.capacity_mode=locmoe_bound"),
+     "moe.capacity_mode = 'locmoe_bound': must be factor with parallel.dispatch=msrun_cpu"),
+    (("parallel.dispatch=hccl",), "runtime.device = 'CPU': must be Ascend for parallel.dispatch=hccl"),
+])
+def test_parallel_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(*overrides)
