@@ -26,15 +26,14 @@ def _train(args):
 
 def _eval(args):
     from pangu_moe.train import checkpoint
-    from pangu_moe.train.trainer import STATE_KEYS, Trainer
+    from pangu_moe.train.trainer import Trainer
     if not os.path.exists(args.checkpoint):
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
     # RUN_DIR/checkpoints/step_X.ckpt, or the sharded folder RUN_DIR/checkpoints/step_X/
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint.rstrip("/"))))
     cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
     trainer = Trainer(cfg, run_dir)
-    state = checkpoint.load(args.checkpoint, [trainer.model, trainer.optimizer], STATE_KEYS,
-                            trainer.rank if trainer.data_parallel else None)
+    state = trainer.load_checkpoint(args.checkpoint)
     result = {"checkpoint": args.checkpoint, "step": state["step"], **trainer.evaluator.evaluate()}
     if trainer.rank == 0:
         print(json.dumps(result))

@@ -7,6 +7,7 @@ path, the bad value and what is allowed.
 """
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import List
@@ -308,8 +309,11 @@ class RunConfig:
         return cls.from_dict(d, overrides)
 
     def save(self, path):
-        with open(path, "w", encoding="utf-8") as fh:
+        """Write the YAML atomically: other ranks of a multi-process run may be reading the old file."""
+        tmp = os.fspath(path) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(self.to_yaml())
+        os.replace(tmp, path)
 
 
 def _one_line(e):

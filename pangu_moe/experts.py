@@ -18,7 +18,8 @@ class GroupedExperts(nn.Cell):
         1/sqrt(2 * num_layers) through `out_std`).
         shard: (first, count) to hold experts [first, first + count) only (expert parallelism). The full
             [E, ...] tensors are drawn first and then sliced, so a shard equals the same experts of an
-            unsharded model built from the same seed.
+            unsharded model built from the same seed (at the cost of holding all E experts briefly
+            at build time; a model too large for that needs a per-shard initializer).
     """
 
     def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None, shard=None):

@@ -4,7 +4,7 @@
 #   Runs MSRUN_COMMAND (msrun's output goes to LOG_DIR/msrun.log, the workers' to LOG_DIR/worker_*.log).
 #   On a worker error (a traceback in any worker log; the other workers may be blocked in a collective),
 #   on TIMEOUT seconds (0: none), on a non-zero msrun exit and on Ctrl-C it stops msrun and every worker,
-#   prints the tail of the failed workers' logs and exits 1 (130 on Ctrl-C). On success it prints the
+#   prints the tail of the failed workers' logs and exits 1 (130 on Ctrl-C, 143 on SIGTERM). On success it prints the
 #   log of this node's first worker (rank 0's on node 0) without MindSpore's WARNING/INFO lines.
 
 descendants() {  # every process below $1; msrun puts each worker in its own session, so no group kill
@@ -27,13 +27,16 @@ stop_all() {  # msrun and every process it started, collected before they are re
 supervise_msrun() {
   local name="$1" log_dir="$2" timeout="$3"
   shift 3
+  # A reused log dir must not hold an earlier job's tracebacks: they would stop this job at once.
+  rm -f "$log_dir"/worker_*.log "$log_dir"/scheduler.log "$log_dir"/msrun.log
   "$@" >"$log_dir/msrun.log" 2>&1 &
   leader=$!
-  known=""  # worker PIDs seen so far, in case msrun dies first
-  trap 'echo "$name: interrupted; stopping workers" >&2; stop_all; exit 130' INT TERM
+  known=""
+  trap 'echo "$name: interrupted; stopping workers" >&2; stop_all; exit 130' INT
+  trap 'echo "$name: terminated; stopping workers" >&2; stop_all; exit 143' TERM
   local deadline=$((SECONDS + timeout)) status="" code
   while kill -0 "$leader" 2>/dev/null; do
-    known="$(echo $known $(descendants "$leader") | tr ' ' '\n' | sort -u | tr '\n' ' ')"
+    known="$(descendants "$leader" | tr '\n' ' ')"  # live workers, remembered in case msrun dies first
     if (( timeout > 0 && SECONDS >= deadline )); then status="timeout after ${timeout}s"; break; fi
     if grep -qs "Traceback (most recent call last)" "$log_dir"/worker_*.log; then
       sleep 2  # let msrun notice the failure itself first
@@ -49,7 +52,7 @@ supervise_msrun() {
     stop_all
     echo "$name: $status; workers stopped; logs in $log_dir" >&2
     for f in "$log_dir"/worker_*.log; do
-      if grep -qsE "Traceback|[Ee]rror" "$f"; then
+      if grep -qs "Traceback" "$f"; then
         echo "---- $f" >&2
         grep -vE "^\[(WARNING|INFO)\]" "$f" | tail -n 15 >&2
       fi
@@ -57,7 +60,7 @@ supervise_msrun() {
     exit 1
   fi
   local first
-  first="$(ls "$log_dir"/worker_*.log 2>/dev/null | sort -t_ -k2 -n | head -n 1)"
+  first="$(ls -v "$log_dir"/worker_*.log 2>/dev/null | head -n 1)"
   [[ -z "$first" ]] || grep -vE "^\[(WARNING|INFO)\]" "$first"
   exit 0
 }

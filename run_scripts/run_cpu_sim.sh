@@ -27,6 +27,7 @@ while [[ $# -gt 0 ]]; do
     --python) python_bin="$2"; shift 2 ;;
     --) shift; break ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -*) echo "$(basename "$0"): unknown option $1 (see --help; pangu-moe arguments go after --)" >&2; exit 2 ;;
     *) break ;;
   esac
 done
@@ -36,7 +37,7 @@ die() { echo "run_cpu_sim.sh: $*" >&2; exit 2; }
 [[ "$exchange" == flat || "$exchange" == hierarchical ]] || die "--exchange = $exchange: must be flat or hierarchical"
 [[ -f "$config" ]] || die "--config = $config: no such file"
 out="${out:-runs/sim_${nodes}x${devices}}"
-cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package; paths stay the caller's
 exec "$python_bin" -m pangu_moe.cli train --config "$config" --out "$out" \
   --set parallel.dispatch=simulated --set "parallel.exchange=$exchange" \
   --set "parallel.nodes=$nodes" --set "parallel.devices_per_node=$devices" "$@"

@@ -2,7 +2,7 @@
 # Expert-parallel training on W CPU processes, one rank each (parallel.dispatch=msrun_cpu), via msrun.
 #
 # Usage:
-#   run_scripts/run_msrun_cpu.sh [--workers W] [--port P] [--log-dir DIR] [--timeout SEC] [--python PY]
+#   run_scripts/run_msrun_cpu.sh [--workers W] [--port P] [--log-dir DIR] [--timeout SEC (1800; 0: none)] [--python PY]
 #                                [--script FILE] [--] PANGU_MOE_ARGS...
 # Example (2 nodes x 2 devices simulated as 4 processes):
 #   run_scripts/run_msrun_cpu.sh --workers 4 -- train --config configs/demo_cpu.yaml --out runs/ep4 \
@@ -31,12 +31,13 @@ while [[ $# -gt 0 ]]; do
     --script) script="$2"; shift 2 ;;
     --) shift; break ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -*) echo "$(basename "$0"): unknown option $1 (see --help; pangu-moe arguments go after --)" >&2; exit 2 ;;
     *) break ;;
   esac
 done
 die() { echo "run_msrun_cpu.sh: $*" >&2; exit 2; }
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers = $workers: must be a positive integer"
-[[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "--timeout = $timeout: must be a positive number of seconds"
+[[ "$timeout" =~ ^[0-9]+$ ]] || die "--timeout = $timeout: must be a number of seconds (0: none)"
 [[ -x "$python_bin" ]] || die "--python = $python_bin: not an executable (the Python with mindspore installed)"
 "$python_bin" -c "import mindspore" 2>/dev/null || die "--python = $python_bin: cannot import mindspore"
 msrun_bin="$(dirname "$python_bin")/msrun"

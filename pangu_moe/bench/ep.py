@@ -3,13 +3,14 @@
 The model is the demo's (configs/demo_cpu.yaml) on 2 nodes x 2 devices, the same global batch for
 every backend. `local` and `simulated` train steps alternate (local, simulated, local, ...) after
 two warmup steps each, so machine drift hits both alike; each figure is a median. `msrun_cpu` runs
-`run_scripts/run_msrun_cpu.sh` with W workers for `steps` steps; its step time is the run's mean
-after the compile step. On this 2-core machine the W worker processes share two cores, and the CPU
+`run_scripts/run_msrun_cpu.sh` with W workers for `steps` steps; its step time is tokens per step
+over the run's `tokens_per_s`, which excludes each process's first (compiling) step. On this 2-core machine the W worker processes share two cores, and the CPU
 exchange gathers the whole world (W x the bytes of an all-to-all), so that figure is a functional
 check of the real multi-process path, not a speed claim.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,10 @@ def run(repeats=10, msrun_steps=12, config=CONFIG, log=print):
     local, simulated = (float(np.median(times[n])) for n in ("local", "simulated"))
     log(f"local {local:.3f} s/step, simulated {simulated:.3f} s/step; msrun_cpu: {msrun_steps} steps on 4 processes")
     cfg = trainers["local"].cfg
-    msrun = _msrun_step_seconds(config, msrun_steps, os.path.join(scratch, "msrun"))
+    try:
+        msrun = _msrun_step_seconds(config, msrun_steps, os.path.join(scratch, "msrun"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {"local_step_s": local, "simulated_step_s": simulated, "simulated_over_local": simulated / local,
             "msrun_cpu_step_s": msrun, "msrun_cpu_over_local": msrun / local,
             "world_size": trainers["local"].topology.world_size,

@@ -28,8 +28,8 @@ def inter_node_messages(kept_per_expert, topology):
 
     Flat all-to-all: one message per (source rank, destination rank on another node) pair that carries
     tokens. Hierarchical: the inter-node stage sends one message per (source rank, destination node)
-    pair to the same-local-rank peer there, which forwards inside its node, so a token crosses the node
-    boundary once per destination node. An expert spanning several ranks counts at its first rank.
+    pair to the same-local-rank peer there, which forwards inside its node (`dispatch.exchange`). An
+    expert spanning several ranks counts at its first rank.
 
     Args: kept_per_expert [W, E] int; topology: `Topology`.
     Returns: (flat, hierarchical) ints; hierarchical <= flat always.

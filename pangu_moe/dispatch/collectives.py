@@ -11,6 +11,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 GROUP_KINDS = ("world", "intra", "inter")
+_CREATED_GROUPS = set()  # HCCL sub-groups this process has created
 
 
 def group_members(kind, rank, nodes, devices_per_node):
@@ -26,9 +27,9 @@ def group_members(kind, rank, nodes, devices_per_node):
 
 
 def group_name(kind, rank, nodes, devices_per_node):
-    """A name for `rank`'s group of `kind`, the same on all its members."""
+    """A name for `rank`'s sub-group of `kind` ("intra" or "inter"), the same on all its members."""
     node, local = divmod(rank, devices_per_node)
-    return {"world": "ep_world", "intra": f"ep_intra_node{node}", "inter": f"ep_inter_local{local}"}[kind]
+    return {"intra": f"ep_intra_node{node}", "inter": f"ep_inter_local{local}"}[kind]
 
 
 class SimulatedAllToAll(nn.Cell):
@@ -102,7 +103,9 @@ class HcclAllToAll(nn.Cell):
             name = GlobalComm.WORLD_COMM_GROUP
         else:
             name = group_name(kind, rank, nodes, devices_per_node)
-            create_group(name, members)
+            if name not in _CREATED_GROUPS:  # every MoE layer shares the process's groups
+                create_group(name, members)
+                _CREATED_GROUPS.add(name)
         # x [1, G, ...]: piece j along axis 1 goes to member j; received pieces are concatenated along axis 1
         # in member order, which is this primitive's contract.
         self.all_to_all = ops.AlltoAll(split_count=len(members), split_dim=1, concat_dim=1, group=name)

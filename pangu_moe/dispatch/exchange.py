@@ -6,9 +6,11 @@ matrix, so it is its own inverse: the combine direction runs the same exchange o
 
 - flat: one all-to-all in the world group.
 - hierarchical (LocMoE's locality-aware exchange): stage 1 sends, among same-local-rank peers, each
-  destination node's share [D, E_loc, C, H] to the peer on that node, so a token crosses the node
-  boundary once per destination node; stage 2 forwards inside each node. The result equals the flat
-  exchange exactly (tested).
+  destination node's share [D, E_loc, C, H] to the peer on that node, so each rank sends one message
+  per other node instead of one per remote rank (the bytes crossing nodes are the same: the buffer
+  holds one row per kept choice); stage 2 forwards inside each node. The result equals the flat
+  exchange exactly (tested). With one node, or one device per node, one of the two stages would be
+  among a single rank, so the flat exchange is used.
 """
 from mindspore import nn, ops
 
@@ -25,7 +27,7 @@ class Exchange(nn.Cell):
         super().__init__()
         if algorithm not in EXCHANGES:
             raise ValueError(f"exchange {algorithm!r}: must be one of {', '.join(EXCHANGES)}")
-        self.hierarchical = algorithm == "hierarchical"
+        self.hierarchical = algorithm == "hierarchical" and nodes > 1 and devices_per_node > 1
         self.nodes, self.devices = nodes, devices_per_node
         if self.hierarchical:
             self.inter = make_all_to_all(backend, "inter", rank, nodes, devices_per_node)

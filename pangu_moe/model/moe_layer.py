@@ -2,6 +2,11 @@
 import mindspore as ms
 from mindspore import nn, ops
 
+from pangu_moe.routing.base import Routing
+
+ROUTING_FIELDS = len(Routing._fields)
+LOSSES_FIELD = Routing._fields.index("losses")  # averaged over rank groups; the other fields are per token
+
 
 class MoELayer(nn.Cell):
     """Sparse FFN replacing the dense FFN of a block.
@@ -46,11 +51,11 @@ class MoELayer(nn.Cell):
             parts += (self.router(x[r * n:(r + 1) * n], token_ids[r * n:(r + 1) * n], group_ids[r * n:(r + 1) * n],
                                   capacity, training, self.first_rank + r),)
         fields = ()
-        for i in range(7):
+        for i in range(ROUTING_FIELDS):
             column = ()
             for part in parts:
                 column += (part[i],)
-            fields += (ops.stack(column).mean(0) if i == 5 else ops.concat(column, 0),)
+            fields += (ops.stack(column).mean(0) if i == LOSSES_FIELD else ops.concat(column, 0),)
         return fields
 
     def run_experts(self, buffer):

@@ -103,9 +103,9 @@ def _read(path):
         raise CheckpointError(f"checkpoint {path}: unreadable ({' '.join(str(e).split())[:200]})") from None
 
 
-def _read_sharded(folder, rank):
-    """The parameters of a sharded checkpoint folder: shared ones plus rank `rank`'s shard, or plus every
-    shard concatenated on the expert axis (rank None)."""
+def _read_sharded(folder, rank, world_size):
+    """The parameters of a sharded checkpoint folder: shared ones plus rank `rank`'s shard (of a run with
+    `world_size` ranks), or plus every shard concatenated on the expert axis (rank None)."""
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (an incomplete sharded checkpoint)")
@@ -114,8 +114,10 @@ def _read_sharded(folder, rank):
     shards = manifest["shards"]
     saved = dict(_read(os.path.join(folder, manifest["shared"])))
     if rank is not None:
-        if rank >= len(shards):
-            raise CheckpointError(f"checkpoint {folder}: has {len(shards)} shards, this run needs rank {rank}'s")
+        if len(shards) != world_size or shards[rank]["rank"] != rank:
+            raise CheckpointError(f"checkpoint {folder}: written by {len(shards)} ranks, this run has {world_size}; "
+                                  f"resume with the same parallel layout, or join the shards with "
+                                  f"parallel.dispatch=simulated")
         saved.update(_read(os.path.join(folder, shards[rank]["file"])))
         return saved
     order = [e for shard in shards for e in shard["experts"]]
@@ -127,16 +129,16 @@ def _read_sharded(folder, rank):
     return saved
 
 
-def load(path, cells, state_keys, rank=None):
+def load(path, cells, state_keys, rank=None, world_size=1):
     """Load `path` (a .ckpt file or a sharded checkpoint folder) into `cells`; every Parameter must be
     present with the same shape.
 
-    `rank`: for a sharded folder, load that rank's expert shard (the cells hold one rank), or None to
-    concatenate all shards (the cells hold every expert).
+    `rank`: for a sharded folder, load that rank's expert shard (the cells hold one rank of `world_size`),
+    or None to concatenate all shards (the cells hold every expert).
     Everything is checked before anything is written, so a failed load leaves the cells unchanged.
     Returns: {key: value} for `state_keys`.
     """
-    saved = _read_sharded(path, rank) if os.path.isdir(path) else _read(path)
+    saved = _read_sharded(path, rank, world_size) if os.path.isdir(path) else _read(path)
     params = _named_parameters(cells)
     missing = [n for n in params if n not in saved]
     if missing:
@@ -172,8 +174,12 @@ def list_checkpoints(run_dir):
 
 
 def remove(path):
-    """Delete a checkpoint file or sharded folder."""
+    """Delete a checkpoint file or sharded folder (its manifest first, so an interrupted delete never
+    leaves a folder that looks complete)."""
     if os.path.isdir(path):
+        manifest = os.path.join(path, MANIFEST)
+        if os.path.exists(manifest):
+            os.remove(manifest)
         shutil.rmtree(path)
     else:
         os.remove(path)

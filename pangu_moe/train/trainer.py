@@ -54,6 +54,10 @@ class Trainer:
         self.domains = load_corpus(cfg.data, m.seq_len)
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
         self.model = build_model(cfg, self.rank)
+        if self.rank:
+            # Every rank drew the same weights from the seed; its routing noise (jitter, random slots,
+            # sampled experts) must be its own. Noise streams therefore differ from `simulated`'s.
+            ms.set_seed(cfg.runtime.seed + self.rank)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay)
         self.data_parallel = None
@@ -141,8 +145,7 @@ class Trainer:
         state = {key: 0 for key in STATE_KEYS}
         state["train_seconds"] = 0.0
         if resume_from:
-            state = checkpoint.load(resume_from, [self.model, self.optimizer], STATE_KEYS,
-                                    self.rank if self.data_parallel else None)
+            state = self.load_checkpoint(resume_from)
             self.log(f"resumed from {resume_from} at step {state['step']}")
         os.makedirs(self.run_dir, exist_ok=True)
         metrics = None
@@ -151,8 +154,9 @@ class Trainer:
             metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                                  keep_until_step=state["step"] if resume else None)
         batches = self.batches(state["step"])
-        self.log(f"training {cfg.moe.router} router, {count_parameters(self.model, 1.0, self._expert_shards())[0]:,} parameters, "
-                 f"C={self.capacity} slots/expert, steps {state['step']}..{t.steps} -> {self.run_dir}")
+        params = count_parameters(self.model, 1.0, self._expert_shards())[0]
+        self.log(f"training {cfg.moe.router} router, {params:,} parameters, C={self.capacity} slots/expert, "
+                 f"steps {state['step']}..{t.steps} -> {self.run_dir}")
         window_tokens, window_seconds = 0, 0.0
         first = True
         for input_ids, labels, domain_ids in batches:
@@ -200,6 +204,12 @@ class Trainer:
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self._save(state)
         return self._finish(state)
+
+    def load_checkpoint(self, path):
+        """Load a checkpoint into the model and optimizer (this rank's shard on a multi-process backend, all
+        shards joined otherwise); returns the trainer state."""
+        rank = self.rank if self.data_parallel else None
+        return checkpoint.load(path, [self.model, self.optimizer], STATE_KEYS, rank, self.topology.world_size)
 
     def _expert_shards(self):
         return self.topology.world_size if self.data_parallel else 1

@@ -41,3 +41,44 @@ def test_unusable_checkpoints_are_one_line_errors(tmp_path):
         checkpoint.load(path, [nn.SequentialCell()], ("step",))
     with pytest.raises(CheckpointError, match="no such file"):
         checkpoint.load(str(tmp_path / "none.ckpt"), [_net(1)], ("step",))
+
+
+class _Experts(nn.Cell):
+    def __init__(self, experts, value):
+        super().__init__()
+        self.w_in = ms.Parameter(ms.Tensor(np.full((experts, 2), value, np.float32)), name="w_in")
+
+
+class _Layer(nn.Cell):
+    def __init__(self, experts, value):
+        super().__init__()
+        self.experts = _Experts(experts, value)
+
+
+class _Shard(nn.Cell):
+    """A shared weight plus `layer.experts.w_in` with `experts` rows (an expert parameter by its name)."""
+
+    def __init__(self, experts, value):
+        super().__init__()
+        self.shared = ms.Parameter(ms.Tensor(np.arange(3, dtype=np.float32)), name="shared")
+        self.layer = _Layer(experts, value)
+
+
+def test_sharded_checkpoint_loads_per_rank_or_joined(tmp_path):
+    folder = checkpoint.step_path(str(tmp_path), 4, sharded=True)
+    for rank in (1, 0):  # one process plays both ranks; rank 0 writes the manifest after the barrier
+        checkpoint.save_sharded(folder, [_Shard(1, float(rank))], {"step": 4}, rank, [[0], [1]], lambda: None)
+    assert sorted(os.listdir(folder)) == ["experts_rank0.ckpt", "experts_rank1.ckpt", "manifest.json", "shared.ckpt"]
+    assert checkpoint.list_checkpoints(str(tmp_path)) == [(4, folder)]
+    one = _Shard(1, -1.0)
+    assert checkpoint.load(folder, [one], ("step",), rank=1, world_size=2) == {"step": 4}
+    np.testing.assert_array_equal(one.layer.experts.w_in.asnumpy(), [[1.0, 1.0]])
+    joined = _Shard(2, -1.0)
+    checkpoint.load(folder, [joined], ("step",))
+    np.testing.assert_array_equal(joined.layer.experts.w_in.asnumpy(), [[0.0, 0.0], [1.0, 1.0]])
+    with pytest.raises(CheckpointError, match="written by 2 ranks, this run has 4"):
+        checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=1, world_size=4)
+    os.remove(os.path.join(folder, "manifest.json"))  # an interrupted save: not listed, refused
+    assert checkpoint.list_checkpoints(str(tmp_path)) == []
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        checkpoint.load(folder, [joined], ("step",))
