@@ -94,8 +94,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt, or the folder step_NNNNNN/ of a "
-                   "multi-process run (joined into one model with --set parallel.dispatch=simulated)")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt, or the folder "
+                   "step_NNNNNN/ of a multi-process run (joined into one model with --set parallel.dispatch=simulated)")
     _add_config_args(p, required=False)
     p.set_defaults(func=_eval)
     p = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")

@@ -23,9 +23,9 @@ def setup(runtime_cfg, parallel_cfg=None):
     try:
         init()
     except RuntimeError as e:
-        raise ConfigError(f"parallel.dispatch = {parallel_cfg.dispatch}: could not join the msrun world "
-                          f"({' '.join(str(e).split())[:160]}); launch with run_scripts/run_msrun_cpu.sh or "
-                          f"run_ascend_cluster.sh") from None
+        reason = " ".join(str(e).split()).split(", which")[0][:160]
+        raise ConfigError(f"parallel.dispatch = {parallel_cfg.dispatch}: could not join the msrun world ({reason}); "
+                          f"launch with run_scripts/run_msrun_cpu.sh or run_ascend_cluster.sh") from None
     if get_group_size() != world:
         raise ConfigError(f"parallel.nodes x parallel.devices_per_node = {world}: msrun started "
                           f"{get_group_size()} workers; they must match")

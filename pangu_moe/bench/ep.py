@@ -4,9 +4,10 @@ The model is the demo's (configs/demo_cpu.yaml) on 2 nodes x 2 devices, the same
 every backend. `local` and `simulated` train steps alternate (local, simulated, local, ...) after
 two warmup steps each, so machine drift hits both alike; each figure is a median. `msrun_cpu` runs
 `run_scripts/run_msrun_cpu.sh` with W workers for `steps` steps; its step time is tokens per step
-over the run's `tokens_per_s`, which excludes each process's first (compiling) step. On this 2-core machine the W worker processes share two cores, and the CPU
-exchange gathers the whole world (W x the bytes of an all-to-all), so that figure is a functional
-check of the real multi-process path, not a speed claim.
+over the run's `tokens_per_s`, which excludes each process's first (compiling) step. On a 2-core
+machine the W worker processes share two cores, and the CPU exchange gathers the whole world (W x
+the bytes of an all-to-all), so that figure is a functional check of the real multi-process path,
+not a speed claim.
 """
 import json
 import os
@@ -86,7 +87,9 @@ def table(result):
     return "\n".join([
         f"W = {result['world_size']} ranks (2 nodes x 2 devices), {result['tokens_per_step']} tokens per step",
         f"local      {result['local_step_s']:.3f} s/step",
-        f"simulated  {result['simulated_step_s']:.3f} s/step   simulated_over_local {result['simulated_over_local']:.3f}",
-        f"msrun_cpu  {result['msrun_cpu_step_s']:.3f} s/step   msrun_cpu_over_local {result['msrun_cpu_over_local']:.3f}"
-        f"  (4 processes on this machine's cores; CPU exchange = world AllGather)",
+        f"simulated  {result['simulated_step_s']:.3f} s/step   "
+        f"simulated_over_local {result['simulated_over_local']:.3f}",
+        f"msrun_cpu  {result['msrun_cpu_step_s']:.3f} s/step   "
+        f"msrun_cpu_over_local {result['msrun_cpu_over_local']:.3f}  (4 processes on this machine's cores; the CPU "
+        f"exchange is a world AllGather)",
     ])

@@ -7,11 +7,10 @@ sends to the j-th member of its group, on exit x[r, j] is what rank r received f
 Groups are the world, a node's ranks (`intra`) or the ranks with the same local rank on every node
 (`inter`); rank = node * D + local rank (`dispatch.topology.Topology`).
 """
-import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import nn, ops
 
 GROUP_KINDS = ("world", "intra", "inter")
-_CREATED_GROUPS = set()  # HCCL sub-groups this process has created
+_CREATED_GROUPS = set()  # sub-groups this process has created
 
 
 def group_members(kind, rank, nodes, devices_per_node):
@@ -55,29 +54,38 @@ class SimulatedAllToAll(nn.Cell):
         return ops.swapaxes(grid, 0, 2).reshape((n * d, n) + rest)  # out[m, d, n] = x[n, d, m]
 
 
+def join_group(kind, rank, nodes, devices_per_node):
+    """Create `rank`'s sub-group of `kind` once per process, by its members only (MindSpore hangs when a
+    non-member calls `create_group`); returns its name."""
+    from mindspore.communication import create_group
+    name = group_name(kind, rank, nodes, devices_per_node)
+    if name not in _CREATED_GROUPS:
+        create_group(name, group_members(kind, rank, nodes, devices_per_node))
+        _CREATED_GROUPS.add(name)
+    return name
+
+
 class GatheredAllToAll(nn.Cell):
-    """One rank per process on CPU (`msrun_cpu`): world AllGather, then this rank's column of its group.
+    """The world exchange with one rank per process on CPU (`msrun_cpu`): world AllGather, then this
+    rank's column.
 
-    CPU MindSpore has no AlltoAll, and AllGather works in the world group only (spec mindspore_cpu.md
-    §3), so every group's exchange gathers the whole world: W x the bytes of a real all-to-all. The
-    counts that `dispatch.accounting` reports are those of the real exchange, not of this emulation.
-    The backward of an all-to-all is the same all-to-all, run here by `bprop` (AllGather has no CPU
-    gradient: it would need ReduceScatter).
+    CPU MindSpore has no AlltoAll (spec mindspore_cpu.md §3), so the exchange gathers every rank's send
+    buffer: W x the bytes of a real all-to-all. The counts that `dispatch.accounting` reports are those
+    of the real exchange, not of this emulation. The backward of an all-to-all is the same all-to-all,
+    run here by `bprop` (AllGather has no CPU gradient: it would need ReduceScatter).
 
-    Args: kind; rank: this process's world rank; nodes N, devices_per_node D.
+    Args: rank: this process's world rank; world_size W.
     """
 
-    def __init__(self, kind, rank, nodes, devices_per_node):
+    def __init__(self, rank, world_size):
         super().__init__()
-        members = group_members(kind, rank, nodes, devices_per_node)
-        self.members = Tensor(np.asarray(members, np.int32))
-        self.position = members.index(rank)
+        self.position, self.world_size = rank, world_size
         self.all_gather = ops.AllGather()
 
     def exchange(self, x):
-        """x [1, G, ...] -> [1, G, ...]."""
-        gathered = self.all_gather(x)  # (W, G, ...): every rank's send buffer
-        return ops.gather(gathered, self.members, 0)[:, self.position].expand_dims(0)  # (1, G, ...)
+        """x [1, W, ...] -> [1, W, ...]."""
+        gathered = self.all_gather(x)  # (W, W, ...): every rank's send buffer
+        return gathered[:, self.position].expand_dims(0)  # (1, W, ...)
 
     def construct(self, x):
         return self.exchange(x)
@@ -86,26 +94,49 @@ class GatheredAllToAll(nn.Cell):
         return (self.exchange(dout),)
 
 
+class GroupReducedAllToAll(nn.Cell):
+    """A sub-group exchange with one rank per process on CPU (`msrun_cpu`, the hierarchical stages).
+
+    CPU AllGather works in the world group only, but AllReduce works in a sub-group: each member writes
+    its send buffer into its own row of a zero [G, G, ...] tensor, and the group's AllReduce(sum) gives
+    every member every row (G x the bytes of a real all-to-all, inside the group only). The gradient
+    needs no bprop: AllReduce's gradient is AllReduce, then this rank's row, which is the reverse
+    exchange.
+
+    Args: kind ("intra" or "inter"); rank: world rank; nodes N, devices_per_node D.
+    """
+
+    def __init__(self, kind, rank, nodes, devices_per_node):
+        super().__init__()
+        members = group_members(kind, rank, nodes, devices_per_node)
+        self.position, self.size = members.index(rank), len(members)
+        self.all_reduce = ops.AllReduce(group=join_group(kind, rank, nodes, devices_per_node))
+
+    def construct(self, x):
+        """x [1, G, ...] -> [1, G, ...]."""
+        rest = x.shape[1:]
+        before = ops.zeros((self.position,) + rest, x.dtype)
+        after = ops.zeros((self.size - self.position - 1,) + rest, x.dtype)
+        rows = self.all_reduce(ops.concat((before, x, after), 0))  # (G, G, ...): row s = member s's buffer
+        return rows[:, self.position].expand_dims(0)  # (1, G, ...)
+
+
 class HcclAllToAll(nn.Cell):
     """Ascend: `ops.AlltoAll` in the group (not run in this repository's CI; see README).
 
-    The group is created by its members only; every rank belongs to exactly one group of each kind, so
-    each rank creates the groups it is in.
+    Every rank belongs to exactly one group of each kind and creates the groups it is in (`join_group`).
 
     Args: kind; rank: world rank; nodes N, devices_per_node D.
     """
 
     def __init__(self, kind, rank, nodes, devices_per_node):
         super().__init__()
-        from mindspore.communication import GlobalComm, create_group
+        from mindspore.communication import GlobalComm
         members = group_members(kind, rank, nodes, devices_per_node)
         if kind == "world":
             name = GlobalComm.WORLD_COMM_GROUP
         else:
-            name = group_name(kind, rank, nodes, devices_per_node)
-            if name not in _CREATED_GROUPS:  # every MoE layer shares the process's groups
-                create_group(name, members)
-                _CREATED_GROUPS.add(name)
+            name = join_group(kind, rank, nodes, devices_per_node)
         # x [1, G, ...]: piece j along axis 1 goes to member j; received pieces are concatenated along axis 1
         # in member order, which is this primitive's contract.
         self.all_to_all = ops.AlltoAll(split_count=len(members), split_dim=1, concat_dim=1, group=name)
@@ -120,7 +151,9 @@ def make_all_to_all(backend, kind, rank, nodes, devices_per_node):
     if backend == "simulated":
         return SimulatedAllToAll(kind, nodes, devices_per_node)
     if backend == "msrun_cpu":
-        return GatheredAllToAll(kind, rank, nodes, devices_per_node)
+        if kind == "world":
+            return GatheredAllToAll(rank, nodes * devices_per_node)
+        return GroupReducedAllToAll(kind, rank, nodes, devices_per_node)
     if backend == "hccl":
         return HcclAllToAll(kind, rank, nodes, devices_per_node)
     raise ValueError(f"exchange backend {backend!r}: must be simulated, msrun_cpu or hccl")

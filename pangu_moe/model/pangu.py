@@ -7,8 +7,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
+from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.exchange import Exchange
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts

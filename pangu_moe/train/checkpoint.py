@@ -125,7 +125,8 @@ def _read_sharded(folder, rank, world_size):
         raise CheckpointError(f"checkpoint {folder}: shard expert ids {order} are not 0..{len(order) - 1} in order")
     parts = [_read(os.path.join(folder, shard["file"])) for shard in shards]
     for name in parts[0]:
-        saved[name] = Tensor(np.concatenate([part[name].asnumpy() for part in parts], 0))  # (E, ...) <- W x (E_loc, ...)
+        # (E, ...) <- W x (E_loc, ...)
+        saved[name] = Tensor(np.concatenate([part[name].asnumpy() for part in parts], 0))
     return saved
 
 

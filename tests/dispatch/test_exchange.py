@@ -34,7 +34,7 @@ def test_exchange_transposes_source_and_destination(nodes, devices, algorithm):
     np.testing.assert_array_equal(back, send)
 
 
-def _layer(num_ranks, exchange=None, seed=0, experts=4, hidden=8, capacity_seed=3):
+def _layer(num_ranks, exchange=None, seed=0, experts=4, hidden=8):
     ms.set_seed(seed)
     router = TopKRouter(hidden, experts, 1, 1, 0.01, 0.001, init_std=0.5)
     return MoELayer(router, Dispatcher(num_ranks * experts), GroupedExperts(experts, hidden, 16, 0.3), num_ranks,
