@@ -75,7 +75,12 @@ def locality_loss(probs, local_mask, variant, coeff, smoothing=1e-3):
     if variant == "kl":
         target = local_mask / ops.maximum(local_count, 1.0).reshape(-1, 1)
         target = (1.0 - smoothing) * target + smoothing / num_experts
-        per_rank = (current * (ops.log(ops.maximum(current, tiny)) - ops.log(target))).sum(1)
+        # fp64 on these [W, E] values: the fp32 log-and-sum of a one-rank row gave results that differed in
+        # the last bit between processes with the same inputs (a resumed run drifted from the uninterrupted
+        # one); in fp64 it is reproducible, and E values per rank cost nothing.
+        wide = current.astype(ms.float64)
+        log_ratio = ops.log(ops.maximum(wide, tiny.astype(ms.float64))) - ops.log(target.astype(ms.float64))
+        per_rank = (wide * log_ratio).sum(1).astype(ms.float32)
     else:
         per_rank = -ops.log(ops.maximum((current * local_mask).sum(1), tiny))
     return coeff * (per_rank * hosts).mean()
