@@ -11,7 +11,7 @@
 # Example, 2 nodes x 8 NPUs, hierarchical exchange; on node 0 (10.0.0.1), then on node 1 with --node-rank 1:
 #   run_scripts/run_ascend_cluster.sh --worker-num 16 --local-worker-num 8 --master-addr 10.0.0.1 \
 #       --master-port 8118 --node-rank 0 --log-dir logs/ep16 --exchange hierarchical \
-#       -- train --config configs/demo_cpu.yaml --out runs/ep16 --set train.batch_size=64
+#       -- train --config configs/demo_cpu.yaml --out runs/ep16 --set moe.num_experts=16 --set train.batch_size=64
 #
 # The script sets parallel.dispatch=hccl, runtime.device=Ascend, parallel.nodes = W / D and
 # parallel.devices_per_node = D, and exports the HCCL settings CANN reads (HCCL_CONNECT_TIMEOUT,

@@ -75,9 +75,9 @@ def locality_loss(probs, local_mask, variant, coeff, smoothing=1e-3):
     if variant == "kl":
         target = local_mask / ops.maximum(local_count, 1.0).reshape(-1, 1)
         target = (1.0 - smoothing) * target + smoothing / num_experts
-        # fp64 on these [W, E] values: the fp32 log-and-sum of a one-rank row gave results that differed in
-        # the last bit between processes with the same inputs (a resumed run drifted from the uninterrupted
-        # one); in fp64 it is reproducible, and E values per rank cost nothing.
+        # fp64 on these [W, E] values: in a compiled step the fp32 log-and-sum of a one-rank row differed in
+        # the last bit between a resumed and an uninterrupted run with the same inputs (PyNative did not);
+        # in fp64 the results agree, and E values per rank cost nothing.
         wide = current.astype(ms.float64)
         log_ratio = ops.log(ops.maximum(wide, tiny.astype(ms.float64))) - ops.log(target.astype(ms.float64))
         per_rank = (wide * log_ratio).sum(1).astype(ms.float32)
