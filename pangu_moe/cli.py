@@ -73,8 +73,8 @@ def _study(args):
         results = study_kool.run(args.seeds, steps, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(results) if args.json else study_kool.table(results))
         return
-    from pangu_moe.bench import study_routers
-    results = study_routers.run(args.config or study_routers.DEFAULT_CONFIG, steps, args.out, args.overrides)
+    from pangu_moe.bench import DEMO_CONFIG, study_routers
+    results = study_routers.run(args.config or DEMO_CONFIG, steps, args.out, args.overrides)
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 

@@ -21,46 +21,45 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from pangu_moe.bench import DEMO_CONFIG
 from pangu_moe.config import RunConfig
 from pangu_moe.train.schedule import learning_rate
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                      "demo_cpu.yaml")
-LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(CONFIG)), "run_scripts", "run_msrun_cpu.sh")
+LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(DEMO_CONFIG)), "run_scripts", "run_msrun_cpu.sh")
 CLUSTER = ("parallel.nodes=2", "parallel.devices_per_node=2")
 
 
 def _step_seconds(trainer, batch, step):
-    lr = Tensor(learning_rate(step, *(getattr(trainer.cfg.train, k) for k in ("lr", "min_lr", "warmup_steps",
-                                                                               "steps"))), ms.float32)
+    t = trainer.cfg.train
+    lr = Tensor(learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.steps), ms.float32)
     began = time.perf_counter()
     out = trainer.train_step(*(Tensor(a[trainer.rows]) for a in batch), lr)
     out[0].asnumpy()
     return time.perf_counter() - began
 
 
-def run(repeats=10, msrun_steps=12, config=CONFIG, log=print):
+def run(repeats=10, msrun_steps=12, config=DEMO_CONFIG, log=print):
     """Returns {local_step_s, simulated_step_s, simulated_over_local, msrun_cpu_step_s, msrun_cpu_over_local,
     world_size, tokens_per_step}."""
     from pangu_moe.train.trainer import Trainer
     scratch = tempfile.mkdtemp(prefix="bench_ep_")
-    trainers = {name: Trainer(RunConfig.from_yaml(config, [*CLUSTER, f"parallel.dispatch={name}"]),
-                              os.path.join(scratch, name), log=lambda line: None)
-                for name in ("local", "simulated")}
-    batches = list(zip(range(repeats + 2), trainers["local"].batches(0)))
-    times = {name: [] for name in trainers}
-    for step, batch in batches:
-        for name, trainer in trainers.items():
-            seconds = _step_seconds(trainer, batch, step)
-            if step >= 2:
-                times[name].append(seconds)
-    local, simulated = (float(np.median(times[n])) for n in ("local", "simulated"))
-    log(f"local {local:.3f} s/step, simulated {simulated:.3f} s/step; msrun_cpu: {msrun_steps} steps on 4 processes")
-    cfg = trainers["local"].cfg
     try:
+        trainers = {name: Trainer(RunConfig.from_yaml(config, [*CLUSTER, f"parallel.dispatch={name}"]),
+                                  os.path.join(scratch, name), log=lambda line: None)
+                    for name in ("local", "simulated")}
+        times = {name: [] for name in trainers}
+        for step, batch in zip(range(repeats + 2), trainers["local"].batches(0)):
+            for name, trainer in trainers.items():
+                seconds = _step_seconds(trainer, batch, step)
+                if step >= 2:  # the first two steps compile and warm up
+                    times[name].append(seconds)
+        local, simulated = (float(np.median(times[n])) for n in ("local", "simulated"))
+        log(f"local {local:.3f} s/step, simulated {simulated:.3f} s/step; msrun_cpu: {msrun_steps} steps on 4 "
+            f"processes")
         msrun = _msrun_step_seconds(config, msrun_steps, os.path.join(scratch, "msrun"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    cfg = trainers["local"].cfg
     return {"local_step_s": local, "simulated_step_s": simulated, "simulated_over_local": simulated / local,
             "msrun_cpu_step_s": msrun, "msrun_cpu_over_local": msrun / local,
             "world_size": trainers["local"].topology.world_size,

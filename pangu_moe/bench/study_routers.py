@@ -31,8 +31,6 @@ ROUTERS = {"switch": ["moe.router=topk"], "hash": ["moe.router=rre"],
 SETTING = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=by_node"]
 FIELDS = ("val_bpb", "max_over_mean_load", "dead_experts", "inter_node_fraction", "capacity_ratio",
           "dropped_fraction", "tokens_per_s")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              "configs", "demo_cpu.yaml")
 
 
 def study_configs(config_path, steps, overrides=()):

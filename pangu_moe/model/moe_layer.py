@@ -88,7 +88,8 @@ class MoELayer(nn.Cell):
                                                                                  training)
         num_tokens, hidden = x.shape
         rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
-        flat_index = self.dispatcher.flat_index(rank * self.num_experts + expert_index, keep, slot, capacity)
+        pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
+        flat_index = self.dispatcher.flat_index(pair_index, keep, slot, capacity)
         buffer = self.dispatcher.dispatch(x, flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
@@ -100,22 +101,21 @@ class MoELayer(nn.Cell):
             y = ops.stop_gradient(unweighted) + y - ops.stop_gradient(y)
             # stop_gradient: the bool keep mask must not collect gradients (MindSpore cannot add bool grads).
             score = (ops.stop_gradient(keep.astype(ms.float32) * gate) * log_prob).sum(1)
-        tokens_per_expert, kept_per_expert = expert_counts(expert_index, requested, keep, self.num_experts,
-                                                           self.num_ranks)
+        tokens_per_expert, kept_per_expert = expert_counts(pair_index, requested, keep, self.num_ranks,
+                                                           self.num_experts)
         return y, losses, tokens_per_expert, kept_per_expert, score
 
 
-def expert_counts(expert_index, requested, keep, num_experts, num_ranks=1):
+def expert_counts(pair_index, requested, keep, num_ranks, num_experts):
     """Exact token accounting per source rank and expert, by segment sums (no one-hot).
 
-    Args: expert_index [T, K] int32; requested, keep [T, K] bool; W = num_ranks divides T.
+    Args: pair_index [T, K] int32: rank * E + expert of each choice (rank of the token's source);
+        requested, keep [T, K] bool.
     Returns: tokens_per_expert [W, E] int32 (requested choices), kept_per_expert [W, E] int32;
         for token-choice routers sum(tokens_per_expert) = T*K.
     """
-    num_tokens, top_k = expert_index.shape
-    rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // num_ranks)).reshape(-1, 1)  # (T, 1)
-    segments = (rank * num_experts + expert_index).reshape(-1)  # (T*K,): rank-major (W*E) segment ids
-    kept = keep.reshape(-1).astype(ms.int32)  # (T*K,)
-    demand = ops.unsorted_segment_sum(requested.reshape(-1).astype(ms.int32), segments, num_ranks * num_experts)
-    kept = ops.unsorted_segment_sum(kept, segments, num_ranks * num_experts)
+    segments = pair_index.reshape(-1)  # (T*K,): rank-major (W*E) segment ids
+    pairs = num_ranks * num_experts
+    demand = ops.unsorted_segment_sum(requested.reshape(-1).astype(ms.int32), segments, pairs)
+    kept = ops.unsorted_segment_sum(keep.reshape(-1).astype(ms.int32), segments, pairs)
     return demand.reshape(num_ranks, num_experts), kept.reshape(num_ranks, num_experts)  # (W, E) <- (W*E,)
