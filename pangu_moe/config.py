@@ -17,6 +17,7 @@ import yaml
 
 EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, DESIGN section 3
 MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
+KERNELS = ("reference", "custom")  # runtime.kernels: plain MindSpore, or the custom kernels of the device
 
 
 class ConfigError(ValueError):
@@ -201,6 +202,8 @@ class RuntimeConfig:
     device: str = _f("CPU", "MindSpore device target", choices=("CPU", "Ascend"))
     mode: str = _f("graph", "graph (one compiled train step) or pynative", choices=("graph", "pynative"))
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
+    kernels: str = _f("reference", "MoE gating/dispatch ops: reference (plain MindSpore) or custom (C++ kernels on "
+                      "CPU, Ascend C on Ascend; kernels/README.md)", choices=KERNELS)
 
 
 @dataclass

@@ -11,16 +11,19 @@ namespace {
 
 using pangu_moe::GatingMode;
 
-// softmax over one row of n logits (relu first in GrAP mode): max-shifted exp, divided by the sum.
-void SoftmaxRow(const float* logits, int64_t n, bool relu, float* scores) {
-  float max_value = -INFINITY;
+// softmax over one row of n logits (relu first in GrAP mode), in double and rounded once to float:
+// the reference computes it in float64 too, so both give the correctly rounded value and agree
+// bit for bit (a float32 softmax rounds differently in every implementation, and the difference
+// grows through training).
+void SoftmaxRow(const float* logits, int64_t n, bool relu, double* scores) {
+  double max_value = -INFINITY;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = relu && logits[i] < 0.0f ? 0.0f : logits[i];
+    const double v = relu && logits[i] < 0.0f ? 0.0 : logits[i];
     max_value = v > max_value ? v : max_value;
   }
-  float sum = 0.0f;
+  double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = relu && logits[i] < 0.0f ? 0.0f : logits[i];
+    const double v = relu && logits[i] < 0.0f ? 0.0 : logits[i];
     scores[i] = std::exp(v - max_value);
     sum += scores[i];
   }
@@ -62,7 +65,7 @@ PANGU_MOE_AOT(MoeGating) {
   if (mode < pangu_moe::kSoftmax || mode > pangu_moe::kGrap || capacity < 0) return pangu_moe::kBadOption;
   if (top_k > experts_per_group || num_experts % experts_per_group) return pangu_moe::kBadShape;
   const int64_t num_groups = num_experts / experts_per_group;
-
+  std::vector<double> exact(experts_per_group);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const float* row = logits + t * experts_per_group;
     float* row_scores = scores + t * experts_per_group;
@@ -70,7 +73,8 @@ PANGU_MOE_AOT(MoeGating) {
     float* row_gate = gate + t * top_k;
     const int32_t group = group_ids[t];
     if (group < 0 || group >= num_groups) return pangu_moe::kBadIndex;
-    SoftmaxRow(row, experts_per_group, mode == pangu_moe::kGrap, row_scores);
+    SoftmaxRow(row, experts_per_group, mode == pangu_moe::kGrap, exact.data());
+    for (int64_t i = 0; i < experts_per_group; ++i) row_scores[i] = static_cast<float>(exact[i]);
     TopKRow(row, experts_per_group, top_k, row_index);
     float gate_sum = 0.0f;
     for (int64_t k = 0; k < top_k; ++k) {
@@ -110,6 +114,7 @@ PANGU_MOE_AOT(MoeGatingGrad) {
   const int64_t num_tokens = shapes[0][0], experts_per_group = shapes[0][1], top_k = shapes[4][1];
   const int64_t mode = options[1];
   std::vector<float> d_row(experts_per_group);
+  std::vector<double> exact(experts_per_group);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const float* row_scores = scores + t * experts_per_group;
     const int64_t offset = static_cast<int64_t>(group_ids[t]) * experts_per_group;
@@ -127,11 +132,13 @@ PANGU_MOE_AOT(MoeGatingGrad) {
     } else {
       for (int64_t k = 0; k < top_k; ++k) d_row[expert_index[t * top_k + k] - offset] += d_gate[t * top_k + k];
     }
-    float dot = 0.0f;
-    for (int64_t i = 0; i < experts_per_group; ++i) dot += d_row[i] * row_scores[i];
+    // The softmax backward in double from the double scores, as the reference's float64 softmax does.
+    SoftmaxRow(logits + t * experts_per_group, experts_per_group, mode == pangu_moe::kGrap, exact.data());
+    double dot = 0.0;
+    for (int64_t i = 0; i < experts_per_group; ++i) dot += d_row[i] * exact[i];
     float* out = d_logits + t * experts_per_group;
     for (int64_t i = 0; i < experts_per_group; ++i) {
-      out[i] = row_scores[i] * (d_row[i] - dot);
+      out[i] = static_cast<float>(exact[i] * (d_row[i] - dot));
       if (mode == pangu_moe::kGrap && !(logits[t * experts_per_group + i] > 0.0f)) out[i] = 0.0f;
     }
   }

@@ -18,7 +18,8 @@ class MoELayer(nn.Cell):
 
     Args:
         router: a `routing.base.Router`.
-        dispatcher: `dispatch.dispatcher.Dispatcher` over R*E buffers (one [E, C, H] per rank held here).
+        dispatcher: `dispatch.dispatcher.Dispatcher` over R*E buffers (one [E, C, H] per rank held here); its
+            layout op also counts the tokens per (rank, expert).
         experts: `experts.GroupedExperts` with the experts of the ranks held here (all E, or E_loc).
         num_ranks: R ranks held by this process.
         exchange: `dispatch.exchange.Exchange`, or None for the `local` backend: one buffer [E, R*C, H]
@@ -89,7 +90,8 @@ class MoELayer(nn.Cell):
         num_tokens, hidden = x.shape
         rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
         pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
-        flat_index = self.dispatcher.flat_index(pair_index, keep, slot, capacity)
+        flat_index, tokens_per_expert, kept_per_expert, _, _ = self.dispatcher.layout(pair_index, slot, keep, requested,
+                                                                                     capacity)
         buffer = self.dispatcher.dispatch(x, flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
@@ -101,21 +103,5 @@ class MoELayer(nn.Cell):
             y = ops.stop_gradient(unweighted) + y - ops.stop_gradient(y)
             # stop_gradient: the bool keep mask must not collect gradients (MindSpore cannot add bool grads).
             score = (ops.stop_gradient(keep.astype(ms.float32) * gate) * log_prob).sum(1)
-        tokens_per_expert, kept_per_expert = expert_counts(pair_index, requested, keep, self.num_ranks,
-                                                           self.num_experts)
         return y, losses, tokens_per_expert, kept_per_expert, score
 
-
-def expert_counts(pair_index, requested, keep, num_ranks, num_experts):
-    """Exact token accounting per source rank and expert, by segment sums (no one-hot).
-
-    Args: pair_index [T, K] int32: rank * E + expert of each choice (rank of the token's source);
-        requested, keep [T, K] bool.
-    Returns: tokens_per_expert [W, E] int32 (requested choices), kept_per_expert [W, E] int32;
-        for token-choice routers sum(tokens_per_expert) = T*K.
-    """
-    segments = pair_index.reshape(-1)  # (T*K,): rank-major (W*E) segment ids
-    pairs = num_ranks * num_experts
-    demand = ops.unsorted_segment_sum(requested.reshape(-1).astype(ms.int32), segments, pairs)
-    kept = ops.unsorted_segment_sum(keep.reshape(-1).astype(ms.int32), segments, pairs)
-    return demand.reshape(num_ranks, num_experts), kept.reshape(num_ranks, num_experts)  # (W, E) <- (W*E,)

@@ -9,6 +9,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
 from pangu_moe.dispatch.dispatcher import Dispatcher
+from pangu_moe.ops import kernel_backend
 from pangu_moe.dispatch.exchange import Exchange
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
@@ -29,9 +30,11 @@ class PanguModel(nn.Cell):
         topology: `dispatch.topology.Topology` read by locality-aware routers (default: one device).
         backend: `parallel.dispatch`; exchange: `parallel.exchange`; rank: this process's world rank
             (multi-process backends hold only that rank's experts and tokens).
+        kernels: an `ops.KERNEL_BACKENDS` name (`ops.kernel_backend` of `runtime.kernels` and the device).
     """
 
-    def __init__(self, model_cfg, moe_cfg, topology=None, backend="local", exchange="flat", rank=0):
+    def __init__(self, model_cfg, moe_cfg, topology=None, backend="local", exchange="flat", rank=0,
+                 kernels="reference"):
         super().__init__()
         m = model_cfg
         topology = topology or Topology(1, 1, moe_cfg.num_experts)
@@ -49,7 +52,8 @@ class PanguModel(nn.Cell):
                                          for _ in range(m.num_dense_layers)])
         self.moe_blocks = nn.CellList([
             MoEBlock(m.hidden, m.num_heads,
-                     build_moe_layer(m, moe_cfg, layer, out_std, topology, backend, exchange, rank), m.init_std,
+                     build_moe_layer(m, moe_cfg, layer, out_std, topology, backend, exchange, rank, kernels),
+                     m.init_std,
                      out_std)
             for layer in range(m.num_moe_layers)])
         self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
@@ -121,27 +125,32 @@ class PanguModel(nn.Cell):
         return inputs
 
 
-def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local", exchange="flat", rank=0):
+def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local", exchange="flat", rank=0,
+                    kernels="reference"):
     """One MoE layer from the config (router by name, see `routing.registry`).
 
     `local` and `simulated` hold all W ranks in this process; `msrun_cpu` and `hccl` hold rank `rank`
-    only, with its E_loc = E / W experts.
+    only, with its E_loc = E / W experts. `kernels` (an `ops.KERNEL_BACKENDS` name) runs the dispatch
+    ops, and the gating of the routers that support the fused op (`Router.use_kernels`).
     """
     router = build_router(model_cfg, moe_cfg, layer, topology)
+    router.use_kernels(kernels)
     num_experts, world = moe_cfg.num_experts, topology.world_size
     one_rank = backend in MULTI_PROCESS_BACKENDS
     held, first = (1, rank) if one_rank else (world, 0)
     shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
     ep = None if backend == "local" else Exchange(backend, exchange, first, topology.nodes, topology.devices_per_node)
-    return MoELayer(router, Dispatcher(held * num_experts), experts, held, ep, first, world)
+    dispatcher = Dispatcher(num_experts, held, world, topology.nodes, kernels)
+    return MoELayer(router, dispatcher, experts, held, ep, first, world)
 
 
 def build_model(cfg, rank=0):
     """PanguModel from a `RunConfig`; `rank` is this process's world rank on a multi-process backend."""
     p = cfg.parallel
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
-    return PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank)
+    return PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
+                      kernel_backend(cfg.runtime.kernels, cfg.runtime.device))
 
 
 def is_expert_parameter(name):

@@ -43,7 +43,10 @@ def gating_scores(logits, top_k, mode):
         scores [T, E_g] fp32 (softmax of logits; GRAP: of relu(logits)), local_index [T, K] int32,
         gate [T, K] fp32 (scores at the choice; SOFTMAX_NORMALIZE with K > 1: divided by their sum).
     """
-    scores = ops.softmax(ops.relu(logits) if mode == GRAP else logits, axis=-1)
+    # float64: the correctly rounded softmax, which the kernels reproduce bit for bit (a float32 softmax
+    # rounds differently in every implementation, and the difference grows through training).
+    activated = ops.relu(logits) if mode == GRAP else logits
+    scores = ops.softmax(activated.astype(ms.float64), axis=-1).astype(ms.float32)
     local_index = choose_top_k(logits, top_k)
     gate = ops.gather_elements(scores, 1, local_index)
     if mode == SOFTMAX_NORMALIZE and top_k > 1:

@@ -6,6 +6,7 @@
 """
 from functools import partial
 
+from pangu_moe.config import KERNELS
 from pangu_moe.ops.gating import CustomGating, ReferenceGating
 from pangu_moe.ops.layout import CustomLayout, ReferenceLayout
 from pangu_moe.ops.permute import CustomPermute, CustomUnpermute, ReferencePermute, ReferenceUnpermute
@@ -27,8 +28,8 @@ def kernel_backend(kernels, device):
     """`runtime.kernels` ("reference" | "custom") and `runtime.device` ("CPU" | "Ascend") -> a KERNEL_BACKENDS name."""
     if kernels == "reference":
         return "reference"
-    if kernels != "custom":
-        raise ValueError(f"runtime.kernels = {kernels!r}: must be reference or custom")
+    if kernels not in KERNELS:
+        raise ValueError(f"runtime.kernels = {kernels!r}: must be one of {', '.join(KERNELS)}")
     return "cpu" if device == "CPU" else "ascend"
 
 

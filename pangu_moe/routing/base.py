@@ -36,9 +36,11 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_moe.ops import make_op
 from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
+FUSED_SLOT_POLICIES = ("position", "none")
 
 
 class Routing(namedtuple("Routing", "expert_index gate keep slot requested losses log_prob")):
@@ -67,6 +69,7 @@ class Router(nn.Cell):
     """
 
     reinforce = False  # True: the gate scales only the gradient, and log_prob feeds a REINFORCE term
+    gating_mode = None  # an `ops.gating` mode if `score` is moe_gating's score function (see `use_kernels`)
 
     def __init__(self, num_experts, num_groups, top_k, slot_policy="position"):
         super().__init__()
@@ -75,6 +78,27 @@ class Router(nn.Cell):
         self.experts_per_group = num_experts // num_groups
         self.top_k = top_k
         self.slot_policy = slot_policy
+        self.gating = None
+
+    def use_kernels(self, backend):
+        """Route through the fused moe_gating op of kernel `backend` (an `ops.KERNEL_BACKENDS` name).
+
+        Only routers whose scoring is moe_gating's (a `gating_mode`, with `gating_logits` and
+        `gating_losses`) under a slot policy the op implements (position; none, whose capacity is T)
+        can use it; the others keep their reference path. Returns True if the op is used.
+        """
+        if backend == "reference" or self.gating_mode is None or self.slot_policy not in FUSED_SLOT_POLICIES:
+            return False
+        self.gating = make_op("moe_gating", backend, self.top_k, self.num_experts, self.gating_mode)
+        return True
+
+    def gating_logits(self, x, group_ids, training):
+        """moe_gating's input [T, E_g] fp32 (routers with a `gating_mode`)."""
+        raise NotImplementedError
+
+    def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
+        """The weighted losses [3] fp32 from the gating input and outputs (routers with a `gating_mode`)."""
+        raise NotImplementedError
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         """Level-2 choice inside the token's group.
@@ -108,8 +132,14 @@ class Router(nn.Cell):
             (expert_index [T,K] int32, gate [T,K] fp32, keep [T,K] bool, slot [T,K] int32,
              requested [T,K] bool, losses [3] fp32, log_prob [T,K] fp32).
         """
+        offset = (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, 1): the level-1 group's first expert
+        if self.gating is not None:
+            logits = self.gating_logits(x, group_ids, training)
+            scores, expert_index, gate, slot, keep, _ = self.gating(logits, group_ids, capacity)
+            losses = self.gating_losses(x, logits, scores, expert_index - offset, group_ids, rank)
+            return expert_index, gate, keep, slot, ops.ones_like(keep), losses, ops.zeros_like(gate)
         local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training, rank)
-        expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, K) + (T, 1)
+        expert_index = local_index + offset
         slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training)
         if requested is None:
             requested = ops.ones_like(keep)

@@ -20,6 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
+from pangu_moe.ops.gating import GRAP, gating_scores
 from pangu_moe.routing import losses
 from pangu_moe.routing.base import Router, global_probs, stack_losses
 
@@ -73,21 +74,26 @@ class LocMoERouter(Router):
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
 
-    def score(self, x, token_ids, group_ids, training, rank=None):
-        pre_relu = grap_logits(x, self.experts_per_group) + ops.gather(self.bias, group_ids, 0)  # (T, E_g)
-        logits = ops.relu(pre_relu)
-        scores = ops.softmax(logits, axis=-1)
-        _, local_index = ops.topk(pre_relu, self.top_k)
-        local_index = local_index.astype(ms.int32)
-        gate = ops.gather_elements(scores, 1, local_index)
+    gating_mode = GRAP
+
+    def gating_logits(self, x, group_ids, training):
+        """The pre-ReLU logits w_i.x + b_i [T, E_g] fp32: the choice is their argmax (see the module doc)."""
+        return grap_logits(x, self.experts_per_group) + ops.gather(self.bias, group_ids, 0)
+
+    def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
         locality = ops.zeros((), ms.float32)
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
                                             self.locality_coeff)
+        return stack_losses(aux, losses.z_loss(ops.relu(logits), self.z_loss_coeff), locality)
+
+    def score(self, x, token_ids, group_ids, training, rank=None):
+        pre_relu = self.gating_logits(x, group_ids, training)
+        scores, local_index, gate = gating_scores(pre_relu, self.top_k, GRAP)
         affinity = ops.gather_elements(grap_cosines(x, self.experts_per_group), 1, local_index)
-        return local_index, gate, affinity, None, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), locality)
+        return local_index, gate, affinity, None, self.gating_losses(x, pre_relu, scores, local_index, group_ids, rank)
 
 
 def routed_cosines(router, x, token_ids, group_ids):

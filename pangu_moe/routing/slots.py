@@ -13,29 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from pangu_moe.config import SLOT_POLICIES
-
-
-def position_slots(expert_index, num_experts, capacity, requested=None):
-    """Position policy.
-
-    Args:
-        expert_index: [T, K] int32 global expert ids.
-        num_experts: E.
-        capacity: C, slots per expert (python int or int32 scalar tensor).
-        requested: optional [T, K] bool; unrequested choices take no slot.
-    Returns:
-        slot: [T, K] int32, the position of choice (t, k) in its expert's arrival order
-              (contiguous from 0 per expert over the requested choices; may be >= C).
-        keep: [T, K] bool, requested and slot < C.
-    """
-    num_tokens, top_k = expert_index.shape
-    order = expert_index.T.reshape(-1)  # (K*T,) <- (K, T): all first choices, then all second choices
-    onehot = ops.one_hot(order, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # (K*T, E)
-    if requested is not None:
-        onehot = onehot * requested.T.reshape(-1, 1).astype(ms.int32)
-    position = (ops.cumsum(onehot, 0) * onehot).sum(1).astype(ms.int32) - 1  # (K*T,)
-    slot = position.reshape(top_k, num_tokens).T  # (T, K) <- (K, T)
-    return slot, _keep(slot, capacity, requested)
+from pangu_moe.ops.gating import keep_under_capacity, position_slots  # the position policy is moe_gating's spec
 
 
 def priority_slots(expert_index, priority, num_experts, capacity, requested=None):
@@ -56,7 +34,7 @@ def priority_slots(expert_index, priority, num_experts, capacity, requested=None
     sorted_slot = (ops.cumsum(onehot, 0) * onehot).sum(1).astype(ms.int32) - 1  # (T*K,)
     inverse = ops.argsort(order.astype(ms.float32))  # position of each choice in the service order
     slot = ops.gather(sorted_slot, inverse, 0).reshape(num_tokens, top_k)  # (T, K) <- (T*K,)
-    return slot, _keep(slot, capacity, requested)
+    return slot, keep_under_capacity(slot, capacity, requested)
 
 
 def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, training, requested=None):
@@ -86,8 +64,3 @@ def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, tr
 def dropless_capacity(num_tokens):
     """C for policy none: no expert can receive more than T choices (a token picks an expert once)."""
     return num_tokens
-
-
-def _keep(slot, capacity, requested):
-    keep = slot < capacity
-    return keep if requested is None else keep & requested

@@ -3,6 +3,7 @@
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from pangu_moe.ops.gating import SOFTMAX, SOFTMAX_NORMALIZE, gating_scores
 from pangu_moe.routing import losses
 from pangu_moe.routing.base import LearnedRouter, stack_losses
 
@@ -14,10 +15,11 @@ def multiplicative_jitter(x, eps):
 
 
 def topk_scores(logits, top_k, normalize):
-    """Softmax-then-top-k, the scoring rule as a pure function.
+    """Softmax-then-top-k, the scoring rule as a pure function (`ops.gating.gating_scores`).
 
     The softmax is over all E_g experts of the group *before* top-k, so for K = 1 the gate is the full
-    softmax probability (not 1.0) and the LM loss trains the router.
+    softmax probability (not 1.0) and the LM loss trains the router. The choice is the top-k of the
+    logits (the same experts; ties go to the lower id).
 
     Args:
         logits: [T, E_g] fp32.
@@ -26,11 +28,7 @@ def topk_scores(logits, top_k, normalize):
     Returns:
         scores [T, E_g] fp32, local_index [T, K] int32, gate [T, K] fp32.
     """
-    scores = ops.softmax(logits, axis=-1)
-    gate, local_index = ops.topk(scores, top_k)
-    if normalize and top_k > 1:
-        gate = gate / gate.sum(-1, keepdims=True)
-    return scores, local_index.astype(ms.int32), gate
+    return gating_scores(logits, top_k, SOFTMAX_NORMALIZE if normalize else SOFTMAX)
 
 
 class TopKRouter(LearnedRouter):
@@ -57,13 +55,22 @@ class TopKRouter(LearnedRouter):
         self.jitter_eps = jitter_eps
         self.normalize = normalize
 
-    def score(self, x, token_ids, group_ids, training, rank=None):
+    @property
+    def gating_mode(self):
+        return SOFTMAX_NORMALIZE if self.normalize and self.top_k > 1 else SOFTMAX
+
+    def gating_logits(self, x, group_ids, training):
         x = x.astype(ms.float32)
         if training and self.jitter_eps > 0:
             x = multiplicative_jitter(x, self.jitter_eps)
-        logits = self.logits(x, group_ids)
-        scores, local_index, gate = topk_scores(logits, self.top_k, self.normalize)
+        return self.logits(x, group_ids)
+
+    def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
         aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        return stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), ops.zeros((), ms.float32))
+
+    def score(self, x, token_ids, group_ids, training, rank=None):
+        logits = self.gating_logits(x, group_ids, training)
+        scores, local_index, gate = gating_scores(logits, self.top_k, self.gating_mode)
         affinity = ops.gather_elements(logits, 1, local_index)
-        return local_index, gate, affinity, None, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
-                                                              ops.zeros((), ms.float32))
+        return local_index, gate, affinity, None, self.gating_losses(x, logits, scores, local_index, group_ids, rank)

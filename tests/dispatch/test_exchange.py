@@ -37,7 +37,7 @@ def test_exchange_transposes_source_and_destination(nodes, devices, algorithm):
 def _layer(num_ranks, exchange=None, seed=0, experts=4, hidden=8):
     ms.set_seed(seed)
     router = TopKRouter(hidden, experts, 1, 1, 0.01, 0.001, init_std=0.5)
-    return MoELayer(router, Dispatcher(num_ranks * experts), GroupedExperts(experts, hidden, 16, 0.3), num_ranks,
+    return MoELayer(router, Dispatcher(experts, num_ranks, num_ranks), GroupedExperts(experts, hidden, 16, 0.3), num_ranks,
                     exchange, 0, num_ranks)
 
 

@@ -50,7 +50,7 @@ def test_forward_is_ungated_and_backward_is_importance_weighted():
     keep, weight = r.keep.asnumpy(), r.gate.asnumpy()
     assert keep.sum() < 12 and set(np.unique(weight[keep])) - {1.0}  # capacity binds, weights > 1 exist
     y, _, _, _, score = layer(x, zeros, zeros, capacity, False)
-    flat = layer.dispatcher.flat_index(r.expert_index, r.keep, r.slot, capacity)
+    flat = layer.dispatcher.layout(r.expert_index, r.slot, r.keep, r.requested, capacity)[0]
     out = layer.experts(layer.dispatcher.dispatch(x, flat, capacity))
     plain = layer.dispatcher.combine(out, flat, ms.ops.ones_like(r.gate), r.keep).asnumpy()
     np.testing.assert_allclose(y.asnumpy(), plain, rtol=1e-6)  # value: the expert's output, no gate
