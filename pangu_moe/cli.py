@@ -57,6 +57,11 @@ def _bench(args):
         result = ep.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(result) if args.json else ep.table(result))
         return
+    if args.name == "kernels":
+        from pangu_moe.bench import kernels
+        result = kernels.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
+        print(json.dumps(result) if args.json else kernels.table(result))
+        return
     from pangu_moe.bench import moe_layer
     result = moe_layer.run(repeats=args.repeats)
     print(json.dumps(result) if args.json else moe_layer.table(result))
@@ -105,8 +110,10 @@ def build_parser():
     p.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
     p.set_defaults(func=_config)
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("name", choices=["moe-layer", "ep"], help="moe-layer: MoE layer vs dense FFN, forward+backward; "
-                   "ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu (4 processes)")
+    p.add_argument("name", choices=["moe-layer", "ep", "kernels"], help="moe-layer: MoE layer vs dense FFN, "
+                   "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
+                   "(4 processes); kernels: reference vs custom gating+layout, permute, unpermute at T=4096/16384, "
+                   "H=1024, E=8/64, K=1/2")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)

@@ -1,9 +1,14 @@
 // moe_gating on CPU: scores, top-K (chosen on the logits, ties to the lower id), gate, position
 // slots under capacity and demand per expert, in one pass. Contract: kernels/README.md; reference:
 // pangu_moe/ops/gating.py.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+extern "C" __m128d _ZGVbN2v_exp(__m128d);  // glibc libmvec (linked with -lmvec by pangu_moe/ops/build.py)
+#endif
 
 #include "aot.h"
 
@@ -11,35 +16,53 @@ namespace {
 
 using pangu_moe::GatingMode;
 
-// softmax over one row of n logits (relu first in GrAP mode), in double and rounded once to float:
-// the reference computes it in float64 too, so both give the correctly rounded value and agree
-// bit for bit (a float32 softmax rounds differently in every implementation, and the difference
-// grows through training).
-void SoftmaxRow(const float* logits, int64_t n, bool relu, double* scores) {
-  double max_value = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = relu && logits[i] < 0.0f ? 0.0 : logits[i];
-    max_value = v > max_value ? v : max_value;
-  }
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = relu && logits[i] < 0.0f ? 0.0 : logits[i];
-    scores[i] = std::exp(v - max_value);
-    sum += scores[i];
-  }
-  for (int64_t i = 0; i < n; ++i) scores[i] /= sum;
+constexpr int64_t kBlockRows = 64;  // rows whose exps go through the vector exp together
+
+// exp of n doubles in place. On x86-64, glibc's libmvec SSE2 exp (two lanes; error within a few double
+// ulps, far below the float rounding the scores get), about twice as fast as std::exp here.
+void ExpInPlace(double* x, int64_t n) {
+  int64_t i = 0;
+#if defined(__x86_64__)
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _ZGVbN2v_exp(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-// Top-k indices of one row by repeated first-maximum scans (k is 1 or 2 in practice).
-void TopKRow(const float* values, int64_t n, int64_t k, int32_t* index) {
-  for (int64_t j = 0; j < k; ++j) {
-    int64_t best = -1;
+// softmax over each of `rows` rows of n logits (relu first in GrAP mode), in double, into out [rows, n].
+// The reference computes it in float64 too, so both round the same value to float and agree bit for
+// bit (a float32 softmax rounds differently in every implementation, and the difference grows through
+// training).
+void SoftmaxBlock(const float* logits, int64_t rows, int64_t n, bool relu, double* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits + r * n;
+    double max_value = -INFINITY;
     for (int64_t i = 0; i < n; ++i) {
-      bool taken = false;
-      for (int64_t p = 0; p < j; ++p) taken |= index[p] == i;
-      if (!taken && (best < 0 || values[i] > values[best])) best = i;
+      const double v = relu && row[i] < 0.0f ? 0.0 : row[i];
+      max_value = v > max_value ? v : max_value;
     }
-    index[j] = static_cast<int32_t>(best);
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = (relu && row[i] < 0.0f ? 0.0 : row[i]) - max_value;
+  }
+  ExpInPlace(out, rows * n);
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum += out[r * n + i];
+    const double inverse = 1.0 / sum;  // within a double ulp of dividing: the float rounding is the same
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] *= inverse;
+  }
+}
+
+// Top-k indices of one row, largest first, ties to the lower index: one pass keeping the k best in
+// order (insertion moves an entry only past strictly smaller values, so an earlier index stays ahead).
+void TopKRow(const float* values, int64_t n, int64_t k, int32_t* index) {
+  int64_t filled = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (filled == k && !(values[i] > values[index[k - 1]])) continue;
+    int64_t p = filled < k ? filled++ : k - 1;
+    while (p > 0 && values[i] > values[index[p - 1]]) {
+      index[p] = index[p - 1];
+      --p;
+    }
+    index[p] = static_cast<int32_t>(i);
   }
 }
 
@@ -65,27 +88,42 @@ PANGU_MOE_AOT(MoeGating) {
   if (mode < pangu_moe::kSoftmax || mode > pangu_moe::kGrap || capacity < 0) return pangu_moe::kBadOption;
   if (top_k > experts_per_group || num_experts % experts_per_group) return pangu_moe::kBadShape;
   const int64_t num_groups = num_experts / experts_per_group;
-  std::vector<double> exact(experts_per_group);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const float* row = logits + t * experts_per_group;
-    float* row_scores = scores + t * experts_per_group;
-    int32_t* row_index = expert_index + t * top_k;
-    float* row_gate = gate + t * top_k;
-    const int32_t group = group_ids[t];
-    if (group < 0 || group >= num_groups) return pangu_moe::kBadIndex;
-    SoftmaxRow(row, experts_per_group, mode == pangu_moe::kGrap, exact.data());
-    for (int64_t i = 0; i < experts_per_group; ++i) row_scores[i] = static_cast<float>(exact[i]);
-    TopKRow(row, experts_per_group, top_k, row_index);
-    float gate_sum = 0.0f;
-    for (int64_t k = 0; k < top_k; ++k) {
-      row_gate[k] = row_scores[row_index[k]];
-      gate_sum += row_gate[k];
+  bool bad_group = false;
+#pragma omp parallel num_threads(pangu_moe::Threads()) if (num_tokens * experts_per_group >= pangu_moe::kParallelScores)
+  {
+    std::vector<double> exact(kBlockRows * experts_per_group);
+#pragma omp for schedule(static) reduction(|| : bad_group)
+    for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, num_tokens - first);
+      SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
+                   exact.data());
+      for (int64_t t = first; t < first + rows; ++t) {
+        const float* row = logits + t * experts_per_group;
+        const double* row_exact = exact.data() + (t - first) * experts_per_group;
+        float* row_scores = scores + t * experts_per_group;
+        int32_t* row_index = expert_index + t * top_k;
+        float* row_gate = gate + t * top_k;
+        const int32_t group = group_ids[t];
+        if (group < 0 || group >= num_groups) {
+          bad_group = true;
+          continue;
+        }
+        for (int64_t i = 0; i < experts_per_group; ++i) row_scores[i] = static_cast<float>(row_exact[i]);
+        TopKRow(row, experts_per_group, top_k, row_index);
+        float gate_sum = 0.0f;
+        for (int64_t k = 0; k < top_k; ++k) {
+          row_gate[k] = row_scores[row_index[k]];
+          gate_sum += row_gate[k];
+        }
+        if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
+          for (int64_t k = 0; k < top_k; ++k) row_gate[k] /= gate_sum;
+        }
+        for (int64_t k = 0; k < top_k; ++k) row_index[k] += static_cast<int32_t>(group * experts_per_group);
+      }
     }
-    if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
-      for (int64_t k = 0; k < top_k; ++k) row_gate[k] /= gate_sum;
-    }
-    for (int64_t k = 0; k < top_k; ++k) row_index[k] += static_cast<int32_t>(group * experts_per_group);
   }
+  if (bad_group) return pangu_moe::kBadIndex;
+  // The slots are a prefix count in service order, so this part is sequential.
   std::memset(tokens_per_expert, 0, sizeof(int32_t) * num_experts);
   for (int64_t k = 0; k < top_k; ++k) {  // the position policy's service order k * T + t
     for (int64_t t = 0; t < num_tokens; ++t) {
@@ -113,33 +151,42 @@ PANGU_MOE_AOT(MoeGatingGrad) {
   float* d_logits = static_cast<float*>(params[8]);
   const int64_t num_tokens = shapes[0][0], experts_per_group = shapes[0][1], top_k = shapes[4][1];
   const int64_t mode = options[1];
-  std::vector<float> d_row(experts_per_group);
-  std::vector<double> exact(experts_per_group);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const float* row_scores = scores + t * experts_per_group;
-    const int64_t offset = static_cast<int64_t>(group_ids[t]) * experts_per_group;
-    std::memcpy(d_row.data(), d_scores + t * experts_per_group, sizeof(float) * experts_per_group);
-    if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
-      // gate_k = s_k / S with S = sum_j s_j: d s_k = (d gate_k - sum_j d gate_j * gate_j) / S
-      float chosen_sum = 0.0f, weighted = 0.0f;
-      for (int64_t k = 0; k < top_k; ++k) {
-        chosen_sum += row_scores[expert_index[t * top_k + k] - offset];
-        weighted += d_gate[t * top_k + k] * gate[t * top_k + k];
+#pragma omp parallel num_threads(pangu_moe::Threads()) if (num_tokens * experts_per_group >= pangu_moe::kParallelScores)
+  {
+    std::vector<float> d_row(experts_per_group);
+    std::vector<double> exact(kBlockRows * experts_per_group);
+#pragma omp for schedule(static)
+    for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, num_tokens - first);
+      // The softmax backward in double from the double scores, as the reference's float64 softmax does.
+      SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
+                   exact.data());
+      for (int64_t t = first; t < first + rows; ++t) {
+        const float* row_scores = scores + t * experts_per_group;
+        const double* row_exact = exact.data() + (t - first) * experts_per_group;
+        const int64_t offset = static_cast<int64_t>(group_ids[t]) * experts_per_group;
+        std::memcpy(d_row.data(), d_scores + t * experts_per_group, sizeof(float) * experts_per_group);
+        if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
+          // gate_k = s_k / S with S = sum_j s_j: d s_k = (d gate_k - sum_j d gate_j * gate_j) / S
+          float chosen_sum = 0.0f, weighted = 0.0f;
+          for (int64_t k = 0; k < top_k; ++k) {
+            chosen_sum += row_scores[expert_index[t * top_k + k] - offset];
+            weighted += d_gate[t * top_k + k] * gate[t * top_k + k];
+          }
+          for (int64_t k = 0; k < top_k; ++k) {
+            d_row[expert_index[t * top_k + k] - offset] += (d_gate[t * top_k + k] - weighted) / chosen_sum;
+          }
+        } else {
+          for (int64_t k = 0; k < top_k; ++k) d_row[expert_index[t * top_k + k] - offset] += d_gate[t * top_k + k];
+        }
+        double dot = 0.0;
+        for (int64_t i = 0; i < experts_per_group; ++i) dot += d_row[i] * row_exact[i];
+        float* out = d_logits + t * experts_per_group;
+        for (int64_t i = 0; i < experts_per_group; ++i) {
+          out[i] = static_cast<float>(row_exact[i] * (d_row[i] - dot));
+          if (mode == pangu_moe::kGrap && !(logits[t * experts_per_group + i] > 0.0f)) out[i] = 0.0f;
+        }
       }
-      for (int64_t k = 0; k < top_k; ++k) {
-        d_row[expert_index[t * top_k + k] - offset] += (d_gate[t * top_k + k] - weighted) / chosen_sum;
-      }
-    } else {
-      for (int64_t k = 0; k < top_k; ++k) d_row[expert_index[t * top_k + k] - offset] += d_gate[t * top_k + k];
-    }
-    // The softmax backward in double from the double scores, as the reference's float64 softmax does.
-    SoftmaxRow(logits + t * experts_per_group, experts_per_group, mode == pangu_moe::kGrap, exact.data());
-    double dot = 0.0;
-    for (int64_t i = 0; i < experts_per_group; ++i) dot += d_row[i] * exact[i];
-    float* out = d_logits + t * experts_per_group;
-    for (int64_t i = 0; i < experts_per_group; ++i) {
-      out[i] = static_cast<float>(exact[i] * (d_row[i] - dot));
-      if (mode == pangu_moe::kGrap && !(logits[t * experts_per_group + i] > 0.0f)) out[i] = 0.0f;
     }
   }
   return pangu_moe::kOk;

@@ -34,7 +34,7 @@ PANGU_MOE_AOT(MoePermute) {
   std::vector<int64_t> row_choice;
   if (!RowChoices(flat_index, choices, rows, &row_choice)) return pangu_moe::kBadIndex;
   const size_t row_bytes = sizeof(float) * hidden;
-#pragma omp parallel for schedule(static) if (rows * hidden >= pangu_moe::kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(pangu_moe::Threads()) if (rows * hidden >= pangu_moe::kParallelElements)
   for (int64_t row = 0; row < rows; ++row) {
     float* out = buffer + row * hidden;
     if (row_choice[row] < 0) {
@@ -59,7 +59,7 @@ PANGU_MOE_AOT(MoeUnpermute) {
   for (int64_t i = 0; i < num_tokens * top_k; ++i) {
     if (flat_index[i] < 0 || flat_index[i] > rows) return pangu_moe::kBadIndex;
   }
-#pragma omp parallel for schedule(static) if (num_tokens * hidden >= pangu_moe::kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(pangu_moe::Threads()) if (num_tokens * hidden >= pangu_moe::kParallelElements)
   for (int64_t t = 0; t < num_tokens; ++t) {
     float* out = y + t * hidden;
     std::memset(out, 0, sizeof(float) * hidden);
@@ -89,7 +89,7 @@ PANGU_MOE_AOT(MoeUnpermuteGrad) {
   if (shapes[1][0] != choices || shapes[3][1] != hidden) return pangu_moe::kBadShape;
   std::vector<int64_t> row_choice;
   if (!RowChoices(flat_index, choices, rows, &row_choice)) return pangu_moe::kBadIndex;
-#pragma omp parallel for schedule(static) if (rows * hidden >= pangu_moe::kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(pangu_moe::Threads()) if (rows * hidden >= pangu_moe::kParallelElements)
   for (int64_t row = 0; row < rows; ++row) {
     float* out = d_buffer + row * hidden;
     const int64_t i = row_choice[row];
@@ -101,7 +101,7 @@ PANGU_MOE_AOT(MoeUnpermuteGrad) {
     const float* grad = d_y + (i / top_k) * hidden;
     for (int64_t h = 0; h < hidden; ++h) out[h] = w * grad[h];
   }
-#pragma omp parallel for schedule(static) if (choices * hidden >= pangu_moe::kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(pangu_moe::Threads()) if (choices * hidden >= pangu_moe::kParallelElements)
   for (int64_t i = 0; i < choices; ++i) {
     const int64_t row = flat_index[i];
     double dot = 0.0;  // double: the reference's reduction order is unknown, so stay near the exact value

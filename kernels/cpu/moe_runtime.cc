@@ -3,13 +3,26 @@
 // which the tests check against the Ascend unified-buffer size.
 #include <omp.h>
 
+#include <atomic>
 #include <cstdint>
 
-#include "../common/moe_kernel_common.h"
+#include "aot.h"
 
-extern "C" void PanguMoeSetThreads(int threads) { omp_set_num_threads(threads); }
+namespace {
+std::atomic<int> g_threads{0};  // 0: every core OpenMP sees
+}  // namespace
 
-extern "C" int PanguMoeMaxThreads() { return omp_get_max_threads(); }
+namespace pangu_moe {
+int Threads() {
+  const int threads = g_threads.load(std::memory_order_relaxed);
+  return threads > 0 ? threads : omp_get_num_procs();
+}
+}  // namespace pangu_moe
+
+// threads <= 0 restores the default (every core).
+extern "C" void PanguMoeSetThreads(int threads) { g_threads.store(threads, std::memory_order_relaxed); }
+
+extern "C" int PanguMoeThreads() { return pangu_moe::Threads(); }
 
 // out: rows_per_tile, cols_per_tile, row_tiles, col_tiles, tile_bytes; returns 0 on success.
 extern "C" int PanguMoePlanRowTiles(int64_t rows, int64_t row_elems, int64_t elem_bytes, int64_t ub_bytes,

@@ -7,6 +7,7 @@ each write a temporary file and rename it, so none ever loads a half-written lib
 """
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 CACHE_DIR = Path.home() / ".cache" / "pangu_moe" / "kernels"
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-fopenmp")
+LIBS = ("-lmvec",) if platform.machine() == "x86_64" else ()  # glibc's vector exp (kernels/cpu/moe_gating.cc)
 LIBRARY = "libpangu_moe_cpu.so"
 
 
@@ -34,7 +36,7 @@ def library_path():
     """Path of the built CPU kernel library, building it if needed. Raises KernelBuildError."""
     sources = _sources()
     headers = sorted(KERNELS_DIR.glob("*/*.h"))
-    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    digest = hashlib.sha256(" ".join(FLAGS + LIBS).encode())
     for path in sources + headers:
         digest.update(path.name.encode() + path.read_bytes())
     target = CACHE_DIR / digest.hexdigest()[:16] / LIBRARY
@@ -47,7 +49,8 @@ def library_path():
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    result = subprocess.run([compiler, *FLAGS, "-o", partial, *map(str, sources)], capture_output=True, text=True)
+    result = subprocess.run([compiler, *FLAGS, "-o", partial, *map(str, sources), *LIBS], capture_output=True,
+                            text=True)
     if result.returncode != 0:
         os.unlink(partial)
         first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr[:300])
