@@ -146,10 +146,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from pangu_moe.data.corpus import DataError
+    from pangu_moe.ops.build import KernelBuildError
     from pangu_moe.train.checkpoint import CheckpointError
     try:
         args.func(args)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError, OSError) as e:
+    except (ConfigError, DataError, CheckpointError, KernelBuildError, FloatingPointError, OSError) as e:
         print(f"pangu-moe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

@@ -53,7 +53,7 @@ def library_path():
                             text=True)
     if result.returncode != 0:
         os.unlink(partial)
-        first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr[:300])
+        first_error = next((line for line in result.stderr.splitlines() if ": error:" in line), result.stderr[:300])
         raise KernelBuildError(f"building kernels/cpu failed: {first_error.strip()}")
     os.replace(partial, target)
     return str(target)

@@ -128,10 +128,11 @@ class CustomGating(ReferenceGating):
         def grad_dtype(logits, group_ids, options, scores, expert_index, gate, d_scores, d_gate):
             return logits
 
-        grad = aot_op("MoeGatingGrad", backend,
-                      inputs + (("scores", "f32"), ("expert_index", "i32"), ("gate", "f32"), ("d_scores", "f32"),
-                                ("d_gate", "f32")),
-                      (("d_logits", "f32"),), grad_shape, grad_dtype, attrs={"mode": mode, "top_k": top_k})
+        self.gating_grad = grad = aot_op("MoeGatingGrad", backend,
+                                        inputs + (("scores", "f32"), ("expert_index", "i32"), ("gate", "f32"),
+                                                  ("d_scores", "f32"), ("d_gate", "f32")),
+                                        (("d_logits", "f32"),), grad_shape, grad_dtype,
+                                        attrs={"mode": mode, "top_k": top_k})
 
         def shape(logits, group_ids, options):
             choices = [logits[0], top_k]

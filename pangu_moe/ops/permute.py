@@ -85,7 +85,7 @@ class CustomUnpermute(nn.Cell):
 
     def __init__(self, backend):
         super().__init__()
-        self.unpermute, _ = _unpermute_ops(backend)
+        self.unpermute, self.unpermute_grad = _unpermute_ops(backend)
 
     def construct(self, buffer, flat_index, weight):
         return self.unpermute(buffer, flat_index, weight)
@@ -101,7 +101,8 @@ class CustomPermute(nn.Cell):
     def __init__(self, num_buffers, backend):
         super().__init__()
         self.num_buffers = num_buffers
-        unpermute, _ = _unpermute_ops(backend)
+        unpermute, self.unpermute_grad = _unpermute_ops(backend)
+        self.unpermute = unpermute
 
         def shape(x, flat_index, carrier):
             return [num_buffers, carrier[0], x[1]]
