@@ -1,0 +1,26 @@
+// MoeUnpermuteGrad tiling data: the backward of MoeUnpermute, d_buffer [B, C, H] f32 and d_weight [T, K] f32.
+// Mirrors kernels/cpu/moe_permute.cc (MoeUnpermuteGrad) and the reference in pangu_moe/ops/permute.py.
+// Never compiled or run (no CANN here); see kernels/ascend/README.md.
+#ifndef PANGU_MOE_ASCEND_MOE_UNPERMUTE_GRAD_TILING_H_
+#define PANGU_MOE_ASCEND_MOE_UNPERMUTE_GRAD_TILING_H_
+
+#include "register/tilingdata_base.h"
+
+namespace optiling {
+BEGIN_TILING_DATA_DEF(MoeUnpermuteGradTilingData)
+TILING_DATA_FIELD_DEF(int64_t, numTokens);         // T
+TILING_DATA_FIELD_DEF(int64_t, topK);              // K
+TILING_DATA_FIELD_DEF(int64_t, hidden);            // H
+TILING_DATA_FIELD_DEF(int64_t, numRows);           // B * C, also the sink row's index
+TILING_DATA_FIELD_DEF(int64_t, rowsPerTile);       // PlanRowTiles: whole rows per tile (zero-fill phase)
+TILING_DATA_FIELD_DEF(int64_t, colsPerTile);       // PlanRowTiles: elements of one row per tile
+TILING_DATA_FIELD_DEF(int64_t, colTiles);          // PlanRowTiles: tiles per row
+TILING_DATA_FIELD_DEF(int64_t, tileBytes);         // PlanRowTiles: bytes of one UB tile
+TILING_DATA_FIELD_DEF(int64_t, reduceWorkElems);   // ReduceSum work buffer for colsPerTile floats
+TILING_DATA_FIELD_DEF(int64_t, topKPad);           // K rounded up to 8 floats (one 32-byte block)
+END_TILING_DATA_DEF;
+
+REGISTER_TILING_DATA_CLASS(MoeUnpermuteGrad, MoeUnpermuteGradTilingData)
+}  // namespace optiling
+
+#endif  // PANGU_MOE_ASCEND_MOE_UNPERMUTE_GRAD_TILING_H_
