@@ -18,6 +18,9 @@ def setup(runtime_cfg, parallel_cfg=None):
     ms.set_seed(runtime_cfg.seed)
     if parallel_cfg is None or parallel_cfg.dispatch not in MULTI_PROCESS_BACKENDS:
         return 0
+    if runtime_cfg.kernels == "custom" and runtime_cfg.device == "CPU":
+        from pangu_moe.ops.build import set_threads
+        set_threads(1)  # the msrun workers already fill the cores; more threads only contend
     from mindspore.communication import get_group_size, get_rank, init
     world = parallel_cfg.nodes * parallel_cfg.devices_per_node
     try:

@@ -22,10 +22,9 @@ inline int64_t NumElements(int ndim, const int64_t* shape) {
   return n;
 }
 
-// Work big enough to amortise an OpenMP fork (measured by `pangu-moe bench kernels`, threads 1 vs 2):
-// elements copied (permute) or scores computed (gating: an exp in double each, so fewer pay off).
+// Elements copied before an OpenMP fork pays off (permute/unpermute; `pangu-moe bench kernels` measures
+// 1 thread against the default).
 constexpr int64_t kParallelElements = 1 << 16;
-constexpr int64_t kParallelScores = 1 << 12;
 
 // OpenMP threads of the kernels' parallel loops (moe_runtime.cc). A library-wide setting rather than
 // omp_set_num_threads, which would only reach the calling thread, not MindSpore's kernel threads.

@@ -34,8 +34,8 @@ PANGU_MOE_AOT(MoeDispatchLayout) {
   for (int64_t i = 0; i < choices; ++i) {
     const int64_t pair = pair_index[i];
     if (pair < 0 || pair >= buffers) return pangu_moe::kBadIndex;
-    const bool kept = keep[i] && requested[i];
-    if (kept && (slot[i] < 0 || slot[i] >= capacity)) return pangu_moe::kBadIndex;
+    const bool kept = keep[i];
+    if (kept && (!requested[i] || slot[i] < 0 || slot[i] >= capacity)) return pangu_moe::kBadIndex;
     flat_index[i] = static_cast<int32_t>(pangu_moe::BufferRow(pair, slot[i], kept, capacity, buffers));
     tokens_per_expert[pair] += requested[i];
     if (!kept) continue;

@@ -29,18 +29,19 @@ void ExpInPlace(double* x, int64_t n) {
 }
 
 // softmax over each of `rows` rows of n logits (relu first in GrAP mode), in double, into out [rows, n].
-// The reference computes it in float64 too, so both round the same value to float and agree bit for
-// bit (a float32 softmax rounds differently in every implementation, and the difference grows through
-// training).
+// The reference computes it in float64 too: the two doubles differ by a few double ulps, so their
+// float roundings agree except within ~1e-15 of a float rounding boundary (kernels/README.md,
+// Numerics); a float32 softmax rounds differently in every implementation, and the difference grows
+// through training.
 void SoftmaxBlock(const float* logits, int64_t rows, int64_t n, bool relu, double* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = logits + r * n;
     double max_value = -INFINITY;
     for (int64_t i = 0; i < n; ++i) {
-      const double v = relu && row[i] < 0.0f ? 0.0 : row[i];
-      max_value = v > max_value ? v : max_value;
+      out[r * n + i] = relu && row[i] < 0.0f ? 0.0 : row[i];
+      max_value = out[r * n + i] > max_value ? out[r * n + i] : max_value;
     }
-    for (int64_t i = 0; i < n; ++i) out[r * n + i] = (relu && row[i] < 0.0f ? 0.0 : row[i]) - max_value;
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] -= max_value;
   }
   ExpInPlace(out, rows * n);
   for (int64_t r = 0; r < rows; ++r) {
@@ -86,13 +87,13 @@ PANGU_MOE_AOT(MoeGating) {
   const int64_t top_k = shapes[4][1], num_experts = shapes[8][0];
   const int64_t capacity = options[0], mode = options[1];
   if (mode < pangu_moe::kSoftmax || mode > pangu_moe::kGrap || capacity < 0) return pangu_moe::kBadOption;
-  if (top_k > experts_per_group || num_experts % experts_per_group) return pangu_moe::kBadShape;
+  if (num_tokens < 1 || top_k < 1 || top_k > experts_per_group || num_experts % experts_per_group) {
+    return pangu_moe::kBadShape;
+  }
   const int64_t num_groups = num_experts / experts_per_group;
-  bool bad_group = false;
-#pragma omp parallel num_threads(pangu_moe::Threads()) if (num_tokens * experts_per_group >= pangu_moe::kParallelScores)
+  // One thread: two made it slower (pangu-moe bench kernels; MindSpore's pool competes for the cores).
   {
     std::vector<double> exact(kBlockRows * experts_per_group);
-#pragma omp for schedule(static) reduction(|| : bad_group)
     for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
       const int64_t rows = std::min(kBlockRows, num_tokens - first);
       SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
@@ -104,10 +105,7 @@ PANGU_MOE_AOT(MoeGating) {
         int32_t* row_index = expert_index + t * top_k;
         float* row_gate = gate + t * top_k;
         const int32_t group = group_ids[t];
-        if (group < 0 || group >= num_groups) {
-          bad_group = true;
-          continue;
-        }
+        if (group < 0 || group >= num_groups) return pangu_moe::kBadIndex;
         for (int64_t i = 0; i < experts_per_group; ++i) row_scores[i] = static_cast<float>(row_exact[i]);
         TopKRow(row, experts_per_group, top_k, row_index);
         float gate_sum = 0.0f;
@@ -122,7 +120,6 @@ PANGU_MOE_AOT(MoeGating) {
       }
     }
   }
-  if (bad_group) return pangu_moe::kBadIndex;
   // The slots are a prefix count in service order, so this part is sequential.
   std::memset(tokens_per_expert, 0, sizeof(int32_t) * num_experts);
   for (int64_t k = 0; k < top_k; ++k) {  // the position policy's service order k * T + t
@@ -151,11 +148,9 @@ PANGU_MOE_AOT(MoeGatingGrad) {
   float* d_logits = static_cast<float*>(params[8]);
   const int64_t num_tokens = shapes[0][0], experts_per_group = shapes[0][1], top_k = shapes[4][1];
   const int64_t mode = options[1];
-#pragma omp parallel num_threads(pangu_moe::Threads()) if (num_tokens * experts_per_group >= pangu_moe::kParallelScores)
   {
     std::vector<float> d_row(experts_per_group);
     std::vector<double> exact(kBlockRows * experts_per_group);
-#pragma omp for schedule(static)
     for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
       const int64_t rows = std::min(kBlockRows, num_tokens - first);
       // The softmax backward in double from the double scores, as the reference's float64 softmax does.
@@ -166,6 +161,10 @@ PANGU_MOE_AOT(MoeGatingGrad) {
         const double* row_exact = exact.data() + (t - first) * experts_per_group;
         const int64_t offset = static_cast<int64_t>(group_ids[t]) * experts_per_group;
         std::memcpy(d_row.data(), d_scores + t * experts_per_group, sizeof(float) * experts_per_group);
+        for (int64_t k = 0; k < top_k; ++k) {  // the forward's outputs, but never write out of the row
+          const int64_t local = expert_index[t * top_k + k] - offset;
+          if (local < 0 || local >= experts_per_group) return pangu_moe::kBadIndex;
+        }
         if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
           // gate_k = s_k / S with S = sum_j s_j: d s_k = (d gate_k - sum_j d gate_j * gate_j) / S
           float chosen_sum = 0.0f, weighted = 0.0f;

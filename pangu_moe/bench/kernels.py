@@ -1,7 +1,7 @@
 """Reference vs custom kernels: moe_gating + moe_dispatch_layout, moe_permute, moe_unpermute (forward).
 
 Each stage is one `ms.jit` graph per backend, timed on the same inputs (routing: on a batch of inputs,
-see `Routing`); runs alternate between the
+see `GatingLayout`); runs alternate between the
 backends so machine drift hits all alike, and each figure is the median of `repeats` runs after two
 warmups. The custom kernels run with their default OpenMP threads (every core) and with one thread,
 which is how we decide where threads pay off.
@@ -35,7 +35,7 @@ ROUTING_OUTPUTS = 8  # per routed input: scores, weight, demand, flat_index, tok
 VARIANTS = ("reference", "custom", "custom_1_thread")
 
 
-class Routing(nn.Cell):
+class GatingLayout(nn.Cell):
     """moe_gating then moe_dispatch_layout on each of ROUTING_BATCH logits [T, E] -> every output (nothing pruned).
 
     One graph launch costs about as much as a small routing call (about 0.6 ms here), so one graph routes
@@ -58,6 +58,8 @@ class Routing(nn.Cell):
 
 
 class Permute(nn.Cell):
+    """moe_permute with a fixed C: x [T, H] fp32, flat_index [T*K] int32 -> buffer [E, C, H] fp32."""
+
     def __init__(self, backend, num_experts, capacity):
         super().__init__()
         self.permute = make_op("moe_permute", backend, num_experts)
@@ -68,6 +70,8 @@ class Permute(nn.Cell):
 
 
 class Unpermute(nn.Cell):
+    """moe_unpermute: buffer [E, C, H] fp32, flat_index [T*K] int32, weight [T, K] fp32 -> y [T, H] fp32."""
+
     def __init__(self, backend):
         super().__init__()
         self.unpermute = make_op("moe_unpermute", backend)
@@ -106,7 +110,7 @@ def _measure(shape, repeats, threads, rng):
     group_ids = Tensor(np.zeros(t, np.int32))
     x = Tensor(rng.standard_normal((t, h)).astype(np.float32))
     backends = {"reference": "reference", "custom": "cpu", "custom_1_thread": "cpu"}
-    stages = {v: (ms.jit(Routing(b, k, e, capacity).construct), ms.jit(Permute(b, e, capacity).construct),
+    stages = {v: (ms.jit(GatingLayout(b, k, e, capacity).construct), ms.jit(Permute(b, e, capacity).construct),
                   ms.jit(Unpermute(b).construct)) for v, b in backends.items()}
     copy = ms.jit(Copy().construct)
     copy_input = Tensor(np.zeros((e * capacity, h), np.float32))

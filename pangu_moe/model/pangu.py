@@ -9,13 +9,13 @@ from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
 from pangu_moe.dispatch.dispatcher import Dispatcher
-from pangu_moe.ops import kernel_backend
 from pangu_moe.dispatch.exchange import Exchange
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.attention import causal_mask
 from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
 from pangu_moe.model.moe_layer import MoELayer
+from pangu_moe.ops import kernel_backend
 from pangu_moe.routing.registry import build_router
 
 

@@ -5,6 +5,7 @@ MindSpore's own AOT compile runs g++ without -O (about 2x slower kernels, spec m
 sources and flags: an edited kernel gets a new library, and concurrent processes (msrun workers)
 each write a temporary file and rename it, so none ever loads a half-written library.
 """
+import ctypes
 import hashlib
 import os
 import platform
@@ -15,9 +16,15 @@ from pathlib import Path
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 CACHE_DIR = Path.home() / ".cache" / "pangu_moe" / "kernels"
-FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-fopenmp")
+# -ffp-contract=off: no fused multiply-adds (aarch64 would fuse), so sums round as the reference's do.
+FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
 LIBS = ("-lmvec",) if platform.machine() == "x86_64" else ()  # glibc's vector exp (kernels/cpu/moe_gating.cc)
 LIBRARY = "libpangu_moe_cpu.so"
+
+
+def set_threads(threads):
+    """OpenMP threads of the CPU kernels' parallel loops in this process (0: every core)."""
+    ctypes.CDLL(library_path()).PanguMoeSetThreads(threads)
 
 
 class KernelBuildError(RuntimeError):
@@ -25,6 +32,7 @@ class KernelBuildError(RuntimeError):
 
 
 def _sources():
+    """The kernel sources kernels/cpu/*.cc (list of Path); raises KernelBuildError if there are none."""
     sources = sorted((KERNELS_DIR / "cpu").glob("*.cc"))
     if not sources:
         raise KernelBuildError(f"runtime.kernels = custom: no kernel sources in {KERNELS_DIR / 'cpu'}; install "

@@ -33,20 +33,27 @@ def choose_top_k(values, top_k):
     return ops.stack(picks, 1)
 
 
-def gating_scores(logits, top_k, mode):
+def score_dtype():
+    """The softmax's dtype: float64 on CPU (see the module doc; the kernels match it), float32 on Ascend,
+    whose AI Core has no float64. Read from the MindSpore context that `runtime.setup` set."""
+    return ms.float64 if ms.get_context("device_target") == "CPU" else ms.float32
+
+
+def gating_scores(logits, top_k, mode, dtype=ms.float64):
     """The score function and the choice.
 
     Args:
-        logits: [T, E_g] fp32 (GRAP: the pre-ReLU GrAP logits).
-        top_k: K; mode: one of GATING_MODES.
+        logits: [T, E_g] fp32 (GRAP: the pre-ReLU GrAP logits), finite.
+        top_k: K; mode: one of GATING_MODES; dtype: the softmax's (`score_dtype()`).
     Returns:
         scores [T, E_g] fp32 (softmax of logits; GRAP: of relu(logits)), local_index [T, K] int32,
         gate [T, K] fp32 (scores at the choice; SOFTMAX_NORMALIZE with K > 1: divided by their sum).
     """
-    # float64: the correctly rounded softmax, which the kernels reproduce bit for bit (a float32 softmax
-    # rounds differently in every implementation, and the difference grows through training).
+    # float64 on CPU: a value within a few double ulps of exact, which the CPU kernel reproduces to the same
+    # float rounding (a float32 softmax rounds differently in every implementation, and the difference
+    # grows through training).
     activated = ops.relu(logits) if mode == GRAP else logits
-    scores = ops.softmax(activated.astype(ms.float64), axis=-1).astype(ms.float32)
+    scores = ops.softmax(activated.astype(dtype), axis=-1).astype(ms.float32)
     local_index = choose_top_k(logits, top_k)
     gate = ops.gather_elements(scores, 1, local_index)
     if mode == SOFTMAX_NORMALIZE and top_k > 1:
@@ -83,17 +90,18 @@ def keep_under_capacity(slot, capacity, requested=None):
     return keep if requested is None else keep & requested
 
 
-def reference_gating(logits, group_ids, capacity, top_k, num_experts, mode):
+def reference_gating(logits, group_ids, capacity, top_k, num_experts, mode, dtype=ms.float64):
     """moe_gating by plain MindSpore ops.
 
     Args:
         logits: [T, E_g] fp32, the token's own group's logits; group_ids: [T] int32;
-        capacity: python int C; top_k: K; num_experts: E = G * E_g; mode: one of GATING_MODES.
+        capacity: python int C; top_k: K; num_experts: E = G * E_g; mode: one of GATING_MODES;
+        dtype: the softmax's (`score_dtype()`).
     Returns:
         scores [T, E_g] fp32, expert_index [T, K] int32 (group * E_g + local), gate [T, K] fp32,
         slot [T, K] int32, keep [T, K] bool, tokens_per_expert [E] int32 (demand before dropping).
     """
-    scores, local_index, gate = gating_scores(logits, top_k, mode)
+    scores, local_index, gate = gating_scores(logits, top_k, mode, dtype)
     expert_index = local_index + (group_ids * logits.shape[1]).reshape(-1, 1)  # (T, K) + (T, 1)
     slot, keep = position_slots(expert_index, num_experts, capacity)
     demand = ops.unsorted_segment_sum(ops.ones(expert_index.shape, ms.int32).reshape(-1), expert_index.reshape(-1),
@@ -109,10 +117,12 @@ class ReferenceGating(nn.Cell):
         if mode not in GATING_MODES:
             raise ValueError(f"gating mode {mode!r}: must be one of {GATING_MODES}")
         self.top_k, self.num_experts, self.mode = top_k, num_experts, mode
+        self.score_dtype = score_dtype()
 
     def construct(self, logits, group_ids, capacity):
         """logits [T, E_g] fp32, group_ids [T] int32, capacity python int -> the outputs of `reference_gating`."""
-        return reference_gating(logits, group_ids, capacity, self.top_k, self.num_experts, self.mode)
+        return reference_gating(logits, group_ids, capacity, self.top_k, self.num_experts, self.mode,
+                                self.score_dtype)
 
 
 class CustomGating(ReferenceGating):
@@ -151,5 +161,6 @@ class CustomGating(ReferenceGating):
                              attrs={"mode": mode, "top_k": top_k, "num_experts": num_experts})
 
     def construct(self, logits, group_ids, capacity):
+        """As `ReferenceGating.construct`."""
         options = ms.Tensor([capacity, self.mode], ms.int32)  # AOT kernels take no attributes on CPU
         return self.gating(logits.astype(ms.float32), group_ids, options)

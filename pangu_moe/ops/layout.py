@@ -75,4 +75,5 @@ class CustomLayout(ReferenceLayout):
                                     "world_size": world_size, "nodes": nodes})
 
     def construct(self, pair_index, slot, keep, requested, capacity):
+        """As `ReferenceLayout.construct`."""
         return self.layout(pair_index, slot, keep, requested, ms.Tensor([capacity], ms.int32))

@@ -88,7 +88,9 @@ class CustomUnpermute(nn.Cell):
         self.unpermute, self.unpermute_grad = _unpermute_ops(backend)
 
     def construct(self, buffer, flat_index, weight):
-        return self.unpermute(buffer, flat_index, weight)
+        """As `ReferenceUnpermute.construct`; the kernel is f32, so other dtypes are cast there and back."""
+        y = self.unpermute(buffer.astype(ms.float32), flat_index, weight.astype(ms.float32))
+        return y.astype(buffer.dtype)
 
 
 class CustomPermute(nn.Cell):
@@ -101,6 +103,7 @@ class CustomPermute(nn.Cell):
     def __init__(self, num_buffers, backend):
         super().__init__()
         self.num_buffers = num_buffers
+        # Held as attributes so graph mode sees every primitive the bprops call (and tests can list them).
         unpermute, self.unpermute_grad = _unpermute_ops(backend)
         self.unpermute = unpermute
 
@@ -118,4 +121,5 @@ class CustomPermute(nn.Cell):
                               (("buffer", "f32"),), shape, dtype, bprop, attrs={"num_buffers": num_buffers})
 
     def construct(self, x, flat_index, capacity):
-        return self.permute(x, flat_index, ops.zeros((capacity,), ms.int8))
+        """As `ReferencePermute.construct`; the kernel is f32, so other dtypes are cast there and back."""
+        return self.permute(x.astype(ms.float32), flat_index, ops.zeros((capacity,), ms.int8)).astype(x.dtype)

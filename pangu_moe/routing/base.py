@@ -37,6 +37,7 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.ops import make_op
+from pangu_moe.ops.gating import score_dtype
 from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
@@ -79,6 +80,7 @@ class Router(nn.Cell):
         self.top_k = top_k
         self.slot_policy = slot_policy
         self.gating = None
+        self.score_dtype = score_dtype()  # the softmax's, for routers whose scoring is moe_gating's
 
     def use_kernels(self, backend):
         """Route through the fused moe_gating op of kernel `backend` (an `ops.KERNEL_BACKENDS` name).
@@ -137,7 +139,10 @@ class Router(nn.Cell):
             logits = self.gating_logits(x, group_ids, training)
             scores, expert_index, gate, slot, keep, _ = self.gating(logits, group_ids, capacity)
             losses = self.gating_losses(x, logits, scores, expert_index - offset, group_ids, rank)
-            return expert_index, gate, keep, slot, ops.ones_like(keep), losses, ops.zeros_like(gate)
+            requested = ops.ones_like(keep)
+            if self.slot_policy == "none":
+                keep = requested
+            return expert_index, gate, keep, slot, requested, losses, ops.zeros_like(gate)
         local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training, rank)
         expert_index = local_index + offset
         slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training)

@@ -91,7 +91,7 @@ class LocMoERouter(Router):
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         pre_relu = self.gating_logits(x, group_ids, training)
-        scores, local_index, gate = gating_scores(pre_relu, self.top_k, GRAP)
+        scores, local_index, gate = gating_scores(pre_relu, self.top_k, GRAP, self.score_dtype)
         affinity = ops.gather_elements(grap_cosines(x, self.experts_per_group), 1, local_index)
         return local_index, gate, affinity, None, self.gating_losses(x, pre_relu, scores, local_index, group_ids, rank)
 

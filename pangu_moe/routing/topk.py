@@ -57,6 +57,7 @@ class TopKRouter(LearnedRouter):
 
     @property
     def gating_mode(self):
+        """moe_gating's mode for this router (`ops.gating`): softmax, renormalised when K > 1 and `normalize`."""
         return SOFTMAX_NORMALIZE if self.normalize and self.top_k > 1 else SOFTMAX
 
     def gating_logits(self, x, group_ids, training):
@@ -71,6 +72,6 @@ class TopKRouter(LearnedRouter):
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         logits = self.gating_logits(x, group_ids, training)
-        scores, local_index, gate = gating_scores(logits, self.top_k, self.gating_mode)
+        scores, local_index, gate = gating_scores(logits, self.top_k, self.gating_mode, self.score_dtype)
         affinity = ops.gather_elements(logits, 1, local_index)
         return local_index, gate, affinity, None, self.gating_losses(x, logits, scores, local_index, group_ids, rank)

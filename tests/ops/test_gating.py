@@ -35,7 +35,7 @@ def compare(logits, group_ids, top_k, num_experts, mode, capacity, run_mode):
     for i in FLOAT_OUTPUTS:
         assert_close(cpu_out[i], ref_out[i], f"output {i}")
     assert_close(cpu_grad[0], ref_grad[0], "d_logits")
-    return ref_out
+    return ref_out, ref_grad[0]
 
 
 def random_case(seed, num_tokens, experts_per_group, groups):
@@ -49,7 +49,7 @@ def random_case(seed, num_tokens, experts_per_group, groups):
 @pytest.mark.parametrize("capacity", [1, 4, 37])  # C = 1, C < demand, C >= T
 def test_random_inputs(run_mode, mode, top_k, capacity):
     logits, group_ids = random_case(capacity, 37, 5, 2)
-    out = compare(logits, group_ids, top_k, 10, mode, capacity, run_mode)
+    out, _ = compare(logits, group_ids, top_k, 10, mode, capacity, run_mode)
     assert out[5].sum() == 37 * top_k
     assert (out[4] == (out[3] < capacity)).all()
 
@@ -58,7 +58,7 @@ def test_random_inputs(run_mode, mode, top_k, capacity):
 def test_all_tokens_to_one_expert_and_empty_experts(run_mode):
     logits = np.zeros((12, 4), np.float32)
     logits[:, 2] = 5.0
-    out = compare(logits, np.zeros(12, np.int32), 1, 4, SOFTMAX, 3, run_mode)
+    out, _ = compare(logits, np.zeros(12, np.int32), 1, 4, SOFTMAX, 3, run_mode)
     np.testing.assert_array_equal(out[5], [0, 0, 12, 0])
     np.testing.assert_array_equal(out[3][:, 0], np.arange(12))
     assert out[4].sum() == 3
@@ -67,7 +67,7 @@ def test_all_tokens_to_one_expert_and_empty_experts(run_mode):
 @pytest.mark.parametrize("run_mode", MODES)
 def test_k2_ties_go_to_the_lower_expert(run_mode):
     logits = np.array([[1, 1, 1, 1], [0, 2, 2, 0], [3, 1, 3, 3], [-1, -1, -1, -1]], np.float32)
-    out = compare(logits, np.zeros(4, np.int32), 2, 4, SOFTMAX_NORMALIZE, 2, run_mode)
+    out, _ = compare(logits, np.zeros(4, np.int32), 2, 4, SOFTMAX_NORMALIZE, 2, run_mode)
     np.testing.assert_array_equal(out[1], [[0, 1], [1, 2], [0, 2], [0, 1]])
     np.testing.assert_allclose(out[2], 0.5)
     # service order: all first choices (tokens 0..3), then all second choices
@@ -79,14 +79,23 @@ def test_k2_ties_go_to_the_lower_expert(run_mode):
 def test_grap_mode_all_nonpositive_logits(run_mode):
     # relu zeroes every logit: uniform scores, the choice follows the pre-ReLU order, the gradient is 0
     logits = np.array([[-3, -1, -2, -4], [-1, -1, -5, -0.5]], np.float32)
-    out = compare(logits, np.array([1, 0], np.int32), 1, 8, GRAP, 2, run_mode)
+    out, d_logits = compare(logits, np.array([1, 0], np.int32), 1, 8, GRAP, 2, run_mode)
     np.testing.assert_array_equal(out[1][:, 0], [5, 3])
     np.testing.assert_allclose(out[2][:, 0], 0.25)
+    assert not d_logits.any()
 
 
 def test_choose_top_k_exact():
     values = Tensor(np.array([[0.1, 0.5, 0.5, 0.2], [3, 2, 1, 0]], np.float32))
     np.testing.assert_array_equal(choose_top_k(values, 3).asnumpy(), [[1, 2, 3], [0, 1, 2]])
+
+
+@pytest.mark.parametrize("run_mode", MODES)
+def test_k_equals_the_group_size_and_zero_capacity(run_mode):
+    logits, group_ids = random_case(5, 9, 3, 1)
+    out, _ = compare(logits, group_ids, 3, 3, SOFTMAX_NORMALIZE, 0, run_mode)  # every expert chosen, none kept
+    np.testing.assert_array_equal(np.sort(out[1], 1), np.tile([0, 1, 2], (9, 1)))
+    assert not out[4].any() and out[5].sum() == 27
 
 
 def test_bad_group_id_is_an_error():

@@ -64,6 +64,13 @@ def test_exact_small_layout():
         np.testing.assert_array_equal(node, [[2, 2]])
 
 
+def test_kept_but_not_requested_is_an_error():
+    op = make_op("moe_dispatch_layout", "cpu", 1, 4, 2, 1)
+    with pytest.raises(RuntimeError, match="MoeDispatchLayout"):
+        op(Tensor(np.array([[1]], np.int32)), Tensor(np.zeros((1, 1), np.int32)), Tensor(np.ones((1, 1), bool)),
+           Tensor(np.zeros((1, 1), bool)), 2)[0].asnumpy()
+
+
 def test_out_of_range_pair_is_an_error():
     op = make_op("moe_dispatch_layout", "cpu", 1, 4, 2, 1)
     index = Tensor(np.array([[4]], np.int32))

@@ -30,6 +30,7 @@ def _layer(kind, backend):
     ms.set_seed(3)
     router = _router(kind)
     assert router.use_kernels(backend) == (backend != "reference")
+    assert (router.gating is not None) == (backend != "reference")  # the fused op is what construct runs
     return MoELayer(router, Dispatcher(E, RANKS, RANKS, 1, backend), GroupedExperts(E, H, 32, 0.3), RANKS)
 
 
