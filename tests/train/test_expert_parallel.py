@@ -62,13 +62,16 @@ def _launch(tmp_path, *args, timeout=600):
 
 
 @pytest.mark.msrun
-@pytest.mark.parametrize("exchange", ["flat", "hierarchical"])
-def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, exchange):
+@pytest.mark.parametrize("exchange,kernels", [("flat", "custom"), ("hierarchical", "reference")])
+def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, exchange, kernels):
+    """Four msrun processes against the one-process `local` run (reference kernels); the flat case runs the
+    custom CPU kernels in every worker (built once, shared through the cache)."""
     config = tmp_path / "tiny.yaml"
     with open(config, "w") as fh:
         yaml.safe_dump(TINY, fh)
     run_dir = tmp_path / "run"
-    sets = [a for o in EP + ("parallel.dispatch=msrun_cpu", f"parallel.exchange={exchange}") for a in ("--set", o)]
+    sets = [a for o in EP + ("parallel.dispatch=msrun_cpu", f"parallel.exchange={exchange}",
+                             f"runtime.kernels={kernels}") for a in ("--set", o)]
     done, _ = _launch(tmp_path, "--script", os.path.join(REPO, "tests", "train", "ep_worker.py"), "--", str(config),
                       str(run_dir), *sets)
     assert done.returncode == 0, done.stderr[-3000:]
