@@ -83,6 +83,23 @@ def _study(args):
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
+def _capacity(args):
+    from pangu_moe.bench import capacity_bound
+    if args.run:
+        if args.delta or args.d is not None or args.n is not None:
+            raise ConfigError("pass either --run RUN_DIR or --d, --n and --delta, not both")
+        hidden, experts, deltas = capacity_bound.from_run(args.run)
+    else:
+        if args.d is None or args.n is None or not args.delta:
+            raise ConfigError("pass --d D --n N --delta X [X ...], or --run RUN_DIR")
+        hidden, experts, deltas = args.d, args.n, args.delta
+    rows = capacity_bound.bounds(deltas, hidden, experts)
+    if args.json:
+        print(json.dumps({"d": hidden, "n": experts, "rows": rows}))
+    else:
+        print(capacity_bound.table(rows, hidden, experts, layers=bool(args.run)))
+
+
 def _plan(args):
     from pangu_moe.bench import plan
     result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
@@ -130,6 +147,14 @@ def build_parser():
                    "router")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by router")
     p.set_defaults(func=_study)
+    p = sub.add_parser("capacity", help="LocMoE's capacity lower bound (Theorem 1) in its exact, erfc and exp "
+                       "forms, for given d, n, delta or a run's measured delta-hat per layer")
+    p.add_argument("--d", type=int, help="hidden size d")
+    p.add_argument("--n", type=int, help="experts a token chooses among (per group)")
+    p.add_argument("--delta", type=float, nargs="+", default=[], help="cosine threshold(s) in [0, 1)")
+    p.add_argument("--run", help="a run trained with moe.capacity_mode=locmoe_bound: its d, n and delta-hat per layer")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_capacity)
     p = sub.add_parser("plan", help="estimated exchange time per router at 64/128/256 devices from runs' routing "
                        "(pangu_moe/dispatch/cost.py states the model)")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")
