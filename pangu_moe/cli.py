@@ -57,6 +57,19 @@ def _bench(args):
         result = ep.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(result) if args.json else ep.table(result))
         return
+    if args.name == "all":
+        from pangu_moe.bench import all as bench_all
+        result = bench_all.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
+        print(json.dumps(result) if args.json else bench_all.table(result))
+        return
+    if args.name == "dispatch":
+        from pangu_moe.bench import dispatch_style
+        result = dispatch_style.run(repeats=args.repeats)
+        print(json.dumps(result) if args.json else
+              f"one-hot / index-gather dispatch+combine, forward+backward: {result['onehot_over_gather']:.2f} "
+              f"({result['onehot_seconds'] * 1e3:.1f} / {result['gather_seconds'] * 1e3:.1f} ms, same result: "
+              f"{result['same_result']})")
+        return
     if args.name == "kernels":
         from pangu_moe.bench import kernels
         result = kernels.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
@@ -127,7 +140,9 @@ def build_parser():
     p.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
     p.set_defaults(func=_config)
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("name", choices=["moe-layer", "ep", "kernels"], help="moe-layer: MoE layer vs dense FFN, "
+    p.add_argument("name", choices=["moe-layer", "dispatch", "ep", "kernels", "all"], help="all: every benchmark "
+                   "below in one run, one table of ratios; dispatch: one-hot vs index-gather dispatch; moe-layer: MoE "
+                   "layer vs dense FFN, "
                    "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
                    "(4 processes); kernels: reference vs custom gating+layout, permute, unpermute at T=4096/16384, "
                    "H=1024, E=8/64, K=1/2")
