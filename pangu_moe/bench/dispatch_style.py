@@ -23,9 +23,13 @@ SHAPES = {"T": 4096, "H": 256, "F": 1024, "E": 8, "K": 1, "capacity_factor": 1.2
 
 
 def onehot_dispatch_combine(x, expert_index, gate, keep, slot, experts, num_experts, capacity):
-    """The one-hot style: dispatch mask [T, E*C] (a 1 at each kept choice's row), expert_in = mask^T x,
-    y = (mask * gate)... as [T, E*C] @ [E*C, H]. x [T, H]; expert_index, slot [T, K] int32; gate [T, K] fp32;
-    keep [T, K] bool -> y [T, H]."""
+    """The one-hot style: a dispatch mask [T, E*C] with a 1 at each kept choice's buffer row,
+    expert_in = mask^T x, and y = (the mask weighted by the gate) @ expert_out.
+
+    Args: x [T, H]; expert_index, slot [T, K] int32; gate [T, K] fp32; keep [T, K] bool; experts: a cell on
+        [E, C, H]; num_experts E; capacity C.
+    Returns: y [T, H].
+    """
     num_tokens, hidden = x.shape
     rows = expert_index * capacity + slot  # (T, K)
     row_ids = ops.arange(num_experts * capacity, dtype=ms.int32).reshape(1, 1, -1)  # (1, 1, E*C)
