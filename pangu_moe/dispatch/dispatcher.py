@@ -47,5 +47,4 @@ class Dispatcher(nn.Cell):
         Args: expert_out [R*E, C, H]; flat_index [T*K] int32; gate [T, K] fp32; keep [T, K] bool.
         Returns: y [T, H] in expert_out's dtype.
         """
-        weight = gate * keep.astype(gate.dtype)
-        return self.unpermute(expert_out, flat_index, weight).astype(expert_out.dtype)
+        return self.unpermute(expert_out, flat_index, gate * keep.astype(gate.dtype))

@@ -40,8 +40,19 @@ def _sources():
     return sources
 
 
+_BUILT = {}  # (sources folder, cache folder) -> library path: each op's Custom asks, so hash the sources once
+
+
 def library_path():
     """Path of the built CPU kernel library, building it if needed. Raises KernelBuildError."""
+    key = (KERNELS_DIR, CACHE_DIR)
+    if key not in _BUILT:
+        _BUILT[key] = _build()
+    return _BUILT[key]
+
+
+def _build():
+    """Find the library for the current sources in the cache, or compile it there; returns its path."""
     sources = _sources()
     headers = sorted(KERNELS_DIR.glob("*/*.h"))
     digest = hashlib.sha256(" ".join(FLAGS + LIBS).encode())
