@@ -11,6 +11,6 @@ setup(
         "numpy>=1.25,<2",  # MindSpore 2.10 breaks with numpy 2 but does not pin it
         "pyyaml",
     ],
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "matplotlib"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["pangu-moe=pangu_moe.cli:main"]},
 )

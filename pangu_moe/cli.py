@@ -113,6 +113,17 @@ def _capacity(args):
         print(capacity_bound.table(rows, hidden, experts, layers=bool(args.run)))
 
 
+def _report(args):
+    from pangu_moe import report
+    from pangu_moe.report.runs import load_runs
+    runs = load_runs(args.runs)
+    out = args.out or (os.path.join(args.runs[0], "report") if len(args.runs) == 1 else "report")
+    result = report.write(runs, out, log=lambda line: print(f"pangu-moe report: {line}", file=sys.stderr))
+    print(report.markdown(result["rows"]))
+    for path in [result["report"], *result["figures"]]:
+        print(f"wrote {path}")
+
+
 def _plan(args):
     from pangu_moe.bench import plan
     result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
@@ -170,6 +181,11 @@ def build_parser():
     p.add_argument("--run", help="a run trained with moe.capacity_mode=locmoe_bound: its d, n and delta-hat per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_capacity)
+    p = sub.add_parser("report", help="figures (loss, val bpb, expert load, drops, inter-node traffic, capacity) "
+                       "and a summary table of runs, side by side")
+    p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report for one path, ./report for several)")
+    p.set_defaults(func=_report)
     p = sub.add_parser("plan", help="estimated exchange time per router at 64/128/256 devices from runs' routing "
                        "(pangu_moe/dispatch/cost.py states the model)")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")

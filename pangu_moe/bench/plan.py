@@ -10,23 +10,9 @@ import os
 
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.dispatch.cost import PRESETS, exchange_seconds, locality_preference
+from pangu_moe.report.runs import SUMMARY, find_runs
 
 DEVICES = (64, 128, 256)
-
-
-def find_runs(paths):
-    """{name: run dir} for run dirs or folders of run dirs (a study's OUT)."""
-    runs = {}
-    for path in paths:
-        if os.path.isfile(os.path.join(path, "summary.json")):
-            runs[os.path.basename(os.path.normpath(path))] = path
-            continue
-        found = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "summary.json"))) \
-            if os.path.isdir(path) else []
-        if not found:
-            raise ConfigError(f"plan: {path}: no summary.json in it or in its sub-folders (pass a run or study dir)")
-        runs.update({d: os.path.join(path, d) for d in found})
-    return runs
 
 
 def run_profile(run_dir):
@@ -49,7 +35,7 @@ def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, by
         raise ConfigError(f"plan: --cluster {cluster!r}: must be one of {', '.join(PRESETS)}")
     spec = PRESETS[cluster]
     rows = []
-    for name, run_dir in find_runs(paths).items():
+    for name, run_dir in find_runs(paths, SUMMARY, "plan").items():
         preference, measured_tokens, measured_hidden = run_profile(run_dir)
         for w in devices:
             est = exchange_seconds(tokens or measured_tokens, hidden or measured_hidden, bytes_per_value, preference,

@@ -21,7 +21,9 @@ import json
 import os
 import sys
 
+from pangu_moe import report
 from pangu_moe.config import RunConfig
+from pangu_moe.report.runs import load_run
 
 ROUTERS = {"switch": ["moe.router=topk"], "hash": ["moe.router=rre"],
            "locmoe": ["moe.router=locmoe", "moe.locmoe.locality_coeff=0.1"],
@@ -42,7 +44,8 @@ def study_configs(config_path, steps, overrides=()):
 
 
 def run(config_path, steps, out, overrides=(), log=None):
-    """Train every router into OUT/<name>; returns {name: {field: value}} with `FIELDS`."""
+    """Train every router into OUT/<name>, then write OUT/study.json and the report of the runs
+    (`pangu_moe.report`: OUT/report/report.md and its figures); returns {name: {field: value}} with `FIELDS`."""
     from pangu_moe.train.trainer import Trainer, check_run_dir
     log = log or (lambda line: print(line, file=sys.stderr))
     configs = study_configs(config_path, steps, overrides)
@@ -55,6 +58,7 @@ def run(config_path, steps, out, overrides=(), log=None):
         results[name] = {field: summary[field] for field in FIELDS}
     with open(os.path.join(out, "study.json"), "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
+    report.write([load_run(name, os.path.join(out, name)) for name in configs], os.path.join(out, "report"), log)
     return results
 
 

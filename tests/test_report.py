@@ -1,0 +1,129 @@
+"""`pangu-moe report`: its numbers are the runs' metrics, its figures are written, it degrades without
+matplotlib, and bad run folders give one-line errors."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from pangu_moe import cli, report
+from pangu_moe.report import runs as run_data
+from pangu_moe.train.metrics import read
+from pangu_moe.train.trainer import Trainer
+from tests.conftest import tiny_config
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _layer(demand, kept, capacity, places):
+    local, intra, inter = places
+    return {"tokens_per_expert": demand, "kept_per_expert": kept, "dropped": sum(demand) - sum(kept),
+            "capacity": capacity, "tokens_local": local, "tokens_intra": intra, "tokens_inter": inter}
+
+
+RECORDS = [
+    {"step": 2, "loss": 5.0, "lm_loss": 4.9,
+     "layers": [_layer([6, 2, 0, 0], [4, 2, 0, 0], 4, (3, 1, 2)), _layer([2, 2, 2, 2], [2, 2, 2, 2], 4, (8, 0, 0))]},
+    {"step": 4, "loss": 4.0, "lm_loss": 3.9, "val_bpb": 5.5, "val_loss": 3.8,
+     "layers": [_layer([0, 0, 0, 0], [0, 0, 0, 0], 3, (0, 0, 0)), _layer([8, 0, 0, 0], [3, 0, 0, 0], 3, (0, 0, 3))]},
+]
+
+
+def test_series_of_hand_made_records():
+    assert list(run_data.layer_steps(RECORDS)) == [2, 4]
+    # step 2: dropped 2 of 16 requested; step 4: dropped 5 of 8
+    assert list(run_data.dropped_fraction(RECORDS)) == [2 / 16, 5 / 8]
+    # step 2: inter 2 of 14 kept; step 4: 3 of 3
+    assert list(run_data.inter_node_fraction(RECORDS)) == [2 / 14, 1.0]
+    assert run_data.capacities(RECORDS).tolist() == [[4, 4], [3, 3]]
+    assert run_data.expert_load(RECORDS, 0).tolist() == [[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert run_data.expert_load(RECORDS, 1).tolist() == [[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]]
+    steps, values = run_data.curve(RECORDS, "val_bpb")
+    assert steps.tolist() == [4] and values.tolist() == [5.5]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("report") / "tiny"
+    cfg = tiny_config("train.steps=6", "train.log_every=2", "train.eval_every=3", "train.checkpoint_every=6",
+                      "parallel.nodes=2", "parallel.devices_per_node=2")
+    summary = Trainer(cfg, str(run_dir), log=lambda line: None).train()
+    return run_dir, summary
+
+
+def test_report_numbers_equal_the_metrics_they_came_from(tiny_run, tmp_path):
+    run_dir, summary = tiny_run
+    result = report.write(run_data.load_runs([str(run_dir)]), str(tmp_path / "out"), log=lambda line: None)
+    row, = result["rows"]
+    assert row["source"] == "summary.json"
+    for key in ("val_bpb", "bpb_over_unigram", "dropped_fraction", "inter_node_fraction", "max_over_mean_load",
+                "dead_experts", "capacity", "capacity_ratio", "tokens_per_s"):
+        assert row[key] == summary[key], key
+    records = read(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 3, 4, 6]  # logged every 2 steps and at every evaluation
+    assert row["steps"] == 6 and row["final_loss"] == records[-1]["loss"] and row["router"] == "topk K=1"
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["rows"] == [row]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert f"| tiny | topk K=1 | 6 | {records[-1]['loss']:.4f} | {summary['val_bpb']:.3f} |" in text
+    # each series recomputed here from the raw records
+    for got, r in zip(run_data.dropped_fraction(records), records):
+        assert got == sum(layer["dropped"] for layer in r["layers"]) / (4 * 32 * 2)  # T*K requested per layer
+    for got, r in zip(run_data.inter_node_fraction(records), records):
+        kept = sum(layer["tokens_local"] + layer["tokens_intra"] + layer["tokens_inter"] for layer in r["layers"])
+        assert kept == sum(sum(layer["kept_per_expert"]) for layer in r["layers"])
+        assert got == sum(layer["tokens_inter"] for layer in r["layers"]) / kept
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["load_tiny.png", "loss.png", "routing.png"]
+    for path in result["figures"]:
+        with open(path, "rb") as fh:
+            assert fh.read(8) == PNG
+
+
+def test_an_unfinished_run_is_reported_from_its_metrics(tiny_run, tmp_path):
+    run_dir = tmp_path / "partial"
+    shutil.copytree(tiny_run[0], run_dir)
+    (run_dir / "summary.json").unlink()
+    records = read(run_dir / "metrics.jsonl")
+    row = report.write(run_data.load_runs([str(run_dir)]), str(tmp_path / "out"), log=lambda line: None)["rows"][0]
+    layers = [layer for r in records for layer in r["layers"]]
+    assert row["source"] == "metrics.jsonl"
+    assert row["dropped_fraction"] == sum(l["dropped"] for l in layers) / sum(sum(l["tokens_per_expert"]) for l in layers)
+    assert row["val_bpb"] == records[-1]["val_bpb"] and row["max_over_mean_load"] is None
+    assert "Runs without summary.json (partial)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_without_matplotlib_the_tables_are_still_written(tiny_run, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    said = []
+    result = report.write(run_data.load_runs([str(tiny_run[0])]), str(tmp_path / "out"), log=said.append)
+    assert not result["plots"] and result["figures"] == [] and not list((tmp_path / "out").glob("*.png"))
+    assert said == [report.PLOT_HINT] and "pip install 'pangu_moe[plot]'" in said[0]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| tiny | topk K=1 |" in text and report.PLOT_HINT in text
+
+
+def test_cli_report_and_its_one_line_errors(tiny_run, tmp_path, capsys):
+    assert cli.main(["report", str(tiny_run[0]), "--out", str(tmp_path / "r")]) == 0
+    assert "wrote " + str(tmp_path / "r" / "report.md") in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no metrics.jsonl in it or in its sub-folders" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert cli.main(["report", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl:2: not a JSON line" in err
+
+
+def test_a_study_folder_reports_every_run_side_by_side(tiny_run, tmp_path):
+    study = tmp_path / "study"
+    for name in ("b_run", "a_run"):
+        shutil.copytree(tiny_run[0], study / name)
+    runs = run_data.load_runs([str(study)])
+    assert [r.name for r in runs] == ["a_run", "b_run"]
+    rows = report.write(runs, str(tmp_path / "out"), log=lambda line: None)["rows"]
+    assert [r["run"] for r in rows] == ["a_run", "b_run"] and rows[0]["val_bpb"] == rows[1]["val_bpb"]
+    assert np.array_equal(run_data.capacities(runs[0].records), run_data.capacities(runs[1].records))
