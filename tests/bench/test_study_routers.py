@@ -1,3 +1,5 @@
+import json
+
 import yaml
 
 from pangu_moe.bench import study_routers
@@ -21,3 +23,17 @@ def test_table_reports_ratios_against_switch():
            "capacity_ratio": 1.1, "dropped_fraction": 0.1, "tokens_per_s": 1000.0}
     text = study_routers.table({"switch": row, "locmoe": {**row, "inter_node_fraction": 0.2, "val_bpb": 3.06}})
     assert "locmoe vs switch: inter-node x0.40, val_bpb +2.00%" in text
+
+
+def test_the_study_writes_its_report_through_the_report_code(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "study"
+    results = study_routers.run(str(path), 2, str(out), log=lambda line: None)
+    rows = json.loads((out / "report" / "report.json").read_text())["rows"]
+    assert [row["run"] for row in rows] == list(study_routers.ROUTERS)
+    for row in rows:
+        for field in study_routers.FIELDS:
+            assert row[field] == results[row["run"]][field]
+    figures = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert figures == sorted(["loss.png", "routing.png", *(f"load_{name}.png" for name in study_routers.ROUTERS)])
