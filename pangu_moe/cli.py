@@ -113,6 +113,26 @@ def _capacity(args):
         print(capacity_bound.table(rows, hidden, experts, layers=bool(args.run)))
 
 
+def _generate(args):
+    from pangu_moe import generate
+    from pangu_moe.data.tokenizer import decode
+    from pangu_moe.progress import Progress
+    cfg, model = generate.load_model(args.checkpoint, args.overrides)
+    progress = Progress("generate", "bytes")
+    text, trace = generate.generate(cfg, model, args.prompt, args.domain, args.max_bytes, args.temperature,
+                                    args.top_k, args.seed, progress.update)
+    print(args.prompt + decode(text))
+    if args.trace:
+        from pangu_moe.report import trace as trace_text
+        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+        print()
+        print(trace_text.render(trace, colour))
+        path = args.trace_out or os.path.join(generate.run_dir_of(args.checkpoint), "trace.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(trace, fh)
+        print(f"wrote {path} (pangu-moe report draws it)", file=sys.stderr)
+
+
 def _report(args):
     from pangu_moe import report
     from pangu_moe.report.runs import load_runs
@@ -181,6 +201,23 @@ def build_parser():
     p.add_argument("--run", help="a run trained with moe.capacity_mode=locmoe_bound: its d, n and delta-hat per layer")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_capacity)
+    p = sub.add_parser("generate", help="sample text from a trained checkpoint; --trace shows the expert and node "
+                       "each byte was routed to in every MoE layer")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt or a sharded step folder")
+    p.add_argument("--prompt", required=True, help="text to continue (at most model.seq_len UTF-8 bytes)")
+    p.add_argument("--domain", default=None, help="data domain of the text, for level-1 routing (default: the first)")
+    p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely bytes; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("--trace", action="store_true", help="print each byte's expert per MoE layer, coloured by node, and "
+                   "write the trace to --trace-out")
+    p.add_argument("--trace-out", default=None, help="trace file (default RUN_DIR/trace.json, which report reads)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour the trace (auto: "
+                   "on a terminal)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of the run's config, e.g. --set runtime.kernels=reference")
+    p.set_defaults(func=_generate)
     p = sub.add_parser("report", help="figures (loss, val bpb, expert load, drops, inter-node traffic, capacity) "
                        "and a summary table of runs, side by side")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")

@@ -73,11 +73,20 @@ class MoELayer(nn.Cell):
         return self.exchange(expert_out).reshape(r, e, c, h)  # back at the sources: (R, E, C, H)
 
     def construct(self, x, token_ids, group_ids, capacity, training):
-        """Apply the layer to the R ranks' tokens.
+        """Apply the layer to the R ranks' tokens: `route`, then `apply`.
 
         Args:
             x: [T, H]; token_ids, group_ids: [T] int32; capacity: python int C per rank group;
             training: python bool.
+        Returns: as `apply`.
+        """
+        return self.apply(x, self.route(x, token_ids, group_ids, capacity, training), capacity)
+
+    def apply(self, x, routing, capacity):
+        """Dispatch, run the experts and combine, for a routing `route` computed.
+
+        Args:
+            x: [T, H]; routing: the tuple of `route` (fields of `routing.base.Routing`); capacity: python int.
         Returns:
             y [T, H] (0 for fully dropped tokens; the block's residual carries them),
             losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`; mean over rank groups),
@@ -85,8 +94,7 @@ class MoELayer(nn.Cell):
             kept_per_expert [R, E] int32,
             score [T] fp32: sum over kept choices of gate * log_prob for REINFORCE routers, else 0.
         """
-        expert_index, gate, keep, slot, requested, losses, log_prob = self.route(x, token_ids, group_ids, capacity,
-                                                                                 training)
+        expert_index, gate, keep, slot, requested, losses, log_prob = routing
         num_tokens, hidden = x.shape
         rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
         pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice

@@ -92,9 +92,13 @@ class PanguModel(nn.Cell):
             score = score + layer_score
             tokens_per_expert += (demand,)
             kept_per_expert += (kept,)
-        h = self.ln_f(self.query_layer(h, self.query_embedding[:s], mask))
-        logits = ops.matmul(h, self.embedding.T)  # tied LM head: (B, S, V)
+        logits = self._head(h, mask)
         return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert), score.reshape(token_ids.shape)
+
+    def _head(self, h, mask):
+        """Query layer, final LayerNorm and the tied LM head: h [B, S, H] -> logits [B, S, V] fp32."""
+        h = self.ln_f(self.query_layer(h, self.query_embedding[:h.shape[1]], mask))
+        return ops.matmul(h, self.embedding.T)  # (B, S, V)
 
     def _group_ids(self, domain_ids):
         """Level 1: domain d goes to group d, or everything to group 0 with one group. [B, S] int32."""
@@ -107,22 +111,34 @@ class PanguModel(nn.Cell):
             h = block(h, mask)
         return h
 
-    def moe_inputs(self, token_ids, domain_ids, capacity):
-        """The router input of every MoE layer, for host-side probes (PyNative, not for `ms.jit`).
+    def forward_traced(self, token_ids, domain_ids, capacity):
+        """Evaluation forward that keeps every MoE layer's router input and routing (host-side probes in
+        PyNative; `pangu-moe generate --trace` under `ms.jit`).
 
         Args: as `construct` (evaluation mode).
-        Returns: list of L_moe tuples (x [T, H] fp32, token_ids [T] int32, group_ids [T] int32).
+        Returns: logits [B, S, V] fp32, and a tuple over MoE layers of (x [T, H] fp32, token_ids [T] int32,
+            group_ids [T] int32, routing): `routing` is `MoELayer.route`'s tuple (`routing.base.Routing`
+            fields: expert_index [T, K] int32, keep [T, K] bool, ...), the routing this forward applied.
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
-        group_ids = self._group_ids(domain_ids)
-        h = self._dense_trunk(token_ids, mask)
-        inputs = []
+        token_ids, group_ids = token_ids.reshape(-1), self._group_ids(domain_ids).reshape(-1)  # (T,) <- (B, S)
+        h = self._dense_trunk(token_ids.reshape(-1, s), mask)
+        layers = ()
         for block in self.moe_blocks:
             h = block.attend(h, mask)
-            inputs.append((block.router_input(h), token_ids.reshape(-1), group_ids.reshape(-1)))
-            h = block.sparse_ffn(h, token_ids, group_ids, capacity, False)[0]
-        return inputs
+            x = block.router_input(h)
+            routing = block.moe.route(x, token_ids, group_ids, capacity, False)
+            h = h + block.moe.apply(x, routing, capacity)[0].reshape(h.shape)  # (B, S, H) <- (T, H)
+            layers += ((x, token_ids, group_ids, routing),)
+        return self._head(h, mask), layers
+
+    def moe_inputs(self, token_ids, domain_ids, capacity):
+        """The router input of every MoE layer, for host-side probes (see `forward_traced`).
+
+        Returns: list of L_moe tuples (x [T, H] fp32, token_ids [T] int32, group_ids [T] int32).
+        """
+        return [layer[:3] for layer in self.forward_traced(token_ids, domain_ids, capacity)[1]]
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local", exchange="flat", rank=0,

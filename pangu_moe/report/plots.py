@@ -120,7 +120,7 @@ def trace_figure(trace, title, path, width=WIDTH):
             ax.text(column + 0.5, y + 0.5, byte_glyph(value), ha="center", va="center", fontsize=7,
                     family="monospace")
     ax.set_xlim(0, width)
-    ax.set_ylim(-(chunks * band) + 0.6, 1)
+    ax.set_ylim(-((chunks - 1) * band + layers - 1), 1)  # from the last chunk's last layer row to the top
     ax.set_yticks([-(c * band + l) + 0.5 for c in range(chunks) for l in range(layers)],
                   [f"L{l}" for _ in range(chunks) for l in range(layers)], fontsize=7)
     ax.set_xticks([])

@@ -1,0 +1,32 @@
+"""Progress lines for loops that run longer than a few seconds (stderr, so stdout stays parseable)."""
+import sys
+import time
+
+
+class Progress:
+    """Prints "LABEL: done/total UNIT (pct), elapsed Ns, eta Ns" at most once per `every` seconds.
+
+    A loop that finishes within `every` seconds prints nothing; one that printed gets a final line.
+
+    Args:
+        label: what is running (e.g. "eval"); unit: what is counted (e.g. "batches");
+        every: seconds between lines; stream: file (default: sys.stderr at the time of each line);
+        clock: seconds, monotonic (injectable for tests).
+    """
+
+    def __init__(self, label, unit, every=2.0, stream=None, clock=time.monotonic):
+        self.label, self.unit, self.every, self.stream, self.clock = label, unit, every, stream, clock
+        self.start = self.last = clock()
+        self.printed = False
+
+    def update(self, done, total):
+        """Report that `done` of `total` units are finished."""
+        now = self.clock()
+        final = done >= total
+        if now - self.last < self.every and not (final and self.printed):
+            return
+        elapsed = now - self.start
+        eta = elapsed / done * (total - done) if done else 0.0
+        print(f"{self.label}: {done}/{total} {self.unit} ({done / total:.0%}), elapsed {elapsed:.0f}s, "
+              f"eta {eta:.0f}s", file=self.stream or sys.stderr, flush=True)
+        self.last, self.printed = now, True
