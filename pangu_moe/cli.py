@@ -34,7 +34,9 @@ def _eval(args):
     cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
     trainer = Trainer(cfg, run_dir)
     state = trainer.load_checkpoint(args.checkpoint)
-    result = {"checkpoint": args.checkpoint, "step": state["step"], **trainer.evaluator.evaluate()}
+    from pangu_moe.progress import Progress
+    progress = Progress("eval", "batches")
+    result = {"checkpoint": args.checkpoint, "step": state["step"], **trainer.evaluator.evaluate(progress=progress.update)}
     if trainer.rank == 0:
         print(json.dumps(result))
 
@@ -50,6 +52,7 @@ def _config(args):
 
 
 def _bench(args):
+    from pangu_moe.progress import Progress
     if args.repeats < 1:
         raise ConfigError(f"--repeats = {args.repeats}: must be >= 1")
     if args.name == "ep":
@@ -64,7 +67,7 @@ def _bench(args):
         return
     if args.name == "dispatch":
         from pangu_moe.bench import dispatch_style
-        result = dispatch_style.run(repeats=args.repeats)
+        result = dispatch_style.run(repeats=args.repeats, progress=Progress("bench dispatch", "runs").update)
         print(json.dumps(result) if args.json else
               f"one-hot / index-gather dispatch+combine, forward+backward: {result['onehot_over_gather']:.2f} "
               f"({result['onehot_seconds'] * 1e3:.1f} / {result['gather_seconds'] * 1e3:.1f} ms, same result: "
@@ -76,7 +79,7 @@ def _bench(args):
         print(json.dumps(result) if args.json else kernels.table(result))
         return
     from pangu_moe.bench import moe_layer
-    result = moe_layer.run(repeats=args.repeats)
+    result = moe_layer.run(repeats=args.repeats, progress=Progress("bench moe-layer", "runs").update)
     print(json.dumps(result) if args.json else moe_layer.table(result))
 
 

@@ -10,12 +10,12 @@ class Progress:
 
     Args:
         label: what is running (e.g. "eval"); unit: what is counted (e.g. "batches");
-        every: seconds between lines; stream: file (default: sys.stderr at the time of each line);
+        every: seconds between lines; log: callable taking one line (default: print to stderr);
         clock: seconds, monotonic (injectable for tests).
     """
 
-    def __init__(self, label, unit, every=2.0, stream=None, clock=time.monotonic):
-        self.label, self.unit, self.every, self.stream, self.clock = label, unit, every, stream, clock
+    def __init__(self, label, unit, every=2.0, log=None, clock=time.monotonic):
+        self.label, self.unit, self.every, self.log, self.clock = label, unit, every, log or _stderr, clock
         self.start = self.last = clock()
         self.printed = False
 
@@ -27,6 +27,10 @@ class Progress:
             return
         elapsed = now - self.start
         eta = elapsed / done * (total - done) if done else 0.0
-        print(f"{self.label}: {done}/{total} {self.unit} ({done / total:.0%}), elapsed {elapsed:.0f}s, "
-              f"eta {eta:.0f}s", file=self.stream or sys.stderr, flush=True)
+        self.log(f"{self.label}: {done}/{total} {self.unit} ({done / total:.0%}), elapsed {elapsed:.0f}s, "
+                 f"eta {eta:.0f}s")
         self.last, self.printed = now, True
+
+
+def _stderr(line):
+    print(line, file=sys.stderr, flush=True)

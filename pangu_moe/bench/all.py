@@ -29,9 +29,14 @@ def run(repeats=5, benches=None, log=print):
     `benches`: {name: callable(repeats) -> result dict}, default the four benchmark modules.
     """
     if benches is None:
+        from pangu_moe.progress import Progress
         from pangu_moe.bench import dispatch_style, ep, kernels, moe_layer
-        benches = {"moe_layer": lambda r: moe_layer.run(repeats=r),
-                   "dispatch_style": lambda r: dispatch_style.run(repeats=r),
+
+        def progress(name):
+            return Progress(name, "runs", log=log).update
+
+        benches = {"moe_layer": lambda r: moe_layer.run(repeats=r, progress=progress("moe-layer")),
+                   "dispatch_style": lambda r: dispatch_style.run(repeats=r, progress=progress("dispatch")),
                    "kernels": lambda r: kernels.run(repeats=r, log=log),
                    "ep": lambda r: ep.run(repeats=r, log=log)}
     results = {}

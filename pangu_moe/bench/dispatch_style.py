@@ -42,8 +42,11 @@ def onehot_dispatch_combine(x, expert_index, gate, keep, slot, experts, num_expe
     return ops.matmul(combine, expert_out)
 
 
-def run(repeats=10, shapes=SHAPES, seed=0):
-    """Measure; returns shapes, gather_seconds, onehot_seconds and `onehot_over_gather` (time ratio)."""
+def run(repeats=10, shapes=SHAPES, seed=0, progress=None):
+    """Measure; returns shapes, gather_seconds, onehot_seconds and `onehot_over_gather` (time ratio).
+
+    `progress`: callable(done, total) after each of the repeats + 2 warmup runs, or None.
+    """
     runtime.setup(RuntimeConfig(device="CPU", mode="graph", seed=seed))
     t, h, f, e, k = shapes["T"], shapes["H"], shapes["F"], shapes["E"], shapes["K"]
     capacity = expert_capacity(t, e, k, shapes["capacity_factor"])
@@ -74,6 +77,8 @@ def run(repeats=10, shapes=SHAPES, seed=0):
             values[name] = (loss.asnumpy(), d_x.asnumpy(), [g.asnumpy() for g in d_weights])
             if i >= 2:
                 times[name].append(time.perf_counter() - began)
+        if progress:
+            progress(i + 1, repeats + 2)
     gather_s, onehot_s = float(np.median(times["gather"])), float(np.median(times["onehot"]))
     same = bool(np.allclose(values["gather"][0], values["onehot"][0], rtol=1e-4)
                 and np.allclose(values["gather"][1], values["onehot"][1], rtol=1e-4, atol=1e-5))

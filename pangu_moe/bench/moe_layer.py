@@ -42,8 +42,11 @@ def _time(step, x, cotangent):
     return time.perf_counter() - began
 
 
-def run(repeats=10, shapes=SHAPES, seed=0):
-    """Measure; returns a dict of shapes, seconds, tokens/s and `moe_over_dense` (time ratio)."""
+def run(repeats=10, shapes=SHAPES, seed=0, progress=None):
+    """Measure; returns a dict of shapes, seconds, tokens/s and `moe_over_dense` (time ratio).
+
+    `progress`: callable(done, total) after each of the repeats + 2 warmup runs, or None.
+    """
     runtime.setup(RuntimeConfig(device="CPU", mode="graph", seed=seed))
     t, h, f, e, k = shapes["T"], shapes["H"], shapes["F"], shapes["E"], shapes["K"]
     capacity = expert_capacity(t, e, k, shapes["capacity_factor"])
@@ -69,6 +72,8 @@ def run(repeats=10, shapes=SHAPES, seed=0):
             seconds = _time(step, x, cotangent)
             if i >= 2:
                 times[name].append(seconds)
+        if progress:
+            progress(i + 1, repeats + 2)
     moe_s, dense_s = float(np.median(times["moe"])), float(np.median(times["dense"]))
     return {"shapes": dict(shapes, C=capacity), "repeats": repeats,
             "moe_seconds": moe_s, "dense_seconds": dense_s,

@@ -8,6 +8,7 @@ MoE layer) and trace_<run>.png for runs holding a generation trace.
 import json
 import os
 
+from pangu_moe.progress import Progress
 from pangu_moe.report import runs as run_data
 from pangu_moe.report.tables import markdown, summary_row
 
@@ -48,9 +49,11 @@ def write(runs, out, log=print):
     except ImportError:
         planned, plotting = [], False
         log(PLOT_HINT)
+    progress = Progress("report", "figures", log=log)
     for name, caption, draw in planned:
         path = os.path.join(out, name)
         draw(path)
+        progress.update(len(written) + 1, len(planned))
         written.append(path)
         captions.append(f"![{caption}]({name})")
     partial = [row["run"] for row in rows if row["source"] != run_data.SUMMARY]

@@ -33,17 +33,20 @@ class Evaluator:
     def _batches(self, max_batches):
         return self.num_batches if max_batches is None else min(self.num_batches, max_batches)
 
-    def evaluate(self, max_batches=None):
-        """Score the first `max_batches` batches (all by default).
+    def evaluate(self, max_batches=None, progress=None):
+        """Score the first `max_batches` batches (all by default); `progress`: callable(done, total) per batch.
 
         Returns: {"val_loss": nats per byte, "val_bpb": bits per byte,
                   "val_bpb_per_domain": {domain name: bits per byte}}.
         """
         n = self._batches(max_batches) * self.batch_size
-        sums = np.concatenate([
-            self.eval_step(*(Tensor(a[i:i + self.batch_size][self.rows]) for a in (self.inputs, self.labels,
-                                                                                 self.domain_ids))).asnumpy()
-            for i in range(0, n, self.batch_size)]).astype(np.float64)  # (N,) summed nats per window
+        parts = []
+        for i in range(0, n, self.batch_size):
+            parts.append(self.eval_step(*(Tensor(a[i:i + self.batch_size][self.rows])
+                                          for a in (self.inputs, self.labels, self.domain_ids))).asnumpy())
+            if progress:
+                progress(len(parts), n // self.batch_size)
+        sums = np.concatenate(parts).astype(np.float64)  # (N,) summed nats per window
         seq_len = self.inputs.shape[1]
         window_domain = self.domain_ids[:n, 0]
         per_domain = {name: float(sums[window_domain == d].sum() / ((window_domain == d).sum() * seq_len) / math.log(2))

@@ -15,6 +15,7 @@ from pangu_moe.data.corpus import load_corpus
 from pangu_moe.dispatch.accounting import PLACES, layer_record, route_classes, window_load_stats
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
+from pangu_moe.progress import Progress
 from pangu_moe.routing.base import LOSS_NAMES
 from pangu_moe.routing.locmoe import routed_cosines
 from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter
@@ -230,7 +231,7 @@ class Trainer:
 
     def _finish(self, state):
         cfg = self.cfg
-        val = self.evaluator.evaluate()
+        val = self.evaluator.evaluate(progress=Progress("final evaluation", "batches", log=self.log).update)
         unigram = pipeline.unigram_bpb(self.evaluator.scored_labels())
         reference = expert_capacity(self.group_tokens, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
