@@ -4,7 +4,9 @@
 #   Runs MSRUN_COMMAND (msrun's output goes to LOG_DIR/msrun.log, the workers' to LOG_DIR/worker_*.log).
 #   On a worker error (a traceback in any worker log; the other workers may be blocked in a collective),
 #   on TIMEOUT seconds (0: none), on a non-zero msrun exit and on Ctrl-C it stops msrun and every worker,
-#   prints the tail of the failed workers' logs and exits 1 (130 on Ctrl-C, 143 on SIGTERM). On success it prints the
+#   names the ranks whose processes ended first (a worker killed without a traceback: msrun notices it
+#   by its heartbeat, within about 35 s on CPU), prints the tail of the failed workers' logs and exits 1
+#   (130 on Ctrl-C, 143 on SIGTERM). On success it prints the
 #   log of this node's first worker (rank 0's on node 0) without MindSpore's WARNING/INFO lines.
 
 descendants() {  # every process below $1; msrun puts each worker in its own session, so no group kill
@@ -24,6 +26,12 @@ stop_all() {  # msrun and every process it started, collected before they are re
   wait "$leader" 2>/dev/null
 }
 
+worker_rank() {  # the RANK_ID msrun gave worker process $1, or nothing for another process (the scheduler)
+  local env
+  env="$(tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null)" || return
+  grep -qx "MS_ROLE=MS_WORKER" <<<"$env" && sed -n 's/^RANK_ID=//p' <<<"$env"
+}
+
 supervise_msrun() {
   local name="$1" log_dir="$2" timeout="$3"
   shift 3
@@ -34,9 +42,19 @@ supervise_msrun() {
   known=""
   trap 'echo "$name: interrupted; stopping workers" >&2; stop_all; exit 130' INT
   trap 'echo "$name: terminated; stopping workers" >&2; stop_all; exit 143' TERM
-  local deadline=$((SECONDS + timeout)) status="" code
+  local deadline=$((SECONDS + timeout)) status="" code pid rank ended=""
+  declare -A rank_of=()
   while kill -0 "$leader" 2>/dev/null; do
     known="$(descendants "$leader" | tr '\n' ' ')"  # live workers, remembered in case msrun dies first
+    for pid in $known; do
+      [[ -n "${rank_of[$pid]+x}" ]] || rank_of[$pid]="$(worker_rank "$pid")"
+    done
+    for pid in "${!rank_of[@]}"; do  # a worker that ended while msrun runs: killed, crashed, or done first
+      if [[ -n "${rank_of[$pid]}" ]] && ! kill -0 "$pid" 2>/dev/null; then
+        ended+="${ended:+, }rank ${rank_of[$pid]} (pid $pid, after ${SECONDS}s)"
+        rank_of[$pid]=""
+      fi
+    done
     if (( timeout > 0 && SECONDS >= deadline )); then status="timeout after ${timeout}s"; break; fi
     if grep -qs "Traceback (most recent call last)" "$log_dir"/worker_*.log; then
       sleep 2  # let msrun notice the failure itself first
@@ -51,6 +69,7 @@ supervise_msrun() {
   if [[ -n "$status" ]]; then
     stop_all
     echo "$name: $status; workers stopped; logs in $log_dir" >&2
+    [[ -z "$ended" ]] || echo "$name: worker processes that ended before the job did, earliest first: $ended" >&2
     for f in "$log_dir"/worker_*.log; do
       if grep -qs "Traceback" "$f"; then
         echo "---- $f" >&2
