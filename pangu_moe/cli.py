@@ -29,8 +29,7 @@ def _eval(args):
     from pangu_moe.train.trainer import Trainer
     if not os.path.exists(args.checkpoint):
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
-    # RUN_DIR/checkpoints/step_X.ckpt, or the sharded folder RUN_DIR/checkpoints/step_X/
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint.rstrip("/"))))
+    run_dir = checkpoint.run_dir_of(args.checkpoint)
     cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
     trainer = Trainer(cfg, run_dir)
     state = trainer.load_checkpoint(args.checkpoint)
@@ -118,6 +117,7 @@ def _capacity(args):
 
 def _generate(args):
     from pangu_moe import generate
+    from pangu_moe.train import checkpoint
     from pangu_moe.data.tokenizer import decode
     from pangu_moe.progress import Progress
     cfg, model = generate.load_model(args.checkpoint, args.overrides)
@@ -130,10 +130,23 @@ def _generate(args):
         colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
         print()
         print(trace_text.render(trace, colour))
-        path = args.trace_out or os.path.join(generate.run_dir_of(args.checkpoint), "trace.json")
+        path = args.trace_out or os.path.join(checkpoint.run_dir_of(args.checkpoint), "trace.json")
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(trace, fh)
         print(f"wrote {path} (pangu-moe report draws it)", file=sys.stderr)
+
+
+def _ckpt(args):
+    from pangu_moe.train import convert
+    if args.action == "reshard":
+        if (args.ep is None) == (not args.consolidate):
+            raise ConfigError("ckpt reshard: pass either --ep W2 (the expert shards to write) or --consolidate")
+        written = convert.reshard(args.checkpoint, args.out, args.ep, args.consolidate)
+    else:
+        if args.domain is None:
+            raise ConfigError("ckpt extract-domain: pass --domain NAME (one of the run's data.domains)")
+        written = convert.extract_domain_run(args.checkpoint, args.domain, args.out)
+    print(f"wrote {written} (run directory {args.out})")
 
 
 def _report(args):
@@ -163,8 +176,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt, or the folder "
-                   "step_NNNNNN/ of a multi-process run (joined into one model with --set parallel.dispatch=simulated)")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN (a multi-process run's shards "
+                   "are joined into one model with --set parallel.dispatch=simulated), or a consolidated .ckpt file")
     _add_config_args(p, required=False)
     p.set_defaults(func=_eval)
     p = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")
@@ -206,7 +219,7 @@ def build_parser():
     p.set_defaults(func=_capacity)
     p = sub.add_parser("generate", help="sample text from a trained checkpoint; --trace shows the expert and node "
                        "each byte was routed to in every MoE layer")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN.ckpt or a sharded step folder")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
     p.add_argument("--prompt", required=True, help="text to continue (at most model.seq_len UTF-8 bytes)")
     p.add_argument("--domain", default=None, help="data domain of the text, for level-1 routing (default: the first)")
     p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
@@ -221,6 +234,15 @@ def build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a value of the run's config, e.g. --set runtime.kernels=reference")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("ckpt", help="convert checkpoints: reshard between expert-parallel degrees, or cut out a "
+                       "domain's sub-model; both write a run directory (config.yaml + checkpoint)")
+    p.add_argument("action", choices=["reshard", "extract-domain"])
+    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
+    p.add_argument("--out", required=True, help="new run directory for the result")
+    p.add_argument("--ep", type=int, help="reshard: expert shards (expert-parallel degree W2) to write")
+    p.add_argument("--consolidate", action="store_true", help="reshard: one file OUT/model.ckpt with every tensor")
+    p.add_argument("--domain", help="extract-domain: a data.domains name")
+    p.set_defaults(func=_ckpt)
     p = sub.add_parser("report", help="figures (loss, val bpb, expert load, drops, inter-node traffic, capacity) "
                        "and a summary table of runs, side by side")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")

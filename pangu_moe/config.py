@@ -8,6 +8,7 @@ path, the bad value and what is allowed.
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import List
@@ -18,6 +19,9 @@ import yaml
 EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, DESIGN section 3
 MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
 KERNELS = ("reference", "custom")  # runtime.kernels: plain MindSpore, or the custom kernels of the device
+
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -179,6 +183,8 @@ class TrainConfig:
     eval_batches: int = _f(8, "validation batches per evaluation", lo=1)
     checkpoint_every: int = _f(100, "steps between checkpoints (and one at the end)", lo=1)
     keep_checkpoints: int = _f(2, "newest checkpoints kept in RUN_DIR/checkpoints; 0 keeps all", lo=0)
+    max_skipped_steps: int = _f(5, "a step with a non-finite loss or gradient norm is skipped (no update, counted "
+                                "as skipped_steps in metrics.jsonl); this many in a row abort the run", lo=1)
 
 
 @dataclass
@@ -366,6 +372,8 @@ def _check_type(path, value, tp):
             raise ConfigError(f"{path} = {value!r}: must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-4 (an exponent without a dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} = {value!r}: must be a number")
         if not math.isfinite(value):

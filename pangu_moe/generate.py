@@ -16,53 +16,30 @@ Decisions (the issue leaves them open):
   top-k (ties at the cut kept), from `numpy.random.default_rng(seed)`; temperature 0 is greedy (lowest
   byte on ties). The same checkpoint, prompt, domain and seed give the same bytes.
 """
-import os
-
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from pangu_moe import runtime
-from pangu_moe.config import ConfigError, RunConfig
+from pangu_moe.config import ConfigError
 from pangu_moe.data import tokenizer
 from pangu_moe.dispatch.topology import Topology
-from pangu_moe.model.pangu import build_model
-from pangu_moe.train import checkpoint
-from pangu_moe.train.optim import HybridEpsAdamW
+from pangu_moe.train.restore import restore, run_config
 
 BYTES = 256
 NOT_CAUSAL = ("expert_choice",)
 
 
-def run_dir_of(checkpoint_path):
-    """RUN_DIR of RUN_DIR/checkpoints/step_N.ckpt or of the sharded folder RUN_DIR/checkpoints/step_N/."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path.rstrip("/"))))
-
-
 def load_model(checkpoint_path, overrides=()):
     """(cfg, model) in evaluation mode from a checkpoint, with every expert in this process.
 
-    Args: checkpoint_path: a .ckpt file or sharded folder; overrides: extra "section.key=value".
+    Args: checkpoint_path: a checkpoint folder or a consolidated .ckpt file; overrides: "section.key=value".
     Raises: CheckpointError / ConfigError with one line naming the problem.
     """
-    if not os.path.exists(checkpoint_path):
-        raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no such file or folder")
-    config_path = os.path.join(run_dir_of(checkpoint_path), "config.yaml")
-    if not os.path.isfile(config_path):
-        raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no config.yaml in its run directory "
-                                         f"{run_dir_of(checkpoint_path)}")
-    cfg = RunConfig.from_yaml(config_path, ["parallel.dispatch=local", *overrides])
+    cfg = run_config(checkpoint_path, overrides)
     if cfg.moe.router in NOT_CAUSAL:
         raise ConfigError(f"generate: moe.router = {cfg.moe.router} routes each token by the whole sequence (not "
                           f"causal); generation needs a token-choice router")
-    runtime.setup(cfg.runtime)
-    model = build_model(cfg)
-    t = cfg.train
-    optimizer = HybridEpsAdamW(model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps, t.weight_decay)
-    from pangu_moe.train.trainer import STATE_KEYS
-    checkpoint.load(checkpoint_path, [model, optimizer], STATE_KEYS)  # the moments are read, checked and unused
-    model.set_train(False)
-    return cfg, model
+    return cfg, restore(checkpoint_path, cfg)[0]
 
 
 def sample_next(logits, rng, temperature, top_k):

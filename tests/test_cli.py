@@ -39,7 +39,7 @@ def test_eval_reproduces_the_final_validation_loss(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--out", str(run), "--set", "runtime.mode=pynative"]) == 0
     capsys.readouterr()
     summary = json.loads((run / "summary.json").read_text())
-    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_000002.ckpt")]) == 0
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_000002")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 2
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
@@ -57,8 +57,8 @@ def test_resume_without_checkpoints_and_rerun_into_a_used_run_dir(tmp_path, caps
     path.write_text("train:\n  steps: 50\n")
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert capsys.readouterr().err.strip().endswith("no checkpoints in " + str(tmp_path / "empty") + "/checkpoints")
-    used = tmp_path / "used" / "checkpoints"
+    used = tmp_path / "used" / "checkpoints" / "step_000010"
     used.mkdir(parents=True)
-    (used / "step_000010.ckpt").write_bytes(b"")
+    (used / "manifest.json").write_text("{}")
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "used")]) == 2
     assert "already holds checkpoints (up to step 10); pass --resume" in capsys.readouterr().err

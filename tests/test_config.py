@@ -23,6 +23,14 @@ def test_int_is_accepted_for_float_field():
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
+def test_exponent_without_a_dot_is_a_number():
+    # PyYAML (YAML 1.1) reads 3e-4 as a string; a float field takes it as the number it means
+    assert tiny_config("train.lr=3e-4").train.lr == 3e-4
+    assert RunConfig.from_dict({"train": {"lr": "2E-3", "min_lr": " 1e-5 "}}).train.min_lr == 1e-5
+    with pytest.raises(ConfigError, match="train.lr = '3e-4x': must be a number"):
+        tiny_config("train.lr=3e-4x")
+
+
 def test_nested_override_leaves_the_source_dict_alone():
     cfg = tiny_config("moe.locmoe.locality_coeff=0.5", "parallel.nodes=2")
     assert cfg.moe.locmoe.locality_coeff == 0.5 and cfg.parallel.nodes == 2

@@ -21,7 +21,7 @@ def tiny_checkpoint(tmp_path_factory):
     cfg = tiny_config("train.steps=4", "train.eval_every=4", "train.checkpoint_every=4", "parallel.nodes=2",
                       "parallel.devices_per_node=2", "moe.top_k=2", "moe.num_experts=8")
     Trainer(cfg, str(run_dir), log=lambda line: None).train()
-    return run_dir, str(run_dir / "checkpoints" / "step_000004.ckpt")
+    return run_dir, str(run_dir / "checkpoints" / "step_000004")
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,6 @@ def test_generate_refuses_missing_checkpoints_and_non_causal_routers(tmp_path, c
     run = tmp_path / "ec"
     (run / "checkpoints").mkdir(parents=True)
     tiny_config("moe.router=expert_choice").save(str(run / "config.yaml"))
-    (run / "checkpoints" / "step_000001.ckpt").write_bytes(b"")
+    (run / "checkpoints" / "step_000001").mkdir()
     with pytest.raises(ConfigError, match="expert_choice routes each token by the whole sequence"):
-        generate.load_model(str(run / "checkpoints" / "step_000001.ckpt"))
+        generate.load_model(str(run / "checkpoints" / "step_000001"))

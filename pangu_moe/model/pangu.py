@@ -190,15 +190,21 @@ def extract_domain(model, domain):
         raise ValueError("extract_domain: the model has one expert group; every domain uses all experts")
     if not 0 <= domain < moe.num_groups:
         raise ValueError(f"extract_domain: domain = {domain}: must be in [0, {moe.num_groups})")
-    per_group = moe.num_experts // moe.num_groups
-    sub_moe = dataclasses.replace(moe, num_experts=per_group, num_groups=1)
+    sub_moe = dataclasses.replace(moe, num_experts=moe.num_experts // moe.num_groups, num_groups=1)
     sub = PanguModel(model.model_cfg, sub_moe)
     source = {p.name: p.asnumpy() for p in model.get_parameters()}
     for p in sub.get_parameters():
-        value = source[p.name]
-        if is_expert_parameter(p.name):
-            value = value[domain * per_group:(domain + 1) * per_group]  # (E_g, ...) <- (E, ...)
-        elif p.name.rsplit(".", 1)[-1] in ("weight", "table", "bias") and ".router." in p.name:
-            value = value[domain:domain + 1]  # (1, ...) <- (G, ...)
-        p.set_data(Tensor(np.ascontiguousarray(value), p.dtype))
+        p.set_data(Tensor(domain_slice(p.name, source[p.name], domain, moe.num_experts, moe.num_groups), p.dtype))
     return sub
+
+
+def domain_slice(name, value, domain, num_experts, num_groups):
+    """The part of parameter `name` (or of its optimizer moment, `adam_m.<name>`) that group `domain`'s
+    sub-model keeps: rows of the group's experts of an expert tensor, the group's row of a per-group router
+    weight, table or bias, all of anything else. numpy array -> contiguous numpy array."""
+    per_group = num_experts // num_groups
+    if is_expert_parameter(name):
+        value = value[domain * per_group:(domain + 1) * per_group]  # (E_g, ...) <- (E, ...)
+    elif name.rsplit(".", 1)[-1] in ("weight", "table", "bias") and ".router." in name:
+        value = value[domain:domain + 1]  # (1, ...) <- (G, ...)
+    return np.array(value, order="C")  # a copy; keeps 0-d values 0-d (np.ascontiguousarray would not)

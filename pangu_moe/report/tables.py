@@ -32,7 +32,7 @@ def summary_row(run):
     """{column key: value} for one `runs.Run`, plus "source": "summary.json" or "metrics.jsonl"."""
     records = run.records
     row = {"run": run.name, "router": _router(run), "steps": int(records[-1]["step"]),
-           "final_loss": float(records[-1]["loss"])}
+           "final_loss": records[-1]["loss"]}  # None for a skipped (non-finite) step
     if run.summary is not None:
         row.update({key: run.summary.get(key) for key in SUMMARY_FIELDS})
         row["steps"] = int(run.summary.get("steps", row["steps"]))

@@ -1,13 +1,21 @@
-"""Checkpoints: every Parameter of the given cells (model weights, RRE tables, optimizer moments)
-plus a few integers of trainer state, written atomically (temp file, fsync, rename).
+"""Checkpoints: every Parameter of the given cells (model weights, router state, optimizer moments) plus
+the trainer state, in a folder per step that is complete only once its manifest exists.
 
-Single-process runs write one file `step_XXXXXX.ckpt`. Runs with one rank per process write a folder
-`step_XXXXXX/`: `shared.ckpt` (rank 0: every non-expert parameter and moment, and the trainer state),
-`experts_rank{r}.ckpt` (rank r's expert shard and its moments) and, last, `manifest.json` naming the
-expert ids of each shard; a folder without a manifest is incomplete and ignored. A sharded
-checkpoint loads into a rank (its shard) or into a single-process model (shards concatenated).
+`RUN_DIR/checkpoints/step_NNNNNN/`:
+- `shared.ckpt`: every non-expert parameter and moment, and the trainer state;
+- `experts_rank{r}.ckpt`: expert shard r (its experts' weights and moments); a single-process run
+  writes one shard holding every expert, a run with one rank per process one shard per rank;
+- `manifest.json`, written last: the step, the sha256 of the resolved config's trajectory fields, and
+  per file its size and sha256, and per shard its expert ids.
+
+Every file is written atomically (temp file, fsync, rename, fsync of the folder). Loading verifies
+sizes, checksums and that every expert is present exactly once before anything is read, so a
+truncated or bit-flipped file is an error naming it, and `newest_valid` lets a resume fall back to the
+previous checkpoint. No checkpoint with a non-finite value is written. A bare `.ckpt` file (a
+consolidated checkpoint, `save_file`) also loads, unverified: it has no manifest.
 """
 import glob
+import hashlib
 import json
 import os
 import re
@@ -21,13 +29,15 @@ from pangu_moe.model.pangu import is_expert_parameter
 
 MANIFEST = "manifest.json"
 SHARED = "shared.ckpt"
+FORMAT = 2
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def _named_parameters(cells):
+def named_parameters(cells):
+    """{name: Parameter} of the cells (a name shared by several cells counts once)."""
     params = {}
     for cell in cells:
         for p in cell.get_parameters():
@@ -35,24 +45,43 @@ def _named_parameters(cells):
     return params
 
 
-def save(path, cells, state):
-    """Write `path` (a .ckpt) atomically.
-
-    Args:
-        cells: cells whose Parameters are saved (duplicates by name are saved once).
-        state: {name: int or float} trainer state stored beside the parameters.
-    """
-    _write(path, _named_parameters(cells), state)
+def shard_file(rank):
+    return f"experts_rank{rank}.ckpt"
 
 
-def _write(path, params, state):
+def run_dir_of(path):
+    """The run directory of a checkpoint: RUN_DIR of RUN_DIR/checkpoints/step_N/, or the folder of a bare
+    .ckpt file that has a config.yaml beside it (`pangu-moe ckpt reshard --consolidate` writes one)."""
+    path = os.path.abspath(path.rstrip("/"))
+    here = os.path.dirname(path)
+    if os.path.isfile(path) and os.path.isfile(os.path.join(here, "config.yaml")):
+        return here
+    return os.path.dirname(here)
+
+
+def step_path(run_dir, step):
+    """The checkpoint folder of `step`."""
+    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+
+
+def _check_finite(path, arrays):
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise FloatingPointError(f"refusing to write checkpoint {path}: {name} holds non-finite values")
+
+
+def write_arrays(path, arrays, state):
+    """Write {name: numpy array or Parameter} and the state dict to `path` atomically; returns its file entry."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path[:-len(".ckpt")] + ".tmp.ckpt"
-    items = [{"name": name, "data": p} for name, p in params.items()]
+    tmp = path + ".tmp.ckpt"  # MindSpore appends .ckpt to any other name
+    items = [{"name": name, "data": value if isinstance(value, ms.Parameter) else Tensor(value)}
+             for name, value in arrays.items()]
     ms.save_checkpoint(items, tmp, append_dict=dict(state))
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     _replace_durably(tmp, path)
+    return file_entry(path)
 
 
 def _replace_durably(tmp, path):
@@ -64,34 +93,114 @@ def _replace_durably(tmp, path):
         os.close(folder)
 
 
-def shard_file(rank):
-    return f"experts_rank{rank}.ckpt"
+def file_entry(path):
+    """{"file": base name, "bytes": size, "sha256": hex digest} of a written file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
-def save_sharded(folder, cells, state, rank, shards, barrier):
-    """Write this rank's part of a sharded checkpoint folder; rank 0 writes the manifest once all are done.
+def _write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _replace_durably(tmp, path)
+
+
+def save_file(path, cells, state):
+    """One bare .ckpt file with every parameter of `cells` and `state` (no manifest; see the module doc)."""
+    params = named_parameters(cells)
+    _check_finite(path, {n: p.asnumpy() for n, p in params.items()})
+    write_arrays(path, params, state)
+
+
+def save(folder, cells, state, config_sha256, rank=0, shards=None, barrier=None):
+    """Write this process's part of the checkpoint folder; rank 0 writes the manifest once all are done.
 
     Args:
-        folder: `step_path(run_dir, step, sharded=True)`; cells, state: as `save`.
-        rank: this process's rank; shards: list over ranks of the expert ids each holds.
-        barrier: callable returning once every rank has called it.
+        folder: `step_path(run_dir, step)`; cells: cells whose Parameters are saved;
+        state: {name: int or float} trainer state (with "step"); config_sha256: `config_fingerprint` of the run.
+        rank: this process's rank; shards: list over ranks of the expert ids each holds (default: one shard,
+            this process holding every expert); barrier: callable returning once every rank called it.
+    Raises:
+        FloatingPointError when a parameter holds a non-finite value (nothing is written).
     """
-    params = _named_parameters(cells)
-    _write(os.path.join(folder, shard_file(rank)), {n: p for n, p in params.items() if is_expert_parameter(n)}, {})
+    params = named_parameters(cells)
+    arrays = {n: p.asnumpy() for n, p in params.items()}
+    _check_finite(folder, arrays)
+    experts = {n: v for n, v in arrays.items() if is_expert_parameter(n)}
+    if shards is None:  # one process holding every expert: one shard, or none for a model without experts
+        shards = [list(range(next(iter(experts.values())).shape[0]))] if experts else []
+    barrier = barrier or (lambda: None)
+    if experts:
+        write_arrays(os.path.join(folder, shard_file(rank)), experts, {})
     if rank == 0:
-        _write(os.path.join(folder, SHARED), {n: p for n, p in params.items() if not is_expert_parameter(n)}, state)
+        shared = write_arrays(os.path.join(folder, SHARED), {n: v for n, v in arrays.items() if n not in experts}, state)
     barrier()
     if rank == 0:
-        manifest = {"world_size": len(shards), "shared": SHARED,
-                    "shards": [{"rank": r, "file": shard_file(r), "experts": [int(e) for e in ids]}
-                               for r, ids in enumerate(shards)]}
-        tmp = os.path.join(folder, MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace_durably(tmp, os.path.join(folder, MANIFEST))
+        write_manifest(folder, state["step"], config_sha256, shared,
+                       [{"rank": r, "experts": ids, **file_entry(os.path.join(folder, shard_file(r)))}
+                        for r, ids in enumerate(shards)])
     barrier()
+
+
+def write_manifest(folder, step, config_sha256, shared, shards):
+    """Write the manifest last, making the folder a complete checkpoint.
+
+    Args: shared: `file_entry` of shared.ckpt; shards: list of {"rank", "experts", **file_entry}.
+    """
+    manifest = {"format": FORMAT, "step": int(step), "config_sha256": config_sha256, "shared": shared,
+                "shards": [{**shard, "experts": [int(e) for e in shard["experts"]]} for shard in shards]}
+    _write_json(os.path.join(folder, MANIFEST), manifest)
+
+
+def read_manifest(folder):
+    """The manifest of a checkpoint folder, checked for shape (not yet against the files)."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (an incomplete checkpoint)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        shards = manifest["shards"]
+        entries = [manifest["shared"], *shards]
+        if manifest.get("format") != FORMAT or not all({"file", "bytes", "sha256"} <= set(e) for e in entries):
+            raise KeyError("format")
+        experts = [e for shard in shards for e in shard["experts"]]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is not a format-{FORMAT} manifest") from None
+    expected = list(range(len(experts)))
+    if sorted(experts) != expected:
+        duplicated = sorted({e for e in experts if experts.count(e) > 1})
+        missing = sorted(set(expected) - set(experts)) or sorted(set(experts) - set(expected))
+        raise CheckpointError(f"checkpoint {folder}: the manifest's shards hold experts {sorted(experts)}; every "
+                              f"expert must appear exactly once ("
+                              f"{'duplicated ' + str(duplicated) if duplicated else 'missing ' + str(missing)})")
+    return manifest
+
+
+def verify(folder, files=None):
+    """Check a checkpoint folder against its manifest: every listed file (or only `files`) exists with
+    the recorded size and sha256. Returns the manifest; raises CheckpointError naming the first problem."""
+    manifest = read_manifest(folder)
+    for entry in [manifest["shared"], *manifest["shards"]]:
+        if files is not None and entry["file"] not in files:
+            continue
+        path = os.path.join(folder, entry["file"])
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {folder}: {entry['file']} is missing")
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {folder}: {entry['file']} has {size} bytes, the manifest says "
+                                  f"{entry['bytes']} (truncated or replaced)")
+        if file_entry(path)["sha256"] != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {folder}: {entry['file']} does not match its sha256 in the manifest "
+                                  f"(corrupted on disk)")
+    return manifest
 
 
 def _read(path):
@@ -103,44 +212,64 @@ def _read(path):
         raise CheckpointError(f"checkpoint {path}: unreadable ({' '.join(str(e).split())[:200]})") from None
 
 
-def _read_sharded(folder, rank, world_size):
-    """The parameters of a sharded checkpoint folder: shared ones plus rank `rank`'s shard (of a run with
-    `world_size` ranks), or plus every shard concatenated on the expert axis (rank None)."""
-    manifest_path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"checkpoint {folder}: no {MANIFEST} (an incomplete sharded checkpoint)")
-    with open(manifest_path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
+def read_shards(folder, manifest):
+    """[{name: Tensor}] of every shard file, in manifest order."""
+    return [_read(os.path.join(folder, shard["file"])) for shard in manifest["shards"]]
+
+
+def _check_rows(folder, shard, tensors):
+    """Each expert tensor of a shard must hold one row per expert its manifest entry lists."""
+    for name, value in tensors.items():
+        if value.shape[0] != len(shard["experts"]):
+            raise CheckpointError(f"checkpoint {folder}: {shard['file']} holds {value.shape[0]} experts of {name}, "
+                                  f"its manifest entry lists {len(shard['experts'])}")
+
+
+def join_shards(folder, manifest, parts):
+    """{name: numpy array} of every expert tensor with all E experts in expert order, from the shards'
+    tensors (`read_shards`). Each shard holds its experts' rows in its `experts` order."""
+    for shard, part in zip(manifest["shards"], parts):
+        _check_rows(folder, shard, part)
+    order = np.array([e for shard in manifest["shards"] for e in shard["experts"]], np.int64)
+    return {name: np.concatenate([part[name].asnumpy() for part in parts], 0)[np.argsort(order, kind="stable")]
+            for name in (parts[0] if parts else ())}  # (E, ...) <- rows in shard order
+
+
+def read_saved(path, rank=None, world_size=1):
+    """{name: Tensor or value} of a checkpoint: a verified folder (shared parameters plus rank `rank`'s shard
+    of a run with `world_size` ranks, or plus every shard joined for rank None) or a bare .ckpt file."""
+    if not os.path.isdir(path):
+        return _read(path)
+    manifest = read_manifest(path)
     shards = manifest["shards"]
-    saved = dict(_read(os.path.join(folder, manifest["shared"])))
     if rank is not None:
         if len(shards) != world_size or shards[rank]["rank"] != rank:
-            raise CheckpointError(f"checkpoint {folder}: written by {len(shards)} ranks, this run has {world_size}; "
-                                  f"resume with the same parallel layout, or join the shards with "
-                                  f"parallel.dispatch=simulated")
-        saved.update(_read(os.path.join(folder, shards[rank]["file"])))
+            raise CheckpointError(f"checkpoint {path}: holds {len(shards)} expert shards, this run has {world_size} "
+                                  f"ranks; resume with the same parallel layout, convert it with pangu-moe ckpt "
+                                  f"reshard, or join the shards with parallel.dispatch=simulated")
+        verify(path, {SHARED, shards[rank]["file"]})
+        saved = dict(_read(os.path.join(path, SHARED)))
+        shard = _read(os.path.join(path, shards[rank]["file"]))
+        _check_rows(path, shards[rank], shard)
+        saved.update(shard)
         return saved
-    order = [e for shard in shards for e in shard["experts"]]
-    if order != list(range(len(order))):
-        raise CheckpointError(f"checkpoint {folder}: shard expert ids {order} are not 0..{len(order) - 1} in order")
-    parts = [_read(os.path.join(folder, shard["file"])) for shard in shards]
-    for name in parts[0]:
-        # (E, ...) <- W x (E_loc, ...)
-        saved[name] = Tensor(np.concatenate([part[name].asnumpy() for part in parts], 0))
+    verify(path)
+    saved = dict(_read(os.path.join(path, SHARED)))
+    saved.update({name: Tensor(value) for name, value in join_shards(path, manifest, read_shards(path, manifest)).items()})
     return saved
 
 
 def load(path, cells, state_keys, rank=None, world_size=1):
-    """Load `path` (a .ckpt file or a sharded checkpoint folder) into `cells`; every Parameter must be
-    present with the same shape.
+    """Load `path` (a checkpoint folder or a bare .ckpt file) into `cells`; every Parameter must be present
+    with the same shape.
 
-    `rank`: for a sharded folder, load that rank's expert shard (the cells hold one rank of `world_size`),
-    or None to concatenate all shards (the cells hold every expert).
+    `rank`: for a folder, load that rank's expert shard (the cells hold one rank of `world_size`), or None
+    to join all shards (the cells hold every expert).
     Everything is checked before anything is written, so a failed load leaves the cells unchanged.
     Returns: {key: value} for `state_keys`.
     """
-    saved = _read_sharded(path, rank, world_size) if os.path.isdir(path) else _read(path)
-    params = _named_parameters(cells)
+    saved = read_saved(path, rank, world_size)
+    params = named_parameters(cells)
     missing = [n for n in params if n not in saved]
     if missing:
         raise CheckpointError(f"checkpoint {path}: lacks {len(missing)} parameters of this model, e.g. {missing[0]}")
@@ -159,24 +288,36 @@ def load(path, cells, state_keys, rank=None, world_size=1):
     return {k: saved[k].asnumpy().item() for k in state_keys}
 
 
-def step_path(run_dir, step, sharded=False):
-    """The checkpoint of `step`: a .ckpt file, or a folder when `sharded`."""
-    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}" + ("" if sharded else ".ckpt"))
-
-
 def list_checkpoints(run_dir):
-    """[(step, path)] of the run's complete checkpoints (files, and sharded folders with a manifest), ascending."""
+    """[(step, folder)] of the run's checkpoint folders that have a manifest (complete saves), ascending."""
     found = []
     for path in glob.glob(os.path.join(run_dir, "checkpoints", "step_*")):
-        m = re.fullmatch(r"step_(\d+)(\.ckpt)?", os.path.basename(path))
-        if m and (os.path.isfile(path) if m.group(2) else os.path.isfile(os.path.join(path, MANIFEST))):
+        m = re.fullmatch(r"step_(\d+)", os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, MANIFEST)):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
 
+def newest_valid(run_dir, log=None):
+    """(step, folder) of the newest checkpoint that passes `verify`; an invalid newer one is reported through
+    `log` and skipped. Raises CheckpointError when there is none."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for step, path in reversed(found):
+        try:
+            verify(path)
+            return step, path
+        except CheckpointError as e:
+            problems.append(str(e))
+            if log:
+                log(f"skipping {e}")
+    where = os.path.join(run_dir, "checkpoints")
+    raise CheckpointError(f"--resume: no valid checkpoint in {where}" + (f" ({problems[0]})" if problems else ""))
+
+
 def remove(path):
-    """Delete a checkpoint file or sharded folder (its manifest first, so an interrupted delete never
-    leaves a folder that looks complete)."""
+    """Delete a checkpoint folder (its manifest first, so an interrupted delete never leaves a folder that
+    looks complete) or file."""
     if os.path.isdir(path):
         manifest = os.path.join(path, MANIFEST)
         if os.path.exists(manifest):

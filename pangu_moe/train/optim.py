@@ -28,10 +28,14 @@ class HybridEpsAdamW(nn.Cell):
         self.eps = tuple(expert_eps if is_expert_parameter(p.name) else eps for p in params)
         self.decay = tuple(weight_decay if p.ndim >= 2 else 0.0 for p in params)
 
-    def construct(self, grads, lr):
-        """Apply one update. grads: tuple matching `parameters`; lr: fp32 scalar Tensor."""
+    def construct(self, grads, lr, apply):
+        """Apply one update, or with `apply` False leave every parameter, moment and the step count exactly as
+        they are (a skipped step: non-finite loss or gradients, whose values never reach the state).
+
+        grads: tuple matching `parameters`; lr: fp32 scalar Tensor; apply: bool scalar Tensor.
+        """
         step = self.step + 1
-        ops.assign(self.step, step)
+        ops.assign(self.step, ops.where(apply, step, self.step))
         t = step.astype(ms.float32)
         correction1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), t)
         correction2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), t)
@@ -40,9 +44,9 @@ class HybridEpsAdamW(nn.Cell):
             m_new = self.beta1 * m + (1.0 - self.beta1) * g
             v_new = self.beta2 * v + (1.0 - self.beta2) * g * g
             update = (m_new / correction1) / (ops.sqrt(v_new / correction2) + self.eps[i])
-            ops.assign(m, m_new)
-            ops.assign(v, v_new)
-            ops.assign(param, param * (1.0 - lr * self.decay[i]) - lr * update)
+            ops.assign(m, ops.where(apply, m_new, m))
+            ops.assign(v, ops.where(apply, v_new, v))
+            ops.assign(param, ops.where(apply, param * (1.0 - lr * self.decay[i]) - lr * update, param))
         return step
 
 

@@ -51,7 +51,8 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay
     """Forward, backward (`make_gradient`), clip and update in one step.
 
     A REINFORCE router's baseline is then updated to its EMA with the batch's mean LM loss
-    (`baseline_decay`), so b never depends on the current batch.
+    (`baseline_decay`), so b never depends on the current batch. A step whose loss or gradient norm is
+    not finite changes nothing (the optimizer's `apply` flag); the trainer counts and limits those.
 
     Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
     (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
@@ -62,10 +63,11 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay
     def train_step(input_ids, labels, domain_ids, lr):
         loss, lm_loss, losses, demand, kept, grads, squares = gradient(input_ids, labels, domain_ids)
         grads, grad_norm = clip_by_global_norm(grads, grad_clip, squares)
-        optimizer(grads, lr)
+        finite = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
+        optimizer(grads, lr, finite)
         if model.reinforce:
-            ops.assign(model.reinforce_baseline,
-                       baseline_decay * model.reinforce_baseline + (1.0 - baseline_decay) * lm_loss)
+            baseline = baseline_decay * model.reinforce_baseline + (1.0 - baseline_decay) * lm_loss
+            ops.assign(model.reinforce_baseline, ops.where(finite, baseline, model.reinforce_baseline))
         return loss, lm_loss, losses, grad_norm, demand, kept
 
     return ms.jit(train_step) if graph else train_step

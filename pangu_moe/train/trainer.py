@@ -1,4 +1,5 @@
 """The training loop: compiled steps, periodic evaluation, metrics, checkpoints, summary."""
+import hashlib
 import json
 import os
 import time
@@ -26,16 +27,15 @@ from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train import metrics as metrics_file
 from pangu_moe.train.metrics import MetricsLog
 from pangu_moe.train.optim import HybridEpsAdamW
+from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
-STATE_KEYS = ("step", "choices_total", "kept_total", "train_seconds", "train_tokens", "routed_local",
-              "routed_intra", "routed_inter", "capacity_sum")
 LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.checkpoint_every", "train.keep_checkpoints", "runtime.mode"}
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_steps", "runtime.mode"}
 
 
 class Trainer:
@@ -142,7 +142,7 @@ class Trainer:
         Returns the summary dict (also written to summary.json).
         """
         cfg, t = self.cfg, self.cfg.train
-        resume_from = check_run_dir(cfg, self.run_dir, resume)
+        resume_from = check_run_dir(cfg, self.run_dir, resume, self.log)
         state = {key: 0 for key in STATE_KEYS}
         state["train_seconds"] = 0.0
         if resume_from:
@@ -171,15 +171,11 @@ class Trainer:
             loss, lm_loss, router_losses, grad_norm, demand, kept = [o.asnumpy() for o in out]
             seconds = time.perf_counter() - began
             state["step"] = step = state["step"] + 1
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss}; lower train.lr or raise train.warmup_steps")
-            for block, layer_demand in zip(self.model.moe_blocks, demand):
-                block.moe.router.after_step(layer_demand.sum(0))
-            state["choices_total"] += int(demand.sum())
-            state["kept_total"] += int(kept.sum())
-            for layer_kept in kept:
-                for place, count in route_classes(layer_kept, self.topology).items():
-                    state["routed_" + place] += count
+            if np.isfinite(loss) and np.isfinite(grad_norm):
+                state["consecutive_skips"] = 0
+                self._count_routing(state, demand, kept)
+            else:
+                self._skip(state, loss, grad_norm)
             if not first:  # a process's first step includes graph compilation
                 state["train_seconds"] += seconds
                 state["train_tokens"] += self.tokens_per_step
@@ -190,7 +186,7 @@ class Trainer:
             if step % t.log_every == 0 or do_eval:
                 record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss),
                           **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
-                          "lr": lr, "grad_norm": float(grad_norm),
+                          "lr": lr, "grad_norm": float(grad_norm), "skipped_steps": state["skipped_steps"],
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
                           "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden)
                                      for d, k, c in zip(demand, kept, capacities)]}
@@ -206,6 +202,29 @@ class Trainer:
                 self._save(state)
         return self._finish(state)
 
+    def _count_routing(self, state, demand, kept):
+        """Host-side router updates and the run's token accounting of a step that was applied."""
+        for block, layer_demand in zip(self.model.moe_blocks, demand):
+            block.moe.router.after_step(layer_demand.sum(0))
+        state["choices_total"] += int(demand.sum())
+        state["kept_total"] += int(kept.sum())
+        for layer_kept in kept:
+            for place, count in route_classes(layer_kept, self.topology).items():
+                state["routed_" + place] += count
+
+    def _skip(self, state, loss, grad_norm):
+        """Count a step whose loss or gradient norm was not finite (the step already changed nothing); abort
+        after `train.max_skipped_steps` of them in a row."""
+        state["skipped_steps"] += 1
+        state["consecutive_skips"] += 1
+        limit, step = self.cfg.train.max_skipped_steps, state["step"]
+        self.log(f"step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}: skipped, no update "
+                 f"({state['consecutive_skips']} in a row, limit train.max_skipped_steps = {limit})")
+        if state["consecutive_skips"] >= limit:
+            raise FloatingPointError(f"steps {step - limit + 1}..{step}: {limit} in a row with a non-finite loss or "
+                                     f"gradient norm (train.max_skipped_steps); lower train.lr or raise "
+                                     f"train.warmup_steps, then --resume from the last checkpoint")
+
     def load_checkpoint(self, path):
         """Load a checkpoint into the model and optimizer (this rank's shard on a multi-process backend, all
         shards joined otherwise); returns the trainer state."""
@@ -217,13 +236,14 @@ class Trainer:
 
     def _save(self, state):
         cells = [self.model, self.optimizer]
+        folder = checkpoint.step_path(self.run_dir, state["step"])
         if self.data_parallel is None:
-            checkpoint.save(checkpoint.step_path(self.run_dir, state["step"]), cells, state)
+            checkpoint.save(folder, cells, state, config_fingerprint(self.cfg))
         else:
             world, experts = self.topology.world_size, self.cfg.moe.num_experts
             shards = [list(range(r * experts // world, (r + 1) * experts // world)) for r in range(world)]
-            checkpoint.save_sharded(checkpoint.step_path(self.run_dir, state["step"], sharded=True), cells, state,
-                                    self.rank, shards, self.data_parallel.barrier)
+            checkpoint.save(folder, cells, state, config_fingerprint(self.cfg), self.rank, shards,
+                            self.data_parallel.barrier)
         keep = self.cfg.train.keep_checkpoints
         if keep and self.rank == 0:
             for _, path in checkpoint.list_checkpoints(self.run_dir)[:-keep]:
@@ -252,7 +272,7 @@ class Trainer:
                                 LOAD_WINDOW),
             "capacity": self.capacity,
             "capacity_ratio": state["capacity_sum"] / state["step"] / reference if state["step"] else 0.0,
-            "capacity_mode": cfg.moe.capacity_mode, **self.capacity_probe,
+            "capacity_mode": cfg.moe.capacity_mode, **self.capacity_probe, "skipped_steps": state["skipped_steps"],
             "params_total": total, "params_active": active,
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
@@ -266,11 +286,11 @@ def _silent(line):
     """The log of ranks other than 0."""
 
 
-def check_run_dir(cfg, run_dir, resume):
-    """Refuse to mix runs: a fresh run needs a run dir without checkpoints; a resume needs one with
-    checkpoints and the run's own config (up to `RESUMABLE_CHANGES`).
+def check_run_dir(cfg, run_dir, resume, log=None):
+    """Refuse to mix runs: a fresh run needs a run dir without checkpoints; a resume needs a valid
+    checkpoint written under the run's own config (up to `RESUMABLE_CHANGES`).
 
-    Returns: the checkpoint to resume from, or None.
+    Returns: the checkpoint to resume from (the newest that verifies; `log` hears of skipped ones), or None.
     """
     found = checkpoint.list_checkpoints(run_dir)
     if not resume:
@@ -287,11 +307,22 @@ def check_run_dir(cfg, run_dir, resume):
         if changed:
             raise ConfigError(f"--resume: {changed[0]} = {now[changed[0]]!r} differs from {saved.get(changed[0])!r} in "
                               f"{config_path}; a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}")
-    step, path = found[-1]
+    step, path = checkpoint.newest_valid(run_dir, log)
+    if checkpoint.read_manifest(path)["config_sha256"] != config_fingerprint(cfg):
+        raise checkpoint.CheckpointError(f"--resume: {path} was written under another config (its sha256 of the "
+                                         f"trajectory fields differs from this run's); resume with the config it "
+                                         f"was trained with")
     if step >= cfg.train.steps:
         raise ConfigError(f"train.steps = {cfg.train.steps}: the run already reached step {step}; raise "
                           f"train.steps to continue")
     return path
+
+
+def config_fingerprint(cfg):
+    """sha256 of the resolved config without `RESUMABLE_CHANGES`: equal for every config that continues the
+    same trajectory. Stored in each checkpoint's manifest."""
+    fields = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _flatten(d, prefix=""):

@@ -85,7 +85,7 @@ def test_rre_tables_survive_a_checkpoint_round_trip(tmp_path):
     ms.set_seed(4)
     model = build_model(tiny_config("moe.router=rre", "moe.rre.seed=1"))
     path = str(tmp_path / "m.ckpt")
-    checkpoint.save(path, [model], {"step": 3})
+    checkpoint.save_file(path, [model], {"step": 3})
     other = build_model(tiny_config("moe.router=rre", "moe.rre.seed=2"))
     tables = [p for p in model.get_parameters() if p.name.endswith("router.table")]
     others = [p for p in other.get_parameters() if p.name.endswith("router.table")]

@@ -1,4 +1,6 @@
+import json
 import os
+import re
 
 import numpy as np
 import mindspore as ms
@@ -17,16 +19,67 @@ def _net(seed, out=4):
 def test_round_trip_is_exact_and_atomic(tmp_path):
     a, b = _net(1), _net(2)
     path = checkpoint.step_path(str(tmp_path), 7)
-    checkpoint.save(path, [a], {"step": 7, "train_seconds": 1.5})
-    assert os.listdir(tmp_path / "checkpoints") == ["step_000007.ckpt"]  # no temp file left behind
+    checkpoint.save(path, [a], {"step": 7, "train_seconds": 1.5}, "c0ffee")
+    assert os.listdir(tmp_path / "checkpoints") == ["step_000007"]
+    assert sorted(os.listdir(path)) == ["manifest.json", "shared.ckpt"]  # no expert parameters; no temp files
     assert checkpoint.load(path, [b], ("step", "train_seconds")) == {"step": 7, "train_seconds": 1.5}
     np.testing.assert_array_equal(a.weight.asnumpy(), b.weight.asnumpy())
     assert checkpoint.list_checkpoints(str(tmp_path)) == [(7, path)]
+    manifest = checkpoint.verify(path)
+    assert manifest["step"] == 7 and manifest["config_sha256"] == "c0ffee" and manifest["shards"] == []
+
+
+def test_truncated_or_bit_flipped_files_are_detected_and_resume_falls_back(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(checkpoint.step_path(str(tmp_path), step), [_Shard(2, float(step))], {"step": step}, "x")
+    newest, middle = checkpoint.step_path(str(tmp_path), 3), checkpoint.step_path(str(tmp_path), 2)
+    shard = os.path.join(newest, "experts_rank0.ckpt")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x10  # one bit
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="experts_rank0.ckpt does not match its sha256"):
+        checkpoint.load(newest, [_Shard(2, 0.0)], ("step",))
+    shared = os.path.join(middle, "shared.ckpt")
+    data = open(shared, "rb").read()
+    open(shared, "wb").write(data[:-7])
+    with pytest.raises(CheckpointError, match=r"shared.ckpt has \d+ bytes, the manifest says \d+ \(truncated"):
+        checkpoint.verify(middle)
+    skipped = []
+    assert checkpoint.newest_valid(str(tmp_path), skipped.append) == (1, checkpoint.step_path(str(tmp_path), 1))
+    assert len(skipped) == 2 and "step_000003" in skipped[0] and "step_000002" in skipped[1]
+    os.remove(os.path.join(checkpoint.step_path(str(tmp_path), 1), "shared.ckpt"))
+    with pytest.raises(CheckpointError, match="--resume: no valid checkpoint in .*step_000003: experts_rank0.ckpt does not match"):
+        checkpoint.newest_valid(str(tmp_path))
+
+
+def test_non_finite_parameters_are_never_written(tmp_path):
+    net = _net(1)
+    net.weight.set_data(ms.Tensor(np.full((4, 3), np.nan, np.float32)))
+    folder = checkpoint.step_path(str(tmp_path), 1)
+    with pytest.raises(FloatingPointError, match="weight holds non-finite values"):
+        checkpoint.save(folder, [net], {"step": 1}, "x")
+    assert not os.path.exists(folder)
+
+
+def test_a_manifest_naming_a_missing_or_duplicated_expert_is_rejected(tmp_path):
+    folder = checkpoint.step_path(str(tmp_path), 4)
+    for rank in (1, 0):
+        checkpoint.save(folder, [_Shard(1, float(rank))], {"step": 4}, "x", rank, [[0], [1]], lambda: None)
+    manifest_path = os.path.join(folder, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    for experts, problem in (([0, 0], "duplicated [0]"), ([0, 2], "missing [1]"),
+                             ([0], "experts_rank1.ckpt holds 1 experts of layer.experts.w_in, its manifest entry lists 0")):
+        broken = json.loads(json.dumps(manifest))
+        broken["shards"][1]["experts"] = experts[1:]
+        broken["shards"][0]["experts"] = experts[:1]
+        open(manifest_path, "w").write(json.dumps(broken))
+        with pytest.raises(CheckpointError, match=re.escape(problem)):
+            checkpoint.load(folder, [_Shard(2, 0.0)], ("step",))
 
 
 def test_unusable_checkpoints_are_one_line_errors(tmp_path):
     path = str(tmp_path / "a.ckpt")
-    checkpoint.save(path, [_net(1)], {"step": 1})
+    checkpoint.save_file(path, [_net(1)], {"step": 1})
     data = open(path, "rb").read()
     cut = str(tmp_path / "cut.ckpt")
     with open(cut, "wb") as fh:
@@ -65,9 +118,9 @@ class _Shard(nn.Cell):
 
 
 def test_sharded_checkpoint_loads_per_rank_or_joined(tmp_path):
-    folder = checkpoint.step_path(str(tmp_path), 4, sharded=True)
+    folder = checkpoint.step_path(str(tmp_path), 4)
     for rank in (1, 0):  # one process plays both ranks; rank 0 writes the manifest after the barrier
-        checkpoint.save_sharded(folder, [_Shard(1, float(rank))], {"step": 4}, rank, [[0], [1]], lambda: None)
+        checkpoint.save(folder, [_Shard(1, float(rank))], {"step": 4}, "x", rank, [[0], [1]], lambda: None)
     assert sorted(os.listdir(folder)) == ["experts_rank0.ckpt", "experts_rank1.ckpt", "manifest.json", "shared.ckpt"]
     assert checkpoint.list_checkpoints(str(tmp_path)) == [(4, folder)]
     one = _Shard(1, -1.0)
@@ -76,7 +129,7 @@ def test_sharded_checkpoint_loads_per_rank_or_joined(tmp_path):
     joined = _Shard(2, -1.0)
     checkpoint.load(folder, [joined], ("step",))
     np.testing.assert_array_equal(joined.layer.experts.w_in.asnumpy(), [[0.0, 0.0], [1.0, 1.0]])
-    with pytest.raises(CheckpointError, match="written by 2 ranks, this run has 4"):
+    with pytest.raises(CheckpointError, match="holds 2 expert shards, this run has 4 ranks"):
         checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=1, world_size=4)
     os.remove(os.path.join(folder, "manifest.json"))  # an interrupted save: not listed, refused
     assert checkpoint.list_checkpoints(str(tmp_path)) == []

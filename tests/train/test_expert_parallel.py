@@ -1,6 +1,6 @@
 """Expert parallelism end to end: local, simulated (flat and hierarchical) and msrun_cpu (W = 4 as
 2 nodes x 2 devices, 4 processes) give the same losses and gradients; the launcher leaves no process
-behind, also when a worker fails; sharded checkpoints join into a one-process model."""
+behind, also when a worker fails or is killed; sharded checkpoints join into a one-process model and reshard."""
 import json
 import os
 import subprocess
@@ -12,11 +12,13 @@ import pytest
 import yaml
 
 from pangu_moe.config import ConfigError
-from pangu_moe.train import checkpoint
+from pangu_moe.train import checkpoint, convert
 from pangu_moe.train.metrics import read
-from pangu_moe.train.trainer import STATE_KEYS, Trainer
+from pangu_moe.train.restore import STATE_KEYS
+from pangu_moe.train.trainer import Trainer
 from tests.conftest import TINY, tiny_config
 from tests.train.ep_worker import first_gradients
+from tests.train.test_convert import same_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(REPO, "run_scripts", "run_msrun_cpu.sh")
@@ -99,6 +101,13 @@ def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, excha
     assert checkpoint.load(folder, [joined.model, joined.optimizer], STATE_KEYS)["step"] == 5
     assert joined.evaluator.evaluate()["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
 
+    # The 4 rank shards reshard to 2 and back, and to one file and back, bit for bit.
+    two = convert.reshard(folder, str(tmp_path / "ep2"), 2)
+    consolidated = convert.reshard(folder, str(tmp_path / "one"), consolidate=True)
+    for path in (two, convert.reshard(two, str(tmp_path / "ep4"), 4), consolidated,
+                 convert.reshard(consolidated, str(tmp_path / "one_ep4"), 4)):
+        assert same_tensors(folder, path), path
+
 
 FAILING_WORKER = """
 import sys
@@ -120,6 +129,44 @@ def test_a_failed_worker_stops_the_whole_job(tmp_path):
     assert "worker failed" in done.stderr and "worker 1 fails on purpose" in done.stderr
     assert seconds < 120
     assert not _ours("failing_worker_marker")
+
+
+LOOPING_WORKER = """
+import os, time
+from mindspore.communication import get_rank, init
+from mindspore import Tensor, ops
+init()
+print("pid", os.getpid(), flush=True)
+for _ in range(3000):
+    ops.AllReduce()(Tensor(1.0)).asnumpy()
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.msrun
+def test_a_killed_worker_ends_the_job_within_a_minute_naming_its_rank(tmp_path):
+    script = tmp_path / "looping_worker_marker.py"
+    script.write_text(LOOPING_WORKER)
+    logs = tmp_path / "logs"
+    cmd = ["bash", LAUNCHER, "--workers", "4", "--python", sys.executable, "--log-dir", str(logs), "--timeout", "400",
+           "--script", str(script), "--", "x"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    victim = None
+    for _ in range(240):  # the workers start and print their pids
+        time.sleep(0.5)
+        found = [line.split()[1] for line in (logs / "worker_1.log").read_text().splitlines()
+                 if line.startswith("pid ")] if (logs / "worker_1.log").exists() else []
+        if found:
+            victim = int(found[0])
+            break
+    assert victim, "worker 1 did not start"
+    time.sleep(2)
+    os.kill(victim, 9)  # SIGKILL: no traceback, no clean exit
+    killed = time.monotonic()
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1 and time.monotonic() - killed < 60
+    assert f"ended before the job did, earliest first: rank 1 (pid {victim}" in err
+    assert not _ours("looping_worker_marker")
 
 
 def test_launcher_rejects_bad_arguments(tmp_path):

@@ -33,8 +33,13 @@ def test_adamw_matches_numpy_and_uses_hybrid_eps():
     assert opt.eps == (0.5, 1e-20) and opt.decay == (0.1, 0.0)
     grads = [(np.array([[0.1, 0.2]], np.float32), np.array([1e-6], np.float32)),
              (np.array([[-0.3, 0.0]], np.float32), np.array([2e-6], np.float32))]
+    apply, skip = Tensor(True), Tensor(False)
     for g in grads:
-        opt(tuple(Tensor(x) for x in g), Tensor(0.01, ms.float32))
+        opt(tuple(Tensor(x) for x in g), Tensor(0.01, ms.float32), apply)
+        before = [p.asnumpy().copy() for p in opt.get_parameters()]
+        poisoned = tuple(Tensor(np.full_like(x, np.nan)) for x in g)
+        opt(poisoned, Tensor(0.01, ms.float32), skip)  # a skipped step changes no bit of the state
+        assert all(np.array_equal(a, p.asnumpy()) for a, p in zip(before, opt.get_parameters()))
     expected_w = _numpy_adamw(np.array([[1.0, -2.0]]), [g[0] for g in grads], 0.01, 0.5, 0.1)
     expected_g = _numpy_adamw(np.array([0.5]), [g[1] for g in grads], 0.01, 1e-20, 0.0)
     np.testing.assert_allclose(net.dense_w.asnumpy(), expected_w, rtol=1e-6)

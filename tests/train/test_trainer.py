@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pangu_moe.config import ConfigError
-from pangu_moe.train.checkpoint import list_checkpoints
+from pangu_moe.train import checkpoint
+from pangu_moe.train.checkpoint import list_checkpoints, remove
 from pangu_moe.train.metrics import read
 from pangu_moe.train.trainer import Trainer, check_run_dir
 from tests.conftest import tiny_config
@@ -16,9 +17,9 @@ SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
                 "inter_node_fraction", "tokens_local", "tokens_intra", "tokens_inter", "max_over_mean_load",
                 "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
-                "capacity_ratio", "capacity_mode", "params_total", "params_active"}
+                "capacity_ratio", "capacity_mode", "params_total", "params_active", "skipped_steps"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
-               "layers"}
+               "layers", "skipped_steps"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
               "tokens_inter", "bytes_intra", "bytes_inter", "max_over_mean_load", "dead_experts"}
 
@@ -80,7 +81,7 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     run_dir, summary = run_a
     resumed = tmp_path / "c"
     shutil.copytree(run_dir, resumed)
-    os.remove(resumed / "checkpoints" / "step_000020.ckpt")  # as if killed after the step-10 checkpoint
+    remove(str(resumed / "checkpoints" / "step_000020"))  # as if killed after the step-10 checkpoint
     os.remove(resumed / "summary.json")
     again = _train(resumed, resume=True)
     assert _losses(resumed) == _losses(run_dir)
@@ -118,7 +119,7 @@ def test_resume_refuses_a_changed_trajectory(run_a):
     with pytest.raises(ConfigError, match="the run already reached step 20"):
         check_run_dir(tiny_config(), str(run_dir), resume=True)
     assert check_run_dir(tiny_config("train.steps=30", "runtime.mode=pynative"), str(run_dir), resume=True) \
-        .endswith("step_000020.ckpt")
+        .endswith("step_000020")
 
 
 def test_pynative_mode_matches_graph_mode(run_a, tmp_path):
@@ -147,8 +148,23 @@ def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path):
                                                                        for r in records for layer in r["layers"]))
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "plus", resumed)
-    os.remove(resumed / "checkpoints" / "step_000012.ckpt")
+    remove(str(resumed / "checkpoints" / "step_000012"))
     os.remove(resumed / "summary.json")
     again = _train(resumed, *overrides, resume=True)
     assert _losses(resumed) == _losses(tmp_path / "plus")
     assert again["capacity_ratio"] == summary["capacity_ratio"]
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    # lr 1e30: step 1 applies a huge but finite update, after which every loss overflows
+    with pytest.raises(FloatingPointError, match=r"steps 2\.\.4: 3 in a row with a non-finite loss or gradient"):
+        _train(tmp_path, "train.lr=1e30", "train.warmup_steps=0", "train.max_skipped_steps=3",
+               "train.checkpoint_every=1")
+    records = read(tmp_path / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2]  # steps 1..3 logged; step 4 aborted the run
+    assert records[0]["loss"] is not None and records[1]["loss"] is None
+    for _, path in list_checkpoints(tmp_path):  # steps 2 and 3 were skipped: their checkpoints equal step 1's
+        saved = checkpoint.read_saved(path)
+        assert all(np.isfinite(v.asnumpy()).all() for v in saved.values() if v.asnumpy().dtype.kind == "f")
+    weights = [checkpoint.read_saved(path)["embedding"].asnumpy() for _, path in list_checkpoints(tmp_path)]
+    assert all(np.array_equal(w, weights[-1]) for w in weights)

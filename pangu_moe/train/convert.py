@@ -1,0 +1,134 @@
+"""`pangu-moe ckpt`: converting checkpoints between expert-parallel degrees, and cutting out a domain.
+
+Both write a run directory (OUT/config.yaml plus the checkpoint), so `eval`, `generate` and
+`train --resume --out OUT` use the result like any run's:
+- `reshard`: OUT/checkpoints/step_N/ with W2 expert shards (rank r holding experts
+  [r*E/W2, (r+1)*E/W2)), or with `consolidate` one bare file OUT/model.ckpt. Every tensor is copied, not
+  recomputed: shards are joined in expert order and split again, so 4 -> 2 -> 4 reproduces each bit.
+  The config gets a parallel layout of W2 ranks (the source's node count if W2 allows, else its
+  devices per node, else one node); a consolidated file keeps the source's layout. Either gets the
+  `simulated` backend when one process will hold every expert (W2 = 1, or consolidated) of a
+  multi-process run.
+- `extract_domain`: the PanGu-Σ sub-model of one domain (`model.pangu.extract_domain`: dense layers plus
+  the domain's expert group, with its optimizer moments), with `moe.num_groups = 1` and E_g experts.
+"""
+import dataclasses
+import os
+
+from mindspore import Tensor
+
+from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
+from pangu_moe.model.pangu import domain_slice, extract_domain, is_expert_parameter
+from pangu_moe.train import checkpoint
+from pangu_moe.train.optim import HybridEpsAdamW
+from pangu_moe.train.restore import restore, run_config
+
+MOMENT_PREFIXES = ("adam_m.", "adam_v.")
+
+
+def _layout(cfg, world):
+    """(nodes, devices_per_node) for `world` ranks, as close to cfg's layout as divisibility allows."""
+    p = cfg.parallel
+    if world % p.nodes == 0:
+        return p.nodes, world // p.nodes
+    if world % p.devices_per_node == 0:
+        return world // p.devices_per_node, p.devices_per_node
+    return 1, world
+
+
+def read_all(path):
+    """({name: numpy} of non-expert entries incl. trainer state, {name: numpy [E, ...]} of expert tensors)."""
+    if os.path.isdir(path):
+        manifest = checkpoint.verify(path)
+        shared = checkpoint.read_saved(os.path.join(path, checkpoint.SHARED))
+        experts = checkpoint.join_shards(path, manifest, checkpoint.read_shards(path, manifest))
+    else:
+        saved = checkpoint.read_saved(path)
+        shared = {n: v for n, v in saved.items() if not is_expert_parameter(n)}
+        experts = {n: v.asnumpy() for n, v in saved.items() if is_expert_parameter(n)}
+    return {n: v.asnumpy() for n, v in shared.items()}, experts
+
+
+def reshard(path, out, ep=None, consolidate=False):
+    """Convert checkpoint `path` to `ep` expert shards, or with `consolidate` to one bare file (the run's
+    own layout, single-process), in run directory `out`.
+
+    Returns: the written checkpoint path. Raises ConfigError / CheckpointError with one line.
+    """
+    src_cfg = run_config(path)
+    experts_total = src_cfg.moe.num_experts
+    if consolidate:
+        ep = src_cfg.parallel.nodes * src_cfg.parallel.devices_per_node
+    if ep < 1 or experts_total % ep:
+        raise ConfigError(f"--ep {ep}: must divide moe.num_experts = {experts_total}")
+    shared, experts = read_all(path)
+    for name, value in experts.items():
+        if value.shape[0] != experts_total:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: {name} holds {value.shape[0]} experts, the config "
+                                             f"has {experts_total}")
+    nodes, devices = _layout(src_cfg, ep)
+    source = RunConfig.from_yaml(os.path.join(checkpoint.run_dir_of(path), "config.yaml"))
+    dispatch = source.parallel.dispatch
+    if (ep == 1 or consolidate) and dispatch in MULTI_PROCESS_BACKENDS:
+        dispatch = "simulated"  # one process holds every expert
+    cfg = RunConfig.from_dict(source.to_dict(), [f"parallel.nodes={nodes}", f"parallel.devices_per_node={devices}",
+                                                 f"parallel.dispatch={dispatch}"])
+    _prepare(out)
+    cfg.save(os.path.join(out, "config.yaml"))
+    if consolidate:
+        target = os.path.join(out, "model.ckpt")
+        checkpoint.write_arrays(target, {**shared, **experts}, {})
+        return target
+    from pangu_moe.train.trainer import config_fingerprint
+    step = int(shared["step"])
+    folder = checkpoint.step_path(out, step)
+    shards = [list(range(r * experts_total // ep, (r + 1) * experts_total // ep)) for r in range(ep)]
+    entries = [checkpoint.write_arrays(os.path.join(folder, checkpoint.shard_file(r)),
+                                 {n: v[ids[0]:ids[-1] + 1] for n, v in experts.items()}, {})  # (E/W2, ...) rows
+               for r, ids in enumerate(shards)]
+    shared_entry = checkpoint.write_arrays(os.path.join(folder, checkpoint.SHARED), shared, {})
+    checkpoint.write_manifest(folder, step, config_fingerprint(cfg), shared_entry,
+                              [{"rank": r, "experts": ids, **entry} for r, (ids, entry) in enumerate(zip(shards, entries))])
+    checkpoint.verify(folder)
+    return folder
+
+
+def _prepare(out):
+    if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(os.path.join(out, "model.ckpt")):
+        raise ConfigError(f"--out {out}: already holds a checkpoint; choose a new folder")
+    os.makedirs(out, exist_ok=True)
+
+
+def extract_domain_run(path, domain, out):
+    """Write the sub-model of `domain` (a data.domains name) of checkpoint `path` as run directory `out`.
+
+    Returns: the written checkpoint folder.
+    """
+    cfg = run_config(path)
+    if cfg.moe.num_groups == 1:
+        raise ConfigError("ckpt extract-domain: the run has moe.num_groups = 1; every domain uses all experts, "
+                          "there is no domain sub-model to cut out")
+    if domain not in cfg.data.domains:
+        raise ConfigError(f"--domain {domain!r}: must be one of {', '.join(cfg.data.domains)}")
+    d = cfg.data.domains.index(domain)
+    model, optimizer, state = restore(path, cfg)
+    sub = extract_domain(model, d)
+    moe = cfg.moe
+    sub_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(moe, num_experts=moe.num_experts // moe.num_groups,
+                                                                num_groups=1))
+    sub_cfg = RunConfig.from_dict(sub_cfg.to_dict())  # validated: e.g. the topology must fit E_g experts
+    t = cfg.train
+    sub_optimizer = HybridEpsAdamW(sub.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps, t.weight_decay)
+    moments = {p.name: p.asnumpy() for p in optimizer.get_parameters()}
+    for p in sub_optimizer.get_parameters():
+        name = p.name
+        for prefix in MOMENT_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        p.set_data(Tensor(domain_slice(name, moments[p.name], d, moe.num_experts, moe.num_groups), p.dtype))
+    _prepare(out)
+    sub_cfg.save(os.path.join(out, "config.yaml"))
+    from pangu_moe.train.trainer import config_fingerprint
+    folder = checkpoint.step_path(out, int(state["step"]))
+    checkpoint.save(folder, [sub, sub_optimizer], state, config_fingerprint(sub_cfg))
+    return folder

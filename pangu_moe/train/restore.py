@@ -1,0 +1,35 @@
+"""A model and optimizer rebuilt from a checkpoint in one process, for commands that use a trained model
+(generate, ckpt extract-domain) rather than continue training it."""
+import os
+
+from pangu_moe import runtime
+from pangu_moe.config import RunConfig
+from pangu_moe.model.pangu import build_model
+from pangu_moe.train import checkpoint
+from pangu_moe.train.optim import HybridEpsAdamW
+
+STATE_KEYS = ("step", "choices_total", "kept_total", "train_seconds", "train_tokens", "routed_local",
+              "routed_intra", "routed_inter", "capacity_sum", "skipped_steps", "consecutive_skips")
+
+
+def run_config(checkpoint_path, overrides=()):
+    """The RunConfig of the run a checkpoint belongs to (`checkpoint.run_dir_of`), with every expert in
+    one process (`parallel.dispatch=local`) and `overrides` applied."""
+    if not os.path.exists(checkpoint_path):
+        raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no such file or folder")
+    run_dir = checkpoint.run_dir_of(checkpoint_path)
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no config.yaml in its run directory {run_dir}")
+    return RunConfig.from_yaml(config_path, ["parallel.dispatch=local", *overrides])
+
+
+def restore(checkpoint_path, cfg):
+    """(model in evaluation mode, optimizer, trainer state dict) from a checkpoint, for `cfg` (`run_config`)."""
+    runtime.setup(cfg.runtime)
+    model = build_model(cfg)
+    t = cfg.train
+    optimizer = HybridEpsAdamW(model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps, t.weight_decay)
+    state = checkpoint.load(checkpoint_path, [model, optimizer], STATE_KEYS)
+    model.set_train(False)
+    return model, optimizer, state
