@@ -34,8 +34,8 @@ def _eval(args):
     trainer = Trainer(cfg, run_dir)
     state = trainer.load_checkpoint(args.checkpoint)
     from pangu_moe.progress import Progress
-    progress = Progress("eval", "batches")
-    result = {"checkpoint": args.checkpoint, "step": state["step"], **trainer.evaluator.evaluate(progress=progress.update)}
+    val = trainer.evaluator.evaluate(progress=Progress("eval", "batches").update)
+    result = {"checkpoint": args.checkpoint, "step": state["step"], **val}
     if trainer.rank == 0:
         print(json.dumps(result))
 
@@ -117,9 +117,9 @@ def _capacity(args):
 
 def _generate(args):
     from pangu_moe import generate
-    from pangu_moe.train import checkpoint
     from pangu_moe.data.tokenizer import decode
     from pangu_moe.progress import Progress
+    from pangu_moe.train import checkpoint
     cfg, model = generate.load_model(args.checkpoint, args.overrides)
     progress = Progress("generate", "bytes")
     text, trace = generate.generate(cfg, model, args.prompt, args.domain, args.max_bytes, args.temperature,

@@ -82,7 +82,8 @@ def load_figure(run, path):
         load = run_data.expert_load(run.records, layer)  # (n steps, E)
         image = ax.imshow(load.T, aspect="auto", origin="lower", cmap="viridis", vmin=0,
                           vmax=max(2.0, float(load.max())), interpolation="nearest",
-                          extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[1] - 0.5) if len(steps) > 1 else None)
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[1] - 0.5)
+                          if len(steps) > 1 else None)
         for boundary in np.nonzero(np.diff(nodes))[0]:
             ax.axhline(boundary + 0.5, color="white", linewidth=1.5)
         ax.set(title=f"{run.name}: MoE layer {layer} expert load", xlabel="step", ylabel="expert (node)")

@@ -139,7 +139,8 @@ def save(folder, cells, state, config_sha256, rank=0, shards=None, barrier=None)
     if experts:
         write_arrays(os.path.join(folder, shard_file(rank)), experts, {})
     if rank == 0:
-        shared = write_arrays(os.path.join(folder, SHARED), {n: v for n, v in arrays.items() if n not in experts}, state)
+        shared = write_arrays(os.path.join(folder, SHARED), {n: v for n, v in arrays.items() if n not in experts},
+                              state)
     barrier()
     if rank == 0:
         write_manifest(folder, state["step"], config_sha256, shared,
@@ -255,7 +256,8 @@ def read_saved(path, rank=None, world_size=1):
         return saved
     verify(path)
     saved = dict(_read(os.path.join(path, SHARED)))
-    saved.update({name: Tensor(value) for name, value in join_shards(path, manifest, read_shards(path, manifest)).items()})
+    joined = join_shards(path, manifest, read_shards(path, manifest))
+    saved.update({name: Tensor(value) for name, value in joined.items()})
     return saved
 
 

@@ -55,19 +55,20 @@ def reshard(path, out, ep=None, consolidate=False):
 
     Returns: the written checkpoint path. Raises ConfigError / CheckpointError with one line.
     """
-    src_cfg = run_config(path)
-    experts_total = src_cfg.moe.num_experts
+    run_config(path)  # one-line errors for a missing checkpoint or config
+    source = RunConfig.from_yaml(os.path.join(checkpoint.run_dir_of(path), "config.yaml"))
+    experts_total = source.moe.num_experts
     if consolidate:
-        ep = src_cfg.parallel.nodes * src_cfg.parallel.devices_per_node
-    if ep < 1 or experts_total % ep:
+        nodes, devices = source.parallel.nodes, source.parallel.devices_per_node
+    elif ep < 1 or experts_total % ep:
         raise ConfigError(f"--ep {ep}: must divide moe.num_experts = {experts_total}")
+    else:
+        nodes, devices = _layout(source, ep)
     shared, experts = read_all(path)
     for name, value in experts.items():
         if value.shape[0] != experts_total:
             raise checkpoint.CheckpointError(f"checkpoint {path}: {name} holds {value.shape[0]} experts, the config "
                                              f"has {experts_total}")
-    nodes, devices = _layout(src_cfg, ep)
-    source = RunConfig.from_yaml(os.path.join(checkpoint.run_dir_of(path), "config.yaml"))
     dispatch = source.parallel.dispatch
     if (ep == 1 or consolidate) and dispatch in MULTI_PROCESS_BACKENDS:
         dispatch = "simulated"  # one process holds every expert
@@ -84,11 +85,12 @@ def reshard(path, out, ep=None, consolidate=False):
     folder = checkpoint.step_path(out, step)
     shards = [list(range(r * experts_total // ep, (r + 1) * experts_total // ep)) for r in range(ep)]
     entries = [checkpoint.write_arrays(os.path.join(folder, checkpoint.shard_file(r)),
-                                 {n: v[ids[0]:ids[-1] + 1] for n, v in experts.items()}, {})  # (E/W2, ...) rows
+                                       {n: v[ids[0]:ids[-1] + 1] for n, v in experts.items()}, {})  # (E/W2, ...)
                for r, ids in enumerate(shards)]
     shared_entry = checkpoint.write_arrays(os.path.join(folder, checkpoint.SHARED), shared, {})
     checkpoint.write_manifest(folder, step, config_fingerprint(cfg), shared_entry,
-                              [{"rank": r, "experts": ids, **entry} for r, (ids, entry) in enumerate(zip(shards, entries))])
+                              [{"rank": r, "experts": ids, **entry}
+                               for r, (ids, entry) in enumerate(zip(shards, entries))])
     checkpoint.verify(folder)
     return folder
 

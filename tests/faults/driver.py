@@ -190,7 +190,8 @@ def malformed_corpora():
     cases = [
         ("missing file", "jsonl", {}, j, "no such file"),
         ("empty file", "jsonl", {j: b""}, j, "has no text"),
-        ("invalid JSON line", "jsonl", {j: _jsonl(GOOD + ['{"text": "a", "domain"']).encode()}, j, ":7: not valid JSON"),
+        ("invalid JSON line", "jsonl", {j: _jsonl(GOOD + ['{"text": "a", "domain"']).encode()}, j,
+         ":7: not valid JSON"),
         ("non-UTF-8 line", "jsonl", {j: _jsonl(GOOD).encode() + b'{"text": "\xff", "domain": "code"}\n'}, j,
          ":7: not UTF-8"),
         ("line is a list", "jsonl", {j: _jsonl(GOOD + ["[1, 2]"]).encode()}, j, ":7: must be an object"),

@@ -48,7 +48,8 @@ def test_truncated_or_bit_flipped_files_are_detected_and_resume_falls_back(tmp_p
     assert checkpoint.newest_valid(str(tmp_path), skipped.append) == (1, checkpoint.step_path(str(tmp_path), 1))
     assert len(skipped) == 2 and "step_000003" in skipped[0] and "step_000002" in skipped[1]
     os.remove(os.path.join(checkpoint.step_path(str(tmp_path), 1), "shared.ckpt"))
-    with pytest.raises(CheckpointError, match="--resume: no valid checkpoint in .*step_000003: experts_rank0.ckpt does not match"):
+    with pytest.raises(CheckpointError,
+                       match="--resume: no valid checkpoint in .*step_000003: experts_rank0.ckpt does not match"):
         checkpoint.newest_valid(str(tmp_path))
 
 
@@ -68,7 +69,8 @@ def test_a_manifest_naming_a_missing_or_duplicated_expert_is_rejected(tmp_path):
     manifest_path = os.path.join(folder, "manifest.json")
     manifest = json.loads(open(manifest_path).read())
     for experts, problem in (([0, 0], "duplicated [0]"), ([0, 2], "missing [1]"),
-                             ([0], "experts_rank1.ckpt holds 1 experts of layer.experts.w_in, its manifest entry lists 0")):
+                             ([0], "experts_rank1.ckpt holds 1 experts of layer.experts.w_in, its manifest entry "
+                                   "lists 0")):
         broken = json.loads(json.dumps(manifest))
         broken["shards"][1]["experts"] = experts[1:]
         broken["shards"][0]["experts"] = experts[:1]
