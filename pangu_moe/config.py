@@ -55,7 +55,7 @@ SLOT_POLICIES = ("position", "probs", "random", "affinity", "none")
 @dataclass
 class TopKSection:
     jitter_eps: float = _f(0.0, "multiplicative router-input jitter U(1-eps, 1+eps), training only; "
-                           "0 disables it (and keeps resumed runs bit-exact)", lo=0.0, hi=1.0)
+                           "0 disables it", lo=0.0, hi=1.0)
     normalize_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1, before capacity "
                                "dropping (GShard / lingvo)")
     init_std: float = _f(0.02, "std of the router weight init", lo=0.0, lo_open=True)

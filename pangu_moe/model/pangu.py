@@ -31,10 +31,13 @@ class PanguModel(nn.Cell):
         backend: `parallel.dispatch`; exchange: `parallel.exchange`; rank: this process's world rank
             (multi-process backends hold only that rank's experts and tokens).
         kernels: an `ops.KERNEL_BACKENDS` name (`ops.kernel_backend` of `runtime.kernels` and the device).
+        noise_tokens: tokens of one routing group in training: routers then take their training noise from
+            buffers that `feed_noise` fills each step (`Router.enable_fed_noise`); None keeps MindSpore's
+            stateful random ops.
     """
 
     def __init__(self, model_cfg, moe_cfg, topology=None, backend="local", exchange="flat", rank=0,
-                 kernels="reference"):
+                 kernels="reference", noise_tokens=None):
         super().__init__()
         m = model_cfg
         topology = topology or Topology(1, 1, moe_cfg.num_experts)
@@ -52,7 +55,8 @@ class PanguModel(nn.Cell):
                                          for _ in range(m.num_dense_layers)])
         self.moe_blocks = nn.CellList([
             MoEBlock(m.hidden, m.num_heads,
-                     build_moe_layer(m, moe_cfg, layer, out_std, topology, backend, exchange, rank, kernels),
+                     build_moe_layer(m, moe_cfg, layer, out_std, topology, backend, exchange, rank, kernels,
+                                     noise_tokens),
                      m.init_std,
                      out_std)
             for layer in range(m.num_moe_layers)])
@@ -100,6 +104,11 @@ class PanguModel(nn.Cell):
         h = self.ln_f(self.query_layer(h, self.query_embedding[:h.shape[1]], mask))
         return ops.matmul(h, self.embedding.T)  # (B, S, V)
 
+    def feed_noise(self, rng):
+        """Refill every router's training-noise buffers from numpy Generator `rng` (before a training step)."""
+        for block in self.moe_blocks:
+            block.moe.router.feed_noise(rng)
+
     def _group_ids(self, domain_ids):
         """Level 1: domain d goes to group d, or everything to group 0 with one group. [B, S] int32."""
         return domain_ids if self.num_groups > 1 else ops.zeros_like(domain_ids)
@@ -142,7 +151,7 @@ class PanguModel(nn.Cell):
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local", exchange="flat", rank=0,
-                    kernels="reference"):
+                    kernels="reference", noise_tokens=None):
     """One MoE layer from the config (router by name, see `routing.registry`).
 
     `local` and `simulated` hold all W ranks in this process; `msrun_cpu` and `hccl` hold rank `rank`
@@ -151,6 +160,8 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     """
     router = build_router(model_cfg, moe_cfg, layer, topology)
     router.use_kernels(kernels)
+    if noise_tokens:
+        router.enable_fed_noise(topology.world_size, noise_tokens)
     num_experts, world = moe_cfg.num_experts, topology.world_size
     one_rank = backend in MULTI_PROCESS_BACKENDS
     held, first = (1, rank) if one_rank else (world, 0)
@@ -162,11 +173,15 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
 
 
 def build_model(cfg, rank=0):
-    """PanguModel from a `RunConfig`; `rank` is this process's world rank on a multi-process backend."""
+    """PanguModel from a `RunConfig`; `rank` is this process's world rank on a multi-process backend.
+
+    Its routers take their training noise from buffers the trainer fills each step (`feed_noise`).
+    """
     p = cfg.parallel
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
+    group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
     return PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
-                      kernel_backend(cfg.runtime.kernels, cfg.runtime.device))
+                      kernel_backend(cfg.runtime.kernels, cfg.runtime.device), group_tokens)
 
 
 def is_expert_parameter(name):

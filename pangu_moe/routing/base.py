@@ -32,8 +32,9 @@ callers of the pure-function API `route`.
 """
 from collections import namedtuple
 
+import numpy as np
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.ops import make_op
@@ -42,6 +43,13 @@ from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
 FUSED_SLOT_POLICIES = ("position", "none")
+NOISE_PREFIX = "noise_"
+
+
+def is_noise_buffer(name):
+    """True for a router's fed-noise buffer (`Router.enable_fed_noise`): state of one step, not of the run,
+    so checkpoints leave it out."""
+    return name.rsplit(".", 1)[-1].startswith(NOISE_PREFIX)
 
 
 class Routing(namedtuple("Routing", "expert_index gate keep slot requested losses log_prob")):
@@ -81,6 +89,41 @@ class Router(nn.Cell):
         self.slot_policy = slot_policy
         self.gating = None
         self.score_dtype = score_dtype()  # the softmax's, for routers whose scoring is moe_gating's
+        self.fed_noise = ()  # names of the noise buffers the trainer fills each step
+
+    def noise_shapes(self, tokens):
+        """{name: shape} of the U[0, 1) noise this router draws in training, per routing group of `tokens`."""
+        return {"slot_keys": (tokens, self.top_k)} if self.slot_policy == "random" else {}
+
+    def enable_fed_noise(self, world, tokens):
+        """Take training noise from buffers [W, tokens, ...] that `feed_noise` refills before every step,
+        instead of MindSpore's stateful random ops, whose state a checkpoint cannot hold. The noise of a
+        step is then a function of the seed and the step: a resumed run draws what the uninterrupted one
+        did, and every backend gives rank r the same noise. Call before the router joins its parent cell
+        (the buffers' names get the cell's prefix then)."""
+        shapes = self.noise_shapes(tokens)
+        for name, shape in shapes.items():
+            setattr(self, NOISE_PREFIX + name, Parameter(Tensor(np.zeros((world, *shape), np.float32)),
+                                                         name=NOISE_PREFIX + name, requires_grad=False))
+        self.fed_noise = tuple(shapes)
+
+    def feed_noise(self, rng):
+        """Fill every noise buffer from numpy Generator `rng` (host side, before a training step)."""
+        for name in self.fed_noise:
+            buffer = getattr(self, NOISE_PREFIX + name)
+            # assign, not set_data: a compiled step keeps reading the buffer's original memory
+            ops.assign(buffer, Tensor(rng.random(buffer.shape, dtype=np.float32)))
+
+    def uniform_noise(self, name, shape, rank):
+        """U[0, 1) fp32 noise of `shape` for training: rank `rank`'s part of this step's fed buffer (all ranks'
+        for rank None), or MindSpore's stateful draw for a router without fed noise (used outside the trainer)
+        or called on another shape."""
+        if name in self.fed_noise:
+            buffer = getattr(self, NOISE_PREFIX + name)
+            fed = buffer.reshape((-1,) + tuple(buffer.shape[2:])) if rank is None else buffer[rank]  # (T, ...)
+            if tuple(fed.shape) == tuple(shape):
+                return fed
+        return ops.uniform(shape, Tensor(0.0, ms.float32), Tensor(1.0, ms.float32))
 
     def use_kernels(self, backend):
         """Route through the fused moe_gating op of kernel `backend` (an `ops.KERNEL_BACKENDS` name).
@@ -94,8 +137,8 @@ class Router(nn.Cell):
         self.gating = make_op("moe_gating", backend, self.top_k, self.num_experts, self.gating_mode)
         return True
 
-    def gating_logits(self, x, group_ids, training):
-        """moe_gating's input [T, E_g] fp32 (routers with a `gating_mode`)."""
+    def gating_logits(self, x, group_ids, training, rank=None):
+        """moe_gating's input [T, E_g] fp32 (routers with a `gating_mode`); `rank` as in `score`."""
         raise NotImplementedError
 
     def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
@@ -112,10 +155,12 @@ class Router(nn.Cell):
         """
         raise NotImplementedError
 
-    def assign(self, expert_index, gate, affinity, requested, capacity, training):
+    def assign(self, expert_index, gate, affinity, requested, capacity, training, rank=None):
         """Slots under capacity by `slot_policy`: returns (slot [T,K] int32, keep [T,K] bool)."""
+        keys = self.uniform_noise("slot_keys", expert_index.shape, rank) \
+            if self.slot_policy == "random" and training else None
         return assign_slots(self.slot_policy, expert_index, gate, affinity, self.num_experts, capacity, training,
-                            requested)
+                            requested, keys)
 
     def after_step(self, tokens_per_expert):
         """Host-side hook after each training step with the layer's demand [E] (no-op by default)."""
@@ -136,7 +181,7 @@ class Router(nn.Cell):
         """
         offset = (group_ids * self.experts_per_group).reshape(-1, 1)  # (T, 1): the level-1 group's first expert
         if self.gating is not None:
-            logits = self.gating_logits(x, group_ids, training)
+            logits = self.gating_logits(x, group_ids, training, rank)
             scores, expert_index, gate, slot, keep, _ = self.gating(logits, group_ids, capacity)
             losses = self.gating_losses(x, logits, scores, expert_index - offset, group_ids, rank)
             requested = ops.ones_like(keep)
@@ -145,7 +190,7 @@ class Router(nn.Cell):
             return expert_index, gate, keep, slot, requested, losses, ops.zeros_like(gate)
         local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training, rank)
         expert_index = local_index + offset
-        slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training)
+        slot, keep = self.assign(expert_index, gate, affinity, requested, capacity, training, rank)
         if requested is None:
             requested = ops.ones_like(keep)
         return expert_index, gate, keep, slot, requested, losses, ops.zeros_like(gate)

@@ -26,9 +26,10 @@ from pangu_moe.routing.base import LearnedRouter, stack_losses
 from pangu_moe.routing.slots import assign_slots
 
 
-def gumbel_noise(shape):
-    """Standard Gumbel noise [shape] fp32 (eps-clipped uniforms, as `routing.kool.gumbel`)."""
-    u = ops.uniform(shape, ms.Tensor(1e-12, ms.float32), ms.Tensor(1.0 - 1e-7, ms.float32))
+def gumbel_noise(u):
+    """Standard Gumbel noise from U[0, 1) noise u [shape] fp32, squeezed into [1e-12, 1 - 1e-7] first
+    (eps-clipped, as `routing.kool.gumbel`)."""
+    u = 1e-12 + u * (1.0 - 1e-7 - 1e-12)
     return -ops.log(-ops.log(u))
 
 
@@ -53,15 +54,21 @@ class KoolSkipRouter(LearnedRouter):
         super().__init__(hidden, num_experts, num_groups, 1, init_std, "random")
         self.z_loss_coeff = z_loss_coeff
 
+    def noise_shapes(self, tokens):
+        return {"gumbel": (tokens, self.experts_per_group), "slot_keys": (tokens, 1)}
+
     def construct(self, x, token_ids, group_ids, capacity, training, rank=None):
         """As `Router.construct`; gate is the HT weight (gradient scale only), log_prob = log pi(e | x)."""
         logits = self.logits(x, group_ids)
         log_probs = ops.log_softmax(logits, -1)
-        ranking = log_probs + gumbel_noise(logits.shape) if training else log_probs
+        ranking = log_probs
+        if training:
+            ranking = log_probs + gumbel_noise(self.uniform_noise("gumbel", logits.shape, rank))
         local_index = ops.argmax(ranking, -1).astype(ms.int32).reshape(-1, 1)  # (T, 1)
         expert_index = local_index + (group_ids * self.experts_per_group).reshape(-1, 1)
         ones = ops.ones(local_index.shape, ms.float32)
-        slot, keep = assign_slots("random", expert_index, ones, ones, self.num_experts, capacity, training)
+        keys = self.uniform_noise("slot_keys", local_index.shape, rank) if training else None
+        slot, keep = assign_slots("random", expert_index, ones, ones, self.num_experts, capacity, training, None, keys)
         weight = horvitz_thompson(expert_index, keep, self.num_experts, capacity)
         log_prob = ops.gather_elements(log_probs, 1, local_index)
         zero = ops.zeros((), ms.float32)

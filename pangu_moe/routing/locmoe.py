@@ -76,7 +76,7 @@ class LocMoERouter(Router):
 
     gating_mode = GRAP
 
-    def gating_logits(self, x, group_ids, training):
+    def gating_logits(self, x, group_ids, training, rank=None):
         """The pre-ReLU logits w_i.x + b_i [T, E_g] fp32: the choice is their argmax (see the module doc)."""
         return grap_logits(x, self.experts_per_group) + ops.gather(self.bias, group_ids, 0)
 

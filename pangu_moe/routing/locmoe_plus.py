@@ -103,7 +103,7 @@ class LocMoEPlusRouter(Router):
         return local_index, gate, affinity, requested, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
                                                                      locality)
 
-    def assign(self, expert_index, gate, affinity, requested, capacity, training):
+    def assign(self, expert_index, gate, affinity, requested, capacity, training, rank=None):
         """TCR (position) or ECR (affinity) slots; in training the live capacity masks slots beyond it."""
         if self.keep_rule == "tcr":
             slot, keep = position_slots(expert_index, self.num_experts, capacity, requested)

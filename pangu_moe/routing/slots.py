@@ -37,12 +37,13 @@ def priority_slots(expert_index, priority, num_experts, capacity, requested=None
     return slot, keep_under_capacity(slot, capacity, requested)
 
 
-def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, training, requested=None):
+def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, training, requested=None, keys=None):
     """Dispatch on the policy name (a python string, so graph mode keeps one branch).
 
     Args:
         policy: one of `SLOT_POLICIES`; expert_index [T, K] int32; gate, affinity [T, K] fp32;
-        capacity: C; training: python bool; requested: optional [T, K] bool.
+        capacity: C; training: python bool; requested: optional [T, K] bool;
+        keys: the random policy's U[0, 1) priorities [T, K] fp32 (`Router.uniform_noise`), else drawn here.
     Returns:
         slot [T, K] int32, keep [T, K] bool.
     """
@@ -53,7 +54,8 @@ def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, tr
     if policy == "affinity":
         return priority_slots(expert_index, affinity, num_experts, capacity, requested)
     if policy == "random" and training:
-        keys = ops.uniform(expert_index.shape, Tensor(0.0, ms.float32), Tensor(1.0, ms.float32))
+        if keys is None:
+            keys = ops.uniform(expert_index.shape, Tensor(0.0, ms.float32), Tensor(1.0, ms.float32))
         return priority_slots(expert_index, keys, num_experts, capacity, requested)
     slot, keep = position_slots(expert_index, num_experts, capacity, requested)
     if policy == "none":

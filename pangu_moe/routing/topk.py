@@ -8,10 +8,12 @@ from pangu_moe.routing import losses
 from pangu_moe.routing.base import LearnedRouter, stack_losses
 
 
-def multiplicative_jitter(x, eps):
-    """Switch-style router-input noise: x * U(1 - eps, 1 + eps), element-wise. x [T, H] fp32."""
-    low, high = Tensor(1.0 - eps, ms.float32), Tensor(1.0 + eps, ms.float32)
-    return x * ops.uniform(x.shape, low, high)
+def multiplicative_jitter(x, eps, u=None):
+    """Switch-style router-input noise: x * U(1 - eps, 1 + eps), element-wise. x [T, H] fp32; u: U[0, 1)
+    noise [T, H] fp32 (`Router.uniform_noise`), or None to draw it here."""
+    if u is None:
+        u = ops.uniform(x.shape, Tensor(0.0, ms.float32), Tensor(1.0, ms.float32))
+    return x * (1.0 - eps + 2.0 * eps * u)
 
 
 def topk_scores(logits, top_k, normalize):
@@ -60,10 +62,16 @@ class TopKRouter(LearnedRouter):
         """moe_gating's mode for this router (`ops.gating`): softmax, renormalised when K > 1 and `normalize`."""
         return SOFTMAX_NORMALIZE if self.normalize and self.top_k > 1 else SOFTMAX
 
-    def gating_logits(self, x, group_ids, training):
+    def noise_shapes(self, tokens):
+        shapes = super().noise_shapes(tokens)
+        if self.jitter_eps > 0:
+            shapes["jitter"] = (tokens, self.weight.shape[1])  # (T, H)
+        return shapes
+
+    def gating_logits(self, x, group_ids, training, rank=None):
         x = x.astype(ms.float32)
         if training and self.jitter_eps > 0:
-            x = multiplicative_jitter(x, self.jitter_eps)
+            x = multiplicative_jitter(x, self.jitter_eps, self.uniform_noise("jitter", x.shape, rank))
         return self.logits(x, group_ids)
 
     def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
@@ -71,7 +79,7 @@ class TopKRouter(LearnedRouter):
         return stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), ops.zeros((), ms.float32))
 
     def score(self, x, token_ids, group_ids, training, rank=None):
-        logits = self.gating_logits(x, group_ids, training)
+        logits = self.gating_logits(x, group_ids, training, rank)
         scores, local_index, gate = gating_scores(logits, self.top_k, self.gating_mode, self.score_dtype)
         affinity = ops.gather_elements(logits, 1, local_index)
         return local_index, gate, affinity, None, self.gating_losses(x, logits, scores, local_index, group_ids, rank)

@@ -26,6 +26,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe.model.pangu import is_expert_parameter
+from pangu_moe.routing.base import is_noise_buffer
 
 MANIFEST = "manifest.json"
 SHARED = "shared.ckpt"
@@ -37,11 +38,13 @@ class CheckpointError(ValueError):
 
 
 def named_parameters(cells):
-    """{name: Parameter} of the cells (a name shared by several cells counts once)."""
+    """{name: Parameter} of the cells (a name shared by several cells counts once), without the routers'
+    noise buffers, which hold one step's draw (`routing.base.is_noise_buffer`)."""
     params = {}
     for cell in cells:
         for p in cell.get_parameters():
-            params.setdefault(p.name, p)
+            if not is_noise_buffer(p.name):
+                params.setdefault(p.name, p)
     return params
 
 

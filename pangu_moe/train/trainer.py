@@ -164,6 +164,8 @@ class Trainer:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             capacities = self._update_router_state(state["step"], input_ids, domain_ids)
             state["capacity_sum"] += float(np.mean(capacities))
+            # Training noise is a function of (seed, step), the same in every process: no RNG state to save.
+            self.model.feed_noise(np.random.default_rng([cfg.runtime.seed, state["step"]]))
             began = time.perf_counter()
             rows = self.rows
             out = self.train_step(Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]),

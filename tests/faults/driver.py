@@ -40,7 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = {
     "model": {"hidden": 32, "num_heads": 2, "num_dense_layers": 1, "num_moe_layers": 2, "ffn_hidden": 64,
               "seq_len": 32},
-    "moe": {"num_experts": 4, "expert_hidden": 64, "num_groups": 2, "top_k": 1},
+    "moe": {"num_experts": 4, "expert_hidden": 64, "num_groups": 2, "top_k": 1, "slot_policy": "random",
+            "topk": {"jitter_eps": 0.1}},  # training noise, which a resume must reproduce too
     "train": {"batch_size": 4, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "log_every": 1,
               "eval_batches": 2, "checkpoint_every": 2, "keep_checkpoints": 3},
     "data": {"source": "demo", "max_bytes_per_domain": 40000},

@@ -91,3 +91,20 @@ def test_router_outputs_are_fp32_for_fp16_input():
     x, zeros = _inputs()
     r = route(router, x.astype(ms.float16), zeros, zeros, capacity=64)
     assert r.gate.dtype == ms.float32 and r.aux_loss.dtype == ms.float32
+
+
+def test_fed_noise_is_read_per_rank_and_other_shapes_fall_back():
+    router = _router(jitter=0.5)
+    router.enable_fed_noise(2, 64)  # 2 ranks of 64 tokens
+    assert router.fed_noise == ("jitter",) and router.noise_jitter.shape == (2, 64, 16)
+    router.feed_noise(np.random.default_rng(0))
+    fed = router.noise_jitter.asnumpy()
+    assert fed.min() >= 0.0 and fed.max() < 1.0 and not np.array_equal(fed[0], fed[1])
+    np.testing.assert_array_equal(router.uniform_noise("jitter", (64, 16), 1).asnumpy(), fed[1])
+    np.testing.assert_array_equal(router.uniform_noise("jitter", (128, 16), None).asnumpy(), fed.reshape(128, 16))
+    other = router.uniform_noise("jitter", (5, 16), 0).asnumpy()  # not the fed shape: a stateful draw
+    assert other.shape == (5, 16) and 0.0 <= other.min() and other.max() < 1.0
+    x, zeros = _inputs()
+    a, b = (router(x, zeros, zeros, 64, True, 1)[1].asnumpy() for _ in range(2))
+    np.testing.assert_array_equal(a, b)  # rank 1's fed draw both times: the same gates
+    assert not np.array_equal(a, router(x, zeros, zeros, 64, True, 0)[1].asnumpy())  # rank 0 draws other noise

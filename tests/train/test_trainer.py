@@ -89,6 +89,21 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
+@pytest.mark.parametrize("noise", [("moe.topk.jitter_eps=0.2", "moe.slot_policy=random", "moe.top_k=2"),
+                                   ("moe.router=kool_skip", "moe.slot_policy=random")])
+def test_resume_with_training_noise_reproduces_an_uninterrupted_run(noise, tmp_path):
+    """Jitter, random slots and sampled experts draw from buffers filled from (seed, step) each step."""
+    overrides = (*noise, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=8", "parallel.nodes=2")
+    _train(tmp_path / "a", *overrides)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    remove(str(tmp_path / "b" / "checkpoints" / "step_000008"))
+    os.remove(tmp_path / "b" / "summary.json")
+    _train(tmp_path / "b", *overrides, resume=True)
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    names = [n for n, _ in checkpoint.read_saved(str(tmp_path / "a" / "checkpoints" / "step_000008")).items()]
+    assert names and not any(".noise_" in n for n in names)  # one step's draw is not run state
+
+
 @pytest.mark.parametrize("router", ["rre", "locmoe", "expert_choice", "sinkhorn", "deepseek", "base", "kool_skip"])
 def test_other_routers_train(router, tmp_path):
     mode = "pynative" if router == "rre" else "graph"  # one router keeps PyNative covered
