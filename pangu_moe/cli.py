@@ -94,7 +94,7 @@ def _study(args):
         print(json.dumps(results) if args.json else study_kool.table(results))
         return
     from pangu_moe.bench import DEMO_CONFIG, study_routers
-    results = study_routers.run(args.config or DEMO_CONFIG, steps, args.out, args.overrides)
+    results = study_routers.run(args.config or DEMO_CONFIG, steps, args.out, args.overrides, routers=args.routers)
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
@@ -205,6 +205,8 @@ def build_parser():
                    help="override one config value for every router; repeatable")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
     p.add_argument("--seeds", type=int, default=20, help="kool: seeds per method, regime and capacity factor")
+    p.add_argument("--routers", nargs="+", default=None, help="routers: train only these of switch, hash, locmoe, "
+                   "locmoe_plus")
     p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="routers: one run directory per "
                    "router")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by router")

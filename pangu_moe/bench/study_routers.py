@@ -22,7 +22,7 @@ import os
 import sys
 
 from pangu_moe import report
-from pangu_moe.config import RunConfig
+from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.report.runs import load_run
 
 ROUTERS = {"switch": ["moe.router=topk"], "hash": ["moe.router=rre"],
@@ -43,12 +43,17 @@ def study_configs(config_path, steps, overrides=()):
             for name, extra in ROUTERS.items()}
 
 
-def run(config_path, steps, out, overrides=(), log=None):
-    """Train every router into OUT/<name>, then write OUT/study.json and the report of the runs
-    (`pangu_moe.report`: OUT/report/report.md and its figures); returns {name: {field: value}} with `FIELDS`."""
+def run(config_path, steps, out, overrides=(), log=None, routers=None):
+    """Train every router (or those named in `routers`) into OUT/<name>, then write OUT/study.json and the
+    report of the runs (`pangu_moe.report`: OUT/report/report.md and its figures); returns
+    {name: {field: value}} with `FIELDS`."""
     from pangu_moe.train.trainer import Trainer, check_run_dir
     log = log or (lambda line: print(line, file=sys.stderr))
-    configs = study_configs(config_path, steps, overrides)
+    unknown = sorted(set(routers or ()) - set(ROUTERS))
+    if unknown:
+        raise ConfigError(f"--routers: {unknown[0]!r} is not a study router; choose from {', '.join(ROUTERS)}")
+    configs = {name: cfg for name, cfg in study_configs(config_path, steps, overrides).items()
+               if not routers or name in routers}
     for name, cfg in configs.items():
         check_run_dir(cfg, os.path.join(out, name), False)  # refuse to mix with an earlier study up front
     results = {}

@@ -14,14 +14,15 @@ STATE_KEYS = ("step", "choices_total", "kept_total", "train_seconds", "train_tok
 
 def run_config(checkpoint_path, overrides=()):
     """The RunConfig of the run a checkpoint belongs to (`checkpoint.run_dir_of`), with every expert in
-    one process (`parallel.dispatch=local`) and `overrides` applied."""
+    one process (`parallel.dispatch=local`, whose exchange is flat: the hierarchical one gives the same
+    result) and `overrides` applied."""
     if not os.path.exists(checkpoint_path):
         raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no such file or folder")
     run_dir = checkpoint.run_dir_of(checkpoint_path)
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no config.yaml in its run directory {run_dir}")
-    return RunConfig.from_yaml(config_path, ["parallel.dispatch=local", *overrides])
+    return RunConfig.from_yaml(config_path, ["parallel.dispatch=local", "parallel.exchange=flat", *overrides])
 
 
 def restore(checkpoint_path, cfg):
