@@ -36,7 +36,7 @@ def test_eval_reproduces_the_final_validation_loss(tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    assert main(["train", "--config", str(path), "--out", str(run), "--set", "runtime.mode=pynative"]) == 0
+    assert main(["train", "--config", str(path), "--out", str(run)]) == 0
     capsys.readouterr()
     summary = json.loads((run / "summary.json").read_text())
     assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_000002")]) == 0
