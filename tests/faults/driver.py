@@ -81,7 +81,8 @@ def kill_cycles(config, steps, kills, workdir, rng, log):
     victim = os.path.join(workdir, "victim")
     survived = tracebacks = 0
     for kill in range(kills):
-        target = rng.randint(1, steps - 4)
+        done = _logged_step(victim)  # kill somewhere after this start's resume point, spread over the run
+        target = rng.randint(min(done + 1, steps - 4), steps - 4)
         proc = _start(config, victim, workdir)  # afresh, or the resume after the previous kill
         while proc.poll() is None and _logged_step(victim) < target:
             time.sleep(0.02)
