@@ -56,8 +56,8 @@ class Trainer:
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
         self.model = build_model(cfg, self.rank)
         if self.rank:
-            # Every rank drew the same weights from the seed; its routing noise (jitter, random slots,
-            # sampled experts) must be its own. Noise streams therefore differ from `simulated`'s.
+            # Every rank drew the same weights from the seed. Training noise comes from the per-step buffers
+            # (`Router.enable_fed_noise`), the same on every backend; any stateful draw left gets its own stream.
             ms.set_seed(cfg.runtime.seed + self.rank)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay)
