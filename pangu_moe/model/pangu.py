@@ -131,8 +131,8 @@ class PanguModel(nn.Cell):
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
+        h = self._dense_trunk(token_ids, mask)
         token_ids, group_ids = token_ids.reshape(-1), self._group_ids(domain_ids).reshape(-1)  # (T,) <- (B, S)
-        h = self._dense_trunk(token_ids.reshape(-1, s), mask)
         layers = ()
         for block in self.moe_blocks:
             h = block.attend(h, mask)

@@ -118,9 +118,18 @@ def layer_steps(records):
     return np.array([r["step"] for r in _layered(records)], np.int64)
 
 
-def _layer_sum(records, key):
-    """float [n]: `key` summed over the MoE layers of each record with layers."""
-    return np.array([sum(layer[key] for layer in r["layers"]) for r in _layered(records)], np.float64)
+def layer_counts(records):
+    """Token counts per logged step, summed over the MoE layers: {"requested", "dropped", "inter", "kept"},
+    each float [n] (kept = local + intra-node + inter-node kept choices)."""
+    layered = _layered(records)
+
+    def total(count):
+        return np.array([sum(count(layer) for layer in r["layers"]) for r in layered], np.float64)
+
+    return {"requested": total(lambda layer: sum(layer["tokens_per_expert"])),
+            "dropped": total(lambda layer: layer["dropped"]),
+            "inter": total(lambda layer: layer["tokens_inter"]),
+            "kept": total(lambda layer: layer["tokens_local"] + layer["tokens_intra"] + layer["tokens_inter"])}
 
 
 def _ratio(numerator, denominator):
@@ -129,16 +138,14 @@ def _ratio(numerator, denominator):
 
 def dropped_fraction(records):
     """float [n]: dropped choices / requested choices, over all MoE layers of each logged step."""
-    demand = np.array([sum(sum(layer["tokens_per_expert"]) for layer in r["layers"]) for r in _layered(records)],
-                      np.float64)
-    return _ratio(_layer_sum(records, "dropped"), demand)
+    counts = layer_counts(records)
+    return _ratio(counts["dropped"], counts["requested"])
 
 
 def inter_node_fraction(records):
     """float [n]: kept choices whose expert is on another node / all kept choices, over all MoE layers."""
-    inter = _layer_sum(records, "tokens_inter")
-    kept = _layer_sum(records, "tokens_local") + _layer_sum(records, "tokens_intra") + inter
-    return _ratio(inter, kept)
+    counts = layer_counts(records)
+    return _ratio(counts["inter"], counts["kept"])
 
 
 def capacities(records):

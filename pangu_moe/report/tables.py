@@ -4,7 +4,6 @@ A finished run's row comes from its summary.json (whole-run token counts, final 
 validation batches). A run without one (still training, or killed) gets what its metrics.jsonl
 supports: counts over its logged steps and its last periodic evaluation; `source` says which.
 """
-import numpy as np
 
 from pangu_moe.report import runs as run_data
 
@@ -38,27 +37,20 @@ def summary_row(run):
         row["steps"] = int(run.summary.get("steps", row["steps"]))
         row["source"] = run_data.SUMMARY
         return row
-    steps, val = run_data.curve(records, "val_bpb")
-    layered = [r["layers"] for r in records if r.get("layers")]
-    demand = sum(sum(sum(layer["tokens_per_expert"]) for layer in layers) for layers in layered)
-    dropped = sum(layer["dropped"] for layers in layered for layer in layers)
-    inter = sum(layer["tokens_inter"] for layers in layered for layer in layers)
-    kept = sum(layer[f"tokens_{p}"] for layers in layered for layer in layers for p in ("local", "intra", "inter"))
+    _, val = run_data.curve(records, "val_bpb")
+    totals = {name: float(counts.sum()) for name, counts in run_data.layer_counts(records).items()}  # logged steps
+    capacities = run_data.capacities(records)
     row.update({key: None for key in SUMMARY_FIELDS})
     row.update(val_bpb=float(val[-1]) if len(val) else None,
-               dropped_fraction=dropped / demand if demand else None,
-               inter_node_fraction=inter / kept if kept else None,
-               capacity=int(run_data.capacities(records)[-1].max()) if layered else None,
+               dropped_fraction=totals["dropped"] / totals["requested"] if totals["requested"] else None,
+               inter_node_fraction=totals["inter"] / totals["kept"] if totals["kept"] else None,
+               capacity=int(capacities[-1].max()) if len(capacities) else None,
                source=run_data.METRICS)
     return row
 
 
 def _cell(value, fmt):
-    if value is None:
-        return "-"
-    if isinstance(value, (float, np.floating)) and fmt == "{:d}":
-        value = int(value)
-    return fmt.format(value)
+    return "-" if value is None else fmt.format(value)
 
 
 def markdown(rows):

@@ -13,7 +13,8 @@ class MetricsLog:
         self.path = path
         if keep_until_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8", errors="replace") as fh:
-                kept = [line for line in fh if _step(line) is not None and _step(line) <= keep_until_step]
+                kept = [line for line, step in ((line, _step(line)) for line in fh)
+                        if step is not None and step <= keep_until_step]
             with open(path, "w", encoding="utf-8") as fh:
                 fh.writelines(kept)
         elif keep_until_step is None and os.path.exists(path):
