@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="PanGu-Sigma-style sparse MoE training with locality-aware routing (LocMoE) on MindSpore",
     packages=find_packages(include=["pangu_moe", "pangu_moe.*"]),
+    package_data={"pangu_moe": ["configs/*.yaml", "launch/*.sh"]},  # found from the installed package
     python_requires=">=3.9,<3.13",
     install_requires=[
         "mindspore>=2.10,<2.11",

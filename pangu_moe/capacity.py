@@ -1,5 +1,10 @@
-"""Expert capacity: pure host-side integer functions, evaluated before graph build."""
+"""Expert capacity, decided here and only here: pure host-side integer functions, evaluated before graph build.
+
+`plan_capacities` turns the config and the routers' proposals into the training and evaluation
+capacities of a run; `routing/slots.py` only assigns slots under the capacity it is given.
+"""
 import math
+from collections import namedtuple
 from fractions import Fraction
 
 
@@ -65,7 +70,7 @@ def capacity_lower_bound(delta, hidden, num_experts, form="exact"):
 def estimate_delta(routed_cosines, quantile=0.0):
     """LocMoE's measured delta-hat: the cosine of the largest angle between a token and its expert.
 
-    Our reading of "calculated through the maximal angular deviation" (spec [D]): the minimum of the
+    Our reading of "calculated through the maximal angular deviation" (our reading: the paper does not say how): the minimum of the
     routed cosines, or a low `quantile` of them for robustness; clipped to [0, 1).
 
     Args:
@@ -77,33 +82,71 @@ def estimate_delta(routed_cosines, quantile=0.0):
     return min(max(delta, 0.0), np.nextafter(1.0, 0.0))
 
 
-def locmoe_capacity(routed_cosines, hidden, experts_per_group, num_tokens, min_capacity=1, quantile=0.0):
-    """LocMoE's frozen capacity from the measured cosines of the first batch (spec locmoe.md §2.4 [D]).
+def dropless_capacity(num_tokens):
+    """C for slot policy none: no expert can receive more than T choices (a token picks an expert once)."""
+    return num_tokens
 
-    Per MoE layer: delta-hat = `estimate_delta` of the cosines between each token and its routed
-    expert, ec_min = `capacity_lower_bound(delta-hat, hidden, experts_per_group)`. One capacity serves
-    every layer (graph shapes are static): C = clamp(ceil(max ec_min), min_capacity, num_tokens).
-    `min_capacity` is the safety floor: the bound is tiny at small delta-hat and says nothing about
-    load imbalance.
+
+CapacityPlan = namedtuple("CapacityPlan", "train eval proposals")
+
+
+def plan_capacities(moe_cfg, group_tokens, routers, layer_inputs, log=None):
+    """The run's capacities per routing group, decided once before the steps are compiled.
+
+    - train: C = `expert_capacity` of moe.capacity_factor; with moe.capacity_mode = locmoe_bound the largest
+      of the routers' proposals (`Router.propose_capacity`, one per MoE layer: one capacity serves every
+      layer, as graph shapes are static), clamped to [min_capacity, T]. `min_capacity` is the safety floor:
+      LocMoE's bound is tiny at small delta-hat and says nothing about load imbalance.
+    - eval: `expert_capacity` of moe.eval_capacity_factor.
+    - both T (`dropless_capacity`) with moe.slot_policy = none.
+    A router may lower its capacity during training (`Router.live_capacity`); this plan is its ceiling.
 
     Args:
-        routed_cosines: list (one per layer) of arrays [T] of cos(x_t, w_{expert(t)}).
+        moe_cfg: `config.MoEConfig`; group_tokens: T, tokens of one routing group;
+        routers: the MoE layers' routers in order;
+        layer_inputs: callable returning per layer (x [T_all, H], token_ids [T_all], group_ids [T_all]) of the
+            step-0 batch under the initial weights, called only if a router asks (`Router.propose_capacity`).
+        log: callable taking one line, or None.
     Returns:
-        (C int, delta_hat list of floats, ec_min list of floats), per layer in order.
+        CapacityPlan(train int, eval int, proposals {key: [value per layer]} for summary.json).
     """
-    deltas = [estimate_delta(c, quantile) for c in routed_cosines]
-    bounds = [capacity_lower_bound(d, hidden, experts_per_group) for d in deltas]
-    capacity = min(num_tokens, max(min_capacity, math.ceil(max(bounds))))
-    return capacity, deltas, bounds
+    m = moe_cfg
+    train = expert_capacity(group_tokens, m.num_experts, m.top_k, m.capacity_factor, m.min_capacity)
+    evaluation = expert_capacity(group_tokens, m.num_experts, m.top_k, m.eval_capacity_factor, m.min_capacity)
+    proposals = {}
+    if m.capacity_mode == "locmoe_bound":
+        inputs = once(layer_inputs)
+        found = [router.propose_capacity(lambda i=i: inputs()[i], train) for i, router in enumerate(routers)]
+        train = min(group_tokens, max(m.min_capacity, max(c for c, _ in found)))
+        for _, report in found:
+            for key, value in report.items():
+                proposals.setdefault(key, []).append(value)
+        if log:
+            shown = ", ".join(f"{key} {[round(v, 4) for v in values]}" for key, values in proposals.items())
+            log(f"capacity proposed by the routers: {shown} -> C = {train}")
+    if m.slot_policy == "none":
+        train = evaluation = dropless_capacity(group_tokens)
+    return CapacityPlan(train, evaluation, proposals)
+
+
+def once(compute):
+    """A callable that runs `compute()` on its first call and returns that value on every call."""
+    cache = []
+
+    def value():
+        if not cache:
+            cache.append(compute())
+        return cache[0]
+    return value
 
 
 def score_sum_capacity(affinity, expert_index, num_experts, coverage, fair_load):
-    """LocMoE+ re-estimated capacity need (spec locmoe.md §3.4, the "score-sum range"; our reading).
+    """LocMoE+ re-estimated capacity need (the "score-sum range" of the LocMoE+ paper, §3.4; our reading).
 
     For each expert i, sort the clipped affinities a = max(delta, 0) of its n_i candidates in descending
     order; k_i is the smallest k whose top-k sum reaches `coverage` of the expert's total, and k_i / n_i the
     share of its candidates that carry that much affinity. The need is ceil(max_i (k_i / n_i) * fair_load),
-    fair_load = T*K/E. Under balanced load (n_i = T*K/E) this is the spec's max_i k_i; we scale by the
+    fair_load = T*K/E. Under balanced load (n_i = T*K/E) this is the paper's max_i k_i; we scale by the
     share because an overloaded expert (early in training, at small scale) would otherwise pin the need
     at its whole demand and the capacity would never move.
 
@@ -127,7 +170,7 @@ def score_sum_capacity(affinity, expert_index, num_experts, coverage, fair_load)
 
 
 def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasing=True):
-    """LocMoE+ live capacity C_t from the measured need (spec locmoe.md §3.4 [D]).
+    """LocMoE+ live capacity C_t from the measured need (our reading of the LocMoE+ paper, §3.4).
 
     C_t = clamp(need, floor, ceiling), optionally smoothed with the previous value
     (C_t = ceil(ema * previous + (1 - ema) * C_t)) and never above the previous value (`non_increasing`).

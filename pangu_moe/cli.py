@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from pangu_moe.config import ConfigError, RunConfig, describe
+from pangu_moe.config import ConfigError, RunConfig, describe, fields_markdown
 
 
 def _add_config_args(p, required=True):
@@ -41,45 +41,52 @@ def _eval(args):
 
 
 def _config(args):
+    if args.markdown and not args.fields:
+        raise ConfigError("config: --markdown goes with --fields")
     if args.fields:
-        for path, default, text in describe():
-            print(f"{path:32s} {default!r:>14}  {text}")
+        print(fields_markdown() if args.markdown else
+              "\n".join(f"{path:32s} {default!r:>14}  {text}" for path, default, text in describe()))
         return
     if not args.show:
         raise ConfigError("config: pass --show FILE or --fields")
     print(RunConfig.from_yaml(args.show, args.overrides).to_yaml(), end="")
 
 
-def _bench(args):
+def _bench_moe_layer(repeats):
+    from pangu_moe.bench import moe_layer
     from pangu_moe.progress import Progress
+    result = moe_layer.run(repeats=repeats, progress=Progress("bench moe-layer", "runs").update)
+    return result, moe_layer.table(result)
+
+
+def _bench_dispatch(repeats):
+    from pangu_moe.bench import dispatch_style
+    from pangu_moe.progress import Progress
+    result = dispatch_style.run(repeats=repeats, progress=Progress("bench dispatch", "runs").update)
+    return result, (f"one-hot / index-gather dispatch+combine, forward+backward: {result['onehot_over_gather']:.2f} "
+                    f"({result['onehot_seconds'] * 1e3:.1f} / {result['gather_seconds'] * 1e3:.1f} ms, same result: "
+                    f"{result['same_result']})")
+
+
+def _bench_with_log(module_name):
+    """A benchmark whose `run(repeats, log)` reports progress lines and whose `table(result)` renders it."""
+    def bench(repeats):
+        import importlib
+        module = importlib.import_module(f"pangu_moe.bench.{module_name}")
+        result = module.run(repeats=repeats, log=lambda line: print(line, file=sys.stderr))
+        return result, module.table(result)
+    return bench
+
+
+BENCHES = {"moe-layer": _bench_moe_layer, "dispatch": _bench_dispatch, "ep": _bench_with_log("ep"),
+           "kernels": _bench_with_log("kernels"), "all": _bench_with_log("all")}
+
+
+def _bench(args):
     if args.repeats < 1:
         raise ConfigError(f"--repeats = {args.repeats}: must be >= 1")
-    if args.name == "ep":
-        from pangu_moe.bench import ep
-        result = ep.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
-        print(json.dumps(result) if args.json else ep.table(result))
-        return
-    if args.name == "all":
-        from pangu_moe.bench import all as bench_all
-        result = bench_all.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
-        print(json.dumps(result) if args.json else bench_all.table(result))
-        return
-    if args.name == "dispatch":
-        from pangu_moe.bench import dispatch_style
-        result = dispatch_style.run(repeats=args.repeats, progress=Progress("bench dispatch", "runs").update)
-        print(json.dumps(result) if args.json else
-              f"one-hot / index-gather dispatch+combine, forward+backward: {result['onehot_over_gather']:.2f} "
-              f"({result['onehot_seconds'] * 1e3:.1f} / {result['gather_seconds'] * 1e3:.1f} ms, same result: "
-              f"{result['same_result']})")
-        return
-    if args.name == "kernels":
-        from pangu_moe.bench import kernels
-        result = kernels.run(repeats=args.repeats, log=lambda line: print(line, file=sys.stderr))
-        print(json.dumps(result) if args.json else kernels.table(result))
-        return
-    from pangu_moe.bench import moe_layer
-    result = moe_layer.run(repeats=args.repeats, progress=Progress("bench moe-layer", "runs").update)
-    print(json.dumps(result) if args.json else moe_layer.table(result))
+    result, text = BENCHES[args.name](args.repeats)
+    print(json.dumps(result) if args.json else text)
 
 
 def _study(args):
@@ -87,19 +94,20 @@ def _study(args):
     if steps < 1:
         raise ConfigError(f"--steps = {steps}: must be >= 1")
     if args.name == "kool":
-        from pangu_moe.bench import study_kool
+        from pangu_moe.studies import kool as study_kool
         if args.seeds < 1:
             raise ConfigError(f"--seeds = {args.seeds}: must be >= 1")
         results = study_kool.run(args.seeds, steps, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(results) if args.json else study_kool.table(results))
         return
-    from pangu_moe.bench import DEMO_CONFIG, study_routers
+    from pangu_moe.configs import DEMO_CONFIG
+    from pangu_moe.studies import routers as study_routers
     results = study_routers.run(args.config or DEMO_CONFIG, steps, args.out, args.overrides, routers=args.routers)
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
 def _capacity(args):
-    from pangu_moe.bench import capacity_bound
+    from pangu_moe.analysis import capacity as capacity_bound
     if args.run:
         if args.delta or args.d is not None or args.n is not None:
             raise ConfigError("pass either --run RUN_DIR or --d, --n and --delta, not both")
@@ -161,7 +169,7 @@ def _report(args):
 
 
 def _plan(args):
-    from pangu_moe.bench import plan
+    from pangu_moe.analysis import plan
     result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
                       hierarchical=args.hierarchical)
     print(json.dumps(result) if args.json else plan.table(result))
@@ -185,9 +193,10 @@ def build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
     p.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="with --fields: the page docs/configuration.md")
     p.set_defaults(func=_config)
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("name", choices=["moe-layer", "dispatch", "ep", "kernels", "all"], help="all: every benchmark "
+    p.add_argument("name", choices=list(BENCHES), help="all: every benchmark "
                    "below in one run, one table of ratios; dispatch: one-hot vs index-gather dispatch; moe-layer: MoE "
                    "layer vs dense FFN, "
                    "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
@@ -197,15 +206,15 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")
-    p.add_argument("name", choices=["routers", "kool"], help="routers: switch, hash, locmoe, locmoe_plus on 2 nodes "
-                   "x 2 devices (pangu_moe/bench/study_routers.py); kool: the Kool et al. toy task, success rate "
-                   "over seeds per estimator (pangu_moe/bench/study_kool.py)")
+    p.add_argument("name", choices=["routers", "kool"], help="routers: topk (Switch, K=1), rre (hash), locmoe, locmoe_plus on 2 nodes "
+                   "x 2 devices (pangu_moe/studies/routers.py); kool: the Kool et al. toy task, success rate "
+                   "over seeds per estimator (pangu_moe/studies/kool.py)")
     p.add_argument("--config", default=None, help="base config (default: the package's configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value for every router; repeatable")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
     p.add_argument("--seeds", type=int, default=20, help="kool: seeds per method, regime and capacity factor")
-    p.add_argument("--routers", nargs="+", default=None, help="routers: train only these of switch, hash, locmoe, "
+    p.add_argument("--routers", nargs="+", default=None, help="routers: train only these of topk, rre, locmoe, "
                    "locmoe_plus")
     p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="routers: one run directory per "
                    "router")
@@ -251,7 +260,7 @@ def build_parser():
     p.add_argument("--out", help="output folder (default RUN_DIR/report for one path, ./report for several)")
     p.set_defaults(func=_report)
     p = sub.add_parser("plan", help="estimated exchange time per router at 64/128/256 devices from runs' routing "
-                       "(pangu_moe/dispatch/cost.py states the model)")
+                       "(pangu_moe/accounting/cost.py states the model)")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")
     p.add_argument("--cluster", default="atlas800", help="cluster preset (atlas800)")
     p.add_argument("--devices", type=int, nargs="+", default=[64, 128, 256], help="device counts")

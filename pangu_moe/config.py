@@ -16,7 +16,7 @@ from typing import List
 import yaml
 
 
-EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, DESIGN section 3
+EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, docs/architecture.md (Expert parallelism)
 MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
 KERNELS = ("reference", "custom")  # runtime.kernels: plain MindSpore, or the custom kernels of the device
 
@@ -48,7 +48,6 @@ class ModelConfig:
     init_std: float = _f(0.02, "std of the normal weight init", lo=0.0, lo_open=True)
 
 
-ROUTERS = ("topk", "rre", "locmoe", "locmoe_plus", "expert_choice", "sinkhorn", "deepseek", "base", "kool_skip")
 SLOT_POLICIES = ("position", "probs", "random", "affinity", "none")
 
 
@@ -59,6 +58,12 @@ class TopKSection:
     normalize_gates: bool = _f(True, "K>1: renormalise the K gates of a token to sum to 1, before capacity "
                                "dropping (GShard / lingvo)")
     init_std: float = _f(0.02, "std of the router weight init", lo=0.0, lo_open=True)
+    score_function: str = _f("softmax", "softmax (over the group's experts) or sigmoid (per expert; K>1 gates "
+                             "renormalised by normalize_gates); the choice is the top-K of the logits either way",
+                             choices=("softmax", "sigmoid"))
+    seq_aux_coeff: float = _f(0.0, "alpha of the sequence-level balance loss (DeepSeek-V3 form, per sequence, "
+                              "training only, logged in aux_loss); 0 disables it", lo=0.0)
+    scaling: float = _f(1.0, "top-k scaling factor multiplying every gate", lo=0.0, lo_open=True)
 
 
 @dataclass
@@ -117,11 +122,9 @@ class KoolSkipSection:
 
 @dataclass
 class MoEConfig:
-    router: str = _f("topk", "level-2 router: topk (Switch K=1 / GShard K=2), rre (PanGu-Sigma random routed "
-                     "experts), locmoe, locmoe_plus, expert_choice, sinkhorn, deepseek, base (BASE layers; CPU "
-                     "only) or kool_skip (Kool et al.'s skip estimator); each has its own section moe.<router> "
-                     "where it has settings (expert_choice, sinkhorn, deepseek, base and kool_skip take their "
-                     "weight init from moe.topk.init_std)", choices=ROUTERS)
+    router: str = _f("topk", "level-2 router by its registered name (the README's router table; topk is Switch at "
+                     "K=1, GShard at K=2). Its settings live in moe.<router> where it has any (routers without "
+                     "an init setting of their own take moe.topk.init_std), and it checks its own rules")
     num_experts: int = _f(8, "experts E per MoE layer (all groups together)", lo=1)
     expert_hidden: int = _f(512, "expert FFN hidden size F", lo=1)
     top_k: int = _f(1, "choices K per token", lo=1)
@@ -133,8 +136,9 @@ class MoEConfig:
     capacity_factor: float = _f(1.25, "training capacity factor: C = ceil(K*T*factor/E)", lo=0.0, lo_open=True)
     eval_capacity_factor: float = _f(2.0, "capacity factor used for evaluation", lo=0.0, lo_open=True)
     min_capacity: int = _f(4, "lower bound on C (slots per expert per routing group)", lo=1)
-    capacity_mode: str = _f("factor", "factor: C from capacity_factor; locmoe_bound: C frozen at LocMoE's lower "
-                            "bound measured on the first batch (router locmoe only; floored at min_capacity)",
+    capacity_mode: str = _f("factor", "factor: C from capacity_factor; locmoe_bound: C frozen at the routers' "
+                            "proposal measured on the first batch (LocMoE's lower bound; routers that propose one: "
+                            "locmoe), floored at min_capacity",
                             choices=("factor", "locmoe_bound"))
     delta_quantile: float = _f(0.0, "locmoe_bound: quantile of the routed cosines taken as delta-hat (0 = minimum)",
                                lo=0.0, hi=0.5)
@@ -151,7 +155,7 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    dispatch: str = _f("local", "exchange backend (DESIGN section 3): local (one process, one buffer over all ranks' "
+    dispatch: str = _f("local", "exchange backend (docs/architecture.md, Expert parallelism): local (one process, one buffer over all ranks' "
                        "slots), simulated (one process, W ranks with send buffers and a transposing exchange), "
                        "msrun_cpu (one CPU process per rank under msrun), hccl (Ascend AlltoAll). Each of the "
                        "W = nodes x devices_per_node ranks holds batch_size/W sequences and routes them as its own "
@@ -233,15 +237,6 @@ class RunConfig:
         per_group = moe.num_experts // moe.num_groups
         _require(moe.top_k <= per_group, "moe.top_k", moe.top_k,
                  f"at most the experts per group ({per_group})")
-        for router in ("rre", "expert_choice", "base", "kool_skip"):
-            _require(moe.router != router or moe.top_k == 1, "moe.top_k", moe.top_k, f"1 for router {router}")
-        _require(moe.router != "kool_skip" or moe.slot_policy == "random", "moe.slot_policy", moe.slot_policy,
-                 "random for router kool_skip (its importance weights assume a uniformly random kept subset)")
-        for router in ("expert_choice", "base", "locmoe_plus"):
-            _require(moe.router != router or moe.slot_policy == "position", "moe.slot_policy", moe.slot_policy,
-                     f"position (the default) for router {router}, which assigns its own slots")
-        _require(moe.router not in ("locmoe", "locmoe_plus") or m.hidden % per_group == 0, "model.hidden", m.hidden,
-                 f"a multiple of the experts per group ({per_group}) for router {moe.router} (GrAP blocks)")
         world = self.parallel.nodes * self.parallel.devices_per_node
         _require(moe.num_experts % world == 0 or world % moe.num_experts == 0, "parallel.devices_per_node",
                  self.parallel.devices_per_node, f"such that nodes x devices_per_node divides or is a multiple of "
@@ -260,16 +255,12 @@ class RunConfig:
                  "CPU for parallel.dispatch=msrun_cpu")
         one_rank = p.dispatch in MULTI_PROCESS_BACKENDS
         _require(not one_rank or moe.capacity_mode == "factor", "moe.capacity_mode", moe.capacity_mode,
-                 f"factor with parallel.dispatch={p.dispatch} (the locmoe_bound probe runs the whole model in one "
-                 f"process; use simulated)")
-        _require(not one_rank or moe.router != "locmoe_plus" or moe.locmoe_plus.recompute_every == 0,
-                 "moe.locmoe_plus.recompute_every", moe.locmoe_plus.recompute_every,
-                 f"0 with parallel.dispatch={p.dispatch} (the capacity re-estimate runs the whole model in one "
-                 f"process; use simulated)")
-        _require(moe.deepseek.node_limit <= self.parallel.nodes, "moe.deepseek.node_limit", moe.deepseek.node_limit,
-                 f"at most parallel.nodes={self.parallel.nodes}")
-        _require(moe.capacity_mode != "locmoe_bound" or moe.router == "locmoe", "moe.capacity_mode",
-                 moe.capacity_mode, "factor unless moe.router = locmoe")
+                 f"factor with parallel.dispatch={p.dispatch} (the routers' capacity proposals run the whole model "
+                 f"in one process; use simulated)")
+        # The routers own their rules (`Router.check`). Imported here: routing sits above config in the
+        # dependency order, and a registered router needs the config's types.
+        from pangu_moe.routing.registry import router_class
+        router_class(moe.router).check(self)
         _require(moe.capacity_mode == "factor" or moe.slot_policy != "none", "moe.capacity_mode", moe.capacity_mode,
                  "factor with moe.slot_policy = none (dropless sets C = T)")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",
@@ -431,3 +422,21 @@ def describe(cls=RunConfig, prefix=""):
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             yield prefix + f.name, default, f.metadata.get("help", "")
+
+
+def fields_markdown():
+    """docs/configuration.md: every field by section, with its default and meaning (`pangu-moe config --fields
+    --markdown` prints it; a test keeps the page current)."""
+    lines = ["# Configuration", "",
+             "Generated by `pangu-moe config --fields --markdown` from the config's own field definitions "
+             "(`pangu_moe/config.py`); do not edit by hand. A run's YAML holds any subset of these keys; "
+             "`--set section.key=value` overrides one. Unknown keys, wrong types and values out of range "
+             "are refused with one line naming the key, the value and what is allowed."]
+    section = None
+    for path, default, text in describe():
+        head = path.rsplit(".", 1)[0]
+        if head != section:
+            section = head
+            lines += ["", f"## {section}", "", "| key | default | meaning |", "|---|---|---|"]
+        lines.append(f"| `{path}` | `{default!r}` | {text.replace('|', '/')} |")
+    return "\n".join(lines)

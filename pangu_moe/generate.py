@@ -23,10 +23,10 @@ from mindspore import Tensor, ops
 from pangu_moe.config import ConfigError
 from pangu_moe.data import tokenizer
 from pangu_moe.dispatch.topology import Topology
+from pangu_moe.routing.registry import router_class
 from pangu_moe.train.restore import restore, run_config
 
 BYTES = 256
-NOT_CAUSAL = ("expert_choice",)
 
 
 def load_model(checkpoint_path, overrides=()):
@@ -36,7 +36,7 @@ def load_model(checkpoint_path, overrides=()):
     Raises: CheckpointError / ConfigError with one line naming the problem.
     """
     cfg = run_config(checkpoint_path, overrides)
-    if cfg.moe.router in NOT_CAUSAL:
+    if not router_class(cfg.moe.router).causal:
         raise ConfigError(f"generate: moe.router = {cfg.moe.router} routes each token by the whole sequence (not "
                           f"causal); generation needs a token-choice router")
     return cfg, restore(checkpoint_path, cfg)[0]

@@ -3,8 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from pangu_moe.capacity import (capacity_lower_bound, discriminative_probability, estimate_delta, expert_capacity,
-                                locmoe_capacity)
+from pangu_moe.capacity import (capacity_lower_bound, discriminative_probability, dropless_capacity, estimate_delta,
+                                expert_capacity, plan_capacities)
+from pangu_moe.config import MoEConfig
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -72,12 +73,32 @@ def test_estimate_delta_is_the_clipped_minimum_or_quantile():
     assert estimate_delta([1.0]) < 1.0
 
 
-def test_locmoe_capacity_takes_the_largest_layer_bound_within_floor_and_ceiling():
-    cosines = [np.array([0.3, 0.05, 0.2]), np.array([0.1, 0.5])]
-    c, deltas, bounds = locmoe_capacity(cosines, 256, 8, num_tokens=100, min_capacity=1)
-    assert deltas == [0.05, 0.1]
-    assert bounds == [capacity_lower_bound(0.05, 256, 8), capacity_lower_bound(0.1, 256, 8)]
-    assert bounds[1] == pytest.approx(1.139, abs=1e-3) and c == 2
-    assert locmoe_capacity(cosines, 256, 8, num_tokens=100, min_capacity=4)[0] == 4
-    assert locmoe_capacity(cosines, 256, 8, num_tokens=1, min_capacity=4)[0] == 1
-    assert locmoe_capacity(cosines, 256, 8, 100, 1, quantile=0.5)[1] == [0.2, 0.3]
+class Proposer:
+    """A router stand-in proposing a fixed capacity measured on its layer input."""
+
+    def __init__(self, proposal):
+        self.proposal = proposal
+
+    def propose_capacity(self, layer_input, static_capacity):
+        x = layer_input()
+        return self.proposal, {"delta_hat": float(x), "capacity_lower_bound": self.proposal - 0.5}
+
+
+def test_plan_takes_the_largest_proposal_within_floor_and_ceiling():
+    moe = MoEConfig(num_experts=8, top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4,
+                    capacity_mode="locmoe_bound")
+    calls = []
+
+    def inputs():
+        calls.append(1)
+        return [0.25, 0.5]
+
+    plan = plan_capacities(moe, 100, [Proposer(7), Proposer(9)], inputs)
+    assert (plan.train, plan.eval) == (9, 25) and len(calls) == 1  # one forward for all layers
+    assert plan.proposals == {"delta_hat": [0.25, 0.5], "capacity_lower_bound": [6.5, 8.5]}
+    assert plan_capacities(moe, 100, [Proposer(2), Proposer(3)], inputs).train == 4  # min_capacity floor
+    assert plan_capacities(moe, 6, [Proposer(2), Proposer(30)], inputs).train == 6  # capped at T
+    factor = plan_capacities(MoEConfig(num_experts=8, min_capacity=4), 100, [Proposer(99)], lambda: 1 / 0)
+    assert (factor.train, factor.eval, factor.proposals) == (16, 25, {})  # ceil(125 / 8), ceil(200 / 8)
+    dropless = plan_capacities(MoEConfig(num_experts=8, slot_policy="none"), 100, [Proposer(99)], lambda: 1 / 0)
+    assert (dropless.train, dropless.eval) == (dropless_capacity(100), 100) == (100, 100)

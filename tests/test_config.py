@@ -57,7 +57,7 @@ BAD = [
     ({"moe": {"num_experts": 6, "num_groups": 4}}, "moe.num_groups = 4: must be a divisor of moe.num_experts=6"),
     ({"moe": {"num_experts": 6, "num_groups": 3}}, "moe.num_groups = 3: must be 1 or the number of data.domains (2)"),
     ({"moe": {"num_experts": 4, "num_groups": 2, "top_k": 3}}, "moe.top_k = 3: must be at most the experts per group (2)"),
-    ({"moe": {"router": "rre", "top_k": 2}}, "moe.top_k = 2: must be 1 for router rre"),
+    ({"moe": {"router": "rre", "top_k": 2}}, "moe.top_k = 2: must be at most 1 for router rre"),
     ({"moe": {"locmoe": {"locality_variant": "js"}}}, "moe.locmoe.locality_variant = 'js': must be one of kl, mass"),
     ({"moe": {"locmoe_plus": {"bogus": 1}}}, "moe.locmoe_plus.bogus: unknown key; allowed: locality_coeff,"),
     ({"moe": {"router": "locmoe", "slot_policy": "none", "capacity_mode": "locmoe_bound"}},

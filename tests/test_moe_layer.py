@@ -7,7 +7,8 @@ from mindspore import Tensor
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
-from pangu_moe.routing import TopKRouter, route
+from pangu_moe.routing import route
+from pangu_moe.routing.topk import TopKRouter
 
 
 def _gelu(x):

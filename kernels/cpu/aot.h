@@ -1,4 +1,4 @@
-// The MindSpore CPU AOT calling convention (spec/mindspore_cpu.md §1a) and small helpers.
+// The MindSpore CPU AOT calling convention (kernels/README.md) and small helpers.
 // params holds the inputs, then the outputs; a non-zero return makes MindSpore raise RuntimeError.
 #ifndef PANGU_MOE_CPU_AOT_H_
 #define PANGU_MOE_CPU_AOT_H_

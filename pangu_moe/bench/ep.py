@@ -21,11 +21,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from pangu_moe.bench import DEMO_CONFIG
+from pangu_moe.configs import DEMO_CONFIG
 from pangu_moe.config import RunConfig
 from pangu_moe.train.schedule import learning_rate
 
-LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(DEMO_CONFIG)), "run_scripts", "run_msrun_cpu.sh")
+LAUNCHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "run_msrun_cpu.sh")
 CLUSTER = ("parallel.nodes=2", "parallel.devices_per_node=2")
 
 

@@ -69,8 +69,8 @@ class GatheredAllToAll(nn.Cell):
     """The world exchange with one rank per process on CPU (`msrun_cpu`): world AllGather, then this
     rank's column.
 
-    CPU MindSpore has no AlltoAll (spec mindspore_cpu.md §3), so the exchange gathers every rank's send
-    buffer: W x the bytes of a real all-to-all. The counts that `dispatch.accounting` reports are those
+    CPU MindSpore has no AlltoAll (verified on MindSpore 2.10), so the exchange gathers every rank's send
+    buffer: W x the bytes of a real all-to-all. The counts that `accounting.traffic` reports are those
     of the real exchange, not of this emulation. The backward of an all-to-all is the same all-to-all,
     run here by `bprop` (AllGather has no CPU gradient: it would need ReduceScatter).
 

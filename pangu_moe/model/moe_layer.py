@@ -92,7 +92,7 @@ class MoELayer(nn.Cell):
             losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`; mean over rank groups),
             tokens_per_expert [R, E] int32 (requested choices of each rank's tokens, before dropping),
             kept_per_expert [R, E] int32,
-            score [T] fp32: sum over kept choices of gate * log_prob for REINFORCE routers, else 0.
+            policy_term [T] fp32: the router's per-token input to its `objective` (`Router.combine`).
         """
         expert_index, gate, keep, slot, requested, losses, log_prob = routing
         num_tokens, hidden = x.shape
@@ -103,13 +103,6 @@ class MoELayer(nn.Cell):
         buffer = self.dispatcher.dispatch(x, flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
-        y = self.dispatcher.combine(expert_out, flat_index, gate, keep)
-        score = ops.zeros(x.shape[:1], ms.float32)
-        if self.router.reinforce:
-            # The gate is a gradient scale only (Kool's HT weight): forward sum(keep * out), backward gate * d out.
-            unweighted = self.dispatcher.combine(expert_out, flat_index, ops.ones_like(gate), keep)
-            y = ops.stop_gradient(unweighted) + y - ops.stop_gradient(y)
-            # stop_gradient: the bool keep mask must not collect gradients (MindSpore cannot add bool grads).
-            score = (ops.stop_gradient(keep.astype(ms.float32) * gate) * log_prob).sum(1)
-        return y, losses, tokens_per_expert, kept_per_expert, score
+        y, policy_term = self.router.combine(self.dispatcher, expert_out, flat_index, gate, keep, log_prob)
+        return y, losses, tokens_per_expert, kept_per_expert, policy_term
 

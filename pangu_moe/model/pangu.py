@@ -63,11 +63,6 @@ class PanguModel(nn.Cell):
         self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
         self.ln_f = nn.LayerNorm((m.hidden,))
         self.mask = causal_mask(m.seq_len)
-        self.reinforce = any(block.moe.router.reinforce for block in self.moe_blocks)
-        if self.reinforce:
-            # EMA baseline of the REINFORCE term; starts at log V, the loss of a uniform prediction.
-            self.reinforce_baseline = Parameter(Tensor(math.log(m.vocab_size), ms.float32), name="reinforce_baseline",
-                                                requires_grad=False)
 
     def construct(self, token_ids, domain_ids, capacity, training=False):
         """Forward pass.
@@ -80,24 +75,40 @@ class PanguModel(nn.Cell):
             `routing.base.LOSS_NAMES`),
             tokens_per_expert [L_moe, W, E] int32, kept_per_expert [L_moe, W, E] int32 (W ranks of the
             topology, each holding B/W whole sequences),
-            score [B, S] fp32: REINFORCE score of each token summed over MoE layers (`MoELayer`; 0 unless
-            the router samples its choices).
+            policy_terms [L_moe, B*S] fp32: each MoE layer's router input to its `objective`
+            (`Router.combine`; zeros for most routers), read by `router_objective`.
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
         group_ids = self._group_ids(domain_ids)
         h = self._dense_trunk(token_ids, mask)
         losses = ops.zeros((3,), ms.float32)
-        score = ops.zeros((token_ids.size,), ms.float32)
-        tokens_per_expert, kept_per_expert = (), ()
+        tokens_per_expert, kept_per_expert, policy_terms = (), (), ()
         for block in self.moe_blocks:
-            h, layer_losses, demand, kept, layer_score = block(h, token_ids, group_ids, mask, capacity, training)
+            h, layer_losses, demand, kept, policy_term = block(h, token_ids, group_ids, mask, capacity, training)
             losses = losses + layer_losses
-            score = score + layer_score
             tokens_per_expert += (demand,)
             kept_per_expert += (kept,)
+            policy_terms += (policy_term,)
         logits = self._head(h, mask)
-        return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert), score.reshape(token_ids.shape)
+        return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert), ops.stack(policy_terms)
+
+    def router_objective(self, token_loss, policy_terms):
+        """The routers' extra training-loss terms (`Router.objective`) summed, or None if no router has one.
+
+        Args: token_loss [B*S] fp32 per-token LM loss; policy_terms [L_moe, B*S] fp32 from `construct`.
+        """
+        total = None
+        for i, block in enumerate(self.moe_blocks):
+            term = block.moe.router.objective(token_loss, policy_terms[i])
+            if term is not None:
+                total = term if total is None else total + term
+        return total
+
+    def update_router_state(self, lm_loss, applied):
+        """Every router's `update_state` after a training step's update (inside the compiled step)."""
+        for block in self.moe_blocks:
+            block.moe.router.update_state(lm_loss, applied)
 
     def _head(self, h, mask):
         """Query layer, final LayerNorm and the tied LM head: h [B, S, H] -> logits [B, S, V] fp32."""

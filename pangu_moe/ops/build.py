@@ -1,7 +1,7 @@
 """Build the CPU kernels (`kernels/cpu/*.cc`) once into a shared library, on first use.
 
-MindSpore's own AOT compile runs g++ without -O (about 2x slower kernels, spec mindspore_cpu.md
-§1b), so the library is built here with -O2 and OpenMP into a cache folder keyed by a hash of the
+MindSpore's own AOT compile runs g++ without -O (about 2x slower kernels, measured
+on MindSpore 2.10), so the library is built here with -O2 and OpenMP into a cache folder keyed by a hash of the
 sources and flags: an edited kernel gets a new library, and concurrent processes (msrun workers)
 each write a temporary file and rename it, so none ever loads a half-written library.
 """

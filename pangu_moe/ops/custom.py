@@ -1,6 +1,6 @@
 """One `ops.Custom` AOT op for the `cpu` or `ascend` kernel backend, with its reg_info.
 
-The same wrapper serves both backends (spec mindspore_cpu.md §1a, §1e): on CPU `func` is
+The same wrapper serves both backends (kernels/README.md): on CPU `func` is
 `<library>:<Name>` from `ops.build`; on Ascend it is the op name of the installed Ascend C package.
 The reg_info names the current target only (a list of targets fails on CPU) and fixes the dtypes,
 so MindSpore casts other float inputs to f32 instead of handing the kernel the wrong buffer.

@@ -1,7 +1,7 @@
 """Reading run directories and turning metrics.jsonl into per-step series.
 
 Every series is a pure function of the records, so a test can recompute it by hand. Token counts are
-the exact ones of `dispatch.accounting.layer_record`: per layer and logged step, `tokens_per_expert`
+the exact ones of `accounting.traffic.layer_record`: per layer and logged step, `tokens_per_expert`
 is the demand (requested choices before dropping, summed over ranks) and `dropped` = demand - kept.
 """
 import json

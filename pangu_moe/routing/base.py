@@ -1,6 +1,6 @@
 """The router contract and the routing vocabulary.
 
-Vocabulary (DESIGN §1), used in code, YAML and logs:
+Vocabulary (docs/architecture.md, Vocabulary), used in code, YAML and logs:
 - `T` tokens in one routing group, `H` hidden, `E` experts, `G` level-1 groups, `E_g = E // G`
   experts per group, `K` choices per token, `C` capacity (slots per expert per routing group).
 - *logits* [T, E_g] fp32: level-2 router output for the token's own group, before the score function.
@@ -14,7 +14,7 @@ Vocabulary (DESIGN §1), used in code, YAML and logs:
 - *affinity* [T, K] fp32: the router's own ranking of a choice, used by the affinity slot policy
   (cosine for the GrAP routers, the logit otherwise).
 - *log_prob* [T, K] fp32: log pi(choice | x) for routers that sample their choice and learn by
-  REINFORCE (`Router.reinforce`); zeros otherwise.
+  REINFORCE (their `Router.objective`); zeros otherwise.
 - *tokens_per_expert* [E]: demand before dropping; *kept_per_expert* [E].
 - *losses* [3] fp32: the router's weighted auxiliary losses in the order of `LOSS_NAMES`; the model
   sums them over layers and adds them to the LM loss, the trainer logs each by name.
@@ -37,6 +37,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_moe.config import ConfigError
 from pangu_moe.ops import make_op
 from pangu_moe.ops.gating import score_dtype
 from pangu_moe.routing.slots import assign_slots
@@ -44,6 +45,16 @@ from pangu_moe.routing.slots import assign_slots
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
 FUSED_SLOT_POLICIES = ("position", "none")
 NOISE_PREFIX = "noise_"
+ROUTERS = {}  # registry name (the value of moe.router) -> Router class, filled by `register`
+LOSS_COEFFS = {"aux": "aux_loss_coeff", "z": "z_loss_coeff"}  # the shared moe.* loss weights a router may honour
+
+
+def register(cls):
+    """Class decorator: make a Router subclass available as `moe.router: <cls.name>`."""
+    if not cls.name or cls.name in ROUTERS:
+        raise ValueError(f"register: router name {cls.name!r} is empty or already taken")
+    ROUTERS[cls.name] = cls
+    return cls
 
 
 def is_noise_buffer(name):
@@ -77,8 +88,90 @@ class Router(nn.Cell):
         slot_policy: a `routing.slots.SLOT_POLICIES` name.
     """
 
-    reinforce = False  # True: the gate scales only the gradient, and log_prob feeds a REINFORCE term
+    name = None  # the registry name, the value of moe.router (`register`)
+    max_top_k = None  # the largest K it routes with (None: any K up to the experts per group)
+    own_slots = False  # True: it keeps its own choices under capacity, so moe.slot_policy must stay "position"
+    causal = True  # in evaluation the routing of token t reads no later token (generation needs this)
+    loss_terms = ("aux", "z")  # which of moe.aux_loss_coeff / moe.z_loss_coeff it honours (`LOSS_COEFFS`)
     gating_mode = None  # an `ops.gating` mode if `score` is moe_gating's score function (see `use_kernels`)
+
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        """The router of MoE layer `layer` (0-based) from `config.ModelConfig`, `config.MoEConfig` (its own
+        section moe.<name>) and the read-only `dispatch.topology.Topology`."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, cfg):
+        """Raise `ConfigError` (one line) if `cfg` (a `config.RunConfig`) breaks one of this router's rules.
+
+        The base rules follow from the class facts; a subclass adds its own and calls this one.
+        """
+        moe = cfg.moe
+        if cls.max_top_k is not None and moe.top_k > cls.max_top_k:
+            raise ConfigError(f"moe.top_k = {moe.top_k}: must be at most {cls.max_top_k} for router {cls.name}")
+        if cls.own_slots and moe.slot_policy != "position":
+            raise ConfigError(f"moe.slot_policy = {moe.slot_policy!r}: must be position (the default) for router "
+                              f"{cls.name}, which assigns its own slots")
+        for term, key in LOSS_COEFFS.items():
+            value, default = getattr(moe, key), type(moe).__dataclass_fields__[key].default
+            if term not in cls.loss_terms and value not in (0.0, default):
+                raise ConfigError(f"moe.{key} = {value!r}: router {cls.name} has no such loss; leave it at "
+                                  f"{default} (the default) or 0")
+        if moe.capacity_mode == "locmoe_bound" and cls.propose_capacity is Router.propose_capacity:
+            proposers = [name for name, c in ROUTERS.items() if c.propose_capacity is not Router.propose_capacity]
+            raise ConfigError(f"moe.capacity_mode = {moe.capacity_mode!r}: must be factor unless moe.router is one "
+                              f"that proposes a capacity ({', '.join(proposers)})")
+
+    # Lifecycle, host side: the trainer calls these on every router and knows no router by name.
+    # `layer_input` is a callable returning this layer's router input (x [T, H] fp32, token_ids [T] int32,
+    # group_ids [T] int32) for the batch at hand; the forward pass behind it runs at most once per call site,
+    # and only if a router calls it.
+
+    def start(self, static_capacity):
+        """Before the first step of a run (fresh or resumed), with the planned training capacity C."""
+
+    def propose_capacity(self, layer_input, static_capacity):
+        """A training capacity for this layer, measured on the step-0 batch under the initial weights (only
+        with moe.capacity_mode = locmoe_bound; `capacity.plan_capacities` takes the largest proposal).
+
+        Returns (C int, report dict of floats for summary.json)."""
+        return static_capacity, {}
+
+    def before_step(self, step, layer_input):
+        """Before training step `step` (0-based) on the batch behind `layer_input`. Returns a report dict to
+        log, or None."""
+        return None
+
+    def after_step(self, tokens_per_expert):
+        """After each applied training step, with the layer's demand [E] summed over ranks (numpy int)."""
+
+    def live_capacity(self):
+        """The capacity in force at the next step if the router lowered it below the static one, else None."""
+        return None
+
+    # Inside the compiled step.
+
+    def combine(self, dispatcher, expert_out, flat_index, gate, keep, log_prob):
+        """Expert outputs back to the tokens (`dispatch.dispatcher.Dispatcher.combine`), weighted by the gate.
+
+        Args: expert_out [R*E, C, H]; flat_index, gate [T, K] fp32, keep [T, K] bool as routed;
+            log_prob [T, K] fp32 (the routing's, zeros unless the router samples).
+        Returns: y [T, H], policy_term [T] fp32: the router's per-token input to `objective` (zeros here).
+        """
+        return dispatcher.combine(expert_out, flat_index, gate, keep), ops.zeros(gate.shape[:1], ms.float32)
+
+    def objective(self, token_loss, policy_term):
+        """An extra training-loss term from this layer's router, or None (the default: the router learns from
+        the LM loss through its gates and from its weighted `losses`).
+
+        Args: token_loss [T_all] fp32 per-token LM loss of the batch; policy_term [T_all] fp32 from `combine`.
+        """
+        return None
+
+    def update_state(self, lm_loss, applied):
+        """After the update of a training step, inside the compiled step: lm_loss fp32 scalar (mean over
+        ranks), applied bool scalar (False when the step was skipped as non-finite)."""
 
     def __init__(self, num_experts, num_groups, top_k, slot_policy="position"):
         super().__init__()
@@ -161,9 +254,6 @@ class Router(nn.Cell):
             if self.slot_policy == "random" and training else None
         return assign_slots(self.slot_policy, expert_index, gate, affinity, self.num_experts, capacity, training,
                             requested, keys)
-
-    def after_step(self, tokens_per_expert):
-        """Host-side hook after each training step with the layer's demand [E] (no-op by default)."""
 
     def construct(self, x, token_ids, group_ids, capacity, training, rank=None):
         """Route T tokens: one routing group (one rank's tokens under expert parallelism).

@@ -4,20 +4,24 @@ sign rule instead of an auxiliary loss, node-limited top-k, and a tiny sequence-
 - s = sigmoid(x W) over the token's group; the top-K experts by s + b are selected, where b [G, E_g] fp32
   is not trained by gradients: after every step the trainer calls `after_step` with the step's demand
   and b moves by gamma * sign(mean load - load) within each group (Wang et al., arXiv 2408.15664).
-- Gates are the selected s, normalised to sum to 1, times `scaling`; the bias never enters a gate.
+- Gates are the selected s, normalised to sum to 1 when K > 1 (at K = 1 the raw sigmoid, so the LM loss
+  trains the router, as in Megatron-Core and MindFormers), times `scaling`; the bias never enters a gate.
 - Node-limited routing: with `node_limit` M > 0, a node's score is the sum of its top max(1, K/M) values
   of s + b among the token's experts on that node (the topology's placement); only the M best nodes stay
   selectable, so a token's experts span at most M nodes.
 - Sequence-wise loss: alpha * sum_i f_i P_i per sequence (f_i = E_g/(K*S) * choices of i in the sequence,
   P_i = mean over the sequence of s normalised per token), averaged over sequences; training only, and
-  logged in the aux_loss slot.
+  logged in the aux_loss slot. No auxiliary load-balancing loss (moe.aux_loss_coeff is rejected); the
+  z-loss on the logits applies (moe.z_loss_coeff).
 - Capacity: DeepSeek drops nothing; use moe.slot_policy=none for that, or any policy to cap the load.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from pangu_moe.routing.base import LearnedRouter, stack_losses
+from pangu_moe.config import ConfigError
+from pangu_moe.routing import losses
+from pangu_moe.routing.base import LearnedRouter, register, stack_losses
 
 
 def node_limit_mask(biased, node_of, group_ids, num_nodes, node_limit, top_k):
@@ -43,40 +47,42 @@ def node_limit_mask(biased, node_of, group_ids, num_nodes, node_limit, top_k):
     return ops.gather_elements(allowed.astype(ms.int32), 1, token_nodes) > 0
 
 
-def sequence_balance_loss(scores, local_index, seq_len, coeff):
-    """DeepSeek-V3 complementary sequence-wise balance loss.
-
-    Args:
-        scores: [T, E_g] fp32 sigmoid affinities; local_index: [T, K] int32; seq_len: S (T = B*S); coeff: alpha.
-    Returns:
-        fp32 scalar: alpha at perfect per-sequence balance.
-    """
-    num_tokens, experts_per_group = scores.shape
-    top_k = local_index.shape[1]
-    normalised = scores / scores.sum(-1, keepdims=True)
-    prob = normalised.reshape(-1, seq_len, experts_per_group).mean(1)  # (B, E_g) <- (B, S, E_g)
-    one, zero = Tensor(1.0, ms.float32), Tensor(0.0, ms.float32)
-    chosen = ops.one_hot(local_index, experts_per_group, one, zero).sum(1)  # (T, E_g) <- (T, K, E_g)
-    frac = chosen.reshape(-1, seq_len, experts_per_group).sum(1) * (experts_per_group / (top_k * seq_len))  # (B, E_g)
-    return coeff * (frac * prob).sum(1).mean()
-
-
+@register
 class DeepSeekRouter(LearnedRouter):
-    """Args: hidden H; num_experts E; num_groups G; top_k K; seq_len S; seq_aux_coeff alpha; z_loss_coeff;
-    bias_rate gamma; node_limit M (0: none); expert_node: int array [E] (topology placement); num_nodes N;
-    scaling; init_std; slot_policy."""
+    """Args: hidden H; num_experts E; num_groups G; top_k K; seq_len S; seq_aux_coeff alpha; bias_rate gamma;
+    node_limit M (0: none); expert_node: int array [E] (topology placement); num_nodes N; scaling; init_std;
+    slot_policy; z_loss_coeff."""
+
+    name = "deepseek"
+    loss_terms = ("z",)
 
     def __init__(self, hidden, num_experts, num_groups, top_k, seq_len, seq_aux_coeff, bias_rate, node_limit,
-                 expert_node, num_nodes, scaling=1.0, init_std=0.02, slot_policy="position"):
+                 expert_node, num_nodes, scaling=1.0, init_std=0.02, slot_policy="position", z_loss_coeff=0.0):
         super().__init__(hidden, num_experts, num_groups, top_k, init_std, slot_policy)
+        self.z_loss_coeff = z_loss_coeff
         self.bias = Parameter(Tensor(np.zeros((num_groups, self.experts_per_group), np.float32)), name="bias",
                               requires_grad=False)
         self.node_of = Tensor(np.asarray(expert_node, np.int32).reshape(num_groups, self.experts_per_group))
         self.seq_len, self.seq_aux_coeff, self.bias_rate = seq_len, seq_aux_coeff, bias_rate
         self.node_limit, self.num_nodes, self.scaling = node_limit, num_nodes, scaling
 
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        s = moe_cfg.deepseek
+        return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.top_k, model_cfg.seq_len,
+                   s.seq_aux_coeff, s.bias_rate, s.node_limit, topology.expert_node(), topology.nodes, s.scaling,
+                   moe_cfg.topk.init_std, moe_cfg.slot_policy, moe_cfg.z_loss_coeff)
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        limit, nodes = cfg.moe.deepseek.node_limit, cfg.parallel.nodes
+        if limit > nodes:
+            raise ConfigError(f"moe.deepseek.node_limit = {limit!r}: must be at most parallel.nodes={nodes}")
+
     def score(self, x, token_ids, group_ids, training, rank=None):
-        scores = ops.sigmoid(self.logits(x, group_ids))
+        logits = self.logits(x, group_ids)
+        scores = ops.sigmoid(logits)
         biased = scores + ops.gather(self.bias, group_ids, 0)  # (T, E_g)
         if self.node_limit > 0:
             allowed = node_limit_mask(biased, self.node_of, group_ids, self.num_nodes, self.node_limit, self.top_k)
@@ -84,12 +90,13 @@ class DeepSeekRouter(LearnedRouter):
         _, local_index = ops.topk(biased, self.top_k)
         local_index = local_index.astype(ms.int32)
         selected = ops.gather_elements(scores, 1, local_index)
-        gate = self.scaling * selected / selected.sum(-1, keepdims=True)
+        gate = selected / selected.sum(-1, keepdims=True) if self.top_k > 1 else selected
+        gate = self.scaling * gate
         zero = ops.zeros((), ms.float32)
         balance = zero
         if training and self.seq_aux_coeff > 0:
-            balance = sequence_balance_loss(scores, local_index, self.seq_len, self.seq_aux_coeff)
-        return local_index, gate, selected, None, stack_losses(balance, zero, zero)
+            balance = losses.sequence_balance_loss(scores, local_index, self.seq_len, self.seq_aux_coeff)
+        return local_index, gate, selected, None, stack_losses(balance, losses.z_loss(logits, self.z_loss_coeff), zero)
 
     def after_step(self, tokens_per_expert):
         """Sign-rule bias update from one step's demand [E] (host side, eager `ops.assign`)."""

@@ -19,15 +19,27 @@ import mindspore as ms
 from mindspore import ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import LearnedRouter, global_probs, stack_losses
+from pangu_moe.routing.base import LearnedRouter, global_probs, register, stack_losses
 
 
+@register
 class ExpertChoiceRouter(LearnedRouter):
     """Args: hidden H; num_experts E; num_groups G; z_loss_coeff; init_std of the [G, H, E_g] weight."""
+
+    name = "expert_choice"
+    max_top_k = 1  # moe.top_k; the routing tuple has K = E columns
+    own_slots = True
+    causal = False
+    loss_terms = ("z",)  # every expert is exactly full: no load to balance
 
     def __init__(self, hidden, num_experts, num_groups, z_loss_coeff, init_std=0.02):
         super().__init__(hidden, num_experts, num_groups, num_experts, init_std)
         self.z_loss_coeff = z_loss_coeff
+
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.z_loss_coeff,
+                   moe_cfg.topk.init_std)
 
     def construct(self, x, token_ids, group_ids, capacity, training, rank=None):
         """As `Router.construct`, with K = E; see the module docstring for the meaning of each output."""

@@ -1,8 +1,8 @@
 """Kool, Maddison & Mnih (arXiv 2109.11817): unbiased gradient estimators for routing under capacity.
 
-Host-side (numpy) building blocks, used by the toy study (`bench/study_kool.py`) and checked by exact
+Host-side (numpy) building blocks, used by the toy study (`studies/kool.py`) and checked by exact
 enumeration in the tests. The paper's sections 2-5 were not retrievable; the estimators are those of
-spec routers.md §2.3-2.4, which meet every property the abstract states and are unbiased by
+the Gumbel-matching and sequential samplers of the paper's §2.3-2.4, which meet every property the abstract states and are unbiased by
 construction (the tests enumerate to prove it on tiny problems).
 
 Routing is a random variable: datapoint i is sent to a *sampled* expert e_i ~ pi(. | x_i), and the layer's
@@ -142,41 +142,6 @@ def sequential_balanced(probs, capacity, order, rng):
         dlogq[i] = -q
         dlogq[i, choice] += 1.0
     return assignment, dlogq
-
-
-def balanced_assignment(affinity, capacity):
-    """BASE layers' training assignment: maximise the total affinity with at most C datapoints per expert.
-
-    Exact either way: a linear assignment over C-replicated columns for small N, the transportation
-    linear program (HiGHS dual simplex; its vertex solutions are integral) for large N, where the
-    replicated square matrix would be too big.
-
-    Args: affinity [N, E] (no gradient); capacity C with N <= E*C.
-    Returns: assignment [N] int.
-    """
-    n, e = affinity.shape
-    if n > e * capacity:
-        raise ValueError(f"balanced_assignment: N = {n} exceeds E * C = {e * capacity}")
-    if n > 256:
-        return _transport_assignment(affinity, capacity)
-    from scipy.optimize import linear_sum_assignment
-    rows, cols = linear_sum_assignment(np.repeat(affinity, capacity, axis=1), maximize=True)
-    out = np.empty(n, np.int64)
-    out[rows] = cols // capacity
-    return out
-
-
-def _transport_assignment(affinity, capacity):
-    from scipy.optimize import linprog
-    from scipy.sparse import eye, kron
-    n, e = affinity.shape
-    once = kron(eye(n), np.ones((1, e)), format="csr")  # (N, N*E): each datapoint assigned once
-    room = kron(np.ones((1, n)), eye(e), format="csr")  # (E, N*E): at most C per expert
-    result = linprog(-np.asarray(affinity, np.float64).ravel(), A_ub=room, b_ub=np.full(e, capacity), A_eq=once,
-                     b_eq=np.ones(n), bounds=(0, 1), method="highs-ds")
-    if result.status != 0:
-        raise RuntimeError(f"balanced_assignment: the transportation LP failed ({result.message})")
-    return result.x.reshape(n, e).argmax(1)
 
 
 def capacity_for(num, num_experts, factor):

@@ -1,7 +1,7 @@
 """LocMoE (arXiv 2401.13920): parameter-free GrAP gating, top-1 by softmax probability, and a
 locality loss that pulls tokens toward experts on their own node.
 
-Choices where the paper is silent (spec locmoe.md §2, tags [?]/[D]); each is a constructor argument:
+Choices where the paper is silent (our readings; docs/architecture.md, Routers); each is a constructor argument:
 - epsilon_i of Eq. (2) is an optional learnable per-expert bias, initialised to 0 (`use_bias`).
 - The expert is the argmax of the pre-ReLU logits w_i.x + b_i (with ReLU every logit can be 0 and the
   argmax arbitrary); the gate is softmax(ReLU(logits)) at that expert, as Eq. (3) writes it.
@@ -12,7 +12,8 @@ Choices where the paper is silent (spec locmoe.md §2, tags [?]/[D]); each is a 
   every group; only the biases differ by group. One group gives plain LocMoE.
 - K > 1 is allowed (top-K of the pre-ReLU logits) though the paper uses K = 1.
 The capacity lower bound (Theorem 1) is `capacity.capacity_lower_bound`, fed by
-`capacity.estimate_delta` over `grap_cosines` of the routed experts.
+`capacity.estimate_delta` over `grap_cosines` of the routed experts; with moe.capacity_mode = locmoe_bound
+the router proposes it as the training capacity (`propose_capacity`).
 """
 import math
 
@@ -20,9 +21,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
+from pangu_moe import capacity as capacity_lib
+from pangu_moe.config import ConfigError
 from pangu_moe.ops.gating import GRAP, gating_scores
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, global_probs, stack_losses
+from pangu_moe.routing.base import Router, global_probs, register, stack_losses
 
 
 def grap_weight(hidden, num_experts):
@@ -49,6 +52,15 @@ def grap_cosines(x, num_experts):
     return grap_logits(x, num_experts) / ops.maximum(norm, Tensor(1e-12, ms.float32))
 
 
+def check_grap(cfg, name):
+    """`ConfigError` unless model.hidden splits into one GrAP block per expert of a group."""
+    per_group = cfg.moe.num_experts // cfg.moe.num_groups
+    if cfg.model.hidden % per_group:
+        raise ConfigError(f"model.hidden = {cfg.model.hidden!r}: must be a multiple of the experts per group "
+                          f"({per_group}) for router {name} (GrAP blocks)")
+
+
+@register
 class LocMoERouter(Router):
     """GrAP top-K router with load-balancing, z and locality losses.
 
@@ -59,12 +71,16 @@ class LocMoERouter(Router):
         local_mask: bool/float array [W, E] from `Topology.local_expert_mask` (W must divide T).
         use_bias: learnable per-group, per-expert bias epsilon_i.
         slot_policy: see `routing.slots`; the affinity of a choice is cos(x, w_i).
+        delta_quantile: of the routed cosines taken as delta-hat by `propose_capacity`.
     """
 
+    name = "locmoe"
+
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
-                 locality_variant, local_mask, use_bias=True, slot_policy="position"):
+                 locality_variant, local_mask, use_bias=True, slot_policy="position", delta_quantile=0.0):
         super().__init__(num_experts, num_groups, top_k, slot_policy)
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
+        self.hidden, self.delta_quantile = hidden, delta_quantile
         if locality_variant not in losses.LOCALITY_VARIANTS:
             raise ValueError(f"LocMoE: locality_variant = {locality_variant!r}: must be one of "
                              f"{', '.join(losses.LOCALITY_VARIANTS)}")
@@ -75,6 +91,26 @@ class LocMoERouter(Router):
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
 
     gating_mode = GRAP
+
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        s = moe_cfg.locmoe
+        return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.top_k, moe_cfg.aux_loss_coeff,
+                   moe_cfg.z_loss_coeff, s.locality_coeff, s.locality_variant, topology.local_expert_mask(), s.bias,
+                   moe_cfg.slot_policy, moe_cfg.delta_quantile)
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        check_grap(cfg, cls.name)
+
+    def propose_capacity(self, layer_input, static_capacity):
+        """LocMoE's capacity lower bound (Theorem 1) at the delta-hat measured on this layer's input: the
+        cosines between each token and its routed expert, their `delta_quantile` (see
+        `capacity.estimate_delta`). Returns (ceil(ec_min), {"delta_hat": float, "capacity_lower_bound": float})."""
+        delta = capacity_lib.estimate_delta(routed_cosines(self, *layer_input()), self.delta_quantile)
+        bound = capacity_lib.capacity_lower_bound(delta, self.hidden, self.experts_per_group)
+        return math.ceil(bound), {"delta_hat": delta, "capacity_lower_bound": bound}
 
     def gating_logits(self, x, group_ids, training, rank=None):
         """The pre-ReLU logits w_i.x + b_i [T, E_g] fp32: the choice is their argmax (see the module doc)."""

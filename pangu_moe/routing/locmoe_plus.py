@@ -1,7 +1,7 @@
 """LocMoE+ (arXiv 2406.00023, "Expert-Token Resonance"): cosine affinity routing, a TCR or ECR keep
 rule, and a capacity re-estimated during training.
 
-Choices where the paper is silent (spec locmoe.md §3 tags [?]/[D]); each is a setting of `moe.locmoe_plus`:
+Choices where the paper is silent (our readings; docs/architecture.md, Routers); each is a setting of `moe.locmoe_plus`:
 - Affinity delta_{t,i} = cos(x_t, w_i) with the fixed GrAP rows (block-diagonal W_aff); the entries are not
   trained (the paper gives them fixed values), so the router has no parameters: the aux and locality losses
   train x upstream, as in LocMoE.
@@ -14,8 +14,8 @@ Choices where the paper is silent (spec locmoe.md §3 tags [?]/[D]); each is a s
   `switch_step` or once the re-estimated capacity is at most `switch_ratio` of its ceiling (the experts
   have become discriminative: Corollary 6 (ii)), whichever comes first.
 - Capacity: the static buffer is the moe.capacity_factor capacity (the ceiling); a live capacity, one per
-  layer, masks slots beyond it in training. Every `recompute_every` steps the trainer calls `reestimate`
-  on the current batch: need = `capacity.score_sum_capacity` (coverage rho_C, scaled to the fair load
+  layer, masks slots beyond it in training. Every `recompute_every` steps `before_step` runs `reestimate`
+  on the batch about to be trained: need = `capacity.score_sum_capacity` (coverage rho_C, scaled to the fair load
   T*K/E so that one overloaded expert does not pin it), floor = max(min_capacity,
   ceil(LocMoE bound at the measured delta-hat)), then `capacity.dynamic_capacity` (EMA, non-increasing).
   Evaluation uses the evaluation capacity without the live mask.
@@ -30,9 +30,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from pangu_moe import capacity as capacity_lib
+from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import Router, global_probs, stack_losses
-from pangu_moe.routing.locmoe import grap_cosines, grap_weight
+from pangu_moe.routing.base import Router, global_probs, register, stack_losses
+from pangu_moe.routing.locmoe import check_grap, grap_cosines, grap_weight
 from pangu_moe.routing.slots import position_slots, priority_slots
 
 KEEP_RULES = ("tcr", "ecr", "hybrid")
@@ -49,6 +50,7 @@ def threshold_requests(gate, threshold):
     return before < threshold
 
 
+@register
 class LocMoEPlusRouter(Router):
     """Affinity router with TCR/ECR keep rules and a live (re-estimated) capacity.
 
@@ -59,11 +61,17 @@ class LocMoEPlusRouter(Router):
         keep_rule: "tcr", "ecr" or "hybrid"; switch_step: int (0 = never by step); switch_ratio: float
             (0 = never by concentration); score_threshold: float in (0, 1]; gate_temperature: tau;
         coverage, ema, non_increasing: of the capacity re-estimate (`capacity.dynamic_capacity`).
+        recompute_every: steps between re-estimates (0: never); min_capacity: floor of the floor;
+        num_ranks: W, the routing groups a training batch splits into (capacities are per group).
     """
+
+    name = "locmoe_plus"
+    own_slots = True
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
                  locality_variant, local_mask, keep_rule="hybrid", switch_step=0, switch_ratio=0.6,
-                 score_threshold=1.0, gate_temperature=1.0, coverage=0.9, ema=0.0, non_increasing=True):
+                 score_threshold=1.0, gate_temperature=1.0, coverage=0.9, ema=0.0, non_increasing=True,
+                 recompute_every=0, min_capacity=1, num_ranks=1):
         super().__init__(num_experts, num_groups, top_k, "affinity")
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
         if keep_rule not in KEEP_RULES:
@@ -75,11 +83,33 @@ class LocMoEPlusRouter(Router):
         self.keep_rule, self.switch_step, self.switch_ratio = keep_rule, switch_step, switch_ratio
         self.score_threshold, self.temperature = score_threshold, gate_temperature
         self.coverage, self.ema, self.non_increasing = coverage, ema, non_increasing
-        # Router state the trainer updates between steps; Parameters, so checkpoints carry it. Updated with
-        # an eager ops.assign: a compiled ms.jit step keeps reading the Parameter's memory, which
-        # set_data would replace (the step would then keep the old value).
-        self.live_capacity = Parameter(Tensor(NO_LIMIT, ms.int32), name="live_capacity", requires_grad=False)
+        self.recompute_every, self.min_capacity, self.num_ranks = recompute_every, min_capacity, num_ranks
+        self.ceiling = None  # the static training capacity (`start`)
+        # Router state updated between steps; Parameters, so checkpoints carry it. Updated with an eager
+        # ops.assign: a compiled ms.jit step keeps reading the Parameter's memory, which set_data would
+        # replace (the step would then keep the old value).
+        self.capacity_limit = Parameter(Tensor(NO_LIMIT, ms.int32), name="live_capacity", requires_grad=False)
         self.use_ecr = Parameter(Tensor(int(keep_rule == "ecr"), ms.int32), name="use_ecr", requires_grad=False)
+
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        s = moe_cfg.locmoe_plus
+        return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.top_k, moe_cfg.aux_loss_coeff,
+                   moe_cfg.z_loss_coeff, s.locality_coeff, s.locality_variant, topology.local_expert_mask(),
+                   keep_rule=s.keep_rule, switch_step=s.switch_step, switch_ratio=s.switch_ratio,
+                   score_threshold=s.score_threshold, gate_temperature=s.gate_temperature, coverage=s.coverage,
+                   ema=s.ema, non_increasing=s.non_increasing, recompute_every=s.recompute_every,
+                   min_capacity=moe_cfg.min_capacity, num_ranks=topology.world_size)
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        check_grap(cfg, cls.name)
+        every, dispatch = cfg.moe.locmoe_plus.recompute_every, cfg.parallel.dispatch
+        if every and dispatch in MULTI_PROCESS_BACKENDS:
+            raise ConfigError(f"moe.locmoe_plus.recompute_every = {every!r}: must be 0 with parallel.dispatch="
+                              f"{dispatch} (the capacity re-estimate runs the whole model in one process; use "
+                              f"simulated)")
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         cosines = grap_cosines(x, self.experts_per_group)  # (T, E_g)
@@ -115,7 +145,7 @@ class LocMoEPlusRouter(Router):
             ecr = self.use_ecr > 0
             slot, keep = ops.select(ecr, ecr_slot, tcr_slot), ops.select(ecr, ecr_keep, tcr_keep)
         if training:
-            keep = keep & (slot < self.live_capacity)
+            keep = keep & (slot < self.capacity_limit)
         return slot, keep
 
     def reestimate(self, x, token_ids, group_ids, step, ceiling, min_capacity, num_ranks=1):
@@ -139,16 +169,26 @@ class LocMoEPlusRouter(Router):
         delta_hat = capacity_lib.estimate_delta(np.take_along_axis(cosines, local[:, :1], 1))
         bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
         floor = min(ceiling, max(min_capacity, math.ceil(bound)))
-        live = int(self.live_capacity.asnumpy())
+        live = int(self.capacity_limit.asnumpy())
         previous = live if live < NO_LIMIT else None
         c = capacity_lib.dynamic_capacity(need, floor, ceiling, previous, self.ema, self.non_increasing)
-        ops.assign(self.live_capacity, Tensor(c, ms.int32))
+        ops.assign(self.capacity_limit, Tensor(c, ms.int32))
         self._switch_if_due(step, c / ceiling)
         return {"capacity": c, "need": need, "floor": floor, "delta_hat": delta_hat, "ecr": self.ecr_active()}
 
-    def advance(self, step):
-        """Before training step `step`: switch a hybrid router to ECR when `switch_step` is reached."""
+    def before_step(self, step, layer_input):
+        """Switch a hybrid router to ECR when `switch_step` is reached, then, every `recompute_every` steps
+        (from step 0, so the first re-estimate sees the initial features), re-estimate the capacity on the
+        batch about to be trained (`reestimate`; it may switch TCR -> ECR). Returns its report or None."""
         self._switch_if_due(step, None)
+        if not self.recompute_every or step % self.recompute_every:
+            return None
+        found = self.reestimate(*layer_input(), step, self.ceiling, self.min_capacity, self.num_ranks)
+        return {"capacity": found["capacity"], "need": found["need"], "floor": found["floor"],
+                "keep_rule": "ecr" if found["ecr"] else "tcr"}
+
+    def live_capacity(self):
+        return int(self.capacity_limit.asnumpy())
 
     def ecr_active(self):
         return bool(int(self.use_ecr.asnumpy()))
@@ -161,7 +201,8 @@ class LocMoEPlusRouter(Router):
         if by_step or by_need:
             ops.assign(self.use_ecr, Tensor(1, ms.int32))
 
-    def start(self, ceiling):
-        """Set the live capacity to the ceiling before the first step (a resumed run keeps its own)."""
-        if int(self.live_capacity.asnumpy()) == NO_LIMIT:
-            ops.assign(self.live_capacity, Tensor(ceiling, ms.int32))
+    def start(self, static_capacity):
+        """The static capacity is the ceiling; the live capacity starts there (a resumed run keeps its own)."""
+        self.ceiling = static_capacity
+        if int(self.capacity_limit.asnumpy()) == NO_LIMIT:
+            ops.assign(self.capacity_limit, Tensor(static_capacity, ms.int32))

@@ -46,6 +46,28 @@ def z_loss(logits, coeff):
     return coeff * (lse * lse).mean()
 
 
+def sequence_balance_loss(scores, local_index, seq_len, coeff):
+    """DeepSeek-V3 complementary sequence-wise balance loss (also the top-k router's `seq_aux_coeff`).
+
+    alpha * mean over sequences of sum_i f_i P_i, with f_i = E_g / (K * S) * (choices of expert i in the
+    sequence) and P_i the mean over the sequence of the scores normalised per token.
+
+    Args:
+        scores: [T, E_g] fp32 non-negative scores (sigmoid or softmax); local_index: [T, K] int32; seq_len: S
+            (T = B*S, whole sequences); coeff: alpha.
+    Returns:
+        fp32 scalar: alpha at perfect per-sequence balance.
+    """
+    num_tokens, experts_per_group = scores.shape
+    top_k = local_index.shape[1]
+    normalised = scores / scores.sum(-1, keepdims=True)
+    prob = normalised.reshape(-1, seq_len, experts_per_group).mean(1)  # (B, E_g) <- (B, S, E_g)
+    one, zero = ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)
+    chosen = ops.one_hot(local_index, experts_per_group, one, zero).sum(1)  # (T, E_g) <- (T, K, E_g)
+    frac = chosen.reshape(-1, seq_len, experts_per_group).sum(1) * (experts_per_group / (top_k * seq_len))  # (B, E_g)
+    return coeff * (frac * prob).sum(1).mean()
+
+
 LOCALITY_VARIANTS = ("kl", "mass")
 
 
@@ -54,7 +76,7 @@ def locality_loss(probs, local_mask, variant, coeff, smoothing=1e-3):
 
     Tokens belong to ranks in contiguous blocks (rank r holds tokens [r*T/W, (r+1)*T/W)). Per rank r on
     node nu(r), D_c = mean over its tokens of the router probabilities [E], L(nu) = experts hosted on
-    nu(r). Our readings of the paper's unspecified D_c / D_l (spec locmoe.md §2.2 [D]):
+    nu(r). Our readings of the paper's unspecified D_c / D_l (our reading):
     - "kl" (variant A): KL(D_c || D~_l), D_l uniform over L(nu), smoothed D~_l = (1-eps) D_l + eps/E.
       Zero-measure experts contribute 0; minimal (0) at D_c = D~_l.
     - "mass" (variant B): -log sum_{i in L(nu)} D_c(i); zero iff all mass is on local experts.

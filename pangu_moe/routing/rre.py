@@ -3,7 +3,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
-from pangu_moe.routing.base import Router, stack_losses
+from pangu_moe.routing.base import Router, register, stack_losses
 
 
 def build_rre_tables(vocab_size, experts_per_group, num_groups, seed):
@@ -22,6 +22,7 @@ def build_rre_tables(vocab_size, experts_per_group, num_groups, seed):
     return tables
 
 
+@register
 class RandomRoutedRouter(Router):
     """RRE router (K = 1): expert = groups[group][table[group, token_id]], gate 1, no losses.
 
@@ -34,10 +35,20 @@ class RandomRoutedRouter(Router):
             fall back to an arbitrary but fixed order.
     """
 
+    name = "rre"
+    max_top_k = 1
+    loss_terms = ()  # a fixed table: nothing to balance or regularise
+
     def __init__(self, tables, num_experts, slot_policy="position"):
         num_groups, _ = tables.shape
         super().__init__(num_experts, num_groups, 1, slot_policy)
         self.table = Parameter(Tensor(tables, ms.int32), name="table", requires_grad=False)
+
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        tables = build_rre_tables(model_cfg.vocab_size, moe_cfg.num_experts // moe_cfg.num_groups, moe_cfg.num_groups,
+                                  seed=(moe_cfg.rre.seed, layer))
+        return cls(tables, moe_cfg.num_experts, moe_cfg.slot_policy)
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         """x is unused: the expert depends on (group, token id) only. Returns local_index [T,1] int32,

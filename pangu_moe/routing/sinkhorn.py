@@ -3,7 +3,7 @@
 Training, without gradient, in fp32: K = exp(logits); alternate row and column scaling a fixed number of
 times so that rows sum to 1/T and each group's columns share their group's mass equally; then each
 token takes the top-k of the scaled matrix. Row scaling does not change a row's order, so the selection
-is top-k of logits + log d1 (a per-batch per-expert bias, spec routers.md §4.6). Gates are sigmoid(logit)
+is top-k of logits + log d1 (a per-batch per-expert bias). Gates are sigmoid(logit)
 for K = 1 and softmax(logits) at the chosen experts for K > 1, and carry the gradient. Evaluation takes
 the top-k of the gates directly. No load-balancing loss (Megatron forbids it with Sinkhorn); z-loss allowed.
 With G groups each group is balanced over its own tokens.
@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from pangu_moe.routing import losses
-from pangu_moe.routing.base import LearnedRouter, stack_losses
+from pangu_moe.routing.base import LearnedRouter, register, stack_losses
 
 
 def sinkhorn_bias(logits, group_ids, num_groups, iterations, eps=1e-9):
@@ -38,14 +38,23 @@ def sinkhorn_bias(logits, group_ids, num_groups, iterations, eps=1e-9):
     return ops.log(ops.matmul(onehot, d1) + eps)
 
 
+@register
 class SinkhornRouter(LearnedRouter):
     """Args: hidden H; num_experts E; num_groups G; top_k K; z_loss_coeff; iterations; init_std;
     slot_policy (capacity still applies: balancing is approximate for the hard top-k)."""
+
+    name = "sinkhorn"
+    loss_terms = ("z",)  # balanced by the scaling; Megatron-Core forbids an aux loss with Sinkhorn
 
     def __init__(self, hidden, num_experts, num_groups, top_k, z_loss_coeff, iterations=30, init_std=0.02,
                  slot_policy="position"):
         super().__init__(hidden, num_experts, num_groups, top_k, init_std, slot_policy)
         self.z_loss_coeff, self.iterations = z_loss_coeff, iterations
+
+    @classmethod
+    def from_config(cls, model_cfg, moe_cfg, layer, topology):
+        return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.top_k, moe_cfg.z_loss_coeff,
+                   moe_cfg.sinkhorn.iterations, moe_cfg.topk.init_std, moe_cfg.slot_policy)
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         logits = self.logits(x, group_ids)

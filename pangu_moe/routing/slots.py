@@ -1,12 +1,13 @@
 """Slot assignment under capacity: pure functions of the chosen experts.
 
-A policy decides which choices an over-subscribed expert keeps (DESIGN §2):
+A policy decides which choices an over-subscribed expert keeps (docs/architecture.md, Routers):
 - position: first come, first served, every first choice before any second choice (Switch, GShard);
 - probs: the choices with the highest gate (Megatron `drop_policy=probs`);
 - random: a uniformly random subset (DeepSpeed RTS; the keep rule of Kool's skip estimator);
   evaluation falls back to position, so evaluation is deterministic;
 - affinity: the choices with the highest router affinity (LocMoE+ ECR);
-- none: dropless; every requested choice is kept, and the caller sizes C to T (`dropless_capacity`).
+- none: dropless; every requested choice is kept (`capacity.plan_capacities` sizes C to T).
+The capacity itself is decided in `pangu_moe/capacity.py`; this module only assigns slots under it.
 Choices that were not requested (`requested` False) take no slot and are never kept.
 """
 import mindspore as ms
@@ -62,7 +63,3 @@ def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, tr
         keep = ops.ones_like(keep) if requested is None else requested
     return slot, keep
 
-
-def dropless_capacity(num_tokens):
-    """C for policy none: no expert can receive more than T choices (a token picks an expert once)."""
-    return num_tokens

@@ -1,4 +1,4 @@
-"""metrics.jsonl: one JSON record per logged step (per-layer accounting: `dispatch.accounting`)."""
+"""metrics.jsonl: one JSON record per logged step (per-layer accounting: `accounting.traffic`)."""
 import json
 import math
 import os

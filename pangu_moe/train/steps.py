@@ -12,9 +12,8 @@ def make_gradient(model, params, capacity, data_parallel=None):
     rank's rows, gradients are reduced to those of the mean loss over ranks, the returned losses are
     means over ranks and the counts cover all W ranks.
 
-    With a REINFORCE router (`model.reinforce`) the loss gains the surrogate
-    mean_t(sg(l_t - b) * score_t) - sg(itself): value 0, gradient the REINFORCE term, with l_t the token's
-    LM loss and b = `model.reinforce_baseline`.
+    The loss is the LM loss, the routers' weighted losses, and the routers' own objective terms
+    (`PanguModel.router_objective`, e.g. a REINFORCE surrogate) where a router has one.
 
     Returns gradient(input_ids, labels, domain_ids [B,S] int32) -> (loss, lm_loss fp32 scalars, router losses
     [3] fp32 (`routing.base.LOSS_NAMES`), tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32,
@@ -22,15 +21,14 @@ def make_gradient(model, params, capacity, data_parallel=None):
     """
 
     def forward(input_ids, labels, domain_ids):
-        logits, losses, demand, kept, score = model(input_ids, domain_ids, capacity, True)
+        logits, losses, demand, kept, policy_terms = model(input_ids, domain_ids, capacity, True)
         vocab = logits.shape[-1]
         token_loss = ops.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")  # (B*S,)
         lm_loss = token_loss.mean()
         loss = lm_loss + losses.sum()
-        if model.reinforce:
-            advantage = ops.stop_gradient(token_loss - model.reinforce_baseline)
-            surrogate = (advantage * score.reshape(-1)).mean()
-            loss = loss + surrogate - ops.stop_gradient(surrogate)
+        objective = model.router_objective(token_loss, policy_terms)
+        if objective is not None:
+            loss = loss + objective
         return loss, (lm_loss, losses, demand, kept)
 
     grad_fn = ms.value_and_grad(forward, None, params, has_aux=True)
@@ -47,11 +45,9 @@ def make_gradient(model, params, capacity, data_parallel=None):
     return gradient
 
 
-def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay=0.9, data_parallel=None):
-    """Forward, backward (`make_gradient`), clip and update in one step.
-
-    A REINFORCE router's baseline is then updated to its EMA with the batch's mean LM loss
-    (`baseline_decay`), so b never depends on the current batch. A step whose loss or gradient norm is
+def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=None):
+    """Forward, backward (`make_gradient`), clip and update in one step, then the routers' in-graph state
+    (`PanguModel.update_router_state`, e.g. a REINFORCE baseline). A step whose loss or gradient norm is
     not finite changes nothing (the optimizer's `apply` flag); the trainer counts and limits those.
 
     Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
@@ -65,9 +61,7 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, baseline_decay
         grads, grad_norm = clip_by_global_norm(grads, grad_clip, squares)
         finite = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
         optimizer(grads, lr, finite)
-        if model.reinforce:
-            baseline = baseline_decay * model.reinforce_baseline + (1.0 - baseline_decay) * lm_loss
-            ops.assign(model.reinforce_baseline, ops.where(finite, baseline, model.reinforce_baseline))
+        model.update_router_state(lm_loss, finite)
         return loss, lm_loss, losses, grad_norm, demand, kept
 
     return ms.jit(train_step) if graph else train_step

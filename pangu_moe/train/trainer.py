@@ -9,18 +9,15 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe import runtime
-from pangu_moe.capacity import expert_capacity, locmoe_capacity
+from pangu_moe.accounting.traffic import PLACES, layer_record, route_classes, window_load_stats
+from pangu_moe.capacity import expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
-from pangu_moe.dispatch.accounting import PLACES, layer_record, route_classes, window_load_stats
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
 from pangu_moe.progress import Progress
 from pangu_moe.routing.base import LOSS_NAMES
-from pangu_moe.routing.locmoe import routed_cosines
-from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter
-from pangu_moe.routing.slots import dropless_capacity
 from pangu_moe.train import checkpoint
 from pangu_moe.train.data_parallel import DataParallel
 from pangu_moe.train.evaluate import Evaluator
@@ -71,42 +68,23 @@ class Trainer:
         self.tokens_per_step = t.batch_size * m.seq_len
         # Each rank routes its own batch_size/W sequences as one group: capacities are per rank group.
         self.group_tokens = self.tokens_per_step // self.topology.world_size
-        self.capacity = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, moe.capacity_factor,
-                                        moe.min_capacity)
-        self.capacity_probe = {}
-        if moe.capacity_mode == "locmoe_bound":
-            self.capacity, self.capacity_probe = self._probe_locmoe_capacity()
-        eval_capacity = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, moe.eval_capacity_factor,
-                                        moe.min_capacity)
-        if moe.slot_policy == "none":
-            self.capacity = eval_capacity = dropless_capacity(self.group_tokens)
-        self.plus_routers = [b.moe.router for b in self.model.moe_blocks if isinstance(b.moe.router, LocMoEPlusRouter)]
-        for router in self.plus_routers:
+        self.routers = [block.moe.router for block in self.model.moe_blocks]
+        plan = plan_capacities(moe, self.group_tokens, self.routers, self._step0_inputs, self.log)
+        self.capacity, self.capacity_proposals = plan.train, plan.proposals
+        for router in self.routers:
             router.start(self.capacity)
         graph = cfg.runtime.mode == "graph"
         self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph,
-                                          moe.kool_skip.baseline_decay, self.data_parallel)
+                                          self.data_parallel)
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
-                                   make_eval_step(self.model, eval_capacity, graph, self.data_parallel), self.rows)
+                                   make_eval_step(self.model, plan.eval, graph, self.data_parallel), self.rows)
 
-    def _probe_locmoe_capacity(self):
-        """LocMoE capacity from the cosines of the step-0 batch under the initial weights.
-
-        The probe always uses the step-0 batch and the seeded initial model, so a resumed run gets the
-        same capacity as the original one. Returns (C, {"delta_hat": [...], "capacity_lower_bound": [...]}).
-        """
-        cfg = self.cfg
-        batch = next(self.batches(0))
-        input_ids, _, domain_ids = (Tensor(a) for a in batch)
-        cosines = [routed_cosines(block.moe.router, *layer_input)
-                   for block, layer_input in zip(self.model.moe_blocks,
-                                                 self.model.moe_inputs(input_ids, domain_ids, self.group_tokens))]
-        capacity, deltas, bounds = locmoe_capacity(cosines, cfg.model.hidden,
-                                                   cfg.moe.num_experts // cfg.moe.num_groups, self.group_tokens,
-                                                   cfg.moe.min_capacity, cfg.moe.delta_quantile)
-        self.log(f"locmoe capacity: delta_hat {[round(d, 4) for d in deltas]}, lower bound "
-                 f"{[round(b, 3) for b in bounds]} -> C = {capacity}")
-        return capacity, {"delta_hat": deltas, "capacity_lower_bound": bounds}
+    def _step0_inputs(self):
+        """Every MoE layer's router input on the step-0 batch, routed without dropping, for the routers' capacity
+        proposals: always that batch under the seeded initial weights, so a resumed run plans the same
+        capacities as the original one."""
+        input_ids, _, domain_ids = next(self.batches(0))
+        return self.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), self.group_tokens)
 
     def batches(self, start_step):
         """The global batches (input_ids, labels, domain_ids) numpy [B, S] of steps start_step..train.steps-1."""
@@ -115,26 +93,27 @@ class Trainer:
                                       start_step, cfg.train.steps, cfg.data.mixture, self.topology.world_size,
                                       cfg.parallel.devices_per_node)
 
-    def _update_router_state(self, step, input_ids, domain_ids):
-        """Host-side router updates before training step `step` (0-based); returns each layer's live C.
+    def _before_step(self, step, input_ids, domain_ids):
+        """Every router's `before_step` for training step `step` (0-based), in layer order; returns each
+        layer's capacity in force (`Router.live_capacity`, else the planned one).
 
-        LocMoE+ re-estimates its capacity on the batch about to be trained every `recompute_every` steps
-        (from step 0, so the first re-estimate sees the initial features) and may switch TCR -> ECR.
+        The routers share one evaluation forward of the batch about to be trained, run when the first router
+        asks for its input: the layers above that router see the routing of the routers between them as it
+        was before those routers' own `before_step` of this step.
         """
-        every = self.cfg.moe.locmoe_plus.recompute_every
-        if self.plus_routers:
-            for router in self.plus_routers:
-                router.advance(step)
-            if every and step % every == 0:
-                inputs = self.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), self.capacity)
-                found = [router.reestimate(*layer_input, step, self.capacity, self.cfg.moe.min_capacity,
-                                           self.topology.world_size)
-                         for router, layer_input in zip(self.plus_routers, inputs)]
-                self.log(f"step {step}: locmoe_plus capacity {[f['capacity'] for f in found]} (need "
-                         f"{[f['need'] for f in found]}, floor {[f['floor'] for f in found]}), "
-                         f"keep rule {['ecr' if f['ecr'] else 'tcr' for f in found]}")
-        return [int(b.moe.router.live_capacity.asnumpy()) if isinstance(b.moe.router, LocMoEPlusRouter)
-                else self.capacity for b in self.model.moe_blocks]
+        inputs = once(lambda: self.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), self.capacity))
+        reports = {}
+        for i, router in enumerate(self.routers):
+            report = router.before_step(step, lambda i=i: inputs()[i])
+            if report:
+                reports.setdefault(router.name, []).append(report)
+        for name, found in reports.items():
+            self.log(f"step {step}: {name} " + ", ".join(f"{key} {[f[key] for f in found]}" for key in found[0]))
+        capacities = []
+        for router in self.routers:
+            live = router.live_capacity()
+            capacities.append(self.capacity if live is None else live)
+        return capacities
 
     def train(self, resume=False):
         """Train to `train.steps`, or with `resume` continue from the run dir's newest checkpoint.
@@ -162,7 +141,7 @@ class Trainer:
         first = True
         for input_ids, labels, domain_ids in batches:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
-            capacities = self._update_router_state(state["step"], input_ids, domain_ids)
+            capacities = self._before_step(state["step"], input_ids, domain_ids)
             state["capacity_sum"] += float(np.mean(capacities))
             # Training noise is a function of (seed, step), the same in every process: no RNG state to save.
             self.model.feed_noise(np.random.default_rng([cfg.runtime.seed, state["step"]]))
@@ -206,8 +185,8 @@ class Trainer:
 
     def _count_routing(self, state, demand, kept):
         """Host-side router updates and the run's token accounting of a step that was applied."""
-        for block, layer_demand in zip(self.model.moe_blocks, demand):
-            block.moe.router.after_step(layer_demand.sum(0))
+        for router, layer_demand in zip(self.routers, demand):
+            router.after_step(layer_demand.sum(0))
         state["choices_total"] += int(demand.sum())
         state["kept_total"] += int(kept.sum())
         for layer_kept in kept:
@@ -274,7 +253,7 @@ class Trainer:
                                 LOAD_WINDOW),
             "capacity": self.capacity,
             "capacity_ratio": state["capacity_sum"] / state["step"] / reference if state["step"] else 0.0,
-            "capacity_mode": cfg.moe.capacity_mode, **self.capacity_probe, "skipped_steps": state["skipped_steps"],
+            "capacity_mode": cfg.moe.capacity_mode, **self.capacity_proposals, "skipped_steps": state["skipped_steps"],
             "params_total": total, "params_active": active,
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:

@@ -16,8 +16,8 @@ def test_forward_shapes_and_exact_token_accounting():
     ms.set_seed(1)
     model = build_model(tiny_config())
     ids, dom = _batch(0)
-    logits, losses, demand, kept, score = model(ids, dom, 5, True)
-    assert score.shape == (3, 32) and not score.asnumpy().any()  # topk does not sample
+    logits, losses, demand, kept, policy_terms = model(ids, dom, 5, True)
+    assert policy_terms.shape == (2, 96) and not policy_terms.asnumpy().any()  # (L, B*S); topk does not sample
     assert losses.shape == (3,) and float(losses.asnumpy()[2]) == 0.0  # topk has no locality loss
     assert logits.shape == (3, 32, 256) and logits.dtype == ms.float32
     assert demand.shape == (2, 1, 4)                        # (L, W, E) with one rank
@@ -109,3 +109,19 @@ def test_demand_is_counted_per_rank():
     assert (demand.sum(2) == 2 * 32).all()  # each rank holds 2 sequences
     assert (kept == demand).all()           # C = 64 never binds
     assert (demand[:, :, :2].sum(2) == 32).all()  # one sequence per rank is domain 0 (group 0)
+
+
+@pytest.mark.parametrize("router", ["topk", "locmoe"])
+def test_changing_later_tokens_leaves_earlier_outputs_unchanged(router):
+    """The model is causal: with a capacity no token can exceed (as in generation), logits at positions <= t
+    do not depend on the tokens after t, through attention, routing and the query layer alike."""
+    ms.set_seed(3)
+    model = build_model(tiny_config(f"moe.router={router}", "moe.top_k=2"))
+    ids, dom = _batch(1, b=2)
+    cut = 11
+    changed = ids.asnumpy().copy()
+    changed[:, cut + 1:] = (changed[:, cut + 1:] + 101) % 256
+    before = model(ids, dom, 64, False)[0].asnumpy()
+    after = model(Tensor(changed), dom, 64, False)[0].asnumpy()
+    np.testing.assert_array_equal(before[:, :cut + 1], after[:, :cut + 1])
+    assert not np.allclose(before[:, cut + 1:], after[:, cut + 1:])

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from pangu_moe.bench import DEMO_CONFIG
+from pangu_moe.configs import DEMO_CONFIG
 from pangu_moe.config import RunConfig
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
-from pangu_moe.routing import TopKRouter
+from pangu_moe.routing.topk import TopKRouter
 from pangu_moe.routing.locmoe import LocMoERouter
 from pangu_moe.train.metrics import read
 from pangu_moe.train.trainer import Trainer

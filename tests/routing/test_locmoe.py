@@ -1,4 +1,4 @@
-"""LocMoE claims of spec/locmoe.md §5 (items 1-3, 8, 11) and the locality loss."""
+"""LocMoE's testable claims (Lemmas 1-2, Theorem 1, the locality loss) and our readings of it."""
 import numpy as np
 import mindspore as ms
 import pytest
@@ -127,3 +127,29 @@ def test_locality_loss_trains_the_input_toward_local_experts():
     # Rank 0 (tokens 0-3) is pulled toward experts 0-1, i.e. up in the first two blocks of x.
     assert grad[:4, :8].sum() < 0 < grad[:4, 8:].sum()
     assert ops.isfinite(Tensor(grad)).all()
+
+
+def test_two_rank_layer_averages_each_ranks_own_locality_loss():
+    """A layer holding W = 2 ranks (2 nodes x 1 device, experts 0-1 on node 0, 2-3 on node 1) in one process:
+    its locality loss is the mean over ranks of KL(D_c(r) || D~_l(r)), each rank with its own tokens and its
+    own node's experts (numpy oracle below)."""
+    from pangu_moe.model.pangu import build_moe_layer
+    from tests.conftest import tiny_config
+    cfg = tiny_config("moe.router=locmoe", "moe.num_experts=4", "moe.num_groups=1", "model.hidden=16",
+                      "moe.locmoe.locality_coeff=1.0", "parallel.nodes=2", "parallel.devices_per_node=1")
+    layer = build_moe_layer(cfg.model, cfg.moe, 0, 0.02, Topology(2, 1, 4), "simulated")
+    tokens = 12  # per rank
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2 * tokens, 16)).astype(np.float32)
+    x[:tokens, :8] += 1.0  # rank 0 leans to experts 0-1, rank 1 to none in particular
+    ids = Tensor(np.zeros(2 * tokens, np.int32))
+    losses = layer.route(Tensor(x), ids, ids, 2 * tokens, True)[5].asnumpy()
+    probs = np.exp(np.maximum(x.reshape(-1, 4, 4).mean(-1), 0))
+    probs /= probs.sum(1, keepdims=True)
+    per_rank = []
+    for r, local in enumerate(([1, 1, 0, 0], [0, 0, 1, 1])):
+        current = probs[r * tokens:(r + 1) * tokens].mean(0)
+        target = 0.999 * np.array(local) / 2 + 0.001 / 4
+        per_rank.append((current * np.log(current / target)).sum())
+    assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-2)  # the ranks' losses differ, so the test can tell
+    assert float(losses[2]) == pytest.approx(np.mean(per_rank), rel=1e-5)

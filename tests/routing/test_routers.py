@@ -1,4 +1,4 @@
-"""Expert Choice, Sinkhorn and DeepSeek invariants of spec/routers.md §6."""
+"""Expert Choice, Sinkhorn and DeepSeek invariants (docs/architecture.md, Routers)."""
 import numpy as np
 import mindspore as ms
 import pytest
@@ -6,7 +6,9 @@ from mindspore import Tensor, ops
 
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.routing import route
-from pangu_moe.routing.deepseek import DeepSeekRouter, node_limit_mask, sequence_balance_loss
+from pangu_moe.routing.balanced import balanced_assignment
+from pangu_moe.routing.deepseek import DeepSeekRouter, node_limit_mask
+from pangu_moe.routing.losses import sequence_balance_loss
 from pangu_moe.routing.expert_choice import ExpertChoiceRouter
 from pangu_moe.routing.sinkhorn import SinkhornRouter, sinkhorn_bias
 
@@ -143,7 +145,6 @@ def test_sequence_balance_loss_is_alpha_at_balance():
 # ---- BASE
 
 def test_base_training_assignment_is_balanced_and_optimal_and_test_is_argmax():
-    from pangu_moe.routing import kool
     from pangu_moe.routing.balanced import BASERouter
     router = BASERouter(H, 4, 2, 0.0, init_std=0.5)
     groups = _ids([0] * 12 + [1] * 8)
@@ -155,7 +156,7 @@ def test_base_training_assignment_is_balanced_and_optimal_and_test_is_argmax():
     assert r.keep.asnumpy().sum() == 4 * 3  # the buffer C = 3 keeps the first 3 of each
     logits = np.stack([x.asnumpy() @ router.weight.asnumpy()[g] for g in range(2)])  # (G, T, E_g)
     own = logits[groups.asnumpy(), np.arange(20)]  # (T, E_g)
-    best = kool.balanced_assignment(own[:12], 6)
+    best = balanced_assignment(own[:12], 6)
     assert own[np.arange(12), idx[:12]].sum() == pytest.approx(own[np.arange(12), best].sum(), rel=1e-6)
     np.testing.assert_allclose(r.gate.asnumpy()[:, 0], 1 / (1 + np.exp(-own[np.arange(20), idx % 2])), rtol=1e-5)
     test = route(router, x, groups, groups, 20, training=False).expert_index.asnumpy()[:, 0]
@@ -168,9 +169,8 @@ def test_base_training_assignment_is_balanced_and_optimal_and_test_is_argmax():
 
 
 def test_transportation_lp_matches_the_linear_assignment():
-    from pangu_moe.routing import kool
     affinity = np.random.default_rng(10).standard_normal((300, 5))
-    via_lp = kool.balanced_assignment(affinity, 60)  # N > 256: the LP
+    via_lp = balanced_assignment(affinity, 60)  # N > 256: the LP
     from scipy.optimize import linear_sum_assignment
     rows, cols = linear_sum_assignment(np.repeat(affinity, 60, axis=1), maximize=True)
     assert np.bincount(via_lp, minlength=5).tolist() == [60] * 5

@@ -2,7 +2,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from pangu_moe.routing import RandomRoutedRouter, build_rre_tables, route
+from pangu_moe.routing import route
+from pangu_moe.routing.rre import RandomRoutedRouter, build_rre_tables
 
 
 def test_tables_are_deterministic_and_balanced():

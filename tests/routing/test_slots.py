@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from pangu_moe.routing.slots import assign_slots, dropless_capacity, position_slots, priority_slots
+from pangu_moe.capacity import dropless_capacity
+from pangu_moe.routing.slots import assign_slots, position_slots, priority_slots
 
 
 def test_position_slots_exact():

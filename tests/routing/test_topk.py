@@ -2,7 +2,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from pangu_moe.routing import TopKRouter, route, topk_scores
+from pangu_moe.routing import route
+from pangu_moe.routing.topk import TopKRouter, topk_scores
 from pangu_moe.routing.topk import multiplicative_jitter
 
 

@@ -17,11 +17,11 @@ def test_probe_sets_capacity_from_the_bound_and_reports_it(tmp_path):
                       "runtime.mode=pynative")
     lines = []
     trainer = Trainer(cfg, str(tmp_path), log=lines.append)
-    probe = trainer.capacity_probe
+    probe = trainer.capacity_proposals
     assert len(probe["delta_hat"]) == 2 and all(0 <= d < 1 for d in probe["delta_hat"])
     assert probe["capacity_lower_bound"] == [capacity_lower_bound(d, 32, 2) for d in probe["delta_hat"]]
     assert trainer.capacity == min(128, max(1, math.ceil(max(probe["capacity_lower_bound"]))))
-    assert lines and lines[0].startswith("locmoe capacity: delta_hat")
+    assert lines and lines[0].startswith("capacity proposed by the routers: delta_hat")
 
 
 def test_routed_cosine_is_the_largest_grap_cosine_with_zero_bias(tmp_path):

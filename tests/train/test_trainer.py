@@ -10,6 +10,7 @@ from pangu_moe.config import ConfigError
 from pangu_moe.train import checkpoint
 from pangu_moe.train.checkpoint import list_checkpoints, remove
 from pangu_moe.train.metrics import read
+from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.trainer import Trainer, check_run_dir
 from tests.conftest import tiny_config
 
@@ -68,6 +69,17 @@ def test_outputs_have_the_documented_fields(run_a):
             assert max(layer["kept_per_expert"]) <= layer["capacity"] == 40
     assert summary["capacity_ratio"] == 40 / 36  # ceil(1.25*128/4) / ceil(1.1*128/4)
     assert [s for s, _ in list_checkpoints(run_dir)] == [10, 20]
+
+
+def test_logged_lr_is_the_schedule_of_the_step_it_trained(run_a):
+    """Record `step` s is written after the update of step s - 1 (0-based), which used the schedule's lr there."""
+    run_dir, _ = run_a
+    t = tiny_config().train
+    records = read(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert [r["lr"] for r in records] == [learning_rate(r["step"] - 1, t.lr, t.min_lr, t.warmup_steps, t.steps)
+                                          for r in records]
+    assert records[0]["lr"] == t.lr / t.warmup_steps  # linear warmup from lr / warmup_steps at step 0
 
 
 def test_same_seed_gives_identical_losses(run_a, tmp_path):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pangu_moe.dispatch.accounting import layer_record, load_stats, route_classes, window_load_stats
+from pangu_moe.accounting.traffic import layer_record, load_stats, route_classes, window_load_stats
 from pangu_moe.dispatch.topology import Topology
 
 # 2 nodes x 2 devices, 4 experts: expert e lives on rank e, node e // 2.
@@ -46,7 +46,7 @@ def test_inter_node_messages_flat_and_hierarchical():
                      [0, 4, 1, 1],   # rank 1 -> ranks 2 and 3 (both node 1): 2 flat, 1 hierarchical
                      [1, 0, 1, 1],   # rank 2 -> rank 0: 1 and 1
                      [0, 0, 5, 0]])  # rank 3: intra only
-    from pangu_moe.dispatch.accounting import inter_node_messages
+    from pangu_moe.accounting.traffic import inter_node_messages
     assert inter_node_messages(kept, TOPO) == (4, 3)
     rng = np.random.default_rng(0)
     big = Topology(nodes=4, devices_per_node=4, num_experts=32)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pangu_moe.bench import study_kool as toy
+from pangu_moe.studies import kool as toy
 
 
 def _loss(method, params, x, y, capacity):
@@ -19,7 +19,7 @@ def _loss(method, params, x, y, capacity):
         keep = (np.cumsum(onehot, 0) * onehot).sum(1) <= capacity
         out = keep * (p[rows, experts] * pred[rows, experts] - y)
         return (out ** 2).mean() + 1e-2 * toy.E * (onehot.mean(0) * p.mean(0)).sum()
-    from pangu_moe.routing.kool import balanced_assignment
+    from pangu_moe.routing.balanced import balanced_assignment
     experts = balanced_assignment(h, len(y) // toy.E)
     gate = 1 / (1 + np.exp(-h[rows, experts]))
     return ((gate * pred[rows, experts] - y) ** 2).mean()

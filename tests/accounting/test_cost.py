@@ -1,6 +1,6 @@
 import pytest
 
-from pangu_moe.dispatch.cost import Cluster, exchange_seconds, locality_preference
+from pangu_moe.accounting.cost import Cluster, exchange_seconds, locality_preference
 
 TOY = Cluster("toy", 4, intra_bandwidth=1.0, inter_bandwidth=0.5, intra_latency=1e-6, inter_latency=2e-6, source="test")
 

@@ -4,11 +4,11 @@ Setting (our choices, printed with the results):
 - the demo config (`configs/demo_cpu.yaml`) with one expert group (G = 1: the routers choose among all
   E = 8 experts, as in the LocMoE paper's HashMoE / SwitchMoE / LocMoE comparison);
 - a 2-node x 2-device topology, 2 experts per device, on the local backend: the ranks are virtual,
-  the traffic is counted exactly (`dispatch.accounting`);
+  the traffic is counted exactly (`accounting.traffic`);
 - `data.mixture=by_node`: node n's ranks train on domain n (prose on node 0, code on node 1). With
   every rank holding the same mix no router sharing its weights across ranks could prefer a rank's
   local experts; with domains placed by node, locality is learnable from the token's content;
-- switch = router topk (K = 1), hash = rre with one group (HashMoE), locmoe (capacity from the
+- each arm is named by its router: topk (K = 1: Switch), rre with one group (HashMoE), locmoe (capacity from the
   capacity factor, like the others, so that the comparison isolates routing), locmoe_plus (live
   capacity re-estimated every 50 steps, its ceiling the capacity-factor capacity); both LocMoE routers
   with locality weight mu = 0.1 (the paper gives none; at 0.01 the loss moved little in a few hundred
@@ -25,7 +25,7 @@ from pangu_moe import report
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.report.runs import load_run
 
-ROUTERS = {"switch": ["moe.router=topk"], "hash": ["moe.router=rre"],
+ROUTERS = {"topk": ["moe.router=topk"], "rre": ["moe.router=rre"],
            "locmoe": ["moe.router=locmoe", "moe.locmoe.locality_coeff=0.1"],
            "locmoe_plus": ["moe.router=locmoe_plus", "moe.locmoe_plus.locality_coeff=0.1",
                            "moe.locmoe_plus.coverage=0.7", "moe.locmoe_plus.switch_ratio=0",
@@ -68,19 +68,19 @@ def run(config_path, steps, out, overrides=(), log=None, routers=None):
 
 
 def table(results):
-    """A human table, one row per router, and the acceptance ratios against switch."""
+    """A human table, one row per router, and the acceptance ratios against topk (Switch)."""
     lines = [f"{'router':12s} {'val_bpb':>8s} {'max/mean':>9s} {'dead':>5s} {'inter':>7s} {'cap_ratio':>9s} "
              f"{'dropped':>8s} {'tok/s':>8s}"]
     for name, r in results.items():
         lines.append(f"{name:12s} {r['val_bpb']:8.3f} {r['max_over_mean_load']:9.2f} {r['dead_experts']:5d} "
                      f"{r['inter_node_fraction']:7.3f} {r['capacity_ratio']:9.3f} {r['dropped_fraction']:8.2%} "
                      f"{r['tokens_per_s']:8.0f}")
-    base = results.get("switch")
+    base = results.get("topk")
     if base:
         for name in ("locmoe", "locmoe_plus"):
             if name in results:
                 r = results[name]
                 inter = r["inter_node_fraction"] / base["inter_node_fraction"] if base["inter_node_fraction"] else 0.0
-                lines.append(f"{name} vs switch: inter-node x{inter:.2f}, val_bpb "
+                lines.append(f"{name} vs topk: inter-node x{inter:.2f}, val_bpb "
                              f"{r['val_bpb'] / base['val_bpb'] - 1:+.2%}, capacity ratio {r['capacity_ratio']:.2f}")
     return "\n".join(lines)

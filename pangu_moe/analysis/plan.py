@@ -2,14 +2,14 @@
 
 Reads each run directory (a study's OUT/<router> folders, or single runs): its summary.json
 (inter_node_fraction, tokens_local/intra/inter, steps) and config.yaml (nodes, devices, layers, H).
-Locality is carried over as `dispatch.cost.locality_preference`; tokens per device and H default to
+Locality is carried over as `accounting.cost.locality_preference`; tokens per device and H default to
 the run's own, and can be set to a target model's (`--tokens`, `--hidden`).
 """
 import json
 import os
 
 from pangu_moe.config import ConfigError, RunConfig
-from pangu_moe.dispatch.cost import PRESETS, exchange_seconds, locality_preference
+from pangu_moe.accounting.cost import PRESETS, exchange_seconds, locality_preference
 from pangu_moe.report.runs import SUMMARY, find_runs
 
 DEVICES = (64, 128, 256)
@@ -44,7 +44,7 @@ def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, by
                          "inter_fraction": est["inter_fraction"], "locality_preference": preference})
     times = {(r["router"], r["devices"]): r["ms"] for r in rows}
     reductions = {f"{a}_vs_{b}@{w}": 1.0 - times[(a, w)] / times[(b, w)]
-                  for a in ("locmoe", "locmoe_plus") for b in ("switch", "hash") for w in devices
+                  for a in ("locmoe", "locmoe_plus") for b in ("topk", "rre") for w in devices
                   if (a, w) in times and (b, w) in times}
     return {"cluster": spec.name, "assumptions": spec.source, "rows": rows, "reductions": reductions}
 

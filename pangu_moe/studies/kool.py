@@ -1,4 +1,4 @@
-"""Kool et al.'s toy experiment (our design, spec routers.md §7: the paper's own task was not retrievable).
+"""Kool et al.'s toy experiment (our design: the paper's own task was not retrievable).
 
 Data: K = E = 4 clusters in d = 16 (centres ~ N(0, 9 I), points = centre + N(0, 0.25 I)); target
 y = a_k . x + N(0, 0.01) with a random linear map a_k per cluster, so one expert per cluster is needed.
@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from pangu_moe.routing import kool
+from pangu_moe.routing.balanced import balanced_assignment
 
 D, E, N = 16, 4, 64
 REGIMES = {"uniform": (0.25, 0.25, 0.25, 0.25), "skewed": (0.4, 0.3, 0.2, 0.1)}
@@ -111,7 +112,7 @@ def batch_gradients(method, params, x, y, capacity, rng, baseline, aux_coeff=1e-
         value = float((residual ** 2).mean())
         dropped = int((~keep).sum())
     elif method == "base":
-        experts = kool.balanced_assignment(h, n // E)
+        experts = balanced_assignment(h, n // E)
         gate = 1 / (1 + np.exp(-h[rows, experts]))
         f = pred[rows, experts]
         residual = gate * f - y

@@ -19,7 +19,10 @@
 # stops this node's workers and exits non-zero (run_scripts/msrun_supervise.sh).
 set -uo pipefail
 . "$(dirname "$0")/msrun_supervise.sh"
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+# The package folder holding this script (physical path: run_scripts/ in a checkout is a symlink to it);
+# its parent goes on PYTHONPATH, so a checkout and a wheel install both run their own package.
+package="$(cd "$(dirname "$0")" && dirname "$(pwd -P)")"
+repo="$(dirname "$package")"
 worker_num=""
 local_num=""
 master_addr=""
@@ -77,6 +80,6 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 supervise_msrun run_ascend_cluster.sh "$log_dir" "$timeout" "$msrun_bin" --worker_num="$worker_num" \
   --local_worker_num="$local_num" --master_addr="$master_addr" --master_port="$master_port" \
   --node_rank="$node_rank" --log_dir="$log_dir" --join=True \
-  "$repo/pangu_moe/cli.py" "$@" --set parallel.dispatch=hccl --set runtime.device=Ascend \
+  "$package/cli.py" "$@" --set parallel.dispatch=hccl --set runtime.device=Ascend \
   --set "parallel.exchange=$exchange" --set "parallel.nodes=$((worker_num / local_num))" \
   --set "parallel.devices_per_node=$local_num"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pangu_moe.bench import plan
+from pangu_moe.analysis import plan
 from pangu_moe.config import ConfigError
 from tests.conftest import tiny_config
 
@@ -16,14 +16,14 @@ def _fake_run(path, inter, nodes=2):
 
 
 def test_plan_reads_a_study_folder_and_reports_reductions(tmp_path):
-    _fake_run(tmp_path / "switch", 0.5)
+    _fake_run(tmp_path / "topk", 0.5)
     _fake_run(tmp_path / "locmoe", 0.25)
     preference, tokens, hidden = plan.run_profile(str(tmp_path / "locmoe"))
     assert preference == pytest.approx(0.5) and tokens == 800 / (10 * 2 * 2) and hidden == 32
     result = plan.run([str(tmp_path)], devices=(64,), tokens=4096, hidden=1024)
     ms = {r["router"]: r["ms"] for r in result["rows"]}
-    assert result["reductions"]["locmoe_vs_switch@64"] == pytest.approx(1 - ms["locmoe"] / ms["switch"])
-    assert ms["locmoe"] < ms["switch"]
+    assert result["reductions"]["locmoe_vs_topk@64"] == pytest.approx(1 - ms["locmoe"] / ms["topk"])
+    assert ms["locmoe"] < ms["topk"]
 
 
 def test_plan_refuses_runs_without_locality_information(tmp_path):

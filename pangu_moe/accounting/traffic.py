@@ -64,7 +64,7 @@ def load_stats(tokens_per_expert):
 
 
 def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden, bytes_per_value=4):
-    """The per-layer metrics.jsonl record for one step (DESIGN §6).
+    """The per-layer metrics.jsonl record for one step (docs/outputs.md).
 
     Args:
         tokens_per_expert, kept_per_expert: int arrays [W, E]; capacity: C of the step;

@@ -10,7 +10,7 @@ from tests.conftest import tiny_config
 
 
 def test_given_values_match_the_spec_table(capsys):
-    # spec locmoe.md section 2.4: d=5120, n=16: delta 0.03 -> 1.97 / 1.97 / 0.63; 0.05 -> 181.5 / 181.9 / 37.9
+    # LocMoE's Theorem 1 at d=5120, n=16: delta 0.03 -> 1.97 / 1.97 / 0.63; 0.05 -> 181.5 / 181.9 / 37.9
     assert main(["capacity", "--d", "5120", "--n", "16", "--delta", "0.03", "0.05", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert (result["d"], result["n"]) == (5120, 16)

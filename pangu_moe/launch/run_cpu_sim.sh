@@ -10,11 +10,14 @@
 # Example: run_scripts/run_cpu_sim.sh --nodes 2 --devices-per-node 4 --exchange hierarchical \
 #              --out runs/sim2x4 -- --set moe.router=locmoe --set train.batch_size=16
 set -euo pipefail
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+# The package folder holding this script (physical path: run_scripts/ in a checkout is a symlink to it);
+# its parent goes on PYTHONPATH, so a checkout and a wheel install both run their own package.
+package="$(cd "$(dirname "$0")" && dirname "$(pwd -P)")"
+repo="$(dirname "$package")"
 nodes=2
 devices=2
 exchange=flat
-config="$repo/configs/demo_cpu.yaml"
+config="$package/configs/demo_cpu.yaml"
 out=""
 python_bin="$(command -v python || command -v python3)"
 while [[ $# -gt 0 ]]; do

@@ -42,9 +42,12 @@ die() { echo "run_msrun_cpu.sh: $*" >&2; exit 2; }
 "$python_bin" -c "import mindspore" 2>/dev/null || die "--python = $python_bin: cannot import mindspore"
 msrun_bin="$(dirname "$python_bin")/msrun"
 [[ -x "$msrun_bin" ]] || msrun_bin="$(command -v msrun)" || die "msrun not found next to $python_bin or on PATH"
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+# The package folder holding this script (physical path: run_scripts/ in a checkout is a symlink to it);
+# its parent goes on PYTHONPATH, so a checkout and a wheel install both run their own package.
+package="$(cd "$(dirname "$0")" && dirname "$(pwd -P)")"
+repo="$(dirname "$package")"
 if [[ -z "$script" ]]; then
-  script="$repo/pangu_moe/cli.py"
+  script="$package/cli.py"
   [[ $# -gt 0 ]] || die "no pangu-moe arguments (e.g. -- train --config FILE --set parallel.dispatch=msrun_cpu)"
 fi
 [[ -f "$script" ]] || die "--script = $script: no such file"
