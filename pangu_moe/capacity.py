@@ -82,6 +82,29 @@ def estimate_delta(routed_cosines, quantile=0.0):
     return min(max(delta, 0.0), np.nextafter(1.0, 0.0))
 
 
+BUCKET_MULTIPLE = 8  # bucket sizes below the ceiling are multiples of 8 (whole SIMD rows of the buffers)
+
+
+def capacity_ladder(ceiling):
+    """The capacity buckets a run may compile its training step for, ascending: the static capacity
+    (`ceiling`) and, below it, ceiling / sqrt(2)^k rounded up to a multiple of `BUCKET_MULTIPLE`, down to
+    that multiple. At most 2 * log2(ceiling / 8) + 2 buckets, so the compilations of a run stay bounded.
+
+    Args: ceiling: the static training capacity C (>= 1). Returns: list of ints ending with `ceiling`.
+    """
+    ladder, k = {ceiling}, 1
+    while ceiling * 2 ** (-k / 2) > BUCKET_MULTIPLE:
+        ladder.add(BUCKET_MULTIPLE * math.ceil(ceiling * 2 ** (-k / 2) / BUCKET_MULTIPLE))
+        k += 1
+    ladder.add(BUCKET_MULTIPLE)
+    return sorted(c for c in ladder if c <= ceiling)
+
+
+def capacity_bucket(capacity, ceiling):
+    """The smallest bucket of `capacity_ladder(ceiling)` holding `capacity` slots (`ceiling` if none)."""
+    return next((c for c in capacity_ladder(ceiling) if c >= capacity), ceiling)
+
+
 def dropless_capacity(num_tokens):
     """C for slot policy none: no expert can receive more than T choices (a token picks an expert once)."""
     return num_tokens
@@ -99,7 +122,8 @@ def plan_capacities(moe_cfg, group_tokens, routers, layer_inputs, log=None):
       LocMoE's bound is tiny at small delta-hat and says nothing about load imbalance.
     - eval: `expert_capacity` of moe.eval_capacity_factor.
     - both T (`dropless_capacity`) with moe.slot_policy = none.
-    A router may lower its capacity during training (`Router.live_capacity`); this plan is its ceiling.
+    A router may lower its capacity during training (`Router.live_capacity`); this plan is its ceiling, and
+    the trainer then sizes the buffers by the `capacity_bucket` of the largest capacity in force.
 
     Args:
         moe_cfg: `config.MoEConfig`; group_tokens: T, tokens of one routing group;
@@ -140,44 +164,62 @@ def once(compute):
     return value
 
 
-def score_sum_capacity(affinity, expert_index, num_experts, coverage, fair_load):
-    """LocMoE+ re-estimated capacity need (the "score-sum range" of the LocMoE+ paper, §3.4; our reading).
+def false_positive_rates(affinity, first_choice, group_ids, experts_per_group, quantile=0.25):
+    """LocMoE+ Corollary 6: each expert's expert-choice false-positive rate q_i, estimated on one batch.
 
-    For each expert i, sort the clipped affinities a = max(delta, 0) of its n_i candidates in descending
-    order; k_i is the smallest k whose top-k sum reaches `coverage` of the expert's total, and k_i / n_i the
-    share of its candidates that carry that much affinity. The need is ceil(max_i (k_i / n_i) * fair_load),
-    fair_load = T*K/E. Under balanced load (n_i = T*K/E) this is the paper's max_i k_i; we scale by the
-    share because an overloaded expert (early in training, at small scale) would otherwise pin the need
-    at its whole demand and the capacity would never move.
+    Our estimator (the paper defines q_i = P(delta_{r,i} >= delta_{o_i,i}) for an irrelevant token r and a
+    discriminative token o_i, and gives no estimator): for expert i of group g, its discriminative tokens D_i
+    are the group's tokens whose first choice is i, its irrelevant tokens R_i the group's other tokens;
+    q_i = the share of R_i whose affinity to i is at least the `quantile` of D_i's affinities to i (at 0.25,
+    a capacity that admits the false positives keeps three quarters of the discriminative tokens).
+    Isotropic features give q_i = Theta(1/n); well-separated clusters give q_i -> 0.
 
     Args:
-        affinity: float array [M] of the candidates' affinities; expert_index: int array [M] (global ids).
-        num_experts: E; coverage: rho_C in (0, 1]; fair_load: T*K/E.
+        affinity: float array [T, E_g], delta_{t,i} over the token's own group (cosines for LocMoE+);
+        first_choice: int array [T] of local expert ids in [0, E_g); group_ids: int array [T];
+        experts_per_group: E_g; quantile: in [0, 1).
     Returns:
-        int need (0 when no candidate has positive affinity).
+        float array [G * E_g] (G = max(group_ids) + 1) of q_i, nan for an expert without discriminative or
+        irrelevant tokens in the batch (nothing to measure).
     """
     import numpy as np
-    affinity = np.maximum(np.asarray(affinity, np.float64).ravel(), 0.0)
-    expert_index = np.asarray(expert_index).ravel()
-    share = 0.0
-    for e in range(num_experts):
-        a = np.sort(affinity[expert_index == e])[::-1]
-        total = a.sum()
-        if total > 0:
-            k = int(np.searchsorted(np.cumsum(a), coverage * total * (1 - 1e-12)) + 1)
-            share = max(share, k / len(a))
-    return math.ceil(share * fair_load - 1e-9)
+    affinity, first_choice, group_ids = np.asarray(affinity), np.asarray(first_choice), np.asarray(group_ids)
+    num_groups = int(group_ids.max()) + 1
+    rates = np.full(num_groups * experts_per_group, np.nan)
+    for g in range(num_groups):
+        rows = group_ids == g
+        for i in range(experts_per_group):
+            chosen = rows & (first_choice == i)
+            others = rows & (first_choice != i)
+            if chosen.any() and others.any():
+                reference = np.quantile(affinity[chosen, i], quantile)
+                rates[g * experts_per_group + i] = float(np.mean(affinity[others, i] >= reference))
+    return rates
 
 
-def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasing=True):
-    """LocMoE+ live capacity C_t from the measured need (our reading of the LocMoE+ paper, §3.4).
+def ecr_capacity_need(rates, group_tokens, experts_per_group):
+    """LocMoE+ Corollary 6 (ii): ECR keeps every discriminative token w.h.p. once C >= 2 * s * q_i; per
+    routing group, s is the tokens of the expert's level-1 group that one routing group holds.
+
+    Args: rates [G * E_g] from `false_positive_rates` (nan: unmeasured, ignored); group_tokens [G], tokens
+        of each level-1 group per routing group (may be fractional: a batch's count over the W ranks).
+    Returns: int need = ceil(max_i 2 * s_g(i) * q_i), 0 when nothing was measured.
+    """
+    import numpy as np
+    s = np.repeat(np.asarray(group_tokens, np.float64), experts_per_group)
+    need = 2.0 * s * np.asarray(rates, np.float64)
+    return math.ceil(float(np.nanmax(need)) - 1e-9) if np.isfinite(need).any() else 0
+
+
+def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasing=False):
+    """LocMoE+ live capacity C_t from the measured need (our reading of the LocMoE+ paper's dynamic lower bound).
 
     C_t = clamp(need, floor, ceiling), optionally smoothed with the previous value
     (C_t = ceil(ema * previous + (1 - ema) * C_t)) and never above the previous value (`non_increasing`).
     The floor wins over everything: C_t >= floor always, and C_t <= ceiling when floor <= ceiling.
 
     Args:
-        need: int from `score_sum_capacity`; floor: LocMoE's lower bound (already rounded up) or min capacity;
+        need: int from `ecr_capacity_need`; floor: LocMoE's lower bound (already rounded up) or min capacity;
         ceiling: the capacity-factor capacity (static buffer size); previous: C_{t-1} or None.
     Returns:
         int C_t.

@@ -94,11 +94,14 @@ class LocMoEPlusSection:
     gate_temperature: float = _f(1.0, "tau of the gate softmax(cos / tau) (cosines are in [-1, 1])",
                                  lo=0.0, lo_open=True)
     recompute_every: int = _f(50, "steps between capacity re-estimates (0: the capacity stays at its ceiling, "
-                              "the moe.capacity_factor capacity, which is also the static buffer size)", lo=0)
-    coverage: float = _f(0.9, "rho_C: the capacity keeps, for every expert, the candidates holding this share "
-                         "of its affinity sum", lo=0.0, hi=1.0, lo_open=True)
+                              "the moe.capacity_factor capacity); the buffers follow the re-estimated capacity "
+                              "in buckets", lo=0)
+    reference_quantile: float = _f(0.25, "capacity re-estimate (Corollary 6): a token that did not choose expert i "
+                                   "counts as a false positive when its affinity to i reaches this quantile of the "
+                                   "affinities of the tokens that chose i", lo=0.0, hi=1.0, hi_open=True)
     ema: float = _f(0.0, "EMA weight of the previous capacity estimate (0: none)", lo=0.0, hi=1.0, hi_open=True)
-    non_increasing: bool = _f(True, "never raise the capacity again (the paper's progressive decrease)")
+    non_increasing: bool = _f(False, "never raise the capacity again (off: the estimate follows the features "
+                              "both ways)")
 
 
 @dataclass

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from pangu_moe.capacity import (capacity_lower_bound, discriminative_probability, dropless_capacity, estimate_delta,
-                                expert_capacity, plan_capacities)
+from pangu_moe.capacity import (capacity_bucket, capacity_ladder, capacity_lower_bound, discriminative_probability,
+                                dropless_capacity, estimate_delta, expert_capacity, plan_capacities)
 from pangu_moe.config import MoEConfig
 
 
@@ -102,3 +102,12 @@ def test_plan_takes_the_largest_proposal_within_floor_and_ceiling():
     assert (factor.train, factor.eval, factor.proposals) == (16, 25, {})  # ceil(125 / 8), ceil(200 / 8)
     dropless = plan_capacities(MoEConfig(num_experts=8, slot_policy="none"), 100, [Proposer(99)], lambda: 1 / 0)
     assert (dropless.train, dropless.eval) == (dropless_capacity(100), 100) == (100, 100)
+
+
+def test_capacity_ladder_and_buckets_exact():
+    # ceiling / sqrt(2)^k rounded up to multiples of 8: 113.1 -> 120, 80, 56.6 -> 64, 40, 28.3 -> 32, 20 -> 24,
+    # 14.1 -> 16, then 8.
+    assert capacity_ladder(160) == [8, 16, 24, 32, 40, 64, 80, 120, 160]
+    assert capacity_ladder(20) == [8, 16, 20] and capacity_ladder(8) == [8] and capacity_ladder(5) == [5]
+    assert len(capacity_ladder(4096)) <= 2 * 9 + 2  # 2 * log2(4096 / 8) + 2
+    assert [capacity_bucket(c, 160) for c in (1, 8, 9, 100, 120, 121, 160, 999)] == [8, 8, 16, 120, 120, 160, 160, 160]

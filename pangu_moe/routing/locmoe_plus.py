@@ -13,17 +13,21 @@ Choices where the paper is silent (our readings; docs/architecture.md, Routers);
   affinity. "hybrid" starts with TCR (better early, Theorem 5) and switches to ECR for good at
   `switch_step` or once the re-estimated capacity is at most `switch_ratio` of its ceiling (the experts
   have become discriminative: Corollary 6 (ii)), whichever comes first.
-- Capacity: the static buffer is the moe.capacity_factor capacity (the ceiling); a live capacity, one per
-  layer, masks slots beyond it in training. Every `recompute_every` steps `before_step` runs `reestimate`
-  on the batch about to be trained: need = `capacity.score_sum_capacity` (coverage rho_C, scaled to the fair load
-  T*K/E so that one overloaded expert does not pin it), floor = max(min_capacity,
-  ceil(LocMoE bound at the measured delta-hat)), then `capacity.dynamic_capacity` (EMA, non-increasing).
-  Evaluation uses the evaluation capacity without the live mask.
+- Capacity (Corollary 6): the moe.capacity_factor capacity is the ceiling; a live capacity C_t, one per
+  layer, limits the slots in training. Every `recompute_every` steps `before_step` runs `reestimate` on the
+  batch about to be trained: each expert's false-positive rate q_i (`capacity.false_positive_rates`: how
+  many of the tokens that did not choose it beat the lower quartile of those that did), need =
+  ceil(2 * s * max_i q_i) (`capacity.ecr_capacity_need`, s the tokens of the expert's group per routing
+  group), floor = max(min_capacity, ceil(LocMoE bound at the measured delta-hat)), then
+  `capacity.dynamic_capacity` (optional EMA and non-increasing clamp, both off by default). Isotropic
+  features need the ceiling; as features cluster the need falls toward the floor. Evaluation uses the
+  evaluation capacity without the live limit.
 - Losses: Switch aux loss on softmax(delta / tau), z-loss on delta / tau, and LocMoE's locality loss.
 With C >= T, K = 1 and TCR this routes exactly as LocMoE without bias (argmax of cosine = argmax of the
 block means, Lemma 1); the gate differs only by the temperature and the cosine scaling.
 """
 import math
+from fractions import Fraction
 
 import numpy as np
 import mindspore as ms
@@ -38,6 +42,16 @@ from pangu_moe.routing.slots import position_slots, priority_slots
 
 KEEP_RULES = ("tcr", "ecr", "hybrid")
 NO_LIMIT = 2 ** 30
+
+
+def switch_due(step, switch_step, switch_ratio, capacity=None, ceiling=None):
+    """The hybrid keep rule's TCR -> ECR switch: at `switch_step` (0: never by step), or once a re-estimated
+    capacity is at most `switch_ratio` of its ceiling (0: never by capacity; Corollary 6 (ii): the experts have
+    become discriminative). The ratio is compared in exact rational arithmetic, so a capacity of exactly
+    switch_ratio * ceiling switches."""
+    by_step = switch_step > 0 and step >= switch_step
+    by_capacity = capacity is not None and switch_ratio > 0 and capacity <= Fraction(str(switch_ratio)) * ceiling
+    return by_step or by_capacity
 
 
 def threshold_requests(gate, threshold):
@@ -60,7 +74,8 @@ class LocMoEPlusRouter(Router):
             as for `LocMoERouter`.
         keep_rule: "tcr", "ecr" or "hybrid"; switch_step: int (0 = never by step); switch_ratio: float
             (0 = never by concentration); score_threshold: float in (0, 1]; gate_temperature: tau;
-        coverage, ema, non_increasing: of the capacity re-estimate (`capacity.dynamic_capacity`).
+        reference_quantile: of `capacity.false_positive_rates`; ema, non_increasing: of
+            `capacity.dynamic_capacity`.
         recompute_every: steps between re-estimates (0: never); min_capacity: floor of the floor;
         num_ranks: W, the routing groups a training batch splits into (capacities are per group).
     """
@@ -70,7 +85,7 @@ class LocMoEPlusRouter(Router):
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
                  locality_variant, local_mask, keep_rule="hybrid", switch_step=0, switch_ratio=0.6,
-                 score_threshold=1.0, gate_temperature=1.0, coverage=0.9, ema=0.0, non_increasing=True,
+                 score_threshold=1.0, gate_temperature=1.0, reference_quantile=0.25, ema=0.0, non_increasing=False,
                  recompute_every=0, min_capacity=1, num_ranks=1):
         super().__init__(num_experts, num_groups, top_k, "affinity")
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
@@ -82,7 +97,7 @@ class LocMoEPlusRouter(Router):
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
         self.keep_rule, self.switch_step, self.switch_ratio = keep_rule, switch_step, switch_ratio
         self.score_threshold, self.temperature = score_threshold, gate_temperature
-        self.coverage, self.ema, self.non_increasing = coverage, ema, non_increasing
+        self.reference_quantile, self.ema, self.non_increasing = reference_quantile, ema, non_increasing
         self.recompute_every, self.min_capacity, self.num_ranks = recompute_every, min_capacity, num_ranks
         self.ceiling = None  # the static training capacity (`start`)
         # Router state updated between steps; Parameters, so checkpoints carry it. Updated with an eager
@@ -97,7 +112,8 @@ class LocMoEPlusRouter(Router):
         return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.top_k, moe_cfg.aux_loss_coeff,
                    moe_cfg.z_loss_coeff, s.locality_coeff, s.locality_variant, topology.local_expert_mask(),
                    keep_rule=s.keep_rule, switch_step=s.switch_step, switch_ratio=s.switch_ratio,
-                   score_threshold=s.score_threshold, gate_temperature=s.gate_temperature, coverage=s.coverage,
+                   score_threshold=s.score_threshold, gate_temperature=s.gate_temperature,
+                   reference_quantile=s.reference_quantile,
                    ema=s.ema, non_increasing=s.non_increasing, recompute_every=s.recompute_every,
                    min_capacity=moe_cfg.min_capacity, num_ranks=topology.world_size)
 
@@ -156,36 +172,39 @@ class LocMoEPlusRouter(Router):
             ceiling: the static buffer capacity; min_capacity: floor of the floor; num_ranks: W, the routing
             groups the batch splits into (capacities are per group).
         Returns:
-            dict: capacity (the new live C_t), need, floor, delta_hat, ecr (bool, the keep rule now in force).
+            dict: capacity (the new live C_t), need (the raw Corollary 6 need), q_max (the largest
+            false-positive rate), floor, delta_hat, ecr (bool, the keep rule now in force).
         """
-        expert_index, _, _, _, requested, _, _ = self(x, token_ids, group_ids, ceiling, False)
-        expert_index, requested = expert_index.asnumpy(), requested.asnumpy()
+        expert_index = self(x, token_ids, group_ids, ceiling, False)[0].asnumpy()
+        groups = group_ids.asnumpy()
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
-        local = expert_index - group_ids.asnumpy().reshape(-1, 1) * self.experts_per_group  # (T, K)
-        chosen = np.take_along_axis(cosines, local, 1)[requested]  # (M,) affinities of the requested choices
-        fair_load = requested.sum() / (self.num_experts * num_ranks)
-        need = capacity_lib.score_sum_capacity(chosen, expert_index[requested], self.num_experts, self.coverage,
-                                               fair_load)
-        delta_hat = capacity_lib.estimate_delta(np.take_along_axis(cosines, local[:, :1], 1))
+        first = expert_index[:, 0] - groups * self.experts_per_group  # (T,) local first choices
+        rates = capacity_lib.false_positive_rates(cosines, first, groups, self.experts_per_group,
+                                                  self.reference_quantile)
+        group_tokens = np.bincount(groups, minlength=self.num_groups) / num_ranks
+        need = capacity_lib.ecr_capacity_need(rates, group_tokens, self.experts_per_group)
+        delta_hat = capacity_lib.estimate_delta(cosines[np.arange(len(first)), first])
         bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
         floor = min(ceiling, max(min_capacity, math.ceil(bound)))
         live = int(self.capacity_limit.asnumpy())
         previous = live if live < NO_LIMIT else None
         c = capacity_lib.dynamic_capacity(need, floor, ceiling, previous, self.ema, self.non_increasing)
         ops.assign(self.capacity_limit, Tensor(c, ms.int32))
-        self._switch_if_due(step, c / ceiling)
-        return {"capacity": c, "need": need, "floor": floor, "delta_hat": delta_hat, "ecr": self.ecr_active()}
+        self._switch_if_due(step, c, ceiling)
+        q_max = float(np.nanmax(rates)) if np.isfinite(rates).any() else 0.0
+        return {"capacity": c, "need": need, "q_max": q_max, "floor": floor, "delta_hat": delta_hat,
+                "ecr": self.ecr_active()}
 
     def before_step(self, step, layer_input):
         """Switch a hybrid router to ECR when `switch_step` is reached, then, every `recompute_every` steps
         (from step 0, so the first re-estimate sees the initial features), re-estimate the capacity on the
         batch about to be trained (`reestimate`; it may switch TCR -> ECR). Returns its report or None."""
-        self._switch_if_due(step, None)
+        self._switch_if_due(step)
         if not self.recompute_every or step % self.recompute_every:
             return None
         found = self.reestimate(*layer_input(), step, self.ceiling, self.min_capacity, self.num_ranks)
-        return {"capacity": found["capacity"], "need": found["need"], "floor": found["floor"],
-                "keep_rule": "ecr" if found["ecr"] else "tcr"}
+        return {"capacity": found["capacity"], "need": found["need"], "q_max": round(found["q_max"], 4),
+                "floor": found["floor"], "keep_rule": "ecr" if found["ecr"] else "tcr"}
 
     def live_capacity(self):
         return int(self.capacity_limit.asnumpy())
@@ -193,12 +212,9 @@ class LocMoEPlusRouter(Router):
     def ecr_active(self):
         return bool(int(self.use_ecr.asnumpy()))
 
-    def _switch_if_due(self, step, capacity_share):
-        if self.keep_rule != "hybrid" or self.ecr_active():
-            return
-        by_step = self.switch_step > 0 and step >= self.switch_step
-        by_need = capacity_share is not None and self.switch_ratio > 0 and capacity_share <= self.switch_ratio
-        if by_step or by_need:
+    def _switch_if_due(self, step, capacity=None, ceiling=None):
+        if self.keep_rule == "hybrid" and not self.ecr_active() and \
+                switch_due(step, self.switch_step, self.switch_ratio, capacity, ceiling):
             ops.assign(self.use_ecr, Tensor(1, ms.int32))
 
     def start(self, static_capacity):

@@ -12,9 +12,9 @@ Setting (our choices, printed with the results):
   capacity factor, like the others, so that the comparison isolates routing), locmoe_plus (live
   capacity re-estimated every 50 steps, its ceiling the capacity-factor capacity); both LocMoE routers
   with locality weight mu = 0.1 (the paper gives none; at 0.01 the loss moved little in a few hundred
-  steps); LocMoE+ with coverage rho_C = 0.7 (the share of each expert's affinity mass its capacity must
-  keep; at 0.9 the re-estimate stayed at 0.76 of the factor-1.1 capacity) and the hybrid keep rule
-  switching from TCR to ECR at step 100 (half of the default steps; `--steps` does not move it);
+  steps); LocMoE+ with its Corollary 6 re-estimate (`capacity.false_positive_rates`, default settings) and
+  the hybrid keep rule switching from TCR to ECR at step 100 (half of the default steps; `--steps` does not
+  move it);
 - validation at the end only; the load statistics cover the final 20% of the steps.
 """
 import json
@@ -28,7 +28,7 @@ from pangu_moe.report.runs import load_run
 ROUTERS = {"topk": ["moe.router=topk"], "rre": ["moe.router=rre"],
            "locmoe": ["moe.router=locmoe", "moe.locmoe.locality_coeff=0.1"],
            "locmoe_plus": ["moe.router=locmoe_plus", "moe.locmoe_plus.locality_coeff=0.1",
-                           "moe.locmoe_plus.coverage=0.7", "moe.locmoe_plus.switch_ratio=0",
+                           "moe.locmoe_plus.switch_ratio=0",
                            "moe.locmoe_plus.switch_step=100"]}
 SETTING = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=by_node"]
 FIELDS = ("val_bpb", "max_over_mean_load", "dead_experts", "inter_node_fraction", "capacity_ratio",

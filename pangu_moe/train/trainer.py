@@ -10,7 +10,7 @@ from mindspore import Tensor
 
 from pangu_moe import runtime
 from pangu_moe.accounting.traffic import PLACES, layer_record, route_classes, window_load_stats
-from pangu_moe.capacity import expert_capacity, once, plan_capacities
+from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
@@ -73,11 +73,25 @@ class Trainer:
         self.capacity, self.capacity_proposals = plan.train, plan.proposals
         for router in self.routers:
             router.start(self.capacity)
-        graph = cfg.runtime.mode == "graph"
-        self.train_step = make_train_step(self.model, self.optimizer, self.capacity, t.grad_clip, graph,
-                                          self.data_parallel)
+        self.train_steps = {}  # capacity bucket -> its compiled training step (`train_step_for`)
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
-                                   make_eval_step(self.model, plan.eval, graph, self.data_parallel), self.rows)
+                                   make_eval_step(self.model, plan.eval, cfg.runtime.mode == "graph",
+                                                  self.data_parallel), self.rows)
+
+    def train_step_for(self, capacities):
+        """The training step whose buffers hold the largest capacity in force, rounded up to its bucket
+        (`capacity.capacity_bucket`): (bucket, step, True if built now). A router that lowered its capacity
+        below the bucket still keeps at most its own (`Router.live_capacity`), so every bucket trains alike on
+        the kept tokens while the buffers, expert compute and exchange shrink with the bucket."""
+        bucket = capacity_bucket(max(capacities), self.capacity)
+        built = bucket not in self.train_steps
+        if built:
+            t = self.cfg.train
+            self.train_steps[bucket] = make_train_step(self.model, self.optimizer, bucket, t.grad_clip,
+                                                       self.cfg.runtime.mode == "graph", self.data_parallel)
+            self.log(f"training step for capacity bucket C = {bucket}: {len(self.train_steps)} built of at most "
+                     f"{len(capacity_ladder(self.capacity))} ({capacity_ladder(self.capacity)})")
+        return bucket, self.train_steps[bucket], built
 
     def _step0_inputs(self):
         """Every MoE layer's router input on the step-0 batch, routed without dropping, for the routers' capacity
@@ -138,16 +152,16 @@ class Trainer:
         self.log(f"training {cfg.moe.router} router, {params:,} parameters, C={self.capacity} slots/expert, "
                  f"steps {state['step']}..{t.steps} -> {self.run_dir}")
         window_tokens, window_seconds = 0, 0.0
-        first = True
         for input_ids, labels, domain_ids in batches:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             capacities = self._before_step(state["step"], input_ids, domain_ids)
             state["capacity_sum"] += float(np.mean(capacities))
+            bucket, train_step, compiles = self.train_step_for(capacities)
             # Training noise is a function of (seed, step), the same in every process: no RNG state to save.
             self.model.feed_noise(np.random.default_rng([cfg.runtime.seed, state["step"]]))
             began = time.perf_counter()
             rows = self.rows
-            out = self.train_step(Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]),
+            out = train_step(Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]),
                                   Tensor(lr, ms.float32))
             loss, lm_loss, router_losses, grad_norm, demand, kept = [o.asnumpy() for o in out]
             seconds = time.perf_counter() - began
@@ -157,18 +171,18 @@ class Trainer:
                 self._count_routing(state, demand, kept)
             else:
                 self._skip(state, loss, grad_norm)
-            if not first:  # a process's first step includes graph compilation
+            if not compiles:  # a bucket's first step includes its graph compilation
                 state["train_seconds"] += seconds
                 state["train_tokens"] += self.tokens_per_step
                 window_tokens += self.tokens_per_step
                 window_seconds += seconds
-            first = False
             do_eval = step % t.eval_every == 0 or step == t.steps
             if step % t.log_every == 0 or do_eval:
                 record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss),
                           **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
                           "lr": lr, "grad_norm": float(grad_norm), "skipped_steps": state["skipped_steps"],
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
+                          "capacity_bucket": bucket,
                           "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden)
                                      for d, k, c in zip(demand, kept, capacities)]}
                 if do_eval:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from pangu_moe.capacity import dynamic_capacity, score_sum_capacity
+from pangu_moe.capacity import dynamic_capacity, ecr_capacity_need, false_positive_rates
 from pangu_moe.routing import route
 from pangu_moe.routing.locmoe import LocMoERouter, grap_cosines
-from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter, threshold_requests
+from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter, switch_due, threshold_requests
 
 T, H, E = 48, 16, 4
 ZEROS = Tensor(np.zeros(T, np.int32))
@@ -71,38 +71,81 @@ def test_score_threshold_requests_the_shortest_prefix():
     assert not (r.keep.asnumpy() & ~requested).any()
 
 
-def test_score_sum_capacity_exact():
-    # expert 0: affinities 0.5, 0.3, 0.2 (0.9 of 1.0 needs all 3 of 3); expert 1: 0.9, 0.05, 0.05, -0.4
-    # (0.9 of 1.0 needs 1 of 4). The need is the largest share times the fair load.
-    a = [0.5, 0.9, 0.3, 0.05, 0.2, 0.05, -0.4]
-    e = [0, 1, 0, 1, 0, 1, 1]
-    assert score_sum_capacity(a, e, 2, 0.9, 10) == 10
-    assert score_sum_capacity(a, e, 2, 0.8, 10) == 7  # expert 0 needs 2 of 3 -> ceil(6.67)
-    assert score_sum_capacity([0.5, 0.3, 0.2, 0.9, 0.05, 0.05], [0, 0, 0, 1, 1, 1], 2, 0.8, 3) == 2
-    assert score_sum_capacity([-1.0], [0], 2, 0.9, 5) == 0
+def test_false_positive_rates_exact():
+    # Expert 0 is chosen by tokens 0-3 with affinities 0.9, 0.8, 0.7, 0.6 (lower quartile 0.675); of the
+    # others, token 4 (0.7) beats it and tokens 5, 6 (0.1, 0.5) do not: q_0 = 1/3. Expert 1 is chosen by tokens
+    # 4-6 with 0.8, 0.6, 0.4 (quartile 0.5); tokens 0-3 have 0.5, 0.2, 0.1, 0.0: q_1 = 1/4. Expert 2: nobody.
+    affinity = np.array([[0.9, 0.5, 0], [0.8, 0.2, 0], [0.7, 0.1, 0], [0.6, 0.0, 0], [0.7, 0.8, 0],
+                         [0.1, 0.6, 0], [0.5, 0.4, 0]])
+    first = np.array([0, 0, 0, 0, 1, 1, 1])
+    rates = false_positive_rates(affinity, first, np.zeros(7, int), 3)
+    np.testing.assert_array_equal(rates[:2], [1 / 3, 1 / 4])
+    assert np.isnan(rates[2])
+    # s = 7 tokens of the group per routing group: need = ceil(2 * 7 * 1/3) = 5; over 2 ranks, ceil(2 * 3.5 / 3).
+    assert ecr_capacity_need(rates, [7], 3) == 5 and ecr_capacity_need(rates, [3.5], 3) == 3
+    # Two groups of 2 experts, tokens 0-1 in group 0 (both chose its expert 0: nothing to measure), 2-6 in
+    # group 1. Group 1's expert 0 (global 2): chosen by tokens 2, 3 (quartile 0.625), beaten by token 4 of
+    # 4-6 (0.7, 0.1, 0.5) but not by group 0's token 0 (0.9): q = 1/3; its expert 1: chosen by 4-6
+    # (quartile 0.5), tokens 2, 3 have 0.1, 0.0: q = 0.
+    two = false_positive_rates(affinity[:, :2], first, np.array([0, 0, 1, 1, 1, 1, 1]), 2)
+    assert np.isnan(two[:2]).all() and two[2:].tolist() == [1 / 3, 0.0]
+    assert ecr_capacity_need(two, [2, 5], 2) == 4  # ceil(2 * 5 * 1/3)
+    assert ecr_capacity_need(np.full(4, np.nan), [4, 3], 2) == 0
 
 
-def test_dynamic_capacity_shrinks_as_affinities_sharpen():
-    # Claim 15: affinities drawn from Beta(a_t, b) with a_t increasing sharpen; C_t never rises, stays
-    # within [floor, ceiling].
-    rng = np.random.default_rng(0)
-    tokens, experts, ceiling, floor = 4096, 8, math.ceil(1.1 * 4096 / 8), 12
-    previous, history = None, []
-    for a_t in (1.0, 0.5, 0.25, 0.12, 0.06, 0.03):
-        affinity = rng.beta(a_t, 1.0, tokens)
-        need = score_sum_capacity(affinity, rng.integers(0, experts, tokens), experts, 0.9, tokens / experts)
-        previous = dynamic_capacity(need, floor, ceiling, previous)
-        history.append(previous)
-    assert all(b <= a for a, b in zip(history, history[1:]))
-    assert all(floor <= c <= ceiling for c in history)
-    assert history[-1] < 0.6 * ceiling < history[0]
+def _clustered(separation, tokens=1024, experts=8, hidden=64, seed=0):
+    """Token features of `experts` classes: class c adds `separation` along GrAP block c (expert c's row);
+    0 gives isotropic features."""
+    rng = np.random.default_rng(seed)
+    block = hidden // experts
+    classes = rng.integers(0, experts, tokens)
+    x = rng.standard_normal((tokens, hidden)) / math.sqrt(hidden)
+    for c in range(experts):
+        x[classes == c, c * block:(c + 1) * block] += separation / math.sqrt(block)
+    return x.astype(np.float32)
+
+
+def test_corollary6_capacity_is_the_ceiling_for_isotropic_features_and_falls_as_clusters_separate():
+    tokens, experts = 1024, 8
+    ceiling, floor = math.ceil(1.1 * tokens / experts), 4
+    capacities = []
+    for separation in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0):
+        cos = grap_cosines(Tensor(_clustered(separation)), experts).asnumpy()
+        first = cos.argmax(1)
+        need = ecr_capacity_need(false_positive_rates(cos, first, np.zeros(tokens, int), experts), [tokens], experts)
+        capacities.append(dynamic_capacity(need, floor, ceiling))
+    assert capacities[0] == ceiling and capacities[-1] == floor
+    assert all(b <= a for a, b in zip(capacities, capacities[1:])) and len(set(capacities)) >= 4
+
+
+def test_reestimate_reports_the_corollary6_need_of_its_batch():
+    router = _plus("tcr", recompute_every=1, min_capacity=2)
+    x = Tensor(_clustered(0.3, tokens=T, experts=E, hidden=H, seed=3))
+    router.start(T)
+    found = router.before_step(0, lambda: (x, ZEROS, ZEROS))
+    cos = grap_cosines(x, E).asnumpy()
+    rates = false_positive_rates(cos, cos.argmax(1), np.zeros(T, int), E)
+    assert found["need"] == ecr_capacity_need(rates, [T], E) and found["q_max"] == round(np.nanmax(rates), 4)
+    assert router.live_capacity() == found["capacity"] == min(max(found["need"], found["floor"]), T)
+
+
+def test_hybrid_switches_to_ecr_at_the_exact_capacity_ratio_and_step():
+    assert switch_due(0, 0, 0.6, capacity=6, ceiling=10)  # 6 / 10 == 0.6: switch
+    assert not switch_due(0, 0, 0.6, capacity=7, ceiling=10)
+    assert switch_due(0, 0, 0.6, capacity=84, ceiling=141) and not switch_due(0, 0, 0.6, capacity=85, ceiling=141)
+    assert not switch_due(0, 0, 0.0, capacity=1, ceiling=141)  # ratio 0: never by capacity
+    assert switch_due(100, 100, 0.0) and not switch_due(99, 100, 0.0) and not switch_due(10 ** 6, 0, 0.0)
+    router = _plus("hybrid", switch_ratio=0.6)
+    router.start(10)
+    router._switch_if_due(3, 6, 10)
+    assert router.ecr_active()
 
 
 def test_dynamic_capacity_floor_ema_and_monotone():
     assert dynamic_capacity(2, 5, 50) == 5 and dynamic_capacity(80, 5, 50) == 50
     assert dynamic_capacity(10, 5, 50, previous=30, ema=0.5) == 20
-    assert dynamic_capacity(40, 5, 50, previous=30) == 30
-    assert dynamic_capacity(40, 5, 50, previous=30, non_increasing=False) == 40
+    assert dynamic_capacity(40, 5, 50, previous=30) == 40  # no clamp by default: the estimate may rise
+    assert dynamic_capacity(40, 5, 50, previous=30, non_increasing=True) == 30
 
 
 def test_reestimate_sets_the_live_capacity_and_switches_to_ecr():
@@ -116,3 +159,29 @@ def test_reestimate_sets_the_live_capacity_and_switches_to_ecr():
     assert not late.ecr_active()
     assert late.before_step(7, layer_input=None) is None  # no re-estimate (recompute_every 0)
     assert late.ecr_active()
+
+
+def test_a_smaller_capacity_bucket_shrinks_the_buffers_and_trains_the_kept_tokens_alike():
+    """LocMoE+ with live capacity 5 under a static capacity of 20: the layer run with the bucket of 5 (8 slots)
+    exchanges and computes [R, W, E_loc, 8, H] buffers instead of [.., 20, H], and gives the same output as the
+    ceiling-sized buffer masked to 5 slots, on every token (the dropped ones are 0 in both)."""
+    from pangu_moe.capacity import capacity_bucket
+    from pangu_moe.dispatch.topology import Topology
+    from pangu_moe.model.pangu import build_moe_layer
+    from tests.conftest import tiny_config
+    cfg = tiny_config("moe.router=locmoe_plus", "moe.num_experts=4", "moe.num_groups=1", "model.hidden=16",
+                      "moe.locmoe_plus.keep_rule=ecr", "parallel.nodes=2", "parallel.devices_per_node=1")
+    layer = build_moe_layer(cfg.model, cfg.moe, 0, 0.02, Topology(2, 1, 4), "simulated")
+    layer.router.start(20)
+    ops.assign(layer.router.capacity_limit, Tensor(5, layer.router.capacity_limit.dtype))
+    shapes = []
+    run_experts = layer.run_experts
+    object.__setattr__(layer, "run_experts", lambda buffer: shapes.append(buffer.shape) or run_experts(buffer))
+    x, ids = _x(7, t=64), Tensor(np.zeros(64, np.int32))
+    bucket = capacity_bucket(5, 20)
+    small, _, _, small_kept, _ = layer(x, ids, ids, bucket, True)
+    full, _, _, full_kept, _ = layer(x, ids, ids, 20, True)
+    assert bucket == 8 and [s[2] for s in shapes] == [8, 20]  # (R, E, C, H): the slots follow the bucket
+    np.testing.assert_array_equal(small_kept.asnumpy(), full_kept.asnumpy())
+    assert small_kept.asnumpy().max() == 5 and (full.asnumpy() == 0).all(1).any()  # binding: some tokens dropped
+    np.testing.assert_array_equal(small.asnumpy(), full.asnumpy())
