@@ -7,4 +7,6 @@ def test_bench_reports_consistent_figures_on_tiny_shapes():
     assert result["shapes"]["C"] == 20
     assert result["moe_over_dense"] == result["moe_seconds"] / result["dense_seconds"]
     assert result["moe_tokens_per_s"] == 64 / result["moe_seconds"]
-    assert "moe_over_dense = " in moe_layer.table(result)
+    assert result["custom_over_reference_k2"] == result["seconds"]["custom_k2"] / result["seconds"]["reference_k2"]
+    assert set(result["seconds"]) == {"reference_k1", "custom_k1", "reference_k2", "custom_k2", "dense"}
+    assert "moe_over_dense = " in moe_layer.table(result) and "custom kernels / reference ops" in moe_layer.table(result)
