@@ -33,7 +33,7 @@ def _step_seconds(trainer, batch, step):
     t = trainer.cfg.train
     lr = Tensor(learning_rate(step, t.lr, t.min_lr, t.warmup_steps, t.steps), ms.float32)
     began = time.perf_counter()
-    train_step = trainer.train_step_for([trainer.capacity])[1]  # the static capacity's step, built once
+    train_step = trainer.train_step_for(trainer.capacity)[0]  # the static capacity's step, built once
     out = train_step(*(Tensor(a[trainer.rows]) for a in batch), lr)
     out[0].asnumpy()
     return time.perf_counter() - began

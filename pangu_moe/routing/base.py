@@ -275,8 +275,6 @@ class Router(nn.Cell):
             scores, expert_index, gate, slot, keep, _ = self.gating(logits, group_ids, capacity)
             losses = self.gating_losses(x, logits, scores, expert_index - offset, group_ids, rank)
             requested = ops.ones_like(keep)
-            if self.slot_policy == "none":
-                keep = requested
             return expert_index, gate, keep, slot, requested, losses, ops.zeros_like(gate)
         local_index, gate, affinity, requested, losses = self.score(x, token_ids, group_ids, training, rank)
         expert_index = local_index + offset

@@ -6,7 +6,8 @@ A policy decides which choices an over-subscribed expert keeps (docs/architectur
 - random: a uniformly random subset (DeepSpeed RTS; the keep rule of Kool's skip estimator);
   evaluation falls back to position, so evaluation is deterministic;
 - affinity: the choices with the highest router affinity (LocMoE+ ECR);
-- none: dropless; every requested choice is kept (`capacity.plan_capacities` sizes C to T).
+- none: dropless. Slots as position; the planned capacity is T (`capacity.plan_capacities`), and the trainer's
+  buffers, sized by the demand, always hold every requested choice (`Trainer.run_step`).
 The capacity itself is decided in `pangu_moe/capacity.py`; this module only assigns slots under it.
 Choices that were not requested (`requested` False) take no slot and are never kept.
 """
@@ -58,8 +59,5 @@ def assign_slots(policy, expert_index, gate, affinity, num_experts, capacity, tr
         if keys is None:
             keys = ops.uniform(expert_index.shape, Tensor(0.0, ms.float32), Tensor(1.0, ms.float32))
         return priority_slots(expert_index, keys, num_experts, capacity, requested)
-    slot, keep = position_slots(expert_index, num_experts, capacity, requested)
-    if policy == "none":
-        keep = ops.ones_like(keep) if requested is None else requested
-    return slot, keep
+    return position_slots(expert_index, num_experts, capacity, requested)
 

@@ -45,10 +45,14 @@ def make_gradient(model, params, capacity, data_parallel=None):
     return gradient
 
 
-def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=None):
+def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=None, must_fit=False):
     """Forward, backward (`make_gradient`), clip and update in one step, then the routers' in-graph state
     (`PanguModel.update_router_state`, e.g. a REINFORCE baseline). A step whose loss or gradient norm is
     not finite changes nothing (the optimizer's `apply` flag); the trainer counts and limits those.
+
+    With `must_fit` the step also changes nothing when some (rank, expert) asked for more than `capacity`
+    slots: a dropless run sized its buffers by the demand it expected, and reruns the batch with buffers
+    that hold the demand the step returned (`Trainer.run_step`).
 
     Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
     (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
@@ -59,9 +63,11 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=
     def train_step(input_ids, labels, domain_ids, lr):
         loss, lm_loss, losses, demand, kept, grads, squares = gradient(input_ids, labels, domain_ids)
         grads, grad_norm = clip_by_global_norm(grads, grad_clip, squares)
-        finite = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
-        optimizer(grads, lr, finite)
-        model.update_router_state(lm_loss, finite)
+        applied = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
+        if must_fit:
+            applied = ops.logical_and(applied, (demand <= capacity).all())
+        optimizer(grads, lr, applied)
+        model.update_router_state(lm_loss, applied)
         return loss, lm_loss, losses, grad_norm, demand, kept
 
     return ms.jit(train_step) if graph else train_step

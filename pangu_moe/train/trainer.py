@@ -73,25 +73,57 @@ class Trainer:
         self.capacity, self.capacity_proposals = plan.train, plan.proposals
         for router in self.routers:
             router.start(self.capacity)
-        self.train_steps = {}  # capacity bucket -> its compiled training step (`train_step_for`)
+        self.train_steps = {}  # (capacity bucket, must fit) -> its compiled training step (`train_step_for`)
+        # Dropless runs size their buffers by the largest demand of a (rank, expert) seen last, not by T.
+        self.expected_demand = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, 1.25) \
+            if moe.slot_policy == "none" else None
+        self.reruns = 0  # dropless steps rerun with larger buffers since the last metrics record
         self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
                                    make_eval_step(self.model, plan.eval, cfg.runtime.mode == "graph",
                                                   self.data_parallel), self.rows)
 
-    def train_step_for(self, capacities):
-        """The training step whose buffers hold the largest capacity in force, rounded up to its bucket
-        (`capacity.capacity_bucket`): (bucket, step, True if built now). A router that lowered its capacity
-        below the bucket still keeps at most its own (`Router.live_capacity`), so every bucket trains alike on
-        the kept tokens while the buffers, expert compute and exchange shrink with the bucket."""
-        bucket = capacity_bucket(max(capacities), self.capacity)
-        built = bucket not in self.train_steps
+    def train_step_for(self, bucket, must_fit=False):
+        """The training step compiled for buffers of `bucket` slots per expert (`make_train_step`), built on
+        first use and logged: (step, True if built now)."""
+        key = (bucket, must_fit)
+        built = key not in self.train_steps
         if built:
             t = self.cfg.train
-            self.train_steps[bucket] = make_train_step(self.model, self.optimizer, bucket, t.grad_clip,
-                                                       self.cfg.runtime.mode == "graph", self.data_parallel)
-            self.log(f"training step for capacity bucket C = {bucket}: {len(self.train_steps)} built of at most "
-                     f"{len(capacity_ladder(self.capacity))} ({capacity_ladder(self.capacity)})")
-        return bucket, self.train_steps[bucket], built
+            self.train_steps[key] = make_train_step(self.model, self.optimizer, bucket, t.grad_clip,
+                                                    self.cfg.runtime.mode == "graph", self.data_parallel, must_fit)
+            self.log(f"training step for capacity bucket C = {bucket}{' (must fit)' if must_fit else ''}: "
+                     f"{len(self.train_steps)} built; buckets {capacity_ladder(self.capacity)}")
+        return self.train_steps[key], built
+
+    def run_step(self, capacities, inputs):
+        """Train one batch with buffers sized by the capacity in force, not by the static one.
+
+        The bucket (`capacity.capacity_bucket`) holds the largest capacity in force (`Router.live_capacity`);
+        a router below it still keeps at most its own, so every bucket trains the kept tokens alike while the
+        buffers, expert compute and exchange shrink with the bucket. A dropless run (C = T) holds the largest
+        demand of a (rank, expert) seen at the previous step instead; a step whose demand does not fit applies
+        nothing and is rerun with buffers that hold it, so no choice is ever dropped.
+
+        Args: capacities: per MoE layer; inputs: (input_ids, labels, domain_ids, lr) Tensors of this process.
+        Returns: (the step's outputs as numpy, bucket, seconds, False if a step was compiled on the way).
+        """
+        limit = capacity_bucket(max(capacities), self.capacity)
+        bucket = limit if self.expected_demand is None else min(limit, capacity_bucket(self.expected_demand,
+                                                                                       self.capacity))
+        seconds, timed = 0.0, True
+        while True:
+            train_step, built = self.train_step_for(bucket, must_fit=bucket < limit)
+            began = time.perf_counter()
+            out = [o.asnumpy() for o in train_step(*inputs)]
+            seconds += time.perf_counter() - began
+            timed = timed and not built  # a bucket's first step includes its graph compilation
+            demand = int(out[4].max())
+            if self.expected_demand is not None:
+                self.expected_demand = demand
+            if bucket >= limit or demand <= bucket:
+                return out, bucket, seconds, timed
+            bucket = min(limit, capacity_bucket(demand, self.capacity))
+            self.reruns += 1
 
     def _step0_inputs(self):
         """Every MoE layer's router input on the step-0 batch, routed without dropping, for the routers' capacity
@@ -156,22 +188,19 @@ class Trainer:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             capacities = self._before_step(state["step"], input_ids, domain_ids)
             state["capacity_sum"] += float(np.mean(capacities))
-            bucket, train_step, compiles = self.train_step_for(capacities)
             # Training noise is a function of (seed, step), the same in every process: no RNG state to save.
             self.model.feed_noise(np.random.default_rng([cfg.runtime.seed, state["step"]]))
-            began = time.perf_counter()
             rows = self.rows
-            out = train_step(Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]),
-                                  Tensor(lr, ms.float32))
-            loss, lm_loss, router_losses, grad_norm, demand, kept = [o.asnumpy() for o in out]
-            seconds = time.perf_counter() - began
+            out, bucket, seconds, timed = self.run_step(capacities, (
+                Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]), Tensor(lr, ms.float32)))
+            loss, lm_loss, router_losses, grad_norm, demand, kept = out
             state["step"] = step = state["step"] + 1
             if np.isfinite(loss) and np.isfinite(grad_norm):
                 state["consecutive_skips"] = 0
                 self._count_routing(state, demand, kept)
             else:
                 self._skip(state, loss, grad_norm)
-            if not compiles:  # a bucket's first step includes its graph compilation
+            if timed:
                 state["train_seconds"] += seconds
                 state["train_tokens"] += self.tokens_per_step
                 window_tokens += self.tokens_per_step
@@ -182,7 +211,7 @@ class Trainer:
                           **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
                           "lr": lr, "grad_norm": float(grad_norm), "skipped_steps": state["skipped_steps"],
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
-                          "capacity_bucket": bucket,
+                          "capacity_bucket": bucket, "reruns": self.reruns,
                           "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden)
                                      for d, k, c in zip(demand, kept, capacities)]}
                 if do_eval:
@@ -192,7 +221,7 @@ class Trainer:
                     metrics.write(record)
                 per_step = state["train_seconds"] * self.tokens_per_step / max(1, state["train_tokens"])
                 self.log(progress_line(record, t.steps, per_step))
-                window_tokens, window_seconds = 0, 0.0
+                window_tokens, window_seconds, self.reruns = 0, 0.0, 0
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self._save(state)
         return self._finish(state)

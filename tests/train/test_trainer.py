@@ -21,7 +21,7 @@ SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram
                 "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
                 "capacity_ratio", "capacity_mode", "params_total", "params_active", "skipped_steps"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
-               "layers", "skipped_steps", "capacity_bucket"}
+               "layers", "skipped_steps", "capacity_bucket", "reruns"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
               "tokens_inter", "bytes_intra", "bytes_inter", "max_over_mean_load", "dead_experts"}
 
@@ -200,3 +200,22 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
         assert all(np.isfinite(v.asnumpy()).all() for v in saved.values() if v.asnumpy().dtype.kind == "f")
     weights = [checkpoint.read_saved(path)["embedding"].asnumpy() for _, path in list_checkpoints(tmp_path)]
     assert all(np.array_equal(w, weights[-1]) for w in weights)
+
+
+def test_dropless_buffers_follow_the_demand_and_drop_nothing(tmp_path):
+    """slot_policy none: the buffers hold the largest demand of a (rank, expert), not T = 128 slots; a step
+    whose demand outgrows them is rerun with larger ones, so nothing is dropped and training matches the run
+    with T-slot buffers."""
+    overrides = ("moe.slot_policy=none", "train.steps=6", "train.eval_every=6", "train.checkpoint_every=6")
+    summary = _train(tmp_path / "sized", *overrides)
+    records = read(tmp_path / "sized" / "metrics.jsonl")
+    assert summary["dropped_fraction"] == 0.0 and all(layer["dropped"] == 0 for r in records for layer in r["layers"])
+    demand = [max(max(layer["tokens_per_expert"]) for layer in r["layers"]) for r in records]
+    buckets = [r["capacity_bucket"] for r in records]
+    assert all(d <= b for d, b in zip(demand, buckets)) and max(buckets) < 128
+    full = Trainer(tiny_config(*overrides), str(tmp_path / "full"), log=lambda line: None)
+    full.expected_demand = None  # size the buffers by T
+    full.train()
+    assert [r["capacity_bucket"] for r in read(tmp_path / "full" / "metrics.jsonl")] == [128] * 6
+    np.testing.assert_allclose(np.array(_losses(tmp_path / "sized"))[:, 1:], np.array(_losses(tmp_path / "full"))[:, 1:],
+                               rtol=1e-5)
