@@ -125,8 +125,8 @@ class Router(nn.Cell):
 
     # Lifecycle, host side: the trainer calls these on every router and knows no router by name.
     # `layer_input` is a callable returning this layer's router input (x [T, H] fp32, token_ids [T] int32,
-    # group_ids [T] int32) for the batch at hand; the forward pass behind it runs at most once per call site,
-    # and only if a router calls it.
+    # group_ids [T] int32) for the batch at hand; the forward pass behind it runs at most once per step for
+    # all routers, and only if one calls it.
 
     def start(self, static_capacity):
         """Before the first step of a run (fresh or resumed), with the planned training capacity C."""
@@ -147,7 +147,10 @@ class Router(nn.Cell):
         """After each applied training step, with the layer's demand [E] summed over ranks (numpy int)."""
 
     def live_capacity(self):
-        """The capacity in force at the next step if the router lowered it below the static one, else None."""
+        """The capacity in force at the next step if the router lowered it below the static one, else None.
+
+        The trainer sizes the buffers by it (`capacity.capacity_bucket`); the router still keeps at most this
+        many choices per expert when the bucket is larger."""
         return None
 
     # Inside the compiled step.
@@ -171,7 +174,8 @@ class Router(nn.Cell):
 
     def update_state(self, lm_loss, applied):
         """After the update of a training step, inside the compiled step: lm_loss fp32 scalar (mean over
-        ranks), applied bool scalar (False when the step was skipped as non-finite)."""
+        ranks), applied bool scalar (False when the step changed nothing: non-finite, or a dropless step rerun
+        with larger buffers)."""
 
     def __init__(self, num_experts, num_groups, top_k, slot_policy="position"):
         super().__init__()
