@@ -70,7 +70,7 @@ def capacity_lower_bound(delta, hidden, num_experts, form="exact"):
 def estimate_delta(routed_cosines, quantile=0.0):
     """LocMoE's measured delta-hat: the cosine of the largest angle between a token and its expert.
 
-    Our reading of "calculated through the maximal angular deviation" (our reading: the paper does not say how): the minimum of the
+    Our reading of "calculated through the maximal angular deviation" (the paper does not say how): the minimum of the
     routed cosines, or a low `quantile` of them for robustness; clipped to [0, 1).
 
     Args:

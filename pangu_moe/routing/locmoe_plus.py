@@ -164,33 +164,32 @@ class LocMoEPlusRouter(Router):
             keep = keep & (slot < self.capacity_limit)
         return slot, keep
 
-    def reestimate(self, x, token_ids, group_ids, step, ceiling, min_capacity, num_ranks=1):
-        """Host-side capacity re-estimate on one batch (PyNative; call between training steps).
+    def reestimate(self, x, token_ids, group_ids, step):
+        """Host-side capacity re-estimate on one batch (PyNative; between training steps, after `start`), under
+        the router's ceiling, `min_capacity` and `num_ranks`.
 
         Args:
-            x: [T, H] this layer's router input; token_ids, group_ids: [T] int32; step: the training step;
-            ceiling: the static buffer capacity; min_capacity: floor of the floor; num_ranks: W, the routing
-            groups the batch splits into (capacities are per group).
+            x: [T, H] this layer's router input; token_ids, group_ids: [T] int32; step: the training step.
         Returns:
             dict: capacity (the new live C_t), need (the raw Corollary 6 need), q_max (the largest
             false-positive rate), floor, delta_hat, ecr (bool, the keep rule now in force).
         """
-        expert_index = self(x, token_ids, group_ids, ceiling, False)[0].asnumpy()
+        expert_index = self(x, token_ids, group_ids, self.ceiling, False)[0].asnumpy()
         groups = group_ids.asnumpy()
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
         first = expert_index[:, 0] - groups * self.experts_per_group  # (T,) local first choices
         rates = capacity_lib.false_positive_rates(cosines, first, groups, self.experts_per_group,
                                                   self.reference_quantile)
-        group_tokens = np.bincount(groups, minlength=self.num_groups) / num_ranks
+        group_tokens = np.bincount(groups, minlength=self.num_groups) / self.num_ranks
         need = capacity_lib.ecr_capacity_need(rates, group_tokens, self.experts_per_group)
         delta_hat = capacity_lib.estimate_delta(cosines[np.arange(len(first)), first])
         bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
-        floor = min(ceiling, max(min_capacity, math.ceil(bound)))
+        floor = min(self.ceiling, max(self.min_capacity, math.ceil(bound)))
         live = int(self.capacity_limit.asnumpy())
         previous = live if live < NO_LIMIT else None
-        c = capacity_lib.dynamic_capacity(need, floor, ceiling, previous, self.ema, self.non_increasing)
+        c = capacity_lib.dynamic_capacity(need, floor, self.ceiling, previous, self.ema, self.non_increasing)
         ops.assign(self.capacity_limit, Tensor(c, ms.int32))
-        self._switch_if_due(step, c, ceiling)
+        self._switch_if_due(step, c)
         q_max = float(np.nanmax(rates)) if np.isfinite(rates).any() else 0.0
         return {"capacity": c, "need": need, "q_max": q_max, "floor": floor, "delta_hat": delta_hat,
                 "ecr": self.ecr_active()}
@@ -202,7 +201,7 @@ class LocMoEPlusRouter(Router):
         self._switch_if_due(step)
         if not self.recompute_every or step % self.recompute_every:
             return None
-        found = self.reestimate(*layer_input(), step, self.ceiling, self.min_capacity, self.num_ranks)
+        found = self.reestimate(*layer_input(), step)
         return {"capacity": found["capacity"], "need": found["need"], "q_max": round(found["q_max"], 4),
                 "floor": found["floor"], "keep_rule": "ecr" if found["ecr"] else "tcr"}
 
@@ -212,9 +211,9 @@ class LocMoEPlusRouter(Router):
     def ecr_active(self):
         return bool(int(self.use_ecr.asnumpy()))
 
-    def _switch_if_due(self, step, capacity=None, ceiling=None):
+    def _switch_if_due(self, step, capacity=None):
         if self.keep_rule == "hybrid" and not self.ecr_active() and \
-                switch_due(step, self.switch_step, self.switch_ratio, capacity, ceiling):
+                switch_due(step, self.switch_step, self.switch_ratio, capacity, self.ceiling):
             ops.assign(self.use_ecr, Tensor(1, ms.int32))
 
     def start(self, static_capacity):

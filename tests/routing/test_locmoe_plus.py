@@ -137,7 +137,7 @@ def test_hybrid_switches_to_ecr_at_the_exact_capacity_ratio_and_step():
     assert switch_due(100, 100, 0.0) and not switch_due(99, 100, 0.0) and not switch_due(10 ** 6, 0, 0.0)
     router = _plus("hybrid", switch_ratio=0.6)
     router.start(10)
-    router._switch_if_due(3, 6, 10)
+    router._switch_if_due(3, 6)
     assert router.ecr_active()
 
 
@@ -149,9 +149,9 @@ def test_dynamic_capacity_floor_ema_and_monotone():
 
 
 def test_reestimate_sets_the_live_capacity_and_switches_to_ecr():
-    router = _plus("hybrid", switch_ratio=0.99)
+    router = _plus("hybrid", switch_ratio=0.99, min_capacity=2)
     router.start(T)
-    found = router.reestimate(_x(5), ZEROS, ZEROS, 0, T, 2)
+    found = router.reestimate(_x(5), ZEROS, ZEROS, 0)
     assert router.live_capacity() == found["capacity"] <= T
     assert found["floor"] >= 2 and found["ecr"] == (found["capacity"] <= 0.99 * T)
     late = _plus("hybrid", switch_ratio=0.0, switch_step=7)
