@@ -52,14 +52,14 @@ def _config(args):
     print(RunConfig.from_yaml(args.show, args.overrides).to_yaml(), end="")
 
 
-def _bench_moe_layer(repeats):
+def _bench_moe_layer(repeats, steps):
     from pangu_moe.bench import moe_layer
     from pangu_moe.progress import Progress
     result = moe_layer.run(repeats=repeats, progress=Progress("bench moe-layer", "runs").update)
     return result, moe_layer.table(result)
 
 
-def _bench_dispatch(repeats):
+def _bench_dispatch(repeats, steps):
     from pangu_moe.bench import dispatch_style
     from pangu_moe.progress import Progress
     result = dispatch_style.run(repeats=repeats, progress=Progress("bench dispatch", "runs").update)
@@ -70,7 +70,7 @@ def _bench_dispatch(repeats):
 
 def _bench_with_log(module_name):
     """A benchmark whose `run(repeats, log)` reports progress lines and whose `table(result)` renders it."""
-    def bench(repeats):
+    def bench(repeats, steps):
         import importlib
         module = importlib.import_module(f"pangu_moe.bench.{module_name}")
         result = module.run(repeats=repeats, log=lambda line: print(line, file=sys.stderr))
@@ -78,14 +78,22 @@ def _bench_with_log(module_name):
     return bench
 
 
+def _bench_precision(repeats, steps):
+    from pangu_moe.bench import precision
+    result = precision.run(steps=steps, log=lambda line: print(line, file=sys.stderr))
+    return result, precision.table(result)
+
+
 BENCHES = {"moe-layer": _bench_moe_layer, "dispatch": _bench_dispatch, "ep": _bench_with_log("ep"),
-           "kernels": _bench_with_log("kernels"), "all": _bench_with_log("all")}
+           "kernels": _bench_with_log("kernels"), "precision": _bench_precision, "all": _bench_with_log("all")}
 
 
 def _bench(args):
     if args.repeats < 1:
         raise ConfigError(f"--repeats = {args.repeats}: must be >= 1")
-    result, text = BENCHES[args.name](args.repeats)
+    if args.steps is not None and (args.name != "precision" or args.steps < 1):
+        raise ConfigError(f"--steps = {args.steps}: only for bench precision, and must be >= 1")
+    result, text = BENCHES[args.name](args.repeats, args.steps)
     print(json.dumps(result) if args.json else text)
 
 
@@ -201,8 +209,9 @@ def build_parser():
                    "layer vs dense FFN, "
                    "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
                    "(4 processes); kernels: reference vs custom gating+layout, permute, unpermute at T=4096/16384, "
-                   "H=1024, E=8/64, K=1/2")
+                   "H=1024, E=8/64, K=1/2; precision: the demo model trained in fp32 and in fp16 (not part of all)")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
+    p.add_argument("--steps", type=int, default=None, help="bench precision: training steps (default: the demo's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")

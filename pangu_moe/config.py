@@ -19,6 +19,7 @@ import yaml
 EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, docs/architecture.md (Expert parallelism)
 MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
 KERNELS = ("reference", "custom")  # runtime.kernels: plain MindSpore, or the custom kernels of the device
+PRECISIONS = ("fp32", "fp16", "bf16")  # train.precision (pangu_moe/precision.py)
 
 
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -154,6 +155,9 @@ class MoEConfig:
     sinkhorn: SinkhornSection = field(default_factory=SinkhornSection)
     deepseek: DeepSeekSection = field(default_factory=DeepSeekSection)
     kool_skip: KoolSkipSection = field(default_factory=KoolSkipSection)
+    router_dtype: str = _f("fp32", "dtype of the router's input and of the linear routers' logits matmul: fp32 "
+                           "(Switch's selective precision) or low (train.precision's dtype; an ablation). Scores, "
+                           "top-k, capacity and the router losses are fp32 either way", choices=("fp32", "low"))
 
 
 @dataclass
@@ -191,7 +195,15 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "steps between checkpoints (and one at the end)", lo=1)
     keep_checkpoints: int = _f(2, "newest checkpoints kept in RUN_DIR/checkpoints; 0 keeps all", lo=0)
     max_skipped_steps: int = _f(5, "a step with a non-finite loss or gradient norm is skipped (no update, counted "
-                                "as skipped_steps in metrics.jsonl); this many in a row abort the run", lo=1)
+                                "as skipped_steps in metrics.jsonl); this many in a row abort the run (fp16 steps "
+                                "whose loss scale overflowed count only once the scale is down to 1)", lo=1)
+    precision: str = _f("fp32", "compute dtype of matmuls, dispatch buffers and the exchange: fp32, fp16 (runs on "
+                        "CPU, with dynamic loss scaling) or bf16 (Ascend only). Weights, optimizer state, layer "
+                        "norms, the residual stream, routers and losses stay fp32", choices=PRECISIONS)
+    loss_scale: float = _f(65536.0, "fp16: initial loss scale (a power of 2)", lo=1.0)
+    loss_scale_window: int = _f(1000, "fp16: steps without overflow before the loss scale doubles", lo=1)
+    loss_scale_backoff: float = _f(0.5, "fp16: factor applied to the loss scale after an overflow", lo=0.0,
+                                   hi=1.0, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -279,6 +291,15 @@ class RunConfig:
         _require(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, ">= 256 (byte tokenizer)")
         _require(self.train.min_lr <= self.train.lr, "train.min_lr", self.train.min_lr,
                  f"<= train.lr={self.train.lr}")
+        _require(self.train.precision != "bf16" or self.runtime.device == "Ascend", "train.precision",
+                 self.train.precision, "fp32 or fp16 on runtime.device=CPU (bf16 matmul needs Ascend; fp16 is the "
+                 "CPU choice)")
+        _require(moe.router_dtype == "fp32" or self.train.precision != "fp32", "moe.router_dtype", moe.router_dtype,
+                 "fp32 with train.precision=fp32 (low means the fp16 or bf16 of train.precision)")
+        _require(math.log2(self.train.loss_scale).is_integer(), "train.loss_scale", self.train.loss_scale,
+                 "a power of 2 (so scaling and unscaling the gradients is exact)")
+        _require(math.log2(self.train.loss_scale_backoff).is_integer(), "train.loss_scale_backoff",
+                 self.train.loss_scale_backoff, "a power of 2 below 1, e.g. 0.5 (the scale stays a power of 2)")
         _require(self.train.warmup_steps <= self.train.steps, "train.warmup_steps", self.train.warmup_steps,
                  f"<= train.steps={self.train.steps}")
         return self

@@ -35,5 +35,6 @@ class GroupedExperts(nn.Cell):
             self.w_out = Parameter(Tensor(self.w_out.asnumpy()[first:first + count]), name="w_out")  # (E_loc, F, H)
 
     def construct(self, expert_in):
-        """expert_in [E, C, H] -> expert_out [E, C, H]."""
-        return ops.bmm(fast_gelu(ops.bmm(expert_in, self.w_in)), self.w_out)
+        """expert_in [E, C, H] -> expert_out [E, C, H], both in expert_in's dtype (the weights are cast to it)."""
+        dt = expert_in.dtype
+        return ops.bmm(fast_gelu(ops.bmm(expert_in, self.w_in.astype(dt))), self.w_out.astype(dt))

@@ -17,11 +17,14 @@ def causal_mask(seq_len):
 
 
 class Attention(nn.Cell):
-    """Multi-head attention, no biases.
+    """Multi-head attention, no biases. The matmuls run in `compute_dtype` (`precision`), the mask and
+    softmax in fp32; the output is fp32.
 
     Args:
         hidden: H; num_heads: heads (H % heads == 0); init_std / out_std: normal init stds.
     """
+
+    compute_dtype = ms.float32  # set by `PanguModel.use_precision`
 
     def __init__(self, hidden, num_heads, init_std=0.02, out_std=None):
         super().__init__()
@@ -40,12 +43,14 @@ class Attention(nn.Cell):
     def construct(self, query_in, kv_in, mask):
         """query_in [B, S, H] (or [S, H], broadcast), kv_in [B, S, H], mask [S, S] -> [B, S, H]."""
         b, s, h = kv_in.shape
-        q = ops.matmul(query_in, self.w_q)
+        dt = self.compute_dtype
+        q = ops.matmul(query_in.astype(dt), self.w_q.astype(dt))
         if q.ndim == 2:
             q = ops.broadcast_to(q.reshape(1, s, h), (b, s, h))  # (B, S, H) <- (S, H)
-        k, v = ops.split(ops.matmul(kv_in, self.w_kv), h, axis=-1)
+        k, v = ops.split(ops.matmul(kv_in.astype(dt), self.w_kv.astype(dt)), h, axis=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, S, S)
-        out = ops.bmm(ops.softmax(att, axis=-1), v)  # (B, nh, S, hd)
+        # fp32 from here to the probabilities: the -1e9 mask and exp overflow fp16.
+        att = ops.bmm(q, k.transpose(0, 1, 3, 2)).astype(ms.float32) * self.scale + mask  # (B, nh, S, S)
+        out = ops.bmm(ops.softmax(att, axis=-1).astype(dt), v)  # (B, nh, S, hd)
         out = out.transpose(0, 2, 1, 3).reshape(b, s, h)  # (B, S, H) <- (B, S, nh, hd)
-        return ops.matmul(out, self.w_o)
+        return ops.matmul(out, self.w_o.astype(dt)).astype(ms.float32)

@@ -7,7 +7,9 @@ from pangu_moe.activations import fast_gelu
 
 
 class DenseMLP(nn.Cell):
-    """Two-layer GeLU FFN without biases: [..., H] -> [..., H] through F."""
+    """Two-layer GeLU FFN without biases: [..., H] -> [..., H] fp32 through F, computed in `compute_dtype`."""
+
+    compute_dtype = ms.float32  # set by `PanguModel.use_precision`
 
     def __init__(self, hidden, ffn_hidden, init_std=0.02, out_std=None):
         super().__init__()
@@ -17,4 +19,6 @@ class DenseMLP(nn.Cell):
 
     def construct(self, x):
         """x [..., H] -> [..., H]."""
-        return ops.matmul(fast_gelu(ops.matmul(x, self.w_in)), self.w_out)
+        dt = self.compute_dtype
+        return ops.matmul(fast_gelu(ops.matmul(x.astype(dt), self.w_in.astype(dt))), self.w_out.astype(dt)).astype(
+            ms.float32)

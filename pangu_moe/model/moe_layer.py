@@ -26,7 +26,14 @@ class MoELayer(nn.Cell):
             over all ranks' slots, no exchange.
         first_rank: world rank of the first rank held here.
         world_size: W (= R unless the backend runs one rank per process).
+
+    Precision (`PanguModel.use_precision`): the dispatch buffers, the experts and the exchange run in
+    `compute_dtype`; the router sees its input in `router_dtype` (fp32 unless the router-precision ablation)
+    and routes in fp32; the output is fp32.
     """
+
+    compute_dtype = ms.float32
+    router_dtype = ms.float32
 
     def __init__(self, router, dispatcher, experts, num_ranks=1, exchange=None, first_rank=0, world_size=None):
         super().__init__()
@@ -44,6 +51,7 @@ class MoELayer(nn.Cell):
 
         Returns the router outputs of `routing.base.Router.construct` concatenated over ranks ([T, K]).
         """
+        x = x.astype(self.router_dtype)
         if self.num_ranks == 1:
             return self.router(x, token_ids, group_ids, capacity, training, self.first_rank)
         n = x.shape[0] // self.num_ranks
@@ -86,9 +94,9 @@ class MoELayer(nn.Cell):
         """Dispatch, run the experts and combine, for a routing `route` computed.
 
         Args:
-            x: [T, H]; routing: the tuple of `route` (fields of `routing.base.Routing`); capacity: python int.
+            x: [T, H] fp32; routing: the tuple of `route` (fields of `routing.base.Routing`); capacity: python int.
         Returns:
-            y [T, H] (0 for fully dropped tokens; the block's residual carries them),
+            y [T, H] fp32 (0 for fully dropped tokens; the block's residual carries them),
             losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`; mean over rank groups),
             tokens_per_expert [R, E] int32 (requested choices of each rank's tokens, before dropping),
             kept_per_expert [R, E] int32,
@@ -100,9 +108,9 @@ class MoELayer(nn.Cell):
         pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
         flat_index, tokens_per_expert, kept_per_expert, _, _ = self.dispatcher.layout(pair_index, slot, keep, requested,
                                                                                      capacity)
-        buffer = self.dispatcher.dispatch(x, flat_index, capacity)  # (R*E, C, H)
+        buffer = self.dispatcher.dispatch(x.astype(self.compute_dtype), flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
         y, policy_term = self.router.combine(self.dispatcher, expert_out, flat_index, gate, keep, log_prob)
-        return y, losses, tokens_per_expert, kept_per_expert, policy_term
+        return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
 

@@ -12,10 +12,12 @@ from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.exchange import Exchange
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
-from pangu_moe.model.attention import causal_mask
+from pangu_moe.model.attention import Attention, causal_mask
 from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
+from pangu_moe.model.mlp import DenseMLP
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.ops import kernel_backend
+from pangu_moe.precision import compute_dtype
 from pangu_moe.routing.registry import build_router
 
 
@@ -63,6 +65,22 @@ class PanguModel(nn.Cell):
         self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
         self.ln_f = nn.LayerNorm((m.hidden,))
         self.mask = causal_mask(m.seq_len)
+        self.compute_dtype = ms.float32
+        self.precision = ("fp32", "fp32")  # the arguments of `use_precision`
+
+    def use_precision(self, precision, router_dtype="fp32"):
+        """Run matmuls, dispatch buffers and the exchange in `precision`'s dtype (`train.precision`), and the
+        routers' input and linear logits in it too if `router_dtype` is "low" (`moe.router_dtype`). Weights,
+        layer norms, the residual stream and every loss stay fp32. Call before the first (compiled) step.
+        """
+        dtype = compute_dtype(precision)
+        self.compute_dtype, self.precision = dtype, (precision, router_dtype)
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, (Attention, DenseMLP, MoELayer)):
+                cell.compute_dtype = dtype
+            if isinstance(cell, MoELayer) and router_dtype == "low":
+                cell.router_dtype = dtype
+                cell.router.logits_dtype = dtype
 
     def construct(self, token_ids, domain_ids, capacity, training=False):
         """Forward pass.
@@ -113,7 +131,8 @@ class PanguModel(nn.Cell):
     def _head(self, h, mask):
         """Query layer, final LayerNorm and the tied LM head: h [B, S, H] -> logits [B, S, V] fp32."""
         h = self.ln_f(self.query_layer(h, self.query_embedding[:h.shape[1]], mask))
-        return ops.matmul(h, self.embedding.T)  # (B, S, V)
+        dt = self.compute_dtype
+        return ops.matmul(h.astype(dt), self.embedding.T.astype(dt)).astype(ms.float32)  # (B, S, V)
 
     def feed_noise(self, rng):
         """Refill every router's training-noise buffers from numpy Generator `rng` (before a training step)."""
@@ -191,8 +210,10 @@ def build_model(cfg, rank=0):
     p = cfg.parallel
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
-    return PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
-                      kernel_backend(cfg.runtime.kernels, cfg.runtime.device), group_tokens)
+    model = PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
+                       kernel_backend(cfg.runtime.kernels, cfg.runtime.device), group_tokens)
+    model.use_precision(cfg.train.precision, cfg.moe.router_dtype)
+    return model
 
 
 def is_expert_parameter(name):
@@ -218,6 +239,7 @@ def extract_domain(model, domain):
         raise ValueError(f"extract_domain: domain = {domain}: must be in [0, {moe.num_groups})")
     sub_moe = dataclasses.replace(moe, num_experts=moe.num_experts // moe.num_groups, num_groups=1)
     sub = PanguModel(model.model_cfg, sub_moe)
+    sub.use_precision(*model.precision)
     source = {p.name: p.asnumpy() for p in model.get_parameters()}
     for p in sub.get_parameters():
         p.set_data(Tensor(domain_slice(p.name, source[p.name], domain, moe.num_experts, moe.num_groups), p.dtype))

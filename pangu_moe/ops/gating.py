@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from pangu_moe.ops.custom import aot_op
+from pangu_moe.precision import exact_dtype
 
 SOFTMAX, SOFTMAX_NORMALIZE, GRAP = 0, 1, 2  # gating modes, as GatingMode in kernels/common/moe_kernel_common.h
 GATING_MODES = (SOFTMAX, SOFTMAX_NORMALIZE, GRAP)
@@ -33,18 +34,12 @@ def choose_top_k(values, top_k):
     return ops.stack(picks, 1)
 
 
-def score_dtype():
-    """The softmax's dtype: float64 on CPU (see the module doc; the kernels match it), float32 on Ascend,
-    whose AI Core has no float64. Read from the MindSpore context that `runtime.setup` set."""
-    return ms.float64 if ms.get_context("device_target") == "CPU" else ms.float32
-
-
-def gating_scores(logits, top_k, mode, dtype=ms.float64):
+def gating_scores(logits, top_k, mode, dtype):
     """The score function and the choice.
 
     Args:
         logits: [T, E_g] fp32 (GRAP: the pre-ReLU GrAP logits), finite.
-        top_k: K; mode: one of GATING_MODES; dtype: the softmax's (`score_dtype()`).
+        top_k: K; mode: one of GATING_MODES; dtype: the softmax's (`precision.exact_dtype()`).
     Returns:
         scores [T, E_g] fp32 (softmax of logits; GRAP: of relu(logits)), local_index [T, K] int32,
         gate [T, K] fp32 (scores at the choice; SOFTMAX_NORMALIZE with K > 1: divided by their sum).
@@ -90,13 +85,13 @@ def keep_under_capacity(slot, capacity, requested=None):
     return keep if requested is None else keep & requested
 
 
-def reference_gating(logits, group_ids, capacity, top_k, num_experts, mode, dtype=ms.float64):
+def reference_gating(logits, group_ids, capacity, top_k, num_experts, mode, dtype):
     """moe_gating by plain MindSpore ops.
 
     Args:
         logits: [T, E_g] fp32, the token's own group's logits; group_ids: [T] int32;
         capacity: python int C; top_k: K; num_experts: E = G * E_g; mode: one of GATING_MODES;
-        dtype: the softmax's (`score_dtype()`).
+        dtype: the softmax's (`precision.exact_dtype()`).
     Returns:
         scores [T, E_g] fp32, expert_index [T, K] int32 (group * E_g + local), gate [T, K] fp32,
         slot [T, K] int32, keep [T, K] bool, tokens_per_expert [E] int32 (demand before dropping).
@@ -117,7 +112,7 @@ class ReferenceGating(nn.Cell):
         if mode not in GATING_MODES:
             raise ValueError(f"gating mode {mode!r}: must be one of {GATING_MODES}")
         self.top_k, self.num_experts, self.mode = top_k, num_experts, mode
-        self.score_dtype = score_dtype()
+        self.score_dtype = exact_dtype()
 
     def construct(self, logits, group_ids, capacity):
         """logits [T, E_g] fp32, group_ids [T] int32, capacity python int -> the outputs of `reference_gating`."""

@@ -39,7 +39,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.config import ConfigError
 from pangu_moe.ops import make_op
-from pangu_moe.ops.gating import score_dtype
+from pangu_moe.precision import exact_dtype
 from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
@@ -94,6 +94,7 @@ class Router(nn.Cell):
     causal = True  # in evaluation the routing of token t reads no later token (generation needs this)
     loss_terms = ("aux", "z")  # which of moe.aux_loss_coeff / moe.z_loss_coeff it honours (`LOSS_COEFFS`)
     gating_mode = None  # an `ops.gating` mode if `score` is moe_gating's score function (see `use_kernels`)
+    logits_dtype = ms.float32  # dtype of the linear logits matmul (`logits`)
 
     @classmethod
     def from_config(cls, model_cfg, moe_cfg, layer, topology):
@@ -185,7 +186,7 @@ class Router(nn.Cell):
         self.top_k = top_k
         self.slot_policy = slot_policy
         self.gating = None
-        self.score_dtype = score_dtype()  # the softmax's, for routers whose scoring is moe_gating's
+        self.score_dtype = exact_dtype()  # the softmax's and the locality loss's (`precision.exact_dtype`)
         self.fed_noise = ()  # names of the noise buffers the trainer fills each step
 
     def noise_shapes(self, tokens):
@@ -303,9 +304,14 @@ class LearnedRouter(Router):
         self.weight = Parameter(initializer(Normal(init_std), shape, ms.float32), name="weight")
 
     def logits(self, x, group_ids):
-        """x [T, H] (any float dtype), group_ids [T] int32 -> logits [T, E_g] fp32 over the token's group."""
-        logits_all = ops.matmul(x.astype(ms.float32), self.weight)  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
-        return group_logits(logits_all, group_ids, self.experts_per_group)
+        """x [T, H] (any float dtype), group_ids [T] int32 -> logits [T, E_g] fp32 over the token's group.
+
+        The matmul runs in `logits_dtype`: fp32, or the low dtype of the router-precision ablation
+        (`moe.router_dtype: low`, set by `PanguModel.use_precision`).
+        """
+        dt = self.logits_dtype
+        logits_all = ops.matmul(x.astype(dt), self.weight.astype(dt))  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
+        return group_logits(logits_all.astype(ms.float32), group_ids, self.experts_per_group)
 
 
 def route(router, x, token_ids, group_ids, capacity, training=False):

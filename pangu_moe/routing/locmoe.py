@@ -122,7 +122,7 @@ class LocMoERouter(Router):
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
-                                            self.locality_coeff)
+                                            self.locality_coeff, self.score_dtype)
         return stack_losses(aux, losses.z_loss(ops.relu(logits), self.z_loss_coeff), locality)
 
     def score(self, x, token_ids, group_ids, training, rank=None):

@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import ops
 
 from pangu_moe.ops.gating import SOFTMAX, SOFTMAX_NORMALIZE, choose_top_k, gating_scores
+from pangu_moe.precision import exact_dtype
 from pangu_moe.routing import losses
 from pangu_moe.routing.base import LearnedRouter, register, stack_losses
 
@@ -40,7 +41,7 @@ def topk_scores(logits, top_k, normalize):
     Returns:
         scores [T, E_g] fp32, local_index [T, K] int32, gate [T, K] fp32.
     """
-    return gating_scores(logits, top_k, SOFTMAX_NORMALIZE if normalize else SOFTMAX)
+    return gating_scores(logits, top_k, SOFTMAX_NORMALIZE if normalize else SOFTMAX, exact_dtype())
 
 
 def sigmoid_scores(logits, top_k, normalize):

@@ -22,8 +22,8 @@ trained with (`capacity_bucket` in metrics.jsonl): `layer_ms`, the forward + bac
 (measured after training on the trained layers, `bench.moe_layer.moe_layers_seconds`, one measurement per
 bucket); `step_ms`, the whole training step (from tokens_per_s); `expert_rows_per_step`, the buffer rows the
 experts multiply (L x W x E x C: empty slots cost a row); `exchange_bytes_per_step`, what a padded
-all-to-all of those buffers moves between the W ranks, there and back (2 x L x (W - 1) x E x C x H x 4
-bytes, fp32); `capacity_ratio`, the mean capacity in force over the factor-1.1 capacity.
+all-to-all of those buffers moves between the W ranks, there and back (2 x L x (W - 1) x E x C x H values
+of `precision.BYTES` bytes each: 4 in fp32); `capacity_ratio`, the mean capacity in force over the factor-1.1 capacity.
 """
 import json
 import os
@@ -81,6 +81,7 @@ def cost_figures(trainer, summary, repeats=5):
     """`COST_FIELDS` of a trained run (see the module docstring)."""
     from mindspore import Tensor
     from pangu_moe.bench.moe_layer import moe_layers_seconds
+    from pangu_moe.precision import BYTES
     from pangu_moe.train.metrics import read
     cfg = trainer.cfg
     buckets = [r["capacity_bucket"] for r in read(os.path.join(trainer.run_dir, "metrics.jsonl"))
@@ -94,7 +95,8 @@ def cost_figures(trainer, summary, repeats=5):
     return {"layer_ms": 1e3 * sum(seconds[c] for c in buckets) / len(buckets),
             "step_ms": 1e3 * tokens_per_step / summary["tokens_per_s"] if summary["tokens_per_s"] else 0.0,
             "expert_rows_per_step": layers * world * experts * mean,
-            "exchange_bytes_per_step": 2 * layers * (world - 1) * experts * mean * cfg.model.hidden * 4}
+            "exchange_bytes_per_step": 2 * layers * (world - 1) * experts * mean * cfg.model.hidden
+                                       * BYTES[cfg.train.precision]}
 
 
 def table(results):

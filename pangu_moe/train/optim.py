@@ -4,6 +4,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from pangu_moe.model.pangu import is_expert_parameter
+from pangu_moe.precision import LossScaler
 
 
 class HybridEpsAdamW(nn.Cell):
@@ -15,11 +16,14 @@ class HybridEpsAdamW(nn.Cell):
         params: trainable Parameters.
         beta1, beta2: Adam betas; eps: epsilon of dense parameters; expert_eps: epsilon of expert
         parameters; weight_decay: decoupled decay coefficient.
-    State (saved with checkpoints): `adam_m.*`, `adam_v.*` moments and `optimizer_step`.
+        loss_scaler: a `precision.LossScaler` (default: the static scale 1 of fp32 and bf16).
+    State (saved with checkpoints): `adam_m.*`, `adam_v.*` moments, `optimizer_step` and the loss scaler's.
     """
 
-    def __init__(self, params, beta1, beta2, eps, expert_eps, weight_decay):
+    def __init__(self, params, beta1, beta2, eps, expert_eps, weight_decay, loss_scaler=None):
         super().__init__()
+        # Held here so every checkpoint of a model carries the scale, whatever the precision that wrote it.
+        self.loss_scaler = loss_scaler or LossScaler(False)
         self.parameters = ParameterTuple(params)
         self.moments1 = self.parameters.clone(prefix="adam_m", init="zeros")
         self.moments2 = self.parameters.clone(prefix="adam_v", init="zeros")

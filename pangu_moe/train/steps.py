@@ -5,8 +5,11 @@ from mindspore import ops
 from pangu_moe.train.optim import clip_by_global_norm, square_sum
 
 
-def make_gradient(model, params, capacity, data_parallel=None):
+def make_gradient(model, params, capacity, data_parallel=None, loss_scaler=None):
     """Loss and gradients of one batch, without the update.
+
+    With a dynamic `loss_scaler` (`precision.LossScaler`, fp16) the backward runs on the loss times its
+    scale and the gradients are divided by it again (exactly: the scale is a power of 2).
 
     With `data_parallel` (a `data_parallel.DataParallel`; one rank per process) the inputs are this
     rank's rows, gradients are reduced to those of the mean loss over ranks, the returned losses are
@@ -19,6 +22,7 @@ def make_gradient(model, params, capacity, data_parallel=None):
     [3] fp32 (`routing.base.LOSS_NAMES`), tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32,
     grads (tuple in `params` order), global sum of squares of the grads fp32).
     """
+    scaled = loss_scaler is not None and loss_scaler.dynamic
 
     def forward(input_ids, labels, domain_ids):
         logits, losses, demand, kept, policy_terms = model(input_ids, domain_ids, capacity, True)
@@ -29,12 +33,17 @@ def make_gradient(model, params, capacity, data_parallel=None):
         objective = model.router_objective(token_loss, policy_terms)
         if objective is not None:
             loss = loss + objective
-        return loss, (lm_loss, losses, demand, kept)
+        if scaled:
+            return loss * loss_scaler.scale, (loss, lm_loss, losses, demand, kept)
+        return loss, (loss, lm_loss, losses, demand, kept)
 
     grad_fn = ms.value_and_grad(forward, None, params, has_aux=True)
 
     def gradient(input_ids, labels, domain_ids):
-        (loss, (lm_loss, losses, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
+        (_, (loss, lm_loss, losses, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
+        if scaled:
+            unscale = 1.0 / loss_scaler.scale
+            grads = tuple(g * unscale for g in grads)
         if data_parallel is None:
             return loss, lm_loss, losses, demand, kept, grads, square_sum(grads)
         grads = data_parallel.grads(grads)
@@ -54,11 +63,15 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=
     slots: a dropless run sized its buffers by the demand it expected, and reruns the batch with buffers
     that hold the demand the step returned (`Trainer.run_step`).
 
+    The optimizer's loss scaler (`precision.LossScaler`) scales the backward and is updated after it: a
+    step whose gradients overflowed applies nothing and backs the scale off.
+
     Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
     (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
-    tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32.
+    tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32, loss scale fp32 (after the update).
     """
-    gradient = make_gradient(model, optimizer.parameters, capacity, data_parallel)
+    scaler = optimizer.loss_scaler
+    gradient = make_gradient(model, optimizer.parameters, capacity, data_parallel, scaler)
 
     def train_step(input_ids, labels, domain_ids, lr):
         loss, lm_loss, losses, demand, kept, grads, squares = gradient(input_ids, labels, domain_ids)
@@ -68,7 +81,8 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=
             applied = ops.logical_and(applied, (demand <= capacity).all())
         optimizer(grads, lr, applied)
         model.update_router_state(lm_loss, applied)
-        return loss, lm_loss, losses, grad_norm, demand, kept
+        scale = scaler(ops.isfinite(grad_norm), applied)
+        return loss, lm_loss, losses, grad_norm, demand, kept, scale
 
     return ms.jit(train_step) if graph else train_step
 

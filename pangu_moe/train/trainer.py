@@ -16,6 +16,7 @@ from pangu_moe.data import pipeline
 from pangu_moe.data.corpus import load_corpus
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
+from pangu_moe.precision import BYTES, LossScaler
 from pangu_moe.progress import Progress
 from pangu_moe.routing.base import LOSS_NAMES
 from pangu_moe.train import checkpoint
@@ -56,8 +57,9 @@ class Trainer:
             # Every rank drew the same weights from the seed. Training noise comes from the per-step buffers
             # (`Router.enable_fed_noise`), the same on every backend; any stateful draw left gets its own stream.
             ms.set_seed(cfg.runtime.seed + self.rank)
+        scaler = LossScaler(t.precision == "fp16", t.loss_scale, t.loss_scale_window, t.loss_scale_backoff)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
-                                        t.weight_decay)
+                                        t.weight_decay, scaler)
         self.data_parallel = None
         self.rows = slice(None)  # the rows of each global batch this process trains on
         if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
@@ -184,6 +186,7 @@ class Trainer:
         self.log(f"training {cfg.moe.router} router, {params:,} parameters, C={self.capacity} slots/expert, "
                  f"steps {state['step']}..{t.steps} -> {self.run_dir}")
         window_tokens, window_seconds = 0, 0.0
+        scale_before = float(self.optimizer.loss_scaler.scale.asnumpy())
         for input_ids, labels, domain_ids in batches:
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             capacities = self._before_step(state["step"], input_ids, domain_ids)
@@ -193,13 +196,14 @@ class Trainer:
             rows = self.rows
             out, bucket, seconds, timed = self.run_step(capacities, (
                 Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]), Tensor(lr, ms.float32)))
-            loss, lm_loss, router_losses, grad_norm, demand, kept = out
+            loss, lm_loss, router_losses, grad_norm, demand, kept, loss_scale = out
             state["step"] = step = state["step"] + 1
             if np.isfinite(loss) and np.isfinite(grad_norm):
                 state["consecutive_skips"] = 0
                 self._count_routing(state, demand, kept)
             else:
-                self._skip(state, loss, grad_norm)
+                self._skip(state, loss, grad_norm, scale_before, loss_scale)
+            scale_before = loss_scale
             if timed:
                 state["train_seconds"] += seconds
                 state["train_tokens"] += self.tokens_per_step
@@ -210,9 +214,10 @@ class Trainer:
                 record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss),
                           **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
                           "lr": lr, "grad_norm": float(grad_norm), "skipped_steps": state["skipped_steps"],
+                          "loss_scale": float(loss_scale),
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
                           "capacity_bucket": bucket, "reruns": self.reruns,
-                          "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden)
+                          "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden, BYTES[t.precision])
                                      for d, k, c in zip(demand, kept, capacities)]}
                 if do_eval:
                     val = self.evaluator.evaluate(t.eval_batches)
@@ -236,12 +241,17 @@ class Trainer:
             for place, count in route_classes(layer_kept, self.topology).items():
                 state["routed_" + place] += count
 
-    def _skip(self, state, loss, grad_norm):
+    def _skip(self, state, loss, grad_norm, scale_before, loss_scale):
         """Count a step whose loss or gradient norm was not finite (the step already changed nothing); abort
-        after `train.max_skipped_steps` of them in a row."""
+        after `train.max_skipped_steps` of them in a row. An fp16 step with a finite loss whose gradients
+        overflowed while the loss scale could still back off (`scale_before` the step above 1) is counted but
+        not held against the limit: backing off is the remedy."""
         state["skipped_steps"] += 1
-        state["consecutive_skips"] += 1
         limit, step = self.cfg.train.max_skipped_steps, state["step"]
+        if self.optimizer.loss_scaler.dynamic and np.isfinite(loss) and scale_before > 1:
+            self.log(f"step {step}: fp16 gradients overflowed: skipped, no update; loss scale now {loss_scale:g}")
+            return
+        state["consecutive_skips"] += 1
         self.log(f"step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}: skipped, no update "
                  f"({state['consecutive_skips']} in a row, limit train.max_skipped_steps = {limit})")
         if state["consecutive_skips"] >= limit:

@@ -71,7 +71,7 @@ def test_groups_use_per_group_biases_and_stay_in_group():
 
 def _loss(probs, mask, variant):
     return float(locality_loss(Tensor(np.asarray(probs, np.float32)), Tensor(np.asarray(mask, np.float32)),
-                               variant, 1.0).asnumpy())
+                               variant, 1.0, ms.float64).asnumpy())
 
 
 MASK = [[1, 1, 0, 0], [0, 0, 1, 1]]  # 2 ranks on 2 nodes, 2 experts per node

@@ -21,7 +21,7 @@ SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram
                 "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
                 "capacity_ratio", "capacity_mode", "params_total", "params_active", "skipped_steps"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
-               "layers", "skipped_steps", "capacity_bucket", "reruns"}
+               "layers", "skipped_steps", "capacity_bucket", "reruns", "loss_scale"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
               "tokens_inter", "bytes_intra", "bytes_inter", "max_over_mean_load", "dead_experts"}
 

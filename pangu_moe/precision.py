@@ -1,0 +1,61 @@
+"""Mixed precision: the compute dtype of `train.precision` and fp16's dynamic loss scale.
+
+Selective precision (docs/architecture.md, Precision): weights stay fp32 and are cast to the compute
+dtype where a matmul uses them, so gradients, the optimizer and checkpoints are fp32 (master weights
+without a second copy). The residual stream, layer norms, routers and every loss stay fp32.
+"""
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+COMPUTE_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # per exchanged activation value
+
+
+def exact_dtype():
+    """The dtype of the few small reductions whose rounding must not depend on the implementation or the
+    process (the gating softmax, the locality loss's KL over [W, E]): float64 on CPU, float32 on Ascend,
+    whose AI Core has no float64. It is the only float64 a compiled step holds, and only on CPU: there the
+    custom CPU gating kernel reproduces the reference softmax bit for bit, and a resumed run the uninterrupted
+    one. Read from the MindSpore context that `runtime.setup` set, so call it when building cells, not inside
+    a compiled step."""
+    return ms.float64 if ms.get_context("device_target") == "CPU" else ms.float32
+
+
+def compute_dtype(precision):
+    """`train.precision` ("fp32" | "fp16" | "bf16") -> the MindSpore dtype of matmuls and dispatch buffers."""
+    return COMPUTE_DTYPES[precision]
+
+
+class LossScaler(nn.Cell):
+    """Dynamic loss scale for fp16 (a static 1 otherwise): the loss is multiplied by `scale` before the
+    backward and the gradients divided by it after, so small fp16 gradients do not flush to zero.
+
+    After a step with non-finite gradients the scale is multiplied by `backoff` (floored at 1); after `window`
+    applied steps in a row without one it doubles. The scale stays a power of 2, so scaling and unscaling
+    are exact. The state is two Parameters saved with the optimizer's checkpoint, so a resumed run goes on
+    with the same scale.
+
+    Args:
+        dynamic: python bool (True for fp16); init: initial scale; window: growth interval in steps;
+        backoff: factor in (0, 1) after an overflow.
+    """
+
+    def __init__(self, dynamic, init=65536.0, window=1000, backoff=0.5):
+        super().__init__()
+        self.dynamic = dynamic
+        self.scale = Parameter(Tensor(init if dynamic else 1.0, ms.float32), name="loss_scale", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
+        self.window, self.backoff = window, backoff
+
+    def construct(self, finite, applied):
+        """Update after a step (inside the compiled step). finite: bool scalar, the gradients were finite;
+        applied: bool scalar, the step changed the weights. Returns the new scale fp32 scalar."""
+        if not self.dynamic:
+            return self.scale
+        good = ops.where(applied, self.good_steps + 1, self.good_steps)
+        grow = good >= self.window
+        scale = ops.where(finite, ops.where(grow, self.scale * 2.0, self.scale),
+                          ops.maximum(self.scale * self.backoff, 1.0))
+        ops.assign(self.good_steps, ops.where(ops.logical_or(grow, ops.logical_not(finite)), 0, good))
+        ops.assign(self.scale, scale)
+        return scale

@@ -1,0 +1,185 @@
+"""Mixed precision: fp16 on CPU (bf16 shares the code with a dtype swap), selective precision, dynamic loss scaling."""
+import ast
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import mindspore as ms
+import pytest
+from mindspore import Tensor
+
+import pangu_moe
+from pangu_moe import generate, precision
+from pangu_moe.config import ConfigError
+from pangu_moe.experts import GroupedExperts
+from pangu_moe.model.pangu import build_model
+from pangu_moe.routing.topk import TopKRouter
+from pangu_moe.train import convert
+from pangu_moe.train.checkpoint import remove
+from pangu_moe.train.metrics import read
+from pangu_moe.train.trainer import Trainer
+from tests.conftest import tiny_config
+
+PACKAGE = Path(pangu_moe.__file__).parent
+# Code that runs inside a compiled step; host-side numpy float64 (np.float64) is fine anywhere.
+GRAPH_CODE = ["model", "routing", "dispatch", "ops", "train/steps.py", "train/optim.py", "experts.py",
+              "activations.py", "precision.py"]
+
+
+def _forward(cfg, ids, domains):
+    ms.set_seed(7)
+    model = build_model(cfg)
+    return model(ids, domains, 40, False)
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    return Tensor(rng.integers(0, 256, (4, 32)).astype(np.int32)), Tensor(np.zeros((4, 32), np.int32))
+
+
+def test_fp16_forward_agrees_with_fp32_and_keeps_the_router_in_fp32(monkeypatch):
+    seen = {"router_x": set(), "gate": set(), "expert_in": set()}
+    score, experts = TopKRouter.score, GroupedExperts.construct
+
+    def recording_score(self, x, *args, **kwargs):
+        out = score(self, x, *args, **kwargs)
+        seen["router_x"].add(x.dtype)
+        seen["gate"].add(out[1].dtype)
+        return out
+
+    def recording_experts(self, expert_in):
+        seen["expert_in"].add(expert_in.dtype)
+        return experts(self, expert_in)
+
+    monkeypatch.setattr(TopKRouter, "score", recording_score)
+    monkeypatch.setattr(GroupedExperts, "construct", recording_experts)
+    ids, domains = _batch()
+    full = _forward(tiny_config(), ids, domains)
+    assert seen == {"router_x": {ms.float32}, "gate": {ms.float32}, "expert_in": {ms.float32}}
+    for key in seen:
+        seen[key].clear()
+    half = _forward(tiny_config("train.precision=fp16"), ids, domains)
+    assert seen == {"router_x": {ms.float32}, "gate": {ms.float32}, "expert_in": {ms.float16}}
+    logits, logits16 = full[0].asnumpy(), half[0].asnumpy()
+    assert logits16.dtype == np.float32  # the LM loss reads fp32 logits
+    # Measured: max |difference| 3.5e-4 with max |logit| 0.66 (fp16 keeps 11 bits, 4.9e-4 relative).
+    assert np.abs(logits - logits16).max() <= 2e-3 * np.abs(logits).max()
+    assert np.abs(logits - logits16).max() > 0  # the matmuls did run in fp16
+    for key in seen:
+        seen[key].clear()
+    _forward(tiny_config("train.precision=fp16", "moe.router_dtype=low"), ids, domains)
+    assert seen == {"router_x": {ms.float16}, "gate": {ms.float32}, "expert_in": {ms.float16}}
+
+
+def _trainer(run_dir, *overrides):
+    return Trainer(tiny_config(*overrides), str(run_dir), log=lambda line: None)
+
+
+def _state(trainer):
+    """Every model parameter (weights and router state) and optimizer state but the loss scaler's, as numpy."""
+    cells = (trainer.model, trainer.optimizer)
+    return {p.name: p.asnumpy().copy() for cell in cells for p in cell.get_parameters() if "loss_scale" not in p.name}
+
+
+def test_overflowing_fp16_steps_apply_nothing_and_back_the_scale_off(tmp_path):
+    # Scale 2^64: every fp16 gradient overflows. The limit of 2 skips in a row would stop the run if these
+    # counted; while the scale can still back off they do not.
+    trainer = _trainer(tmp_path, "train.precision=fp16", "train.loss_scale=18446744073709551616", "train.steps=4",
+                       "train.max_skipped_steps=2", "train.eval_every=4", "train.checkpoint_every=4",
+                       "moe.router=deepseek")
+    before = _state(trainer)
+    trainer.train()
+    records = read(tmp_path / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss_scale"] for r in records] == [2.0 ** 63, 2.0 ** 62, 2.0 ** 61, 2.0 ** 60]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    after = _state(trainer)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[name], after[name]) for name in before)  # incl. the DeepSeek bias, Adam, step
+
+
+def test_the_fp16_scale_doubles_after_a_window_of_applied_steps(tmp_path):
+    _trainer(tmp_path, "train.precision=fp16", "train.loss_scale=16", "train.loss_scale_window=2", "train.steps=4",
+             "train.eval_every=4", "train.checkpoint_every=4").train()
+    records = read(tmp_path / "metrics.jsonl")
+    assert [r["loss_scale"] for r in records] == [16.0, 32.0, 32.0, 64.0]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0]
+
+
+def test_fp32_keeps_a_static_scale_of_one(tmp_path):
+    trainer = _trainer(tmp_path, "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2")
+    trainer.train()
+    assert [r["loss_scale"] for r in read(tmp_path / "metrics.jsonl")] == [1.0, 1.0]
+    assert not trainer.optimizer.loss_scaler.dynamic
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"], r["grad_norm"], r["loss_scale"]) for r in read(run_dir / "metrics.jsonl")]
+
+
+def test_fp16_resume_on_simulated_ranks_reproduces_an_uninterrupted_run(tmp_path):
+    overrides = ("train.precision=fp16", "train.loss_scale=1024", "train.loss_scale_window=3",
+                 "parallel.dispatch=simulated", "parallel.devices_per_node=2", "train.steps=8", "train.eval_every=8",
+                 "train.checkpoint_every=4")
+    summary = _trainer(tmp_path / "a", *overrides).train()
+    records = read(tmp_path / "a" / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert [r["loss_scale"] for r in records] == [1024.0, 1024.0, 2048.0, 2048.0, 2048.0, 4096.0, 4096.0, 4096.0]
+    for r in records:  # the exchange carries fp16: 2 bytes a value, both directions
+        for layer in r["layers"]:
+            assert layer["bytes_intra"] == layer["tokens_intra"] * 2 * 32 * 2 > 0
+    resumed = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", resumed)
+    remove(str(resumed / "checkpoints" / "step_000008"))  # as if killed after the step-4 checkpoint
+    os.remove(resumed / "summary.json")
+    again = _trainer(resumed, *overrides).train(resume=True)
+    assert _losses(resumed) == _losses(tmp_path / "a")
+    assert again["val_bpb"] == summary["val_bpb"]
+    # The checkpoint serves the other paths in fp16: reshard to 2 expert shards, then generate from it.
+    resharded = convert.reshard(str(tmp_path / "a" / "checkpoints" / "step_000008"), str(tmp_path / "ep2"), ep=2)
+    cfg, model = generate.load_model(resharded)
+    assert cfg.train.precision == "fp16" and model.compute_dtype == ms.float16
+    text, trace = generate.generate(cfg, model, "def f(x):", "code", 8, 1.0, 0, seed=3)
+    assert (text, trace) == generate.generate(cfg, model, "def f(x):", "code", 8, 1.0, 0, seed=3)
+    assert len(text) == 8 and all(0 <= b < 256 for b in text)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("train.precision=bf16",), r"train.precision = 'bf16': must be fp32 or fp16 on runtime.device=CPU \(bf16 "
+                                r"matmul needs Ascend; fp16 is the CPU choice\)"),
+    (("moe.router_dtype=low",), r"moe.router_dtype = 'low': must be fp32 with train.precision=fp32"),
+    (("train.precision=fp16", "train.loss_scale=1000"), r"train.loss_scale = 1000.0: must be a power of 2"),
+    (("train.loss_scale_backoff=0.3",), r"train.loss_scale_backoff = 0.3: must be a power of 2 below 1"),
+    (("train.precision=fp8",), r"train.precision = 'fp8'"),
+])
+def test_bad_precision_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        tiny_config(*overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_exact_dtype_is_fp32_on_ascend(monkeypatch):
+    assert precision.exact_dtype() == ms.float64  # the tests run on CPU
+    monkeypatch.setattr(precision.ms, "get_context", lambda key: "Ascend")
+    assert precision.exact_dtype() == ms.float32
+
+
+def _mindspore_float64(path):
+    """Lines of `path` naming MindSpore's float64 (not numpy's), outside `precision.exact_dtype`."""
+    tree = ast.parse(path.read_text())
+    allowed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "exact_dtype":
+            allowed |= set(range(node.lineno, node.end_lineno + 1))
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr == "float64" and node.lineno not in allowed
+            and not (isinstance(node.value, ast.Name) and node.value.id == "np")]
+
+
+def test_no_float64_in_compiled_code_but_the_exact_dtype():
+    files = [f for part in GRAPH_CODE for f in ([PACKAGE / part] if part.endswith(".py")
+                                                else sorted((PACKAGE / part).rglob("*.py")))]
+    assert len(files) > 20
+    found = {str(f.relative_to(PACKAGE)): lines for f in files if (lines := _mindspore_float64(f))}
+    assert found == {}
