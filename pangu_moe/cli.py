@@ -131,16 +131,27 @@ def _capacity(args):
         print(capacity_bound.table(rows, hidden, experts, layers=bool(args.run)))
 
 
+def _prepare_data(args):
+    from pangu_moe.data import prepare
+    if args.seq_len < 1 or args.shard_records < 1:
+        raise ConfigError(f"--seq-len = {args.seq_len}, --shard-records = {args.shard_records}: both must be >= 1")
+    manifest = prepare.prepare(args.input, args.out, args.domains.split(","), args.seq_len, args.format,
+                               args.tokenizer, args.text_field, args.domain_field, args.val_fraction, args.bad_utf8,
+                               args.shard_records, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps({"out": args.out, "tokenizer": manifest["tokenizer"], "counts": manifest["counts"],
+                      "skipped": manifest["skipped"], "shards": len(manifest["shards"])}))
+
+
 def _generate(args):
     from pangu_moe import generate
-    from pangu_moe.data.tokenizer import decode
+    from pangu_moe.data.source import run_tokenizer
     from pangu_moe.progress import Progress
     from pangu_moe.train import checkpoint
     cfg, model = generate.load_model(args.checkpoint, args.overrides)
     progress = Progress("generate", "bytes")
     text, trace = generate.generate(cfg, model, args.prompt, args.domain, args.max_bytes, args.temperature,
                                     args.top_k, args.seed, progress.update)
-    print(args.prompt + decode(text))
+    print(args.prompt + run_tokenizer(cfg).decode(text))
     if args.trace:
         from pangu_moe.report import trace as trace_text
         colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
@@ -191,6 +202,23 @@ def build_parser():
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.set_defaults(func=_train)
+    p = sub.add_parser("prepare-data", help="tokenize a corpus into MindRecord shards of training windows for "
+                       "data.source: prepared (docs/data.md)")
+    p.add_argument("input", help="a JSONL file (--format jsonl) or a folder with one sub-folder of .txt files per "
+                   "domain (--format folders)")
+    p.add_argument("--out", required=True, help="new folder for the shards, tokenizer and manifest.json")
+    p.add_argument("--domains", required=True, help="comma-separated domain names, in data.domains order")
+    p.add_argument("--seq-len", type=int, required=True, help="model.seq_len of the runs that will read it")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "folders"])
+    p.add_argument("--tokenizer", default="bytes", help="bytes, bpe:<vocab size> (a byte-level BPE trained on the "
+                   "corpus), or the path of a tokenizer.json (default bytes)")
+    p.add_argument("--text-field", default="text", help="jsonl: the text field (default text)")
+    p.add_argument("--domain-field", default="domain", help="jsonl: the domain field (default domain)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of each domain's documents held out")
+    p.add_argument("--bad-utf8", default="error", choices=["error", "replace"], help="bytes that are not UTF-8: "
+                   "stop with the file and line, or decode them as U+FFFD and count the document")
+    p.add_argument("--shard-records", type=int, default=65536, help="windows per shard file")
+    p.set_defaults(func=_prepare_data)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
     p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN (a multi-process run's shards "
                    "are joined into one model with --set parallel.dispatch=simulated), or a consolidated .ckpt file")

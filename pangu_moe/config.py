@@ -208,9 +208,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("demo", "demo (text shipped with Python), jsonl (lines {text, domain}), or folders "
-                     "(one sub-folder of .txt files per domain)", choices=("demo", "jsonl", "folders"))
-    path: str = _f("", "file (jsonl) or folder (folders); unused for demo")
+    source: str = _f("demo", "demo (text shipped with Python), jsonl (lines {text, domain}), folders "
+                     "(one sub-folder of .txt files per domain), all read into memory as bytes; or prepared (the "
+                     "MindRecord shards of pangu-moe prepare-data, streamed, with their tokenizer)",
+                     choices=("demo", "jsonl", "folders", "prepared"))
+    path: str = _f("", "file (jsonl) or folder (folders, prepared); unused for demo")
     domains: List[str] = _f(["prose", "code"], "domain names; the domain id is the position in this list")
     mixture: str = _f("uniform", "how training samples pick their domain: uniform (sample i has domain i mod D, "
                       "so each batch holds every domain equally often), bytes (random, in proportion to each "
@@ -219,7 +221,8 @@ class DataConfig:
                       choices=("uniform", "bytes", "by_node"))
     val_fraction: float = _f(0.05, "share of each domain's documents held out for validation",
                              lo=0.0, hi=0.5, lo_open=True)
-    max_bytes_per_domain: int = _f(3_000_000, "cap on the bytes read per domain", lo=1)
+    max_bytes_per_domain: int = _f(3_000_000, "cap on the bytes read per domain (in-memory sources)", lo=1)
+    max_val_windows: int = _f(1024, "prepared: validation windows read per domain (the first ones)", lo=1)
 
 
 @dataclass

@@ -25,35 +25,93 @@ class DomainText:
     val: np.ndarray
 
 
-def read_jsonl(path, domains):
-    """Documents from a JSONL file of {"text": str, "domain": str} lines (blank lines skipped).
+BAD_UTF8 = ("error", "replace")  # what a reader does with bytes that are not UTF-8
 
-    Returns: {domain: [text, ...]} in file order.
+
+@dataclass
+class ReadCounts:
+    """Documents a reader skipped or altered: empty ones (skipped) and ones with bytes that were not UTF-8
+    (decoded with U+FFFD in their place, with `bad_utf8="replace"`)."""
+    empty_documents: int = 0
+    replaced_utf8_documents: int = 0
+
+
+def _decode(raw, where, bad_utf8, counts):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if bad_utf8 == "error":
+            raise DataError(f"{where}: not UTF-8 text (byte {e.start})") from None
+        counts.replaced_utf8_documents += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_jsonl(path, domains, text_field="text", domain_field="domain", bad_utf8="error", counts=None):
+    """Stream the documents of a JSONL file of {text_field: str, domain_field: str} lines, in file order.
+
+    Blank lines and empty texts are skipped (empty texts counted in `counts`, a `ReadCounts`).
+    Yields: (domain, text, "path:line").
     """
     if not os.path.isfile(path):
         raise DataError(f"data.path {path}: no such file")
-    docs = {d: [] for d in domains}
+    counts = counts if counts is not None else ReadCounts()
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text (byte {e.start})") from None
+            line = _decode(raw, where, bad_utf8, counts)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
-                    or not isinstance(record.get("domain"), str):
-                raise DataError(f"{where}: must be an object with string fields \"text\" and \"domain\"")
-            if record["domain"] not in docs:
-                raise DataError(f"{where}: unknown domain {record['domain']!r}; data.domains allows "
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str) \
+                    or not isinstance(record.get(domain_field), str):
+                raise DataError(f"{where}: must be an object with string fields \"{text_field}\" and "
+                                f"\"{domain_field}\"")
+            if record[domain_field] not in domains:
+                raise DataError(f"{where}: unknown domain {record[domain_field]!r}; data.domains allows "
                                 f"{', '.join(domains)}")
-            docs[record["domain"]].append(record["text"])
-    return docs
+            if not record[text_field]:
+                counts.empty_documents += 1
+                continue
+            yield record[domain_field], record[text_field], where
+
+
+def iter_folders(path, domains, bad_utf8="error", counts=None):
+    """Stream the documents `path/<domain>/**/*.txt` (one document a file), domains and files sorted by path.
+
+    Empty files are skipped and counted in `counts` (a `ReadCounts`). Yields: (domain, text, file path).
+    """
+    if not os.path.isdir(path):
+        raise DataError(f"data.path {path}: no such folder")
+    counts = counts if counts is not None else ReadCounts()
+    found = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    unknown = [f for f in found if f not in domains]
+    if unknown:
+        raise DataError(f"data.path {path}: sub-folder {unknown[0]!r} is an unknown domain; data.domains "
+                        f"allows {', '.join(domains)}")
+    for domain in found:
+        for file in folder_files(os.path.join(path, domain)):
+            with open(file, "rb") as fh:
+                text = _decode(fh.read(), file, bad_utf8, counts)
+            if not text:
+                counts.empty_documents += 1
+                continue
+            yield domain, text, file
+
+
+def folder_files(root):
+    """The .txt files under `root`, sorted by path."""
+    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".txt"))
+
+
+def read_jsonl(path, domains):
+    """Documents from a JSONL file of {"text": str, "domain": str} lines (blank lines and empty texts skipped).
+
+    Returns: {domain: [text, ...]} in file order.
+    """
+    return _collect(iter_jsonl(path, domains), domains)
 
 
 def read_folders(path, domains):
@@ -61,24 +119,13 @@ def read_folders(path, domains):
 
     Returns: {domain: [text, ...]}.
     """
-    if not os.path.isdir(path):
-        raise DataError(f"data.path {path}: no such folder")
-    found = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    unknown = [f for f in found if f not in domains]
-    if unknown:
-        raise DataError(f"data.path {path}: sub-folder {unknown[0]!r} is an unknown domain; data.domains "
-                        f"allows {', '.join(domains)}")
+    return _collect(iter_folders(path, domains), domains)
+
+
+def _collect(documents, domains):
     docs = {d: [] for d in domains}
-    for domain in found:
-        root = os.path.join(path, domain)
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".txt"))
-        for file in files:
-            with open(file, "rb") as fh:
-                raw = fh.read()
-            try:
-                docs[domain].append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    for domain, text, _ in documents:
+        docs[domain].append(text)
     return docs
 
 

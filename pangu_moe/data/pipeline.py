@@ -18,6 +18,24 @@ import mindspore.dataset as ds
 COLUMNS = ["input_ids", "labels", "domain_ids"]
 
 
+def sample_domain(index, mixture, seed, num_domains, weights=None, layout=(1, 1, 1), rng=None):
+    """The domain of training sample `index` (module doc).
+
+    Args: mixture: "uniform", "bytes" or "by_node"; weights: [D] domain probabilities of "bytes";
+        layout: (batch_size B, ranks W, devices_per_node D) of "by_node"; rng: the sample's numpy Generator,
+        default `default_rng((seed, index))` (its first draw picks the "bytes" domain).
+    Returns: int.
+    """
+    if mixture == "bytes":
+        rng = rng if rng is not None else np.random.default_rng((seed, index))
+        return int(rng.choice(num_domains, p=weights))
+    if mixture == "by_node":
+        batch_size, ranks, devices_per_node = layout
+        node = (index % batch_size) // (batch_size // ranks) // devices_per_node
+        return node % num_domains
+    return index % num_domains
+
+
 class TrainWindows:
     """Random-access source of training windows.
 
@@ -41,14 +59,7 @@ class TrainWindows:
     def __getitem__(self, i):
         index = self.start + int(i)
         rng = np.random.default_rng((self.seed, index))
-        if self.mixture == "bytes":
-            domain = int(rng.choice(len(self.texts), p=self.weights))
-        elif self.mixture == "by_node":
-            batch_size, ranks, devices_per_node = self.layout
-            node = (index % batch_size) // (batch_size // ranks) // devices_per_node
-            domain = node % len(self.texts)
-        else:
-            domain = index % len(self.texts)
+        domain = sample_domain(index, self.mixture, self.seed, len(self.texts), self.weights, self.layout, rng)
         text = self.texts[domain]
         begin = int(rng.integers(0, len(text) - self.seq_len))
         window = text[begin:begin + self.seq_len + 1].astype(np.int32)
@@ -88,8 +99,13 @@ def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture
     return dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
 
 
-def unigram_bpb(labels):
-    """Entropy in bits of the byte-unigram distribution of the scored bytes (labels [N, S])."""
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=256).astype(np.float64)
+def unigram_bpb(labels, token_bytes=None):
+    """Bits per byte of the token-unigram model of the scored tokens (labels [N, S]): their unigram entropy
+    in bits per token, over the UTF-8 bytes per token (`token_bytes` [V] from the tokenizer; 1 for bytes)."""
+    labels = np.asarray(labels).ravel()
+    counts = np.bincount(labels, minlength=256).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+    bits_per_token = float(-(p * np.log2(p)).sum())
+    if token_bytes is None:
+        return bits_per_token
+    return bits_per_token / (float(np.asarray(token_bytes)[labels].sum()) / len(labels))  # exact for bytes

@@ -1,12 +1,88 @@
-"""Byte-level tokenizer: token id = UTF-8 byte value, so vocabulary 256 and bits per token = bits per byte."""
+"""Tokenizers: bytes (token id = UTF-8 byte value, 256 ids) and byte-level BPE.
+
+BPE is HF `tokenizers` (pinned in setup.py): a Rust library that trains from a stream of texts in bounded
+memory and whose byte-level BPE maps any text to tokens and back exactly (CJK, accents, emoji), because
+every token is a sequence of bytes. Each token's byte length is therefore fixed (`token_bytes`), which
+is what bits per byte need.
+
+A tokenizer's `identity` (a sha256) names it in a prepared corpus's manifest and in runs trained on it.
+"""
+import hashlib
+
 import numpy as np
+
+BYTES = "bytes"
 
 
 def encode(text):
-    """str -> uint8 array [n] of UTF-8 bytes."""
+    """str -> uint8 array [n] of UTF-8 bytes (the byte tokenizer)."""
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
 def decode(ids):
-    """Iterable of ids in [0, 256) -> str (invalid UTF-8 sequences replaced)."""
+    """Iterable of ids in [0, 256) -> str (invalid UTF-8 sequences replaced; the byte tokenizer)."""
     return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """Token id = UTF-8 byte value: 256 ids, one byte each."""
+
+    kind = BYTES
+    vocab_size = 256
+    identity = hashlib.sha256(b"pangu_moe byte tokenizer").hexdigest()
+
+    def encode(self, text):
+        """str -> int32 array [n]."""
+        return encode(text).astype(np.int32)
+
+    def decode(self, ids):
+        """ids -> str."""
+        return decode(ids)
+
+    def token_bytes(self):
+        """int64 [V]: the UTF-8 bytes each token stands for."""
+        return np.ones(self.vocab_size, np.int64)
+
+
+class BpeTokenizer:
+    """Byte-level BPE (HF `tokenizers`), trained with `train` or read with `load`."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.identity = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        """Train on an iterable of str (read once, streamed) to `vocab_size` ids (>= 256: the 256 bytes first)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def load(cls, path):
+        """A tokenizer saved by `save` (HF tokenizer.json)."""
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path):
+        self.tokenizer.save(str(path))
+
+    def encode(self, text):
+        """str -> int32 array [n]."""
+        return np.asarray(self.tokenizer.encode(text).ids, np.int32)
+
+    def decode(self, ids):
+        """ids -> str (a cut inside a character decodes to U+FFFD)."""
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def token_bytes(self):
+        """int64 [V]: the UTF-8 bytes each token stands for (byte-level BPE writes one character per byte)."""
+        return np.array([len(self.tokenizer.id_to_token(i)) for i in range(self.vocab_size)], np.int64)

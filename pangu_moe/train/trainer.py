@@ -13,7 +13,8 @@ from pangu_moe.accounting.traffic import PLACES, layer_record, route_classes, wi
 from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
-from pangu_moe.data.corpus import load_corpus
+from pangu_moe.data.corpus import DataError
+from pangu_moe.data.source import RunData
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
 from pangu_moe.precision import BYTES, LossScaler
@@ -29,6 +30,7 @@ from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
+TOKENIZER_RECORD = "tokenizer_identity.json"  # in the run directory: which tokenizer the run trains with
 LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
@@ -50,7 +52,7 @@ class Trainer:
         self.rank = runtime.setup(cfg.runtime, cfg.parallel)
         self.log = log if self.rank == 0 else _silent  # rank 0 writes logs and outputs for the whole world
         m, moe, t = cfg.model, cfg.moe, cfg.train
-        self.domains = load_corpus(cfg.data, m.seq_len)
+        self.data = RunData(cfg, verify=self.rank == 0)  # one process reading every shard is enough
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
         self.model = build_model(cfg, self.rank)
         if self.rank:
@@ -80,9 +82,9 @@ class Trainer:
         self.expected_demand = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, 1.25) \
             if moe.slot_policy == "none" else None
         self.reruns = 0  # dropless steps rerun with larger buffers since the last metrics record
-        self.evaluator = Evaluator(self.domains, m.seq_len, t.batch_size,
+        self.evaluator = Evaluator(self.data.val_windows(), cfg.data.domains, t.batch_size,
                                    make_eval_step(self.model, plan.eval, cfg.runtime.mode == "graph",
-                                                  self.data_parallel), self.rows)
+                                                  self.data_parallel), self.rows, self.data.tokenizer.token_bytes())
 
     def train_step_for(self, bucket, must_fit=False):
         """The training step compiled for buffers of `bucket` slots per expert (`make_train_step`), built on
@@ -136,10 +138,7 @@ class Trainer:
 
     def batches(self, start_step):
         """The global batches (input_ids, labels, domain_ids) numpy [B, S] of steps start_step..train.steps-1."""
-        cfg = self.cfg
-        return pipeline.train_batches(self.domains, cfg.model.seq_len, cfg.train.batch_size, cfg.runtime.seed,
-                                      start_step, cfg.train.steps, cfg.data.mixture, self.topology.world_size,
-                                      cfg.parallel.devices_per_node)
+        return self.data.batches(start_step, self.topology.world_size, self.cfg.parallel.devices_per_node)
 
     def _before_step(self, step, input_ids, domain_ids):
         """Every router's `before_step` for training step `step` (0-based), in layer order; returns each
@@ -170,6 +169,8 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.train
         resume_from = check_run_dir(cfg, self.run_dir, resume, self.log)
+        if resume_from:
+            check_tokenizer(self.run_dir, self.data.tokenizer)
         state = {key: 0 for key in STATE_KEYS}
         state["train_seconds"] = 0.0
         if resume_from:
@@ -179,6 +180,9 @@ class Trainer:
         metrics = None
         if self.rank == 0:
             cfg.save(os.path.join(self.run_dir, "config.yaml"))
+            with open(os.path.join(self.run_dir, TOKENIZER_RECORD), "w", encoding="utf-8") as fh:
+                json.dump({"kind": self.data.tokenizer.kind, "identity": self.data.tokenizer.identity,
+                           "vocab_size": self.data.tokenizer.vocab_size}, fh)
             metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                                  keep_until_step=state["step"] if resume else None)
         batches = self.batches(state["step"])
@@ -286,7 +290,7 @@ class Trainer:
     def _finish(self, state):
         cfg = self.cfg
         val = self.evaluator.evaluate(progress=Progress("final evaluation", "batches", log=self.log).update)
-        unigram = pipeline.unigram_bpb(self.evaluator.scored_labels())
+        unigram = pipeline.unigram_bpb(self.evaluator.scored_labels(), self.evaluator.token_bytes)
         reference = expert_capacity(self.group_tokens, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
         if self.rank != 0:
@@ -350,6 +354,21 @@ def check_run_dir(cfg, run_dir, resume, log=None):
         raise ConfigError(f"train.steps = {cfg.train.steps}: the run already reached step {step}; raise "
                           f"train.steps to continue")
     return path
+
+
+def check_tokenizer(run_dir, tokenizer):
+    """Refuse to continue a run whose recorded tokenizer (`TOKENIZER_RECORD`) is not the data's `tokenizer`:
+    the checkpoint's embeddings index another vocabulary (e.g. data.path was prepared again)."""
+    path = os.path.join(run_dir, TOKENIZER_RECORD)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        recorded = json.load(fh)
+    if recorded["identity"] != tokenizer.identity:
+        raise DataError(f"--resume: the run was trained with a {recorded['kind']} tokenizer of "
+                        f"{recorded['vocab_size']} ids ({recorded['identity'][:12]}), the data's is a {tokenizer.kind} "
+                        f"tokenizer of {tokenizer.vocab_size} ids ({tokenizer.identity[:12]}); resume on the data it "
+                        f"was trained on")
 
 
 def config_fingerprint(cfg):

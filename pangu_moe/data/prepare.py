@@ -1,0 +1,223 @@
+"""`pangu-moe prepare-data`: a corpus into MindRecord shards of training windows, streamed.
+
+Output folder:
+- `<domain>-<split>-<nnnnn>.mindrecord` (+ its `.db` index), split `train` or `val`: records
+  {"input_ids": int32 [S + 1]}, one training window each. A domain's documents are tokenized in input
+  order, joined by the tokens of "\\n\\n" and cut into windows of S + 1 tokens overlapping by one (window k
+  covers tokens kS .. kS + S), so the labels of consecutive windows continue each other; the last
+  partial window is dropped (counted). The layout of MindFormers' pretraining MindRecords.
+- `tokenizer.json` for a BPE tokenizer.
+- `manifest.json`, written last and atomically: the format, seq_len, domains, the tokenizer (kind,
+  identity, vocab size), per domain and split the documents, tokens, UTF-8 bytes and windows, the
+  skipped documents, and every shard with its record count, size and sha256. A folder without it is
+  an interrupted preparation, which training refuses.
+
+Document d of a domain (counting from 0, in input order) is held out for validation when
+d mod k = k // 2, k = max(2, round(1 / val_fraction)): the rule `data.corpus.split_domains` uses.
+
+Memory is bounded by the largest document plus one shard's write buffer, whatever the corpus size; a
+BPE tokenizer is trained on a first pass over the input (`tokenizers` streams it).
+"""
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from pangu_moe.data.corpus import DataError, ReadCounts, folder_files, iter_folders, iter_jsonl
+from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = 1
+INPUT_FORMATS = ("jsonl", "folders")
+SPLITS = ("train", "val")
+SEPARATOR = "\n\n"
+WRITE_BATCH = 256  # windows per FileWriter.write_raw_data call
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Windows of one (domain, split) into MindRecord files of at most `max_records` windows each.
+
+    Returns on `close` the manifest entries of the files written.
+    """
+
+    def __init__(self, out, domain, split, seq_len, max_records):
+        self.out, self.prefix, self.seq_len, self.max_records = out, f"{domain}-{split}", seq_len, max_records
+        self.domain, self.split = domain, split
+        self.writer, self.in_file, self.pending, self.entries = None, 0, [], []
+
+    def write(self, window):
+        """window: int32 [S + 1]."""
+        self.pending.append({"input_ids": window})
+        if len(self.pending) == WRITE_BATCH or self.in_file + len(self.pending) == self.max_records:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        if self.writer is None:
+            from mindspore.mindrecord import FileWriter
+            name = os.path.join(self.out, f"{self.prefix}-{len(self.entries):05d}.mindrecord")
+            self.writer = FileWriter(name, shard_num=1, overwrite=False)
+            self.writer.add_schema({"input_ids": {"type": "int32", "shape": [self.seq_len + 1]}}, "windows")
+            self.name = name
+        self.writer.write_raw_data(self.pending)
+        self.in_file += len(self.pending)
+        self.pending = []
+        if self.in_file == self.max_records:
+            self._commit()
+
+    def _commit(self):
+        self.writer.commit()
+        files = [self.name, self.name + ".db"]
+        self.entries.append({"file": os.path.basename(self.name), "domain": self.domain, "split": self.split,
+                             "records": self.in_file, "bytes": sum(os.path.getsize(f) for f in files),
+                             "sha256": [sha256_file(f) for f in files]})
+        self.writer, self.in_file = None, 0
+
+    def close(self):
+        self._flush()
+        if self.writer is not None:
+            self._commit()
+        return self.entries
+
+
+class WindowPacker:
+    """Joins a domain's documents into one token stream and cuts windows of S + 1 tokens overlapping by one."""
+
+    def __init__(self, seq_len, separator, writer):
+        self.seq_len, self.separator, self.writer = seq_len, separator, writer
+        self.buffer = np.zeros(0, np.int32)
+        self.counts = {"documents": 0, "tokens": 0, "bytes": 0, "windows": 0}
+
+    def add(self, ids, num_bytes):
+        """One document's token ids [n] int32 and its UTF-8 byte count."""
+        if self.counts["documents"]:
+            ids = np.concatenate((self.separator, ids))
+        self.counts["documents"] += 1
+        self.counts["tokens"] += len(ids)
+        self.counts["bytes"] += num_bytes
+        self.buffer = np.concatenate((self.buffer, ids))
+        step = self.seq_len
+        n = (len(self.buffer) - 1) // step  # whole windows available
+        for k in range(n):
+            self.writer.write(self.buffer[k * step:k * step + step + 1])
+        self.counts["windows"] += n
+        self.buffer = self.buffer[n * step:]  # the last token of the last window starts the next one
+
+    def close(self):
+        """Returns (counts, shard entries); the tokens left over (fewer than S + 1) are dropped."""
+        self.counts["tail_tokens_dropped"] = max(0, len(self.buffer) - 1)
+        return self.counts, self.writer.close()
+
+
+def _documents(input_path, input_format, domains, text_field, domain_field, bad_utf8, counts):
+    if input_format == "jsonl":
+        return iter_jsonl(input_path, domains, text_field, domain_field, bad_utf8, counts)
+    return iter_folders(input_path, domains, bad_utf8, counts)
+
+
+def _input_bytes(input_path, input_format):
+    if input_format == "jsonl":
+        return os.path.getsize(input_path) if os.path.isfile(input_path) else 0
+    return sum(os.path.getsize(f) for f in folder_files(input_path)) if os.path.isdir(input_path) else 0
+
+
+def make_tokenizer(spec, documents, log):
+    """`--tokenizer`: "bytes", "bpe:<vocab size>" (trained on `documents()`, a fresh stream of texts) or the path
+    of a tokenizer.json."""
+    if spec == BYTES:
+        return ByteTokenizer()
+    if spec.startswith("bpe:"):
+        size = spec[4:]
+        if not size.isdigit() or int(size) < 257:
+            raise DataError(f"--tokenizer {spec}: the BPE vocabulary must be an integer above 256 (e.g. bpe:8192)")
+        log(f"prepare-data: training a byte-level BPE tokenizer of {size} ids on the corpus (first pass)")
+        return BpeTokenizer.train(documents(), int(size))
+    if not os.path.isfile(spec):
+        raise DataError(f"--tokenizer {spec}: must be bytes, bpe:<vocab size> or an existing tokenizer.json")
+    try:
+        return BpeTokenizer.load(spec)
+    except Exception as e:  # the library's own error types
+        raise DataError(f"--tokenizer {spec}: not a tokenizer.json ({' '.join(str(e).split())[:120]})") from None
+
+
+def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="bytes", text_field="text",
+            domain_field="domain", val_fraction=0.05, bad_utf8="error", shard_records=65536, log=print):
+    """Write the prepared corpus (module doc) of `input_path` into the new folder `out`.
+
+    Args: domains: names (a domain's id is its position); seq_len: S; input_format: jsonl or folders;
+        tokenizer: see `make_tokenizer`; bad_utf8: error or replace; shard_records: windows per shard file.
+    Returns: the manifest dict. Raises DataError with one line.
+    """
+    if os.path.exists(out) and os.listdir(out):
+        raise DataError(f"--out {out}: exists and is not empty; prepare-data writes a new folder")
+    if input_format not in INPUT_FORMATS:
+        raise DataError(f"--format {input_format}: must be one of {', '.join(INPUT_FORMATS)}")
+    if not 0 < val_fraction <= 0.5:
+        raise DataError(f"--val-fraction {val_fraction}: must be in (0, 0.5]")
+    counts = ReadCounts()
+
+    def documents():
+        return _documents(input_path, input_format, domains, text_field, domain_field, bad_utf8, counts)
+
+    tok = make_tokenizer(tokenizer, lambda: (text for _, text, _ in documents()), log)
+    os.makedirs(out, exist_ok=True)
+    if tok.kind != BYTES:
+        tok.save(os.path.join(out, TOKENIZER_FILE))
+    counts.empty_documents = counts.replaced_utf8_documents = 0  # a BPE pass counted them once already
+    separator = tok.encode(SEPARATOR)
+    packers = {(d, s): WindowPacker(seq_len, separator, ShardWriter(out, d, s, seq_len, shard_records))
+               for d in domains for s in SPLITS}
+    every = max(2, round(1 / val_fraction))
+    seen = dict.fromkeys(domains, 0)
+    total_bytes, read_bytes, tokens = _input_bytes(input_path, input_format), 0, 0
+    began = last = time.monotonic()
+    for domain, text, _ in documents():
+        split = "val" if seen[domain] % every == every // 2 else "train"
+        seen[domain] += 1
+        ids = tok.encode(text)
+        num_bytes = len(text.encode("utf-8"))
+        packers[domain, split].add(ids, num_bytes)
+        read_bytes, tokens = read_bytes + num_bytes, tokens + len(ids)
+        now = time.monotonic()
+        if now - last >= 2.0:
+            rate = tokens / (now - began)
+            eta = (now - began) / read_bytes * max(0, total_bytes - read_bytes) if read_bytes else 0.0
+            log(f"prepare-data: {sum(seen.values()):,} documents, {read_bytes / 1e6:,.1f} MB, {rate:,.0f} tokens/s, "
+                f"eta {eta:.0f}s")
+            last = now
+    shards, per_domain = [], {d: {} for d in domains}
+    for (domain, split), packer in packers.items():
+        per_domain[domain][split], entries = packer.close()
+        shards += entries
+    for domain in domains:
+        for split in SPLITS:
+            if per_domain[domain][split]["windows"] == 0:
+                raise DataError(f"{input_path}: domain {domain!r} gives no {split} window of {seq_len + 1} tokens "
+                                f"({per_domain[domain][split]['documents']} documents); add text or lower --seq-len")
+    manifest = {"format": FORMAT, "seq_len": seq_len, "domains": list(domains),
+                "tokenizer": {"kind": tok.kind, "identity": tok.identity, "vocab_size": tok.vocab_size,
+                              "file": TOKENIZER_FILE if tok.kind != BYTES else None},
+                "val_every": every, "counts": per_domain,
+                "skipped": {"empty_documents": counts.empty_documents,
+                            "replaced_utf8_documents": counts.replaced_utf8_documents},
+                "shards": shards}
+    tmp = os.path.join(out, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(out, MANIFEST))
+    log(f"prepare-data: {sum(seen.values()):,} documents, {tokens:,} tokens in {len(shards)} shards -> {out}")
+    return manifest

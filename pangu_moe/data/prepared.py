@@ -1,0 +1,171 @@
+"""Training and validation windows from a prepared corpus (`data.prepare`), read from its MindRecord shards.
+
+Nothing holds the corpus in memory: a batch reads its windows through `mindspore.dataset.MindDataset`
+in blocks of `BLOCK` windows.
+
+Training order. Rank r of W owns the contiguous share [r·n, (r+1)·n) of each domain's n·W (+ a remainder
+no rank reads) training windows, so the ranks' data are disjoint. It reads its share in epochs; epoch e
+visits the share's blocks of `BLOCK` windows in a permutation drawn from (seed, domain, rank, e), and
+each block's windows in a permutation drawn from (seed, domain, rank, e, block). Row j of the global
+batch of step s is sample i = s·B + j: its domain comes from the mixture (`pipeline.sample_domain`, as
+for in-memory corpora) and its window is the next one of that domain in rank j // (B/W)'s order. The
+position of every (rank, domain) stream is a function of the step, so a resumed run reads exactly the
+windows of an uninterrupted one.
+
+One limit: a process builds the whole global batch (B·(S+1) tokens a step, read from every rank's
+share), not only its own rows, because the routers' host-side probes (`Router.before_step`) see the
+global batch on every backend.
+"""
+import json
+import os
+
+import numpy as np
+
+from pangu_moe.data.corpus import DataError
+from pangu_moe.data.pipeline import sample_domain
+from pangu_moe.data.prepare import FORMAT, MANIFEST, TOKENIZER_FILE, sha256_file
+from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
+
+BLOCK = 256  # windows read at once; also the unit of the epoch shuffle
+
+
+class PreparedCorpus:
+    """A folder written by `pangu-moe prepare-data`.
+
+    Args: path: the folder; verify: check every shard's sha256 against the manifest (reads every byte).
+    Raises DataError with one line: no manifest (an interrupted preparation), another format, a missing or
+    altered shard.
+    """
+
+    def __init__(self, path, verify=True):
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise DataError(f"data.path {path}: no {MANIFEST} (not a prepare-data folder, or an interrupted one)")
+        with open(manifest_path, encoding="utf-8") as fh:
+            self.manifest = m = json.load(fh)
+        if m.get("format") != FORMAT:
+            raise DataError(f"data.path {path}: {MANIFEST} has format {m.get('format')!r}; this version reads "
+                            f"format {FORMAT}")
+        self.path, self.seq_len, self.domains = path, m["seq_len"], m["domains"]
+        tok = m["tokenizer"]
+        self.tokenizer = ByteTokenizer() if tok["kind"] == BYTES else BpeTokenizer.load(
+            os.path.join(path, TOKENIZER_FILE))
+        if self.tokenizer.identity != tok["identity"]:
+            raise DataError(f"data.path {path}: {TOKENIZER_FILE} is not the tokenizer the shards were written with "
+                            f"(identity differs from the manifest's)")
+        self.files, self.windows = {}, {}
+        for shard in m["shards"]:
+            key = (shard["domain"], shard["split"])
+            self.files.setdefault(key, []).append(os.path.join(path, shard["file"]))
+            self.windows[key] = self.windows.get(key, 0) + shard["records"]
+            files = (self.files[key][-1], self.files[key][-1] + ".db")
+            for file, digest in zip(files, shard["sha256"]):
+                if not os.path.isfile(file):
+                    raise DataError(f"data.path {path}: shard {os.path.basename(file)} is missing")
+                if verify and sha256_file(file) != digest:
+                    raise DataError(f"data.path {path}: shard {os.path.basename(file)} does not match its sha256 "
+                                    f"in {MANIFEST}")
+
+    def check(self, model_cfg, data_cfg):
+        """Raise DataError if a run's config cannot train on this corpus (seq_len, domains, vocabulary)."""
+        if model_cfg.seq_len != self.seq_len:
+            raise DataError(f"model.seq_len = {model_cfg.seq_len}: must be {self.seq_len}, the window length "
+                            f"{self.path} was prepared with")
+        if list(data_cfg.domains) != self.domains:
+            raise DataError(f"data.domains = {list(data_cfg.domains)}: must be {self.domains}, the domains of "
+                            f"{self.path}")
+        if model_cfg.vocab_size < self.tokenizer.vocab_size:
+            raise DataError(f"model.vocab_size = {model_cfg.vocab_size}: must be at least {self.tokenizer.vocab_size}, "
+                            f"the vocabulary of {self.path}'s tokenizer")
+
+    def train_bytes(self):
+        """UTF-8 bytes of each domain's training documents (the `bytes` mixture's weights)."""
+        return [self.manifest["counts"][d]["train"]["bytes"] for d in self.domains]
+
+    def read(self, domain, split, start, count):
+        """Windows [start, start + count) of (domain name, split) in shard order: int32 [count, S + 1]."""
+        import mindspore.dataset as ds
+        dataset = ds.MindDataset(self.files[domain, split], columns_list=["input_ids"],
+                                 sampler=ds.SequentialSampler(start_index=start, num_samples=count))
+        rows = [row[0] for row in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)]
+        return np.stack(rows).astype(np.int32)
+
+
+class RankStream:
+    """Rank `rank`'s training windows of one domain, endlessly, in the order of the module doc.
+
+    Args: corpus: PreparedCorpus; domain: index into corpus.domains; rank, world: r and W; seed: run seed;
+        consumed: windows already read (the stream's position).
+    """
+
+    def __init__(self, corpus, domain, rank, world, seed, consumed=0):
+        self.corpus, self.name = corpus, corpus.domains[domain]
+        self.share = corpus.windows[self.name, "train"] // world
+        if self.share == 0:
+            raise DataError(f"data.path {corpus.path}: domain {self.name!r} has {corpus.windows[self.name, 'train']} "
+                            f"training windows, fewer than the {world} ranks")
+        self.first = rank * self.share
+        self.key = (seed, domain, rank)
+        self.sizes = np.full(-(-self.share // BLOCK), BLOCK)
+        self.sizes[-1] = self.share - BLOCK * (len(self.sizes) - 1)
+        self.position = consumed
+        self.cached = None  # (epoch, block, its windows in their order)
+
+    def _locate(self, position):
+        """(epoch, block, offset in the block's order) of the stream's `position`-th window."""
+        epoch, p = divmod(position, self.share)
+        order = np.random.default_rng((*self.key, epoch)).permutation(len(self.sizes))
+        ends = np.cumsum(self.sizes[order])
+        slot = int(np.searchsorted(ends, p, side="right"))
+        return epoch, int(order[slot]), p - int(ends[slot] - self.sizes[order[slot]])
+
+    def next(self):
+        """The next window: int32 [S + 1]."""
+        epoch, block, offset = self._locate(self.position)
+        if self.cached is None or self.cached[:2] != (epoch, block):
+            windows = self.corpus.read(self.name, "train", self.first + block * BLOCK, int(self.sizes[block]))
+            order = np.random.default_rng((*self.key, epoch, block)).permutation(len(windows))
+            self.cached = (epoch, block, windows[order])
+        self.position += 1
+        return self.cached[2][offset]
+
+
+def train_batches(corpus, batch_size, seed, start_step, steps, mixture, world=1, devices_per_node=1):
+    """Iterator of numpy batches (input_ids, labels, domain_ids) [B, S] int32 for steps start_step..steps-1."""
+    num_domains, rows = len(corpus.domains), batch_size // world
+    weights = np.asarray(corpus.train_bytes(), np.float64)
+    weights = weights / weights.sum()
+    layout = (batch_size, world, devices_per_node)
+
+    def domain_of(i):
+        return sample_domain(i, mixture, seed, num_domains, weights, layout)
+
+    consumed = np.zeros((world, num_domains), np.int64)
+    for i in range(start_step * batch_size):  # every earlier sample's (rank, domain): the streams' positions
+        consumed[(i % batch_size) // rows, domain_of(i)] += 1
+    streams = {}
+    for step in range(start_step, steps):
+        windows, domains = [], []
+        for j in range(batch_size):
+            rank, domain = j // rows, domain_of(step * batch_size + j)
+            if (rank, domain) not in streams:
+                streams[rank, domain] = RankStream(corpus, domain, rank, world, seed, int(consumed[rank, domain]))
+            windows.append(streams[rank, domain].next())
+            domains.append(domain)
+        windows = np.stack(windows)  # (B, S+1)
+        domain_ids = np.repeat(np.asarray(domains, np.int32)[:, None], windows.shape[1] - 1, 1)  # (B, S)
+        yield windows[:, :-1], windows[:, 1:], domain_ids
+
+
+def val_windows(corpus, max_per_domain):
+    """The first n validation windows of every domain, n = min(fewest of any domain, max_per_domain),
+    interleaved domain by domain (as `pipeline.val_windows`).
+
+    Returns: (input_ids [N, S], labels [N, S], domain_ids [N, S]) int32, N = n * D.
+    """
+    n = min(min(corpus.windows[d, "val"] for d in corpus.domains), max_per_domain)
+    windows = np.stack([corpus.read(d, "val", 0, n) for d in corpus.domains], 1)  # (n, D, S+1)
+    windows = windows.reshape(n * len(corpus.domains), -1)  # (n*D, S+1)
+    s = windows.shape[1] - 1
+    domain_ids = np.repeat(np.tile(np.arange(len(corpus.domains), dtype=np.int32), n)[:, None], s, 1)  # (N, S)
+    return windows[:, :-1], windows[:, 1:], domain_ids

@@ -1,0 +1,239 @@
+"""prepare-data and the prepared source: tokenizers, MindRecord shards, per-rank streams, resume, bad input."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pangu_moe import cli
+from pangu_moe.data import pipeline
+from pangu_moe.data.corpus import DataError
+from pangu_moe.data.prepare import MANIFEST, prepare
+from pangu_moe.data.prepared import BLOCK, PreparedCorpus, RankStream, train_batches, val_windows
+from pangu_moe.data.tokenizer import BpeTokenizer, ByteTokenizer
+from pangu_moe.train.checkpoint import remove
+from pangu_moe.train.metrics import read
+from pangu_moe.train.trainer import Trainer
+from tests.conftest import tiny_config
+
+MIXED = ["Grüße aus Zürich — naïve café, señor.", "日本語のテキストと中文文本。", "emoji 🚀🙂👍🏽 and tabs\tend",
+         "def f(x):\n    return x * 2  # ascii"]
+SEQ = 16
+
+
+def _corpus(n=60):
+    """Documents alternating prose / code, with every script of MIXED."""
+    return [{"text": f"{i}: " + MIXED[i % len(MIXED)] * (1 + i % 3), "domain": ("prose", "code")[i % 2]}
+            for i in range(n)]
+
+
+def _jsonl(path, records, extra=b""):
+    """A JSONL file of `records`, then the raw bytes `extra`."""
+    with open(path, "wb") as fh:
+        for r in records:
+            fh.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+        fh.write(extra)
+    return str(path)
+
+
+BAD_UTF8 = b'{"text": "\xff\xfe bad", "domain": "code"}\n'  # the first bad byte is byte 10 of its line
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    source = _jsonl(root / "c.jsonl", _corpus())
+    prepare(source, str(root / "bpe"), ["prose", "code"], SEQ, tokenizer="bpe:300", val_fraction=0.2,
+            shard_records=40, log=lambda line: None)
+    return root
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_tokenizers_round_trip_mixed_scripts_and_count_their_bytes(tokenizer):
+    tok = ByteTokenizer() if tokenizer == "bytes" else BpeTokenizer.train(iter(MIXED * 20), 320)
+    for text in MIXED + ["".join(MIXED)]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.token_bytes()[ids].sum() == len(text.encode("utf-8"))
+    if tokenizer == "bpe":
+        assert tok.vocab_size == 320 and len(tok.encode("".join(MIXED))) < len("".join(MIXED).encode("utf-8"))
+
+
+def test_text_to_shards_to_windows_to_text(bpe_dir):
+    corpus = PreparedCorpus(str(bpe_dir / "bpe"))
+    tok, manifest = corpus.tokenizer, corpus.manifest
+    docs = [r["text"] for r in _corpus() if r["domain"] == "code"]
+    every = manifest["val_every"]
+    train_text = "\n\n".join(d for i, d in enumerate(docs) if i % every != every // 2)
+    n = corpus.windows["code", "train"]
+    windows = corpus.read("code", "train", 0, n)  # across the 40-window shard files
+    assert windows.shape == (n, SEQ + 1) and len(corpus.files["code", "train"]) == -(-n // 40)
+    assert (windows[1:, 0] == windows[:-1, -1]).all()  # consecutive windows overlap by one token
+    stream = np.concatenate([windows[0]] + [w[1:] for w in windows[1:]])
+    decoded = tok.decode(stream)
+    assert train_text.startswith(decoded.rstrip("\ufffd")) and len(decoded) > 0.9 * len(train_text)
+    assert manifest["counts"]["code"]["train"]["bytes"] == sum(
+        len(d.encode("utf-8")) for i, d in enumerate(docs) if i % every != every // 2)
+    np.testing.assert_array_equal(corpus.read("code", "train", 35, 10), windows[35:45])
+
+
+def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir):
+    corpus = PreparedCorpus(str(bpe_dir / "bpe"))
+    n = corpus.windows["prose", "train"]
+    share = n // 2
+    everything = corpus.read("prose", "train", 0, n)
+
+    def multiset(windows):
+        return sorted(w.tobytes() for w in windows)
+
+    for rank in range(2):  # rank r reads windows [r * share, (r + 1) * share): disjoint, together all but n mod 2
+        stream = RankStream(corpus, 0, rank, 2, seed=3)
+        epoch = np.stack([stream.next() for _ in range(share)])
+        assert multiset(epoch) == multiset(everything[rank * share:(rank + 1) * share])
+        again = np.stack([stream.next() for _ in range(share)])  # the next epoch: the same windows, another order
+        assert multiset(again) == multiset(epoch) and not np.array_equal(again, epoch)
+    assert share > BLOCK // 8  # several windows per rank; the shuffle's block is BLOCK windows
+
+
+@pytest.mark.parametrize("mixture", ["uniform", "bytes", "by_node"])
+def test_batches_from_a_position_are_the_tail_of_batches_from_zero(bpe_dir, mixture):
+    corpus = PreparedCorpus(str(bpe_dir / "bpe"))
+    whole = list(train_batches(corpus, 4, 11, 0, 9, mixture, world=2, devices_per_node=1))
+    tail = list(train_batches(corpus, 4, 11, 5, 9, mixture, world=2, devices_per_node=1))
+    assert len(tail) == 4 and all(all(np.array_equal(a, b) for a, b in zip(x, y)) for x, y in zip(whole[5:], tail))
+    domains = np.stack([b[2][:, 0] for b in whole])  # (steps, B)
+    if mixture == "uniform":
+        assert (domains == [0, 1, 0, 1]).all()
+    if mixture == "by_node":
+        assert (domains == [0, 0, 1, 1]).all()  # 2 nodes of one device: node n holds domain n
+
+
+def test_in_memory_batches_from_a_position_are_the_tail_of_batches_from_zero():
+    from pangu_moe.data.corpus import load_corpus
+    domains = load_corpus(tiny_config().data, 32)
+    whole = list(pipeline.train_batches(domains, 32, 4, 5, 0, 6, "bytes"))
+    tail = list(pipeline.train_batches(domains, 32, 4, 5, 4, 6, "bytes"))
+    assert all(all(np.array_equal(a, b) for a, b in zip(x, y)) for x, y in zip(whole[4:], tail))
+
+
+def test_validation_windows_interleave_the_domains(bpe_dir):
+    corpus = PreparedCorpus(str(bpe_dir / "bpe"))
+    inputs, labels, domain_ids = val_windows(corpus, 2)
+    assert inputs.shape == (4, SEQ) and (domain_ids[:, 0] == [0, 1, 0, 1]).all()
+    np.testing.assert_array_equal(labels[1], corpus.read("code", "val", 0, 1)[0, 1:])
+
+
+def _refused(tmp_path, records, message, extra=b"", **options):
+    source = _jsonl(tmp_path / "bad.jsonl", records, extra)
+    out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+    with pytest.raises(DataError, match=message) as error:
+        prepare(source, str(out), ["prose", "code"], SEQ, log=lambda line: None, **options)
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(out / MANIFEST)
+
+
+def test_bad_input_is_refused_in_one_line_and_writes_no_manifest(tmp_path):
+    good = _corpus(20)
+    _refused(tmp_path, good, r"bad.jsonl:21: not valid JSON", extra=b"{not json\n")
+    _refused(tmp_path, good + [{"body": "x", "domain": "code"}], r"bad.jsonl:21: must be an object with string "
+                                                                  r"fields \"text\" and \"domain\"")
+    _refused(tmp_path, good + [{"text": "x", "domain": "law"}], r"bad.jsonl:21: unknown domain 'law'")
+    _refused(tmp_path, good, r"bad.jsonl:21: not UTF-8 text \(byte 10\)", extra=BAD_UTF8)
+    _refused(tmp_path, good[:2], r"domain 'prose' gives no val window")
+    _refused(tmp_path, good, r"--tokenizer bpe:12: the BPE vocabulary must be an integer above 256",
+             tokenizer="bpe:12")
+
+
+def test_bad_utf8_is_replaced_and_counted_and_empty_documents_are_counted(tmp_path):
+    source = _jsonl(tmp_path / "c.jsonl", _corpus(20) + [{"text": "", "domain": "prose"}], BAD_UTF8)
+    with pytest.raises(DataError, match=r"c.jsonl:22: not UTF-8 text \(byte 10\)"):
+        prepare(source, str(tmp_path / "strict"), ["prose", "code"], SEQ, log=lambda line: None)
+    manifest = prepare(source, str(tmp_path / "out"), ["prose", "code"], SEQ, bad_utf8="replace",
+                       tokenizer="bpe:280", val_fraction=0.2, log=lambda line: None)
+    assert manifest["skipped"] == {"empty_documents": 1, "replaced_utf8_documents": 1}  # counted once, not per pass
+    code = manifest["counts"]["code"]
+    assert code["train"]["documents"] + code["val"]["documents"] == 11
+
+
+def test_a_damaged_or_unfinished_folder_is_refused(bpe_dir, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bpe_dir / "bpe", damaged)
+    shard = next(f for f in sorted(os.listdir(damaged)) if f.endswith(".mindrecord"))
+    with open(damaged / shard, "r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        fh.write(b"\x00" if fh.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(DataError, match=f"shard {shard} does not match its sha256"):
+        PreparedCorpus(str(damaged))
+    os.remove(damaged / MANIFEST)
+    with pytest.raises(DataError, match="no manifest.json"):
+        PreparedCorpus(str(damaged))
+    with pytest.raises(DataError, match="exists and is not empty"):
+        prepare(str(bpe_dir / "c.jsonl"), str(damaged), ["prose", "code"], SEQ, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+    """A tiny model trained 6 steps on a prepared byte corpus, checkpoint at step 3."""
+    root = tmp_path_factory.mktemp("prepared_run")
+    source = _jsonl(root / "c.jsonl", _corpus(80))
+    prepare(source, str(root / "data"), ["prose", "code"], 32, val_fraction=0.2, log=lambda line: None)
+    overrides = ("data.source=prepared", f"data.path={root / 'data'}", "train.steps=6", "train.eval_every=6",
+                 "train.checkpoint_every=3", "parallel.dispatch=simulated", "parallel.devices_per_node=2")
+    summary = Trainer(tiny_config(*overrides), str(root / "run"), log=lambda line: None).train()
+    return root, overrides, summary
+
+
+def test_training_on_prepared_shards_resumes_exactly(byte_run, tmp_path):
+    root, overrides, summary = byte_run
+    records = read(root / "run" / "metrics.jsonl")
+    assert len(records) == 6 and records[-1]["lm_loss"] < records[0]["lm_loss"]
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / np.log(2))  # bytes: one byte a token
+    resumed = tmp_path / "resumed"
+    shutil.copytree(root / "run", resumed)
+    remove(str(resumed / "checkpoints" / "step_000006"))
+    os.remove(resumed / "summary.json")
+    again = Trainer(tiny_config(*overrides), str(resumed), log=lambda line: None).train(resume=True)
+    assert [r["loss"] for r in read(resumed / "metrics.jsonl")] == [r["loss"] for r in records]
+    assert again["val_bpb"] == summary["val_bpb"]
+
+
+def test_resume_refuses_data_prepared_again_with_another_tokenizer(tmp_path):
+    data, docs = tmp_path / "data", _corpus()
+    prepare(_jsonl(tmp_path / "a.jsonl", docs), str(data), ["prose", "code"], SEQ, tokenizer="bpe:300",
+            val_fraction=0.2, log=lambda line: None)
+    overrides = ("data.source=prepared", f"data.path={data}", "model.seq_len=16", "model.vocab_size=300",
+                 "train.batch_size=2", "train.eval_every=2", "train.checkpoint_every=2")
+    Trainer(tiny_config(*overrides, "train.steps=2"), str(tmp_path / "run"), log=lambda line: None).train()
+    shutil.rmtree(data)  # the same folder prepared again: same vocabulary size, another tokenizer
+    prepare(_jsonl(tmp_path / "b.jsonl", docs[::-1] + docs[:10]), str(data), ["prose", "code"], SEQ,
+            tokenizer="bpe:300", val_fraction=0.2, log=lambda line: None)
+    with pytest.raises(DataError, match=r"--resume: the run was trained with a bpe tokenizer of 300 ids \(\w{12}\), "
+                                        r"the data's is a bpe tokenizer of 300 ids \(\w{12}\)"):
+        Trainer(tiny_config(*overrides, "train.steps=4"), str(tmp_path / "run"), log=lambda line: None).train(True)
+
+
+def test_bpe_runs_count_bits_per_byte_and_check_the_vocabulary(bpe_dir, tmp_path):
+    overrides = ("data.source=prepared", f"data.path={bpe_dir / 'bpe'}", "model.seq_len=16")
+    with pytest.raises(DataError, match=r"model.vocab_size = 256: must be at least 300"):
+        Trainer(tiny_config(*overrides), str(tmp_path / "small"), log=lambda line: None)
+    summary = Trainer(tiny_config(*overrides, "model.vocab_size=300", "train.steps=2", "train.eval_every=2",
+                                  "train.checkpoint_every=2", "train.batch_size=2"),
+                      str(tmp_path / "run"), log=lambda line: None).train()
+    corpus = PreparedCorpus(str(bpe_dir / "bpe"))
+    _, labels, _ = val_windows(corpus, 1024)
+    scored = labels[:len(labels) // 2 * 2]
+    bytes_per_token = corpus.tokenizer.token_bytes()[scored].sum() / scored.size
+    assert bytes_per_token > 1.2  # BPE tokens span several bytes
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / np.log(2) / bytes_per_token, rel=1e-9)
+
+
+def test_cli_prepare_data_prints_the_manifest_summary(tmp_path, capsys):
+    source = _jsonl(tmp_path / "c.jsonl", _corpus(20))
+    assert cli.main(["prepare-data", source, "--out", str(tmp_path / "out"), "--domains", "prose,code",
+                     "--seq-len", "16", "--val-fraction", "0.25"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tokenizer"]["kind"] == "bytes" and printed["shards"] == 4
+    assert cli.main(["prepare-data", source, "--out", str(tmp_path / "out"), "--domains", "prose,code",
+                     "--seq-len", "16"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
