@@ -26,12 +26,14 @@ def _train(args):
 
 def _eval(args):
     from pangu_moe.train import checkpoint
+    from pangu_moe.data.source import check_tokenizer
     from pangu_moe.train.trainer import Trainer
     if not os.path.exists(args.checkpoint):
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
     run_dir = checkpoint.run_dir_of(args.checkpoint)
     cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
     trainer = Trainer(cfg, run_dir)
+    check_tokenizer(run_dir, trainer.data.tokenizer, "eval")
     state = trainer.load_checkpoint(args.checkpoint)
     from pangu_moe.progress import Progress
     val = trainer.evaluator.evaluate(progress=Progress("eval", "batches").update)

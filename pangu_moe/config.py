@@ -201,7 +201,8 @@ class TrainConfig:
                         "CPU, with dynamic loss scaling) or bf16 (Ascend only). Weights, optimizer state, layer "
                         "norms, the residual stream, routers and losses stay fp32", choices=PRECISIONS)
     loss_scale: float = _f(65536.0, "fp16: initial loss scale (a power of 2)", lo=1.0)
-    loss_scale_window: int = _f(1000, "fp16: steps without overflow before the loss scale doubles", lo=1)
+    loss_scale_window: int = _f(1000, "fp16: applied steps in a row (no overflow) before the loss scale doubles, up "
+                                "to 2^24", lo=1)
     loss_scale_backoff: float = _f(0.5, "fp16: factor applied to the loss scale after an overflow", lo=0.0,
                                    hi=1.0, lo_open=True, hi_open=True)
 

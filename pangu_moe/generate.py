@@ -21,9 +21,10 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from pangu_moe.config import ConfigError
-from pangu_moe.data.source import run_tokenizer
+from pangu_moe.data.source import check_tokenizer, run_tokenizer
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.routing.registry import router_class
+from pangu_moe.train.checkpoint import run_dir_of
 from pangu_moe.train.restore import restore, run_config
 
 BYTES = 256
@@ -39,6 +40,7 @@ def load_model(checkpoint_path, overrides=()):
     if not router_class(cfg.moe.router).causal:
         raise ConfigError(f"generate: moe.router = {cfg.moe.router} routes each token by the whole sequence (not "
                           f"causal); generation needs a token-choice router")
+    check_tokenizer(run_dir_of(checkpoint_path), run_tokenizer(cfg), "generate")
     return cfg, restore(checkpoint_path, cfg)[0]
 
 

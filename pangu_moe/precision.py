@@ -9,6 +9,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 COMPUTE_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # per exchanged activation value
+MAX_LOSS_SCALE = 2.0 ** 24  # growth stops here: a larger scale only overflows more often
 
 
 def exact_dtype():
@@ -31,7 +32,7 @@ class LossScaler(nn.Cell):
     backward and the gradients divided by it after, so small fp16 gradients do not flush to zero.
 
     After a step with non-finite gradients the scale is multiplied by `backoff` (floored at 1); after `window`
-    applied steps in a row without one it doubles. The scale stays a power of 2, so scaling and unscaling
+    applied steps in a row without one it doubles (up to `MAX_LOSS_SCALE`). The scale stays a power of 2, so scaling and unscaling
     are exact. The state is two Parameters saved with the optimizer's checkpoint, so a resumed run goes on
     with the same scale.
 
@@ -54,7 +55,7 @@ class LossScaler(nn.Cell):
             return self.scale
         good = ops.where(applied, self.good_steps + 1, self.good_steps)
         grow = good >= self.window
-        scale = ops.where(finite, ops.where(grow, self.scale * 2.0, self.scale),
+        scale = ops.where(finite, ops.where(grow, ops.minimum(self.scale * 2.0, MAX_LOSS_SCALE), self.scale),
                           ops.maximum(self.scale * self.backoff, 1.0))
         ops.assign(self.good_steps, ops.where(ops.logical_or(grow, ops.logical_not(finite)), 0, good))
         ops.assign(self.scale, scale)

@@ -10,16 +10,17 @@ import os
 import shutil
 import tempfile
 
-from pangu_moe.config import RunConfig
+from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.configs import DEMO_CONFIG
 
 PRECISIONS = ("fp32", "fp16")
 
 
 def _state_bytes(trainer):
-    """Bytes of every model parameter and optimizer state tensor of `trainer`."""
-    cells = (trainer.model, trainer.optimizer)
-    return int(sum(p.asnumpy().nbytes for cell in cells for p in cell.get_parameters()))
+    """Bytes of every model parameter and optimizer state tensor of `trainer`, each once (what a checkpoint holds)."""
+    from pangu_moe.train.checkpoint import named_parameters
+    params = named_parameters([trainer.model, trainer.optimizer]).values()
+    return int(sum(p.asnumpy().nbytes for p in params))
 
 
 def run(steps=None, config=DEMO_CONFIG, log=print):
@@ -44,6 +45,9 @@ def run(steps=None, config=DEMO_CONFIG, log=print):
             trainer = Trainer(cfg, run_dir, log=lambda line: None)
             summary = trainer.train()
             records = read(os.path.join(run_dir, "metrics.jsonl"))
+            if not summary["tokens_per_s"]:
+                raise ConfigError(f"--steps = {cfg.train.steps}: too few to time a step (the first one compiles); "
+                                  f"use at least 2")
             runs[precision] = {
                 "val_bpb": summary["val_bpb"],
                 "step_seconds": cfg.train.batch_size * cfg.model.seq_len / summary["tokens_per_s"],

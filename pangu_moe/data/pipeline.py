@@ -82,9 +82,16 @@ def val_windows(domains, seq_len):
     for count, dom in zip(counts, domains):
         starts = np.linspace(0, count - 1, n).round().astype(np.int64) * seq_len
         rows.append(np.stack([dom.val[s:s + seq_len + 1] for s in starts]).astype(np.int32))
-    windows = np.stack(rows, 1).reshape(n * len(domains), seq_len + 1)  # (n*D, S+1) <- (n, D, S+1)
-    domain_ids = np.tile(np.arange(len(domains), dtype=np.int32), n)
-    domain_ids = np.repeat(domain_ids[:, None], seq_len, 1)  # (N, S)
+    return interleave(rows)
+
+
+def interleave(per_domain):
+    """Validation windows of every domain, n each (a list over domains of int32 [n, S + 1]), interleaved domain
+    by domain -> (input_ids [N, S], labels [N, S], domain_ids [N, S]) int32, N = n * D."""
+    n, width = per_domain[0].shape
+    windows = np.stack(per_domain, 1).reshape(n * len(per_domain), width)  # (n*D, S+1) <- (n, D, S+1)
+    domain_ids = np.tile(np.arange(len(per_domain), dtype=np.int32), n)
+    domain_ids = np.repeat(domain_ids[:, None], width - 1, 1)  # (N, S)
     return windows[:, :-1], windows[:, 1:], domain_ids
 
 

@@ -15,8 +15,9 @@ Output folder:
 Document d of a domain (counting from 0, in input order) is held out for validation when
 d mod k = k // 2, k = max(2, round(1 / val_fraction)): the rule `data.corpus.split_domains` uses.
 
-Memory is bounded by the largest document plus one shard's write buffer, whatever the corpus size; a
-BPE tokenizer is trained on a first pass over the input (`tokenizers` streams it).
+Memory is bounded whatever the corpus size: the largest document, a write buffer of `WRITE_BATCH` windows
+per (domain, split), and a BPE tokenizer's training tables (it is trained on a first pass over the input,
+which `tokenizers` streams).
 """
 import hashlib
 import json
@@ -54,7 +55,7 @@ class ShardWriter:
     def __init__(self, out, domain, split, seq_len, max_records):
         self.out, self.prefix, self.seq_len, self.max_records = out, f"{domain}-{split}", seq_len, max_records
         self.domain, self.split = domain, split
-        self.writer, self.in_file, self.pending, self.entries = None, 0, [], []
+        self.writer, self.name, self.in_file, self.pending, self.entries = None, None, 0, [], []
 
     def write(self, window):
         """window: int32 [S + 1]."""
@@ -149,7 +150,7 @@ def make_tokenizer(spec, documents, log):
     try:
         return BpeTokenizer.load(spec)
     except Exception as e:  # the library's own error types
-        raise DataError(f"--tokenizer {spec}: not a tokenizer.json ({' '.join(str(e).split())[:120]})") from None
+        raise DataError(f"--tokenizer {spec}: cannot be used ({' '.join(str(e).split())[:160]})") from None
 
 
 def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="bytes", text_field="text",

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from pangu_moe.data.corpus import DataError
-from pangu_moe.data.pipeline import sample_domain
+from pangu_moe.data.pipeline import interleave, sample_domain
 from pangu_moe.data.prepare import FORMAT, MANIFEST, TOKENIZER_FILE, sha256_file
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
@@ -32,7 +32,7 @@ BLOCK = 256  # windows read at once; also the unit of the epoch shuffle
 class PreparedCorpus:
     """A folder written by `pangu-moe prepare-data`.
 
-    Args: path: the folder; verify: check every shard's sha256 against the manifest (reads every byte).
+    Args: path: the folder; verify: check every shard's sha256 against the manifest now (`verify`).
     Raises DataError with one line: no manifest (an interrupted preparation), another format, a missing or
     altered shard.
     """
@@ -48,8 +48,11 @@ class PreparedCorpus:
                             f"format {FORMAT}")
         self.path, self.seq_len, self.domains = path, m["seq_len"], m["domains"]
         tok = m["tokenizer"]
-        self.tokenizer = ByteTokenizer() if tok["kind"] == BYTES else BpeTokenizer.load(
-            os.path.join(path, TOKENIZER_FILE))
+        try:
+            self.tokenizer = ByteTokenizer() if tok["kind"] == BYTES else BpeTokenizer.load(
+                os.path.join(path, TOKENIZER_FILE))
+        except Exception as e:  # the tokenizers library's own errors, or ours for a tokenizer that is not byte-level
+            raise DataError(f"data.path {path}: {TOKENIZER_FILE}: {' '.join(str(e).split())[:160]}") from None
         if self.tokenizer.identity != tok["identity"]:
             raise DataError(f"data.path {path}: {TOKENIZER_FILE} is not the tokenizer the shards were written with "
                             f"(identity differs from the manifest's)")
@@ -58,13 +61,20 @@ class PreparedCorpus:
             key = (shard["domain"], shard["split"])
             self.files.setdefault(key, []).append(os.path.join(path, shard["file"]))
             self.windows[key] = self.windows.get(key, 0) + shard["records"]
-            files = (self.files[key][-1], self.files[key][-1] + ".db")
-            for file, digest in zip(files, shard["sha256"]):
+            for file in (self.files[key][-1], self.files[key][-1] + ".db"):
                 if not os.path.isfile(file):
                     raise DataError(f"data.path {path}: shard {os.path.basename(file)} is missing")
-                if verify and sha256_file(file) != digest:
-                    raise DataError(f"data.path {path}: shard {os.path.basename(file)} does not match its sha256 "
-                                    f"in {MANIFEST}")
+        if verify:
+            self.verify()
+
+    def verify(self):
+        """Raise DataError if a shard file's sha256 differs from the manifest's (reads every shard once)."""
+        for shard in self.manifest["shards"]:
+            file = os.path.join(self.path, shard["file"])
+            for name, digest in zip((file, file + ".db"), shard["sha256"]):
+                if sha256_file(name) != digest:
+                    raise DataError(f"data.path {self.path}: shard {os.path.basename(name)} does not match its "
+                                    f"sha256 in {MANIFEST}")
 
     def check(self, model_cfg, data_cfg):
         """Raise DataError if a run's config cannot train on this corpus (seq_len, domains, vocabulary)."""
@@ -110,12 +120,15 @@ class RankStream:
         self.sizes[-1] = self.share - BLOCK * (len(self.sizes) - 1)
         self.position = consumed
         self.cached = None  # (epoch, block, its windows in their order)
+        self.epoch_order = None  # (epoch, block order, cumulative window counts in that order)
 
     def _locate(self, position):
         """(epoch, block, offset in the block's order) of the stream's `position`-th window."""
         epoch, p = divmod(position, self.share)
-        order = np.random.default_rng((*self.key, epoch)).permutation(len(self.sizes))
-        ends = np.cumsum(self.sizes[order])
+        if self.epoch_order is None or self.epoch_order[0] != epoch:
+            order = np.random.default_rng((*self.key, epoch)).permutation(len(self.sizes))
+            self.epoch_order = (epoch, order, np.cumsum(self.sizes[order]))
+        _, order, ends = self.epoch_order
         slot = int(np.searchsorted(ends, p, side="right"))
         return epoch, int(order[slot]), p - int(ends[slot] - self.sizes[order[slot]])
 
@@ -164,8 +177,4 @@ def val_windows(corpus, max_per_domain):
     Returns: (input_ids [N, S], labels [N, S], domain_ids [N, S]) int32, N = n * D.
     """
     n = min(min(corpus.windows[d, "val"] for d in corpus.domains), max_per_domain)
-    windows = np.stack([corpus.read(d, "val", 0, n) for d in corpus.domains], 1)  # (n, D, S+1)
-    windows = windows.reshape(n * len(corpus.domains), -1)  # (n*D, S+1)
-    s = windows.shape[1] - 1
-    domain_ids = np.repeat(np.tile(np.arange(len(corpus.domains), dtype=np.int32), n)[:, None], s, 1)  # (N, S)
-    return windows[:, :-1], windows[:, 1:], domain_ids
+    return interleave([corpus.read(d, "val", 0, n) for d in corpus.domains])

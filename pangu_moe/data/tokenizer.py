@@ -8,6 +8,7 @@ is what bits per byte need.
 A tokenizer's `identity` (a sha256) names it in a prepared corpus's manifest and in runs trained on it.
 """
 import hashlib
+import json
 
 import numpy as np
 
@@ -45,11 +46,21 @@ class ByteTokenizer:
 
 
 class BpeTokenizer:
-    """Byte-level BPE (HF `tokenizers`), trained with `train` or read with `load`."""
+    """Byte-level BPE (HF `tokenizers`), trained with `train` or read with `load`.
+
+    Only byte-level tokenizers without added tokens are accepted (`load` raises ValueError otherwise): for
+    them every token is a fixed byte sequence, which `token_bytes` and an exact round trip rely on.
+    `identity` is the sha256 of the tokenizer's canonical JSON (`Tokenizer.to_str()`).
+    """
 
     kind = "bpe"
 
     def __init__(self, tokenizer):
+        spec = json.loads(tokenizer.to_str())
+        kinds = {part: (spec.get(part) or {}).get("type") for part in ("pre_tokenizer", "decoder")}
+        if kinds != {"pre_tokenizer": "ByteLevel", "decoder": "ByteLevel"} or spec.get("added_tokens"):
+            raise ValueError(f"not a byte-level BPE without added tokens (pre-tokenizer {kinds['pre_tokenizer']}, "
+                             f"decoder {kinds['decoder']}, {len(spec.get('added_tokens') or [])} added tokens)")
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
         self.identity = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()

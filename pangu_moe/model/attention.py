@@ -49,8 +49,10 @@ class Attention(nn.Cell):
             q = ops.broadcast_to(q.reshape(1, s, h), (b, s, h))  # (B, S, H) <- (S, H)
         k, v = ops.split(ops.matmul(kv_in.astype(dt), self.w_kv.astype(dt)), h, axis=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        # fp32 from here to the probabilities: the -1e9 mask and exp overflow fp16.
-        att = ops.bmm(q, k.transpose(0, 1, 3, 2)).astype(ms.float32) * self.scale + mask  # (B, nh, S, S)
+        if dt == ms.float32:
+            att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, S, S)
+        else:  # scaled before the product, which could overflow fp16; the mask and softmax in fp32 (-1e9, exp)
+            att = ops.bmm(q * self.scale, k.transpose(0, 1, 3, 2)).astype(ms.float32) + mask  # (B, nh, S, S)
         out = ops.bmm(ops.softmax(att, axis=-1).astype(dt), v)  # (B, nh, S, hd)
         out = out.transpose(0, 2, 1, 3).reshape(b, s, h)  # (B, S, H) <- (B, S, nh, hd)
         return ops.matmul(out, self.w_o.astype(dt)).astype(ms.float32)

@@ -14,10 +14,12 @@ Both write a run directory (OUT/config.yaml plus the checkpoint), so `eval`, `ge
 """
 import dataclasses
 import os
+import shutil
 
 from mindspore import Tensor
 
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
+from pangu_moe.data.source import TOKENIZER_RECORD
 from pangu_moe.model.pangu import domain_slice, extract_domain, is_expert_parameter
 from pangu_moe.train import checkpoint
 from pangu_moe.train.optim import HybridEpsAdamW
@@ -74,7 +76,7 @@ def reshard(path, out, ep=None, consolidate=False):
         dispatch = "simulated"  # one process holds every expert
     cfg = RunConfig.from_dict(source.to_dict(), [f"parallel.nodes={nodes}", f"parallel.devices_per_node={devices}",
                                                  f"parallel.dispatch={dispatch}"])
-    _prepare(out)
+    _prepare(out, path)
     cfg.save(os.path.join(out, "config.yaml"))
     if consolidate:
         target = os.path.join(out, "model.ckpt")
@@ -95,10 +97,15 @@ def reshard(path, out, ep=None, consolidate=False):
     return folder
 
 
-def _prepare(out):
+def _prepare(out, source):
+    """Make the new run directory `out` for a checkpoint converted from checkpoint `source`, with the source
+    run's tokenizer record (`data.source.TOKENIZER_RECORD`) if it has one."""
     if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(os.path.join(out, "model.ckpt")):
         raise ConfigError(f"--out {out}: already holds a checkpoint; choose a new folder")
     os.makedirs(out, exist_ok=True)
+    record = os.path.join(checkpoint.run_dir_of(source), TOKENIZER_RECORD)
+    if os.path.isfile(record):
+        shutil.copyfile(record, os.path.join(out, TOKENIZER_RECORD))
 
 
 def extract_domain_run(path, domain, out):
@@ -128,7 +135,7 @@ def extract_domain_run(path, domain, out):
             if name.startswith(prefix):
                 name = name[len(prefix):]
         p.set_data(Tensor(domain_slice(name, moments[p.name], d, moe.num_experts, moe.num_groups), p.dtype))
-    _prepare(out)
+    _prepare(out, path)
     sub_cfg.save(os.path.join(out, "config.yaml"))
     from pangu_moe.train.trainer import config_fingerprint
     folder = checkpoint.step_path(out, int(state["step"]))

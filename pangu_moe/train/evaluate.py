@@ -21,10 +21,10 @@ class Evaluator:
         token_bytes: int [V], the UTF-8 bytes of each token id (the tokenizer's `token_bytes`).
     """
 
-    def __init__(self, windows, names, batch_size, eval_step, rows=slice(None), token_bytes=None):
+    def __init__(self, windows, names, batch_size, eval_step, rows, token_bytes):
         self.names = list(names)
         self.inputs, self.labels, self.domain_ids = windows
-        self.token_bytes = np.ones(256, np.int64) if token_bytes is None else np.asarray(token_bytes)
+        self.token_bytes = np.asarray(token_bytes)
         self.batch_size, self.eval_step, self.rows = batch_size, eval_step, rows
         self.num_batches = len(self.inputs) // batch_size
         if self.num_batches == 0:

@@ -13,8 +13,7 @@ from pangu_moe.accounting.traffic import PLACES, layer_record, route_classes, wi
 from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
-from pangu_moe.data.corpus import DataError
-from pangu_moe.data.source import RunData
+from pangu_moe.data.source import RunData, check_tokenizer, record_tokenizer
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
 from pangu_moe.precision import BYTES, LossScaler
@@ -30,7 +29,6 @@ from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
-TOKENIZER_RECORD = "tokenizer_identity.json"  # in the run directory: which tokenizer the run trains with
 LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
@@ -52,7 +50,7 @@ class Trainer:
         self.rank = runtime.setup(cfg.runtime, cfg.parallel)
         self.log = log if self.rank == 0 else _silent  # rank 0 writes logs and outputs for the whole world
         m, moe, t = cfg.model, cfg.moe, cfg.train
-        self.data = RunData(cfg, verify=self.rank == 0)  # one process reading every shard is enough
+        self.data = RunData(cfg)
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
         self.model = build_model(cfg, self.rank)
         if self.rank:
@@ -170,7 +168,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         resume_from = check_run_dir(cfg, self.run_dir, resume, self.log)
         if resume_from:
-            check_tokenizer(self.run_dir, self.data.tokenizer)
+            check_tokenizer(self.run_dir, self.data.tokenizer, "--resume")
+        if self.rank == 0:
+            self.data.verify()  # one process reading every shard is enough
         state = {key: 0 for key in STATE_KEYS}
         state["train_seconds"] = 0.0
         if resume_from:
@@ -180,9 +180,7 @@ class Trainer:
         metrics = None
         if self.rank == 0:
             cfg.save(os.path.join(self.run_dir, "config.yaml"))
-            with open(os.path.join(self.run_dir, TOKENIZER_RECORD), "w", encoding="utf-8") as fh:
-                json.dump({"kind": self.data.tokenizer.kind, "identity": self.data.tokenizer.identity,
-                           "vocab_size": self.data.tokenizer.vocab_size}, fh)
+            record_tokenizer(self.run_dir, self.data.tokenizer)
             metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
                                  keep_until_step=state["step"] if resume else None)
         batches = self.batches(state["step"])
@@ -354,21 +352,6 @@ def check_run_dir(cfg, run_dir, resume, log=None):
         raise ConfigError(f"train.steps = {cfg.train.steps}: the run already reached step {step}; raise "
                           f"train.steps to continue")
     return path
-
-
-def check_tokenizer(run_dir, tokenizer):
-    """Refuse to continue a run whose recorded tokenizer (`TOKENIZER_RECORD`) is not the data's `tokenizer`:
-    the checkpoint's embeddings index another vocabulary (e.g. data.path was prepared again)."""
-    path = os.path.join(run_dir, TOKENIZER_RECORD)
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        recorded = json.load(fh)
-    if recorded["identity"] != tokenizer.identity:
-        raise DataError(f"--resume: the run was trained with a {recorded['kind']} tokenizer of "
-                        f"{recorded['vocab_size']} ids ({recorded['identity'][:12]}), the data's is a {tokenizer.kind} "
-                        f"tokenizer of {tokenizer.vocab_size} ids ({tokenizer.identity[:12]}); resume on the data it "
-                        f"was trained on")
 
 
 def config_fingerprint(cfg):

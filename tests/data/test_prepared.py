@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-from pangu_moe import cli
-from pangu_moe.data import pipeline
+from pangu_moe import cli, generate
+from pangu_moe.data import pipeline, prepared
 from pangu_moe.data.corpus import DataError
 from pangu_moe.data.prepare import MANIFEST, prepare
-from pangu_moe.data.prepared import BLOCK, PreparedCorpus, RankStream, train_batches, val_windows
+from pangu_moe.data.prepared import PreparedCorpus, RankStream, train_batches, val_windows
 from pangu_moe.data.tokenizer import BpeTokenizer, ByteTokenizer
 from pangu_moe.train.checkpoint import remove
 from pangu_moe.train.metrics import read
@@ -78,7 +78,8 @@ def test_text_to_shards_to_windows_to_text(bpe_dir):
     np.testing.assert_array_equal(corpus.read("code", "train", 35, 10), windows[35:45])
 
 
-def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir):
+def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir, monkeypatch):
+    monkeypatch.setattr(prepared, "BLOCK", 8)  # several blocks per share, the last one shorter
     corpus = PreparedCorpus(str(bpe_dir / "bpe"))
     n = corpus.windows["prose", "train"]
     share = n // 2
@@ -93,7 +94,9 @@ def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir):
         assert multiset(epoch) == multiset(everything[rank * share:(rank + 1) * share])
         again = np.stack([stream.next() for _ in range(share)])  # the next epoch: the same windows, another order
         assert multiset(again) == multiset(epoch) and not np.array_equal(again, epoch)
-    assert share > BLOCK // 8  # several windows per rank; the shuffle's block is BLOCK windows
+        later = RankStream(corpus, 0, rank, 2, seed=3, consumed=share + 13)  # from a position inside epoch 1
+        np.testing.assert_array_equal(np.stack([later.next() for _ in range(share - 13)]), again[13:])
+    assert share % 8 and share > 3 * 8
 
 
 @pytest.mark.parametrize("mixture", ["uniform", "bytes", "by_node"])
@@ -143,6 +146,12 @@ def test_bad_input_is_refused_in_one_line_and_writes_no_manifest(tmp_path):
     _refused(tmp_path, good[:2], r"domain 'prose' gives no val window")
     _refused(tmp_path, good, r"--tokenizer bpe:12: the BPE vocabulary must be an integer above 256",
              tokenizer="bpe:12")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tmp_path / "words.json"))
+    _refused(tmp_path, good, r"words.json: cannot be used \(not a byte-level BPE without added tokens \(pre-tokenizer "
+                             r"Whitespace, decoder None, 0 added tokens\)\)", tokenizer=str(tmp_path / "words.json"))
 
 
 def test_bad_utf8_is_replaced_and_counted_and_empty_documents_are_counted(tmp_path):
@@ -211,6 +220,8 @@ def test_resume_refuses_data_prepared_again_with_another_tokenizer(tmp_path):
     with pytest.raises(DataError, match=r"--resume: the run was trained with a bpe tokenizer of 300 ids \(\w{12}\), "
                                         r"the data's is a bpe tokenizer of 300 ids \(\w{12}\)"):
         Trainer(tiny_config(*overrides, "train.steps=4"), str(tmp_path / "run"), log=lambda line: None).train(True)
+    with pytest.raises(DataError, match=r"generate: the run was trained with a bpe tokenizer"):
+        generate.load_model(str(tmp_path / "run" / "checkpoints" / "step_000002"))
 
 
 def test_bpe_runs_count_bits_per_byte_and_check_the_vocabulary(bpe_dir, tmp_path):
