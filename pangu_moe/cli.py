@@ -86,8 +86,15 @@ def _bench_precision(repeats, steps):
     return result, precision.table(result)
 
 
+def _bench_data(repeats, steps):
+    from pangu_moe.bench import data
+    result = data.run(log=lambda line: print(line, file=sys.stderr, flush=True))
+    return result, data.table(result)
+
+
 BENCHES = {"moe-layer": _bench_moe_layer, "dispatch": _bench_dispatch, "ep": _bench_with_log("ep"),
-           "kernels": _bench_with_log("kernels"), "precision": _bench_precision, "all": _bench_with_log("all")}
+           "kernels": _bench_with_log("kernels"), "precision": _bench_precision, "data": _bench_data,
+           "all": _bench_with_log("all")}
 
 
 def _bench(args):
@@ -239,7 +246,8 @@ def build_parser():
                    "layer vs dense FFN, "
                    "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
                    "(4 processes); kernels: reference vs custom gating+layout, permute, unpermute at T=4096/16384, "
-                   "H=1024, E=8/64, K=1/2; precision: the demo model trained in fp32 and in fp16 (not part of all)")
+                   "H=1024, E=8/64, K=1/2; precision: the demo model trained in fp32 and in fp16; data: prepare-data and the "
+                   "prepared reader on 64 and 512 MB synthetic corpora (precision and data are not part of all)")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
     p.add_argument("--steps", type=int, default=None, help="bench precision: training steps (default: the demo's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
