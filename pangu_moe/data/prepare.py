@@ -2,10 +2,12 @@
 
 Output folder:
 - `<domain>-<split>-<nnnnn>.mindrecord` (+ its `.db` index), split `train` or `val`: records
-  {"input_ids": int32 [S + 1]}, one training window each. A domain's documents are tokenized in input
-  order, joined by the tokens of "\\n\\n" and cut into windows of S + 1 tokens overlapping by one (window k
-  covers tokens kS .. kS + S), so the labels of consecutive windows continue each other; the last
-  partial window is dropped (counted). The layout of MindFormers' pretraining MindRecords.
+  {"input_ids": int32 [w * (S + 1)]}, w = `WINDOWS_PER_RECORD` consecutive training windows (fewer in a
+  file's last record). A domain's documents are tokenized in input order, joined by the tokens of "\\n\\n"
+  and cut into windows of S + 1 tokens overlapping by one (window k covers tokens kS .. kS + S), so the
+  labels of consecutive windows continue each other; the last partial window is dropped (counted).
+  Several windows a record because MindRecord checks every record in Python: one window a record wrote
+  5x slower (measured with MindSpore 2.10).
 - `tokenizer.json` for a BPE tokenizer.
 - `manifest.json`, written last and atomically: the format, seq_len, domains, the tokenizer (kind,
   identity, vocab size), per domain and split the documents, tokens, UTF-8 bytes and windows, the
@@ -15,7 +17,7 @@ Output folder:
 Document d of a domain (counting from 0, in input order) is held out for validation when
 d mod k = k // 2, k = max(2, round(1 / val_fraction)): the rule `data.corpus.split_domains` uses.
 
-Memory is bounded whatever the corpus size: the largest document, a write buffer of `WRITE_BATCH` windows
+Memory is bounded whatever the corpus size: the largest document, a write buffer of `WRITE_BATCH` records
 per (domain, split), and a BPE tokenizer's training tables (it is trained on a first pass over the input,
 which `tokenizers` streams).
 """
@@ -31,11 +33,12 @@ from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT = 1
+FORMAT = 2  # format 1 held one window a record
 INPUT_FORMATS = ("jsonl", "folders")
 SPLITS = ("train", "val")
 SEPARATOR = "\n\n"
-WRITE_BATCH = 256  # windows per FileWriter.write_raw_data call
+WINDOWS_PER_RECORD = 64
+WRITE_BATCH = 4  # records per FileWriter.write_raw_data call
 
 
 def sha256_file(path):
@@ -47,46 +50,60 @@ def sha256_file(path):
 
 
 class ShardWriter:
-    """Windows of one (domain, split) into MindRecord files of at most `max_records` windows each.
+    """Windows of one (domain, split) into MindRecord files of at most `max_windows` windows each, packed
+    `WINDOWS_PER_RECORD` to a record.
 
     Returns on `close` the manifest entries of the files written.
     """
 
-    def __init__(self, out, domain, split, seq_len, max_records):
-        self.out, self.prefix, self.seq_len, self.max_records = out, f"{domain}-{split}", seq_len, max_records
+    def __init__(self, out, domain, split, seq_len, max_windows):
+        self.out, self.prefix, self.seq_len, self.max_windows = out, f"{domain}-{split}", seq_len, max_windows
         self.domain, self.split = domain, split
-        self.writer, self.name, self.in_file, self.pending, self.entries = None, None, 0, [], []
+        self.writer, self.name, self.entries = None, None, []
+        self.windows, self.records = [], []  # not yet in a record; records not yet written
+        self.in_file, self.records_in_file = 0, 0  # windows and records of the open file, written or pending
 
     def write(self, window):
         """window: int32 [S + 1]."""
-        self.pending.append({"input_ids": window})
-        if len(self.pending) == WRITE_BATCH or self.in_file + len(self.pending) == self.max_records:
+        self.windows.append(window)
+        if len(self.windows) == WINDOWS_PER_RECORD or self.in_file + len(self.windows) == self.max_windows:
+            self._pack()
+
+    def _pack(self):
+        if not self.windows:
+            return
+        self.records.append({"input_ids": np.concatenate(self.windows)})  # (w*(S+1),)
+        self.in_file += len(self.windows)
+        self.records_in_file += 1
+        self.windows = []
+        if len(self.records) == WRITE_BATCH or self.in_file == self.max_windows:
             self._flush()
 
     def _flush(self):
-        if not self.pending:
+        if not self.records:
             return
         if self.writer is None:
             from mindspore.mindrecord import FileWriter
             name = os.path.join(self.out, f"{self.prefix}-{len(self.entries):05d}.mindrecord")
             self.writer = FileWriter(name, shard_num=1, overwrite=False)
-            self.writer.add_schema({"input_ids": {"type": "int32", "shape": [self.seq_len + 1]}}, "windows")
+            self.writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}}, "windows")
             self.name = name
-        self.writer.write_raw_data(self.pending)
-        self.in_file += len(self.pending)
-        self.pending = []
-        if self.in_file == self.max_records:
+        self.writer.write_raw_data(self.records)
+        self.records = []
+        if self.in_file == self.max_windows:
             self._commit()
 
     def _commit(self):
         self.writer.commit()
         files = [self.name, self.name + ".db"]
         self.entries.append({"file": os.path.basename(self.name), "domain": self.domain, "split": self.split,
-                             "records": self.in_file, "bytes": sum(os.path.getsize(f) for f in files),
+                             "windows": self.in_file, "records": self.records_in_file,
+                             "bytes": sum(os.path.getsize(f) for f in files),
                              "sha256": [sha256_file(f) for f in files]})
-        self.writer, self.in_file = None, 0
+        self.writer, self.in_file, self.records_in_file = None, 0, 0
 
     def close(self):
+        self._pack()
         self._flush()
         if self.writer is not None:
             self._commit()
@@ -208,6 +225,7 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
                 raise DataError(f"{input_path}: domain {domain!r} gives no {split} window of {seq_len + 1} tokens "
                                 f"({per_domain[domain][split]['documents']} documents); add text or lower --seq-len")
     manifest = {"format": FORMAT, "seq_len": seq_len, "domains": list(domains),
+                "windows_per_record": WINDOWS_PER_RECORD,
                 "tokenizer": {"kind": tok.kind, "identity": tok.identity, "vocab_size": tok.vocab_size,
                               "file": TOKENIZER_FILE if tok.kind != BYTES else None},
                 "val_every": every, "counts": per_domain,

@@ -1,7 +1,7 @@
 """Training and validation windows from a prepared corpus (`data.prepare`), read from its MindRecord shards.
 
 Nothing holds the corpus in memory: a batch reads its windows through `mindspore.dataset.MindDataset`
-in blocks of `BLOCK` windows.
+in blocks of `BLOCK` windows (the records holding them, `prepare.WINDOWS_PER_RECORD` windows each).
 
 Training order. Rank r of W owns the contiguous share [r·n, (r+1)·n) of each domain's n·W (+ a remainder
 no rank reads) training windows, so the ranks' data are disjoint. It reads its share in epochs; epoch e
@@ -56,11 +56,13 @@ class PreparedCorpus:
         if self.tokenizer.identity != tok["identity"]:
             raise DataError(f"data.path {path}: {TOKENIZER_FILE} is not the tokenizer the shards were written with "
                             f"(identity differs from the manifest's)")
-        self.files, self.windows = {}, {}
+        self.per_record = m["windows_per_record"]
+        self.files, self.file_windows, self.windows = {}, {}, {}  # per (domain, split): files, windows of each
         for shard in m["shards"]:
             key = (shard["domain"], shard["split"])
             self.files.setdefault(key, []).append(os.path.join(path, shard["file"]))
-            self.windows[key] = self.windows.get(key, 0) + shard["records"]
+            self.file_windows.setdefault(key, []).append(shard["windows"])
+            self.windows[key] = self.windows.get(key, 0) + shard["windows"]
             for file in (self.files[key][-1], self.files[key][-1] + ".db"):
                 if not os.path.isfile(file):
                     raise DataError(f"data.path {path}: shard {os.path.basename(file)} is missing")
@@ -92,13 +94,26 @@ class PreparedCorpus:
         """UTF-8 bytes of each domain's training documents (the `bytes` mixture's weights)."""
         return [self.manifest["counts"][d]["train"]["bytes"] for d in self.domains]
 
+    def _record_of(self, key, window):
+        """(index over all files' records, index of its first window) of the record holding `window`."""
+        per_file = np.asarray(self.file_windows[key])
+        file = int(np.searchsorted(np.cumsum(per_file), window, side="right"))
+        first_window = int(per_file[:file].sum())
+        records_before = int((-(-per_file[:file] // self.per_record)).sum())  # every file's last record may be short
+        local = (window - first_window) // self.per_record
+        return records_before + local, first_window + local * self.per_record
+
     def read(self, domain, split, start, count):
         """Windows [start, start + count) of (domain name, split) in shard order: int32 [count, S + 1]."""
         import mindspore.dataset as ds
-        dataset = ds.MindDataset(self.files[domain, split], columns_list=["input_ids"],
-                                 sampler=ds.SequentialSampler(start_index=start, num_samples=count))
-        rows = [row[0] for row in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)]
-        return np.stack(rows).astype(np.int32)
+        key = (domain, split)
+        first, base = self._record_of(key, start)
+        last, _ = self._record_of(key, start + count - 1)
+        dataset = ds.MindDataset(self.files[key], columns_list=["input_ids"],
+                                 sampler=ds.SequentialSampler(start_index=first, num_samples=last - first + 1))
+        records = [row[0] for row in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)]
+        windows = np.concatenate(records).reshape(-1, self.seq_len + 1)  # (windows of the records, S+1)
+        return windows[start - base:start - base + count].astype(np.int32)
 
 
 class RankStream:

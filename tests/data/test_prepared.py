@@ -78,6 +78,25 @@ def test_text_to_shards_to_windows_to_text(bpe_dir):
     np.testing.assert_array_equal(corpus.read("code", "train", 35, 10), windows[35:45])
 
 
+def test_reads_across_records_and_files_equal_windows_cut_from_the_text(tmp_path):
+    """Bytes, 150 windows a file (records of 64, 64 and 22): any range read equals the windows cut by hand."""
+    docs = [r["text"] for r in _corpus(400) if r["domain"] == "prose"]
+    source = _jsonl(tmp_path / "c.jsonl", [{"text": d, "domain": "prose"} for d in docs])
+    manifest = prepare(source, str(tmp_path / "out"), ["prose"], SEQ, val_fraction=0.1, shard_records=150,
+                       log=lambda line: None)
+    every = manifest["val_every"]
+    stream = "\n\n".join(d for i, d in enumerate(docs) if i % every != every // 2).encode("utf-8")
+    expected = np.frombuffer(stream, np.uint8).astype(np.int32)
+    corpus = PreparedCorpus(str(tmp_path / "out"))
+    n = corpus.windows["prose", "train"]
+    assert n == (len(expected) - 1) // SEQ and n > 2 * 150
+    assert [s["records"] for s in manifest["shards"] if s["split"] == "train"][:2] == [3, 3]
+    for start, count in ((0, 1), (60, 10), (63, 2), (140, 20), (149, 150), (n - 5, 5), (0, n)):
+        got = corpus.read("prose", "train", start, count)
+        want = np.stack([expected[k * SEQ:k * SEQ + SEQ + 1] for k in range(start, start + count)])
+        np.testing.assert_array_equal(got, want)
+
+
 def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir, monkeypatch):
     monkeypatch.setattr(prepared, "BLOCK", 8)  # several blocks per share, the last one shorter
     corpus = PreparedCorpus(str(bpe_dir / "bpe"))
