@@ -204,6 +204,8 @@ def _plan(args):
 
 
 def build_parser():
+    from pangu_moe.data.corpus import BAD_UTF8
+    from pangu_moe.data.prepare import INPUT_FORMATS
     parser = argparse.ArgumentParser(prog="pangu-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints/,summary.json}")
@@ -218,13 +220,13 @@ def build_parser():
     p.add_argument("--out", required=True, help="new folder for the shards, tokenizer and manifest.json")
     p.add_argument("--domains", required=True, help="comma-separated domain names, in data.domains order")
     p.add_argument("--seq-len", type=int, required=True, help="model.seq_len of the runs that will read it")
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "folders"])
+    p.add_argument("--format", default="jsonl", choices=list(INPUT_FORMATS))
     p.add_argument("--tokenizer", default="bytes", help="bytes, bpe:<vocab size> (a byte-level BPE trained on the "
                    "corpus), or the path of a tokenizer.json (default bytes)")
     p.add_argument("--text-field", default="text", help="jsonl: the text field (default text)")
     p.add_argument("--domain-field", default="domain", help="jsonl: the domain field (default domain)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of each domain's documents held out")
-    p.add_argument("--bad-utf8", default="error", choices=["error", "replace"], help="bytes that are not UTF-8: "
+    p.add_argument("--bad-utf8", default="error", choices=list(BAD_UTF8), help="bytes that are not UTF-8: "
                    "stop with the file and line, or decode them as U+FFFD and count the document")
     p.add_argument("--shard-records", type=int, default=65536, help="windows per shard file")
     p.set_defaults(func=_prepare_data)

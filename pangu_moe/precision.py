@@ -32,8 +32,8 @@ class LossScaler(nn.Cell):
     backward and the gradients divided by it after, so small fp16 gradients do not flush to zero.
 
     After a step with non-finite gradients the scale is multiplied by `backoff` (floored at 1); after `window`
-    applied steps in a row without one it doubles (up to `MAX_LOSS_SCALE`). The scale stays a power of 2, so scaling and unscaling
-    are exact. The state is two Parameters saved with the optimizer's checkpoint, so a resumed run goes on
+    applied steps in a row without one it doubles (up to `MAX_LOSS_SCALE`). The scale stays a power of 2, so
+    scaling and unscaling are exact. The state is two Parameters saved with the optimizer's checkpoint, so a resumed run goes on
     with the same scale.
 
     Args:

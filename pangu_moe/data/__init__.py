@@ -1,1 +1,2 @@
-"""Data: byte tokenizer, corpora with domain labels, and the training/eval batch pipelines."""
+"""Data: tokenizers (bytes, byte-level BPE), corpora with domain labels, prepared MindRecord shards, and the
+training/eval batch pipelines."""

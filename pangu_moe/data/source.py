@@ -31,7 +31,6 @@ def check_tokenizer(run_dir, tokenizer, command):
                         f"trained on")
 
 
-
 def run_tokenizer(cfg):
     """The tokenizer of a run's data (`data.source`): bytes, or a prepared corpus's (shards not re-checked)."""
     if cfg.data.source == "prepared":

@@ -15,7 +15,6 @@ previous checkpoint. No checkpoint with a non-finite value is written. A bare `.
 consolidated checkpoint, `save_file`) also loads, unverified: it has no manifest.
 """
 import glob
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe.model.pangu import is_expert_parameter
+from pangu_moe.data.prepare import sha256_file
 from pangu_moe.routing.base import is_noise_buffer
 
 MANIFEST = "manifest.json"
@@ -98,11 +98,7 @@ def _replace_durably(tmp, path):
 
 def file_entry(path):
     """{"file": base name, "bytes": size, "sha256": hex digest} of a written file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def _write_json(path, data):
