@@ -37,27 +37,32 @@ def sample_domain(index, mixture, seed, num_domains, weights=None, layout=(1, 1,
 
 
 class TrainWindows:
-    """Random-access source of training windows.
+    """Random-access source of training windows: rows `rows` of the global batches of `count` samples from
+    sample `start` (a multiple of B).
 
     Args:
         domains: [DomainText]; seq_len: S; seed: int; start: index of the first sample; count: samples;
         mixture: "uniform", "bytes" or "by_node";
-        layout: (batch_size B, ranks W, devices_per_node D), used by "by_node".
+        layout: (batch_size B, ranks W, devices_per_node D), used by "by_node" and by `rows`;
+        rows: a slice of each global batch's B rows (default all).
     Item i: (input_ids [S] int32, labels [S] int32, domain_ids [S] int32).
     """
 
-    def __init__(self, domains, seq_len, seed, start, count, mixture, layout=(1, 1, 1)):
+    def __init__(self, domains, seq_len, seed, start, count, mixture, layout=(1, 1, 1), rows=None):
         self.texts = [d.train for d in domains]
         sizes = np.array([len(t) for t in self.texts], np.float64)
         self.weights = sizes / sizes.sum() if mixture == "bytes" else None
         self.mixture, self.layout = mixture, layout
-        self.seq_len, self.seed, self.start, self.count = seq_len, seed, start, count
+        self.seq_len, self.seed, self.start = seq_len, seed, start
+        self.rows = range(layout[0])[rows or slice(None)]
+        self.count = count // layout[0] * len(self.rows)
 
     def __len__(self):
         return self.count
 
     def __getitem__(self, i):
-        index = self.start + int(i)
+        batch, row = divmod(int(i), len(self.rows))
+        index = self.start + batch * self.layout[0] + self.rows[row]
         rng = np.random.default_rng((self.seed, index))
         domain = sample_domain(index, self.mixture, self.seed, len(self.texts), self.weights, self.layout, rng)
         text = self.texts[domain]
@@ -95,14 +100,16 @@ def interleave(per_domain):
     return windows[:, :-1], windows[:, 1:], domain_ids
 
 
-def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture, ranks=1, devices_per_node=1):
-    """Iterator of numpy batches (input_ids, labels, domain_ids) [B, S] for steps start_step..steps-1.
+def train_batches(domains, seq_len, batch_size, seed, start_step, steps, mixture, ranks=1, devices_per_node=1,
+                  rows=None):
+    """Iterator of numpy batches (input_ids, labels, domain_ids) int32 [b, S] for steps start_step..steps-1: the
+    rows `rows` (a slice of the B rows, default all) of each global batch.
 
     `ranks` W and `devices_per_node` D place the domains for the "by_node" mixture."""
     source = TrainWindows(domains, seq_len, seed, start_step * batch_size, (steps - start_step) * batch_size,
-                          mixture, (batch_size, ranks, devices_per_node))
+                          mixture, (batch_size, ranks, devices_per_node), rows)
     dataset = ds.GeneratorDataset(source, column_names=COLUMNS, shuffle=False, num_parallel_workers=1)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(len(source.rows), drop_remainder=True)
     return dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
 
 

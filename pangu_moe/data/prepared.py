@@ -12,9 +12,8 @@ for in-memory corpora) and its window is the next one of that domain in rank j /
 position of every (rank, domain) stream is a function of the step, so a resumed run reads exactly the
 windows of an uninterrupted one.
 
-One limit: a process builds the whole global batch (B·(S+1) tokens a step, read from every rank's
-share), not only its own rows, because the routers' host-side probes (`Router.before_step`) see the
-global batch on every backend.
+A process builds only its own rows (`rows`): it reads the streams of the ranks it holds and no other rank's
+share.
 """
 import json
 import os
@@ -158,9 +157,12 @@ class RankStream:
         return self.cached[2][offset]
 
 
-def train_batches(corpus, batch_size, seed, start_step, steps, mixture, world=1, devices_per_node=1):
-    """Iterator of numpy batches (input_ids, labels, domain_ids) [B, S] int32 for steps start_step..steps-1."""
-    num_domains, rows = len(corpus.domains), batch_size // world
+def train_batches(corpus, batch_size, seed, start_step, steps, mixture, world=1, devices_per_node=1, rows=None):
+    """Iterator of numpy batches (input_ids, labels, domain_ids) int32 [b, S] for steps start_step..steps-1: the
+    rows `rows` (a slice of the global batch's B rows, default all) of each global batch, read from the streams
+    of the ranks holding them only."""
+    num_domains, per_rank = len(corpus.domains), batch_size // world
+    rows = range(batch_size)[rows or slice(None)]
     weights = np.asarray(corpus.train_bytes(), np.float64)
     weights = weights / weights.sum()
     layout = (batch_size, world, devices_per_node)
@@ -169,19 +171,20 @@ def train_batches(corpus, batch_size, seed, start_step, steps, mixture, world=1,
         return sample_domain(i, mixture, seed, num_domains, weights, layout)
 
     consumed = np.zeros((world, num_domains), np.int64)
-    for i in range(start_step * batch_size):  # every earlier sample's (rank, domain): the streams' positions
-        consumed[(i % batch_size) // rows, domain_of(i)] += 1
+    for step in range(start_step):  # every earlier sample's (rank, domain) on these rows: the streams' positions
+        for j in rows:
+            consumed[j // per_rank, domain_of(step * batch_size + j)] += 1
     streams = {}
     for step in range(start_step, steps):
         windows, domains = [], []
-        for j in range(batch_size):
-            rank, domain = j // rows, domain_of(step * batch_size + j)
+        for j in rows:
+            rank, domain = j // per_rank, domain_of(step * batch_size + j)
             if (rank, domain) not in streams:
                 streams[rank, domain] = RankStream(corpus, domain, rank, world, seed, int(consumed[rank, domain]))
             windows.append(streams[rank, domain].next())
             domains.append(domain)
-        windows = np.stack(windows)  # (B, S+1)
-        domain_ids = np.repeat(np.asarray(domains, np.int32)[:, None], windows.shape[1] - 1, 1)  # (B, S)
+        windows = np.stack(windows)  # (b, S+1)
+        domain_ids = np.repeat(np.asarray(domains, np.int32)[:, None], windows.shape[1] - 1, 1)  # (b, S)
         yield windows[:, :-1], windows[:, 1:], domain_ids
 
 

@@ -62,15 +62,16 @@ class RunData:
         if self.corpus is not None:
             self.corpus.verify()
 
-    def batches(self, start_step, world, devices_per_node):
-        """The global batches (input_ids, labels, domain_ids) numpy int32 [B, S] of steps start_step..train.steps-1."""
+    def batches(self, start_step, world, devices_per_node, rows=None):
+        """Batches (input_ids, labels, domain_ids) numpy int32 [b, S] of steps start_step..train.steps-1: the rows
+        `rows` (a slice, default all B) of each global batch, built without reading the others."""
         c = self.cfg
         t = c.train
         if self.corpus is not None:
             return prepared.train_batches(self.corpus, t.batch_size, c.runtime.seed, start_step, t.steps,
-                                          c.data.mixture, world, devices_per_node)
+                                          c.data.mixture, world, devices_per_node, rows)
         return pipeline.train_batches(self.domains, c.model.seq_len, t.batch_size, c.runtime.seed, start_step, t.steps,
-                                      c.data.mixture, world, devices_per_node)
+                                      c.data.mixture, world, devices_per_node, rows)
 
     def val_windows(self):
         """(input_ids, labels, domain_ids) int32 [N, S], balanced over the domains."""

@@ -135,8 +135,11 @@ class Trainer:
         return self.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), self.group_tokens)
 
     def batches(self, start_step):
-        """The global batches (input_ids, labels, domain_ids) numpy [B, S] of steps start_step..train.steps-1."""
-        return self.data.batches(start_step, self.topology.world_size, self.cfg.parallel.devices_per_node)
+        """This process's rows (`rows`) of the batches of steps start_step..train.steps-1: (input_ids, labels,
+        domain_ids) numpy int32 [b, S]; the other processes' rows are never read here. The routers' host-side
+        probes (capacity proposals, LocMoE+'s re-estimate) see the global batch because the config allows them
+        only where one process holds every rank."""
+        return self.data.batches(start_step, self.topology.world_size, self.cfg.parallel.devices_per_node, self.rows)
 
     def _before_step(self, step, input_ids, domain_ids):
         """Every router's `before_step` for training step `step` (0-based), in layer order; returns each
@@ -195,9 +198,8 @@ class Trainer:
             state["capacity_sum"] += float(np.mean(capacities))
             # Training noise is a function of (seed, step), the same in every process: no RNG state to save.
             self.model.feed_noise(np.random.default_rng([cfg.runtime.seed, state["step"]]))
-            rows = self.rows
             out, bucket, seconds, timed = self.run_step(capacities, (
-                Tensor(input_ids[rows]), Tensor(labels[rows]), Tensor(domain_ids[rows]), Tensor(lr, ms.float32)))
+                Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32)))
             loss, lm_loss, router_losses, grad_norm, demand, kept, loss_scale = out
             state["step"] = step = state["step"] + 1
             if np.isfinite(loss) and np.isfinite(grad_norm):

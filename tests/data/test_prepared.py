@@ -131,6 +131,33 @@ def test_batches_from_a_position_are_the_tail_of_batches_from_zero(bpe_dir, mixt
         assert (domains == [0, 0, 1, 1]).all()  # 2 nodes of one device: node n holds domain n
 
 
+@pytest.mark.parametrize("mixture", ["uniform", "by_node"])
+def test_a_process_reads_only_its_rows(bpe_dir, mixture, monkeypatch):
+    corpus = PreparedCorpus(str(bpe_dir / "bpe"))
+    whole = list(train_batches(corpus, 4, 11, 3, 7, mixture, world=2, devices_per_node=1))
+    read = []
+    monkeypatch.setattr(RankStream, "__init__", _recording(RankStream.__init__, read))
+    mine = list(train_batches(corpus, 4, 11, 3, 7, mixture, world=2, devices_per_node=1, rows=slice(2, 4)))
+    assert len(mine) == 4 and all(all(np.array_equal(a[2:], b) for a, b in zip(x, y)) for x, y in zip(whole, mine))
+    assert read and {rank for rank, _ in read} == {1}  # rank 1's streams only: rank 0's share is never read
+
+
+def _recording(init, read):
+    def recorded(self, corpus, domain, rank, world, seed, consumed=0):
+        read.append((rank, domain))
+        init(self, corpus, domain, rank, world, seed, consumed)
+    return recorded
+
+
+def test_in_memory_rows_are_the_global_batches_rows():
+    from pangu_moe.data.corpus import load_corpus
+    domains = load_corpus(tiny_config().data, 32)
+    whole = list(pipeline.train_batches(domains, 32, 4, 5, 2, 5, "by_node", 2, 1))
+    mine = list(pipeline.train_batches(domains, 32, 4, 5, 2, 5, "by_node", 2, 1, rows=slice(2, 4)))
+    assert len(mine) == 3 and all(all(np.array_equal(a[2:], b) for a, b in zip(x, y)) for x, y in zip(whole, mine))
+    assert (mine[0][2][:, 0] == [1, 1]).all()  # by_node: node 1 holds domain 1
+
+
 def test_in_memory_batches_from_a_position_are_the_tail_of_batches_from_zero():
     from pangu_moe.data.corpus import load_corpus
     domains = load_corpus(tiny_config().data, 32)
