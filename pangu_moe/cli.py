@@ -153,14 +153,13 @@ def _prepare_data(args):
 
 def _generate(args):
     from pangu_moe import generate
-    from pangu_moe.data.source import run_tokenizer
     from pangu_moe.progress import Progress
     from pangu_moe.train import checkpoint
-    cfg, model = generate.load_model(args.checkpoint, args.overrides)
+    cfg, model, tok = generate.load_model(args.checkpoint, args.overrides)
     progress = Progress("generate", "bytes")
-    text, trace = generate.generate(cfg, model, args.prompt, args.domain, args.max_bytes, args.temperature,
+    text, trace = generate.generate(cfg, model, tok, args.prompt, args.domain, args.max_bytes, args.temperature,
                                     args.top_k, args.seed, progress.update)
-    print(args.prompt + run_tokenizer(cfg).decode(text))
+    print(args.prompt + tok.decode(text))
     if args.trace:
         from pangu_moe.report import trace as trace_text
         colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

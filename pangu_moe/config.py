@@ -224,6 +224,9 @@ class DataConfig:
                              lo=0.0, hi=0.5, lo_open=True)
     max_bytes_per_domain: int = _f(3_000_000, "cap on the bytes read per domain (in-memory sources)", lo=1)
     max_val_windows: int = _f(1024, "prepared: validation windows read per domain (the first ones)", lo=1)
+    tokenizer: str = _f("bytes", "in-memory sources (demo, jsonl, folders): bytes, or bpe:<V>, a byte-level BPE of V "
+                        "ids trained on the training split when the run starts and kept in the run directory; a "
+                        "prepared corpus carries its own tokenizer")
 
 
 @dataclass
@@ -293,6 +296,11 @@ class RunConfig:
         _require(data.source != "demo" or data.domains == ["prose", "code"], "data.domains", data.domains,
                  "[prose, code] for data.source=demo")
         _require(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, ">= 256 (byte tokenizer)")
+        bpe = bpe_vocab_size(data.tokenizer)
+        _require(data.source != "prepared" or data.tokenizer == "bytes", "data.tokenizer", data.tokenizer,
+                 "bytes with data.source=prepared (a prepared corpus carries its tokenizer)")
+        _require(m.vocab_size >= bpe, "model.vocab_size", m.vocab_size,
+                 f">= {bpe}, the vocabulary of data.tokenizer={data.tokenizer}")
         _require(self.train.min_lr <= self.train.lr, "train.min_lr", self.train.min_lr,
                  f"<= train.lr={self.train.lr}")
         _require(self.train.precision != "bf16" or self.runtime.device == "Ascend", "train.precision",
@@ -346,6 +354,16 @@ class RunConfig:
 
 def _one_line(e):
     return " ".join(str(e).split())
+
+
+def bpe_vocab_size(spec):
+    """`data.tokenizer` -> the BPE's vocabulary size V, or 0 for bytes; ConfigError naming the field otherwise."""
+    if spec == "bytes":
+        return 0
+    size = spec[4:] if spec.startswith("bpe:") else ""
+    _require(size.isdigit() and int(size) > 256, "data.tokenizer", spec,
+             "bytes or bpe:<V> with V > 256 (e.g. bpe:1024)")
+    return int(size)
 
 
 def _require(ok, path, value, allowed):

@@ -41,19 +41,19 @@ def _one_pass(cfg, model, ids, domain_id):
 
 
 def test_same_seed_same_text_and_trace(loaded):
-    cfg, model = loaded
-    first = generate.generate(cfg, model, PROMPT, "code", 20, 1.0, 0, seed=3)
-    again = generate.generate(cfg, model, PROMPT, "code", 20, 1.0, 0, seed=3)
-    other = generate.generate(cfg, model, PROMPT, "code", 20, 1.0, 0, seed=4)
+    cfg, model, tok = loaded
+    first = generate.generate(cfg, model, tok, PROMPT, "code", 20, 1.0, 0, seed=3)
+    again = generate.generate(cfg, model, tok, PROMPT, "code", 20, 1.0, 0, seed=3)
+    other = generate.generate(cfg, model, tok, PROMPT, "code", 20, 1.0, 0, seed=4)
     assert first == again
     assert first[0] != other[0]
     assert len(first[0]) == 20 and all(0 <= b < 256 for b in first[0])
 
 
 def test_trace_equals_the_routing_of_the_finished_text(loaded):
-    cfg, model = loaded
+    cfg, model, tok = loaded
     for domain in ("prose", "code"):  # two groups: the domain picks the experts a byte may use
-        generated, trace = generate.generate(cfg, model, PROMPT, domain, 20, 1.0, 0, seed=5)
+        generated, trace = generate.generate(cfg, model, tok, PROMPT, domain, 20, 1.0, 0, seed=5)
         ids = trace["bytes"]
         assert ids == [ord(c) for c in PROMPT] + generated and trace["prompt_bytes"] == len(PROMPT)
         _, index = _one_pass(cfg, model, ids, cfg.data.domains.index(domain))
@@ -65,16 +65,16 @@ def test_trace_equals_the_routing_of_the_finished_text(loaded):
 
 
 def test_greedy_decoding_follows_the_one_pass_logits(loaded):
-    cfg, model = loaded
-    generated, trace = generate.generate(cfg, model, PROMPT, None, 20, 0.0, 0)
+    cfg, model, tok = loaded
+    generated, trace = generate.generate(cfg, model, tok, PROMPT, None, 20, 0.0, 0)
     logits, _ = _one_pass(cfg, model, trace["bytes"], 0)
     for position, byte in enumerate(generated, start=len(PROMPT) - 1):
         assert byte == int(np.argmax(logits[position, :256]))
 
 
 def test_a_text_longer_than_the_context_slides_its_window(loaded):
-    cfg, model = loaded
-    generated, trace = generate.generate(cfg, model, PROMPT, None, 40, 1.0, 5, seed=1)
+    cfg, model, tok = loaded
+    generated, trace = generate.generate(cfg, model, tok, PROMPT, None, 40, 1.0, 5, seed=1)
     assert len(generated) == 40 and np.array(trace["expert_index"]).shape == (2, len(PROMPT) + 40, 2)
 
 

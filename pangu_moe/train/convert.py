@@ -19,7 +19,7 @@ import shutil
 from mindspore import Tensor
 
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
-from pangu_moe.data.source import TOKENIZER_RECORD
+from pangu_moe.data.source import RUN_FILES
 from pangu_moe.model.pangu import domain_slice, extract_domain, is_expert_parameter
 from pangu_moe.train import checkpoint
 from pangu_moe.train.optim import HybridEpsAdamW
@@ -99,13 +99,14 @@ def reshard(path, out, ep=None, consolidate=False):
 
 def _prepare(out, source):
     """Make the new run directory `out` for a checkpoint converted from checkpoint `source`, with the source
-    run's tokenizer record (`data.source.TOKENIZER_RECORD`) if it has one."""
+    run's tokenizer files (`data.source.RUN_FILES`) that it has."""
     if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(os.path.join(out, "model.ckpt")):
         raise ConfigError(f"--out {out}: already holds a checkpoint; choose a new folder")
     os.makedirs(out, exist_ok=True)
-    record = os.path.join(checkpoint.run_dir_of(source), TOKENIZER_RECORD)
-    if os.path.isfile(record):
-        shutil.copyfile(record, os.path.join(out, TOKENIZER_RECORD))
+    for name in RUN_FILES:
+        path = os.path.join(checkpoint.run_dir_of(source), name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out, name))
 
 
 def extract_domain_run(path, domain, out):

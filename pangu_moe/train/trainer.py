@@ -50,7 +50,8 @@ class Trainer:
         self.rank = runtime.setup(cfg.runtime, cfg.parallel)
         self.log = log if self.rank == 0 else _silent  # rank 0 writes logs and outputs for the whole world
         m, moe, t = cfg.model, cfg.moe, cfg.train
-        self.data = RunData(cfg)
+        # A run dir with checkpoints (resume, eval) holds the BPE its run trained; a fresh run trains its own.
+        self.data = RunData(cfg, run_dir=run_dir if checkpoint.list_checkpoints(run_dir) else None)
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
         self.model = build_model(cfg, self.rank)
         if self.rank:

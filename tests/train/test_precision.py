@@ -138,10 +138,10 @@ def test_fp16_resume_on_simulated_ranks_reproduces_an_uninterrupted_run(tmp_path
     assert again["val_bpb"] == summary["val_bpb"]
     # The checkpoint serves the other paths in fp16: reshard to 2 expert shards, then generate from it.
     resharded = convert.reshard(str(tmp_path / "a" / "checkpoints" / "step_000008"), str(tmp_path / "ep2"), ep=2)
-    cfg, model = generate.load_model(resharded)
+    cfg, model, tok = generate.load_model(resharded)
     assert cfg.train.precision == "fp16" and model.compute_dtype == ms.float16
-    text, trace = generate.generate(cfg, model, "def f(x):", "code", 8, 1.0, 0, seed=3)
-    assert (text, trace) == generate.generate(cfg, model, "def f(x):", "code", 8, 1.0, 0, seed=3)
+    text, trace = generate.generate(cfg, model, tok, "def f(x):", "code", 8, 1.0, 0, seed=3)
+    assert (text, trace) == generate.generate(cfg, model, tok, "def f(x):", "code", 8, 1.0, 0, seed=3)
     assert len(text) == 8 and all(0 <= b < 256 for b in text)
 
 
