@@ -11,6 +11,7 @@ setup(
         "mindspore>=2.10,<2.11",
         "numpy>=1.25,<2",  # MindSpore 2.10 breaks with numpy 2 but does not pin it
         "pyyaml",
+        "scipy",  # t quantiles for the studies' confidence intervals (MindSpore requires it too)
         # Byte-level BPE for prepare-data: trains from a stream in Rust; tokenizer.json is read by MindFormers
         # and HF alike. Pinned to one minor version so a tokenizer trained here tokenizes alike everywhere.
         "tokenizers>=0.23,<0.24",
