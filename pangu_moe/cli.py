@@ -198,7 +198,7 @@ def _report(args):
 def _plan(args):
     from pangu_moe.analysis import plan
     result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
-                      hierarchical=args.hierarchical)
+                      hierarchical=args.hierarchical, experts=args.experts, tensor_parallel=args.tensor_parallel)
     print(json.dumps(result) if args.json else plan.table(result))
 
 
@@ -314,7 +314,11 @@ def build_parser():
     p.add_argument("--devices", type=int, nargs="+", default=[64, 128, 256], help="device counts")
     p.add_argument("--tokens", type=float, default=None, help="kept choices per device per layer (default: the run's)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size H (default: the run's)")
-    p.add_argument("--hierarchical", action="store_true", help="two-stage exchange message counts")
+    p.add_argument("--hierarchical", action="store_true", help="node-hierarchical two-stage exchange message counts")
+    p.add_argument("--experts", type=int, default=None, help="experts E of the target model (default: a multiple "
+                   "of every device count); layouts that cannot be built are listed, not modelled")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="tensor-parallel size mp: LocMoE's group-wise "
+                   "exchange (1/mp of the all-to-all, then an AllGather inside the node)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
     return parser

@@ -15,6 +15,17 @@ Model (our assumptions, stated so they can be argued with):
   transfer times, plus one latency per message. A flat all-to-all sends one message to each of the
   W - 1 peers; a hierarchical one sends N - 1 inter-node messages (to its same-local-rank peers) and
   D - 1 intra-node ones, carrying the same bytes.
+- Experts (`expert_layout`, when E is given): E a multiple of W spreads E/W experts a device, as without
+  E; W a multiple of E gives each expert W/E consecutive devices, which must tile the nodes (W/E divides D
+  or D divides W/E). Then a node hosts max(1, E/N) experts, so a uniform choice stays home with chance
+  max(1/N, 1/E): with E < N a node hosts one expert (spread over several nodes) and lambda is applied
+  to 1/E. Inside a node, a choice whose expert is home stays on the device with chance 1/(experts a node)
+  when E < W (the device hosts one of them), 1/D otherwise. Any other (E, W) is an impossible layout.
+  With tensor parallelism the experts are spread over the W/mp ep ranks (D/mp a node) instead of W.
+- Tensor parallelism mp (`tensor_parallel`, LocMoE's group-wise exchange, `dispatch/group_wise.py`): the
+  mp devices of a tp group hold the same tokens and each sends 1/mp of them across the all-to-all, which
+  runs among the W/mp devices at the same tp position (D/mp a node); the tp group then AllGathers inside
+  the node what the others received: (mp - 1)/mp of the tokens, both directions. mp must divide D.
 """
 from dataclasses import dataclass
 
@@ -51,27 +62,55 @@ def locality_preference(inter_fraction, nodes):
     return min(1.0, max(0.0, 1.0 - inter_fraction / (1.0 - 1.0 / nodes)))
 
 
-def exchange_seconds(tokens, hidden, bytes_per_value, preference, cluster, devices, hierarchical=False):
+class LayoutError(ValueError):
+    """An (experts, devices, tensor-parallel) layout that cannot be built; the message says why."""
+
+
+def expert_layout(experts, devices, devices_per_node):
+    """(share of a uniform choice whose expert is on the token's node, share of a home choice that stays on the
+    device) for E = `experts` on W = `devices` (module doc). Raises LayoutError for layouts that cannot be built."""
+    d = devices_per_node
+    nodes = devices // d
+    if experts is None or experts % devices == 0:
+        return 1.0 / nodes, 1.0 / d
+    if devices % experts:
+        raise LayoutError(f"E = {experts} experts on W = {devices} devices: impossible, one must divide the other "
+                          f"(each device hosts E/W experts, or each expert W/E devices)")
+    span = devices // experts
+    if span % d and d % span:
+        raise LayoutError(f"E = {experts} experts on W = {devices} devices: impossible, an expert's {span} devices "
+                          f"would straddle two nodes of {d}")
+    per_node = max(1, experts // nodes)
+    return max(1.0 / nodes, 1.0 / experts), 1.0 / per_node
+
+
+def exchange_seconds(tokens, hidden, bytes_per_value, preference, cluster, devices, hierarchical=False, experts=None,
+                     tensor_parallel=1):
     """Estimated exchange time of one MoE layer on one device (dispatch + combine).
 
     Args:
         tokens: kept choices per device; hidden: H; bytes_per_value: 2 for fp16/bf16;
         preference: lambda (`locality_preference`); cluster: `Cluster`; devices: W (a multiple of D);
-        hierarchical: message count of the two-stage exchange.
+        hierarchical: message count of the two-stage exchange; experts: E (None: a multiple of W);
+        tensor_parallel: mp, the group-wise exchange's tp size (1: plain exchange).
     Returns:
         dict: seconds, inter_fraction, intra_bytes, inter_bytes, messages (per direction).
+    Raises: ValueError if W is not a multiple of D; LayoutError for an impossible (E, W, mp).
     """
-    d = cluster.devices_per_node
+    d, mp = cluster.devices_per_node, tensor_parallel
     if devices % d:
         raise ValueError(f"exchange_seconds: devices = {devices} must be a multiple of {d} per node")
+    if mp < 1 or d % mp:
+        raise LayoutError(f"tensor parallelism {mp}: impossible, it must divide the {d} devices of a node")
     nodes = devices // d
-    home = preference + (1.0 - preference) / nodes
+    uniform_home, stay = expert_layout(experts, devices // mp, d // mp)  # experts live on the W/mp ep ranks
+    home = preference + (1.0 - preference) * uniform_home
     inter = 1.0 - home
     vector = hidden * bytes_per_value
-    intra_bytes = 2 * tokens * home * (d - 1) / d * vector
-    inter_bytes = 2 * tokens * inter * vector
-    intra_messages = d - 1
-    inter_messages = (nodes - 1) if hierarchical else devices - d
+    intra_bytes = 2 * tokens * home * (1.0 - stay) * vector / mp + 2 * tokens * (mp - 1) / mp * vector
+    inter_bytes = 2 * tokens * inter * vector / mp
+    intra_messages = d // mp - 1 + (mp - 1)
+    inter_messages = (nodes - 1) if hierarchical else (devices - d) // mp
     seconds = max(intra_bytes / (cluster.intra_bandwidth * 1e9), inter_bytes / (cluster.inter_bandwidth * 1e9)) + \
         2 * (intra_messages * cluster.intra_latency + inter_messages * cluster.inter_latency)
     return {"seconds": seconds, "inter_fraction": inter, "intra_bytes": intra_bytes, "inter_bytes": inter_bytes,

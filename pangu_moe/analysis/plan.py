@@ -9,7 +9,7 @@ import json
 import os
 
 from pangu_moe.config import ConfigError, RunConfig
-from pangu_moe.accounting.cost import PRESETS, exchange_seconds, locality_preference
+from pangu_moe.accounting.cost import PRESETS, LayoutError, exchange_seconds, locality_preference
 from pangu_moe.report.runs import SUMMARY, find_runs
 
 DEVICES = (64, 128, 256)
@@ -29,24 +29,34 @@ def run_profile(run_dir):
     return locality_preference(summary["inter_node_fraction"], nodes), tokens, cfg.model.hidden
 
 
-def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, bytes_per_value=2, hierarchical=False):
-    """Returns {"cluster": ..., "rows": [{router, devices, ms, inter_fraction}], "reductions": {...}}."""
+def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, bytes_per_value=2, hierarchical=False,
+        experts=None, tensor_parallel=1):
+    """Returns {"cluster": ..., "rows": [{router, devices, ms, inter_fraction}], "impossible": [{devices, why}],
+    "reductions": {...}}. `experts` E (default: a multiple of every device count) and `tensor_parallel` mp (the
+    group-wise exchange) shape the layout; a device count whose layout cannot be built is listed under
+    "impossible" instead of being modelled."""
     if cluster not in PRESETS:
         raise ConfigError(f"plan: --cluster {cluster!r}: must be one of {', '.join(PRESETS)}")
     spec = PRESETS[cluster]
-    rows = []
+    rows, impossible = [], {}
     for name, run_dir in find_runs(paths, SUMMARY, "plan").items():
         preference, measured_tokens, measured_hidden = run_profile(run_dir)
         for w in devices:
-            est = exchange_seconds(tokens or measured_tokens, hidden or measured_hidden, bytes_per_value, preference,
-                                   spec, w, hierarchical)
+            try:
+                est = exchange_seconds(tokens or measured_tokens, hidden or measured_hidden, bytes_per_value,
+                                       preference, spec, w, hierarchical, experts, tensor_parallel)
+            except LayoutError as e:
+                impossible[w] = str(e)
+                continue
             rows.append({"router": name, "devices": w, "ms": est["seconds"] * 1e3,
                          "inter_fraction": est["inter_fraction"], "locality_preference": preference})
     times = {(r["router"], r["devices"]): r["ms"] for r in rows}
     reductions = {f"{a}_vs_{b}@{w}": 1.0 - times[(a, w)] / times[(b, w)]
                   for a in ("locmoe", "locmoe_plus") for b in ("topk", "rre") for w in devices
                   if (a, w) in times and (b, w) in times}
-    return {"cluster": spec.name, "assumptions": spec.source, "rows": rows, "reductions": reductions}
+    return {"cluster": spec.name, "assumptions": spec.source, "experts": experts, "tensor_parallel": tensor_parallel,
+            "rows": rows, "impossible": [{"devices": w, "why": why} for w, why in sorted(impossible.items())],
+            "reductions": reductions}
 
 
 def table(result):
@@ -54,4 +64,5 @@ def table(result):
              f"{'router':12s} {'devices':>7s} {'ms/layer':>9s} {'inter':>6s}"]
     lines += [f"{r['router']:12s} {r['devices']:7d} {r['ms']:9.3f} {r['inter_fraction']:6.3f}" for r in result["rows"]]
     lines += [f"{key}: exchange time {-value:+.1%}" for key, value in result["reductions"].items()]
+    lines += [f"{r['devices']} devices: {r['why']}" for r in result["impossible"]]
     return "\n".join(lines)

@@ -5,17 +5,23 @@ Every primitive maps x [R, G, ...] -> [R, G, ...], where R is the number of rank
 sends to the j-th member of its group, on exit x[r, j] is what rank r received from the j-th member.
 
 Groups are the world, a node's ranks (`intra`) or the ranks with the same local rank on every node
-(`inter`); rank = node * D + local rank (`dispatch.topology.Topology`).
+(`inter`); rank = node * D + local rank (`dispatch.topology.Topology`). The group-wise exchange
+(`dispatch.group_wise`) adds tensor-parallel groups of mp consecutive ranks (`tp`) and the expert-parallel
+groups of the ranks at the same position in their tp group (`ep`).
 """
 from mindspore import nn, ops
 
-GROUP_KINDS = ("world", "intra", "inter")
+GROUP_KINDS = ("world", "intra", "inter", "tp", "ep")
 _CREATED_GROUPS = set()  # sub-groups this process has created
 
 
-def group_members(kind, rank, nodes, devices_per_node):
-    """The world ranks of `rank`'s group of `kind`, in member order: list of ints."""
+def group_members(kind, rank, nodes, devices_per_node, mp=1):
+    """The world ranks of `rank`'s group of `kind`, in member order: list of ints (`mp`: the tp group size)."""
     node, local = divmod(rank, devices_per_node)
+    if kind == "tp":
+        return list(range(rank - rank % mp, rank - rank % mp + mp))
+    if kind == "ep":
+        return list(range(rank % mp, nodes * devices_per_node, mp))
     if kind == "world":
         return list(range(nodes * devices_per_node))
     if kind == "intra":
@@ -25,10 +31,11 @@ def group_members(kind, rank, nodes, devices_per_node):
     raise ValueError(f"group kind {kind!r}: must be one of {', '.join(GROUP_KINDS)}")
 
 
-def group_name(kind, rank, nodes, devices_per_node):
-    """A name for `rank`'s sub-group of `kind` ("intra" or "inter"), the same on all its members."""
+def group_name(kind, rank, nodes, devices_per_node, mp=1):
+    """A name for `rank`'s sub-group of `kind` (not "world"), the same on all its members."""
     node, local = divmod(rank, devices_per_node)
-    return {"intra": f"ep_intra_node{node}", "inter": f"ep_inter_local{local}"}[kind]
+    return {"intra": f"ep_intra_node{node}", "inter": f"ep_inter_local{local}", "tp": f"tp{mp}_group{rank // mp}",
+            "ep": f"ep_tp{mp}_position{rank % mp}"}[kind]
 
 
 class SimulatedAllToAll(nn.Cell):
@@ -54,13 +61,13 @@ class SimulatedAllToAll(nn.Cell):
         return ops.swapaxes(grid, 0, 2).reshape((n * d, n) + rest)  # out[m, d, n] = x[n, d, m]
 
 
-def join_group(kind, rank, nodes, devices_per_node):
+def join_group(kind, rank, nodes, devices_per_node, mp=1):
     """Create `rank`'s sub-group of `kind` once per process, by its members only (MindSpore hangs when a
     non-member calls `create_group`); returns its name."""
     from mindspore.communication import create_group
-    name = group_name(kind, rank, nodes, devices_per_node)
+    name = group_name(kind, rank, nodes, devices_per_node, mp)
     if name not in _CREATED_GROUPS:
-        create_group(name, group_members(kind, rank, nodes, devices_per_node))
+        create_group(name, group_members(kind, rank, nodes, devices_per_node, mp))
         _CREATED_GROUPS.add(name)
     return name
 
@@ -103,21 +110,25 @@ class GroupReducedAllToAll(nn.Cell):
     needs no bprop: AllReduce's gradient is AllReduce, then this rank's row, which is the reverse
     exchange.
 
-    Args: kind ("intra" or "inter"); rank: world rank; nodes N, devices_per_node D.
+    Args: kind ("intra", "inter", "tp", "ep"); rank: world rank; nodes N, devices_per_node D; mp: tp group size.
     """
 
-    def __init__(self, kind, rank, nodes, devices_per_node):
+    def __init__(self, kind, rank, nodes, devices_per_node, mp=1):
         super().__init__()
-        members = group_members(kind, rank, nodes, devices_per_node)
+        members = group_members(kind, rank, nodes, devices_per_node, mp)
         self.position, self.size = members.index(rank), len(members)
-        self.all_reduce = ops.AllReduce(group=join_group(kind, rank, nodes, devices_per_node))
+        self.all_reduce = ops.AllReduce(group=join_group(kind, rank, nodes, devices_per_node, mp))
 
-    def construct(self, x):
-        """x [1, G, ...] -> [1, G, ...]."""
+    def gather(self, x):
+        """x [1, ...] -> [G, ...]: every member's x in member order (the AllGather of the group)."""
         rest = x.shape[1:]
         before = ops.zeros((self.position,) + rest, x.dtype)
         after = ops.zeros((self.size - self.position - 1,) + rest, x.dtype)
-        rows = self.all_reduce(ops.concat((before, x, after), 0))  # (G, G, ...): row s = member s's buffer
+        return self.all_reduce(ops.concat((before, x, after), 0))
+
+    def construct(self, x):
+        """x [1, G, ...] -> [1, G, ...]."""
+        rows = self.gather(x)  # (G, G, ...): row s = member s's buffer
         return rows[:, self.position].expand_dims(0)  # (1, G, ...)
 
 
@@ -126,17 +137,18 @@ class HcclAllToAll(nn.Cell):
 
     Every rank belongs to exactly one group of each kind and creates the groups it is in (`join_group`).
 
-    Args: kind; rank: world rank; nodes N, devices_per_node D.
+    Args: kind; rank: world rank; nodes N, devices_per_node D; mp: tp group size.
     """
 
-    def __init__(self, kind, rank, nodes, devices_per_node):
+    def __init__(self, kind, rank, nodes, devices_per_node, mp=1):
         super().__init__()
         from mindspore.communication import GlobalComm
-        members = group_members(kind, rank, nodes, devices_per_node)
+        members = group_members(kind, rank, nodes, devices_per_node, mp)
         if kind == "world":
             name = GlobalComm.WORLD_COMM_GROUP
         else:
-            name = join_group(kind, rank, nodes, devices_per_node)
+            name = join_group(kind, rank, nodes, devices_per_node, mp)
+        self.all_gather = ops.AllGather(group=name)
         # x [1, G, ...]: piece j along axis 1 goes to member j; received pieces are concatenated along axis 1
         # in member order, which is this primitive's contract.
         self.all_to_all = ops.AlltoAll(split_count=len(members), split_dim=1, concat_dim=1, group=name)
@@ -145,16 +157,21 @@ class HcclAllToAll(nn.Cell):
         """x [1, G, ...] -> [1, G, ...]."""
         return self.all_to_all(x)
 
+    def gather(self, x):
+        """x [1, ...] -> [G, ...]: every member's x in member order."""
+        return self.all_gather(x)
 
-def make_all_to_all(backend, kind, rank, nodes, devices_per_node):
-    """The primitive of `backend` ("simulated", "msrun_cpu", "hccl") for groups of `kind`."""
+
+def make_all_to_all(backend, kind, rank, nodes, devices_per_node, mp=1):
+    """The primitive of `backend` ("simulated", "msrun_cpu", "hccl") for groups of `kind` (one rank per process
+    for the `tp` and `ep` kinds, whose simulated form is `dispatch.group_wise`)."""
     if backend == "simulated":
         return SimulatedAllToAll(kind, nodes, devices_per_node)
     if backend == "msrun_cpu":
         if kind == "world":
             return GatheredAllToAll(rank, nodes * devices_per_node)
-        return GroupReducedAllToAll(kind, rank, nodes, devices_per_node)
+        return GroupReducedAllToAll(kind, rank, nodes, devices_per_node, mp)
     if backend == "hccl":
-        return HcclAllToAll(kind, rank, nodes, devices_per_node)
+        return HcclAllToAll(kind, rank, nodes, devices_per_node, mp)
     raise ValueError(f"exchange backend {backend!r}: must be simulated, msrun_cpu or hccl")
 

@@ -5,7 +5,8 @@ One algorithm for every backend; the backend only supplies the group all-to-all 
 matrix, so it is its own inverse: the combine direction runs the same exchange on the expert outputs.
 
 - flat: one all-to-all in the world group.
-- hierarchical (LocMoE's locality-aware exchange): stage 1 sends, among same-local-rank peers, each
+- hierarchical (a node-hierarchical two-stage all-to-all, as in DeepSpeed-MoE's and Tutel's hierarchical
+  all-to-all; LocMoE's own scheme is the group-wise exchange, `dispatch.group_wise`): stage 1 sends, among same-local-rank peers, each
   destination node's share [D, E_loc, C, H] to the peer on that node, so each rank sends one message
   per other node instead of one per remote rank (the bytes crossing nodes are the same: the buffer
   holds one row per kept choice); stage 2 forwards inside each node. The result equals the flat

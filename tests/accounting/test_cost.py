@@ -1,6 +1,6 @@
 import pytest
 
-from pangu_moe.accounting.cost import Cluster, exchange_seconds, locality_preference
+from pangu_moe.accounting.cost import Cluster, LayoutError, exchange_seconds, expert_layout, locality_preference
 
 TOY = Cluster("toy", 4, intra_bandwidth=1.0, inter_bandwidth=0.5, intra_latency=1e-6, inter_latency=2e-6, source="test")
 
@@ -26,3 +26,33 @@ def test_exchange_seconds_hand_computed():
     assert hier["messages"] == 3 + 1 < est["messages"] == 3 + 4
     with pytest.raises(ValueError, match="multiple of 4"):
         exchange_seconds(1000, 100, 2, 0.5, TOY, 6)
+
+
+def test_experts_fewer_than_nodes_stay_home_with_chance_one_over_e():
+    # 16 devices = 4 nodes of 4; E = 2: each expert spans 8 devices (2 nodes), a node hosts one expert.
+    assert expert_layout(2, 16, 4) == (0.5, 1.0)
+    est = exchange_seconds(1000, 100, 2, 0.0, TOY, 16, experts=2)
+    assert est["inter_fraction"] == pytest.approx(0.5)  # uniform: the node's one expert of 2
+    assert est["intra_bytes"] == 0.0  # the device hosts its node's only expert
+    assert expert_layout(8, 16, 4) == (0.25, 0.5)  # 2 experts a node, each on 2 devices
+    assert expert_layout(32, 16, 4) == expert_layout(None, 16, 4) == (0.25, 0.25)
+
+
+def test_impossible_expert_layouts_are_refused_with_the_reason():
+    with pytest.raises(LayoutError, match="E = 6 experts on W = 16 devices: impossible, one must divide the other"):
+        expert_layout(6, 16, 4)
+    with pytest.raises(LayoutError, match="an expert's 8 devices would straddle two nodes of 6"):
+        expert_layout(3, 24, 6)
+    with pytest.raises(LayoutError, match="tensor parallelism 3: impossible, it must divide the 4 devices"):
+        exchange_seconds(1000, 100, 2, 0.5, TOY, 8, tensor_parallel=3)
+
+
+def test_group_wise_exchange_sends_one_mp_th_across_the_all_to_all():
+    # 8 devices = 2 nodes of 4, mp = 2: the ep group has 2 ranks a node; lambda 0.5 -> home 0.75.
+    plain = exchange_seconds(1000, 100, 2, 0.5, TOY, 8)
+    grouped = exchange_seconds(1000, 100, 2, 0.5, TOY, 8, tensor_parallel=2)
+    assert grouped["inter_bytes"] == pytest.approx(plain["inter_bytes"] / 2)  # 50,000
+    all_to_all_intra = 2 * 1000 * 0.75 * (1 - 1 / 2) * 200 / 2  # a home choice stays with chance 1/(4/2)
+    all_gather = 2 * 1000 * (1 / 2) * 200
+    assert grouped["intra_bytes"] == pytest.approx(all_to_all_intra + all_gather)  # 37,500 + 200,000
+    assert grouped["messages"] == (4 // 2 - 1) + (2 - 1) + (8 - 4) // 2

@@ -34,3 +34,16 @@ def test_plan_refuses_runs_without_locality_information(tmp_path):
         plan.run([str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="--cluster 'dgx'"):
         plan.run([str(tmp_path)], cluster="dgx")
+
+
+def test_plan_models_fewer_experts_than_nodes_and_lists_impossible_layouts(tmp_path):
+    _fake_run(tmp_path / "topk", 0.5)
+    # atlas800: 8 devices a node. E = 4 at 64 devices (8 nodes): each expert spans 16 devices, 2 nodes.
+    result = plan.run([str(tmp_path)], devices=(64, 48), tokens=4096, hidden=1024, experts=4)
+    (row,) = result["rows"]
+    assert row["devices"] == 64 and row["inter_fraction"] == pytest.approx(0.75)  # lambda 0: 3 of 4 experts away
+    assert result["impossible"] == [{"devices": 48, "why": "E = 4 experts on W = 48 devices: impossible, an "
+                                                           "expert's 12 devices would straddle two nodes of 8"}]
+    assert "48 devices: E = 4 experts" in plan.table(result)
+    grouped = plan.run([str(tmp_path)], devices=(64,), tokens=4096, hidden=1024, tensor_parallel=2)
+    assert grouped["rows"][0]["ms"] < plan.run([str(tmp_path)], devices=(64,), tokens=4096, hidden=1024)["rows"][0]["ms"]
