@@ -110,16 +110,20 @@ def _study(args):
     steps = args.steps if args.steps is not None else {"routers": 200, "kool": 3000}[args.name]
     if steps < 1:
         raise ConfigError(f"--steps = {steps}: must be >= 1")
+    seeds = args.seeds if args.seeds is not None else {"routers": 3, "kool": 20}[args.name]
+    if seeds < 1:
+        raise ConfigError(f"--seeds = {seeds}: must be >= 1")
     if args.name == "kool":
         from pangu_moe.studies import kool as study_kool
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds = {args.seeds}: must be >= 1")
-        results = study_kool.run(args.seeds, steps, log=lambda line: print(line, file=sys.stderr))
+        results = study_kool.run(seeds, steps, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(results) if args.json else study_kool.table(results))
         return
     from pangu_moe.configs import DEMO_CONFIG
     from pangu_moe.studies import routers as study_routers
-    results = study_routers.run(args.config or DEMO_CONFIG, steps, args.out, args.overrides, routers=args.routers)
+    config = args.config or DEMO_CONFIG
+    if args.budget is not None:
+        steps = study_routers.steps_for_budget(config, args.budget, seeds, args.overrides, args.arms)
+    results = study_routers.run(config, steps, args.out, seeds, args.overrides, arms=args.arms)
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
@@ -254,19 +258,23 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")
-    p.add_argument("name", choices=["routers", "kool"], help="routers: topk (Switch, K=1), rre (hash), locmoe, locmoe_plus on 2 nodes "
-                   "x 2 devices (pangu_moe/studies/routers.py); kool: the Kool et al. toy task, success rate "
-                   "over seeds per estimator (pangu_moe/studies/kool.py)")
+    p.add_argument("name", choices=["routers", "kool"], help="routers: dense, rre (hash), topk (Switch, K=1), LocMoE "
+                   "at four locality weights and LocMoE+ with three keep rules on 2 nodes x 2 devices, over seeds "
+                   "with 95%% intervals (pangu_moe/studies/routers.py); kool: the Kool et al. toy task, success "
+                   "rate over seeds per estimator (pangu_moe/studies/kool.py)")
     p.add_argument("--config", default=None, help="base config (default: the package's configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value for every router; repeatable")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
-    p.add_argument("--seeds", type=int, default=20, help="kool: seeds per method, regime and capacity factor")
-    p.add_argument("--routers", nargs="+", default=None, help="routers: train only these of topk, rre, locmoe, "
-                   "locmoe_plus")
-    p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="routers: one run directory per "
-                   "router")
-    p.add_argument("--json", action="store_true", help="print one JSON object keyed by router")
+    p.add_argument("--seeds", type=int, default=None, help="seeds: routers 3 (each arm on each), kool 20 (per "
+                   "method, regime and capacity factor)")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help="routers: size --steps so the "
+                   "study fits this wall time (a short timed probe first)")
+    p.add_argument("--arms", nargs="+", default=None, help="routers: train only these arms (names in "
+                   "pangu_moe/studies/routers.py ARMS)")
+    p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="routers: OUT/<arm>/seed<i> run "
+                   "directories, study.json and report/")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_study)
     p = sub.add_parser("capacity", help="LocMoE's capacity lower bound (Theorem 1) in its exact, erfc and exp "
                        "forms, for given d, n, delta or a run's measured delta-hat per layer")

@@ -70,9 +70,9 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
         tokens_per_expert, kept_per_expert: int arrays [W, E]; capacity: C of the step;
         hidden: H; bytes_per_value: of the exchanged activations (4 for fp32).
     Returns:
-        dict: tokens_per_expert, kept_per_expert (summed over ranks), dropped, capacity,
-        tokens_local/intra/inter, bytes_intra/inter, messages_inter_flat / _hierarchical (one direction),
-        max_over_mean_load, dead_experts.
+        dict: tokens_per_expert, kept_per_expert (summed over ranks), tokens_per_rank_expert [W][E] and
+        kept_per_rank [W] (what capacity sees: it binds per rank), dropped, capacity, tokens_local/intra/inter,
+        bytes_intra/inter, messages_inter_flat / _hierarchical (one direction), max_over_mean_load, dead_experts.
     """
     demand = np.asarray(tokens_per_expert, np.int64)
     kept = np.asarray(kept_per_expert, np.int64)
@@ -82,6 +82,7 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
     return {
         "tokens_per_expert": [int(v) for v in demand.sum(0)],
         "kept_per_expert": [int(v) for v in kept.sum(0)],
+        "tokens_per_rank_expert": demand.tolist(), "kept_per_rank": [int(v) for v in kept.sum(1)],
         "dropped": int(demand.sum() - kept.sum()),
         "capacity": int(capacity),
         "tokens_local": places["local"], "tokens_intra": places["intra"], "tokens_inter": places["inter"],
@@ -115,3 +116,34 @@ def window_load_stats(records, last_step, window, dead_share=0.01):
     dead = [int((d < dead_share * m).sum()) for d, m in zip(demand, mean)]
     return {"max_over_mean_load": float(np.mean(ratio)), "dead_experts": int(sum(dead)),
             "max_over_mean_load_per_layer": ratio, "dead_experts_per_layer": dead}
+
+
+def rank_balance(records, last_step, window, dead_share=0.01):
+    """Load balance as capacity sees it: per rank, over the logged steps of the final `window` share of the run.
+
+    Capacity binds per rank (each rank routes its own tokens into C slots an expert), so a balance summed over
+    ranks hides a rank that drops what the others keep. For each rank r, summed over the window's logged
+    steps: drop rate = 1 - kept / demand over every layer; max/mean load = max_e / mean_e of its demand per
+    expert, averaged over layers; dead experts = experts given less than `dead_share` of its fair share
+    (demand / E), summed over layers.
+
+    Args: records: metrics.jsonl records with "layers" (`layer_record`); last_step: the run's final step;
+        window: share of the steps (0, 1].
+    Returns: {figure: {"worst_rank": float, "mean_over_ranks": float, "per_rank": [W floats]}} for the figures
+        drop_rate, max_over_mean_load, dead_experts; {} if no record holds per-rank demand.
+    """
+    first = last_step * (1.0 - window)
+    chosen = [r["layers"] for r in records if "layers" in r and r["step"] > first
+              and "tokens_per_rank_expert" in r["layers"][0]]
+    if not chosen:
+        return {}
+    demand = np.array([[layer["tokens_per_rank_expert"] for layer in layers] for layers in chosen]).sum(0)  # (L, W, E)
+    kept = np.array([[layer["kept_per_rank"] for layer in layers] for layers in chosen]).sum(0)  # (L, W)
+    wanted = demand.sum((0, 2))  # (W,)
+    mean = demand.mean(2, keepdims=True)  # (L, W, 1)
+    ratio = np.where(mean[..., 0] > 0, demand.max(2) / np.maximum(mean[..., 0], 1e-12), 0.0)  # (L, W)
+    figures = {"drop_rate": np.where(wanted > 0, 1.0 - kept.sum(0) / np.maximum(wanted, 1), 0.0),
+               "max_over_mean_load": ratio.mean(0),
+               "dead_experts": (demand < dead_share * mean).sum((0, 2)).astype(np.float64)}
+    return {name: {"worst_rank": float(v.max()), "mean_over_ranks": float(v.mean()), "per_rank": v.tolist()}
+            for name, v in figures.items()}

@@ -1,4 +1,4 @@
-"""The router study: the demo model trained with the same data and steps under each router.
+"""The router study: the demo model trained with the same data and steps under each arm, over several seeds.
 
 Setting (our choices, printed with the results):
 - the demo config (`configs/demo_cpu.yaml`) with one expert group (G = 1: the routers choose among all
@@ -8,16 +8,21 @@ Setting (our choices, printed with the results):
 - `data.mixture=by_node`: node n's ranks train on domain n (prose on node 0, code on node 1). With
   every rank holding the same mix no router sharing its weights across ranks could prefer a rank's
   local experts; with domains placed by node, locality is learnable from the token's content;
-- each arm is named by its router: topk (K = 1: Switch), rre with one group (HashMoE), locmoe (capacity from the
-  capacity factor, like the others, so that the comparison isolates routing), locmoe_plus (live
-  capacity re-estimated every 50 steps, its ceiling the capacity-factor capacity); both LocMoE routers
-  with locality weight mu = 0.1 (the paper gives none; at 0.01 the loss moved little in a few hundred
-  steps); LocMoE+ with its Corollary 6 re-estimate (`capacity.false_positive_rates`, default settings) and
-  the hybrid keep rule switching from TCR to ECR at step 100 (half of the default steps; `--steps` does not
-  move it);
-- validation at the end only; the load statistics cover the final 20% of the steps.
+- the arms (`ARMS`): `dense`, one expert that every token reaches (capacity factor 1.25 never binds), so
+  the same active parameters as K = 1; `rre` (hash routing, HashMoE); `topk` (K = 1: Switch); `locmoe_mu*`,
+  LocMoE at locality weights mu in `MUS` (capacity from the capacity factor, like the others, so that the
+  comparison isolates routing); `locmoe_plus_{tcr,ecr,hybrid}`, LocMoE+ with each keep rule (live capacity
+  re-estimated every 50 steps by Corollary 6, its ceiling the capacity-factor capacity; hybrid switches
+  from TCR to ECR at half the steps), at the mu the sweep chose (`choose_mu`);
+- seeds: run seed s drives the initial weights, the data order and the routing tables, the same for every
+  arm, so differences between arms are paired by seed (`studies.stats.paired_difference`);
+- validation at the end only; the load statistics cover the final 20% of the steps, the per-rank balance
+  (`accounting.traffic.rank_balance`) the whole run and its final 20%.
 
-Cost figures per router (`cost_figures`), over the logged steps, each at the capacity bucket the step
+Every figure is reported as {mean, ci95} over the seeds (Student's t; no interval for one seed), and
+`val_bpb_vs_switch`, `dropped_vs_switch`, `inter_node_vs_switch` are the paired differences to `topk`.
+
+Cost figures per run (`cost_figures`), over the logged steps, each at the capacity bucket the step
 trained with (`capacity_bucket` in metrics.jsonl): `layer_ms`, the forward + backward time of all MoE layers
 (measured after training on the trained layers, `bench.moe_layer.moe_layers_seconds`, one measurement per
 bucket); `step_ms`, the whole training step (from tokens_per_s); `expert_rows_per_step`, the buffer rows the
@@ -28,53 +33,157 @@ of `precision.BYTES` bytes each: 4 in fp32); `capacity_ratio`, the mean capacity
 import json
 import os
 import sys
+import time
 
 from pangu_moe import report
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.report.runs import load_run
+from pangu_moe.studies.stats import mean_ci95, paired_difference
 
-ROUTERS = {"topk": ["moe.router=topk"], "rre": ["moe.router=rre"],
-           "locmoe": ["moe.router=locmoe", "moe.locmoe.locality_coeff=0.1"],
-           "locmoe_plus": ["moe.router=locmoe_plus", "moe.locmoe_plus.locality_coeff=0.1",
-                           "moe.locmoe_plus.switch_ratio=0",
-                           "moe.locmoe_plus.switch_step=100"]}
+MUS = (0.0, 0.001, 0.01, 0.1)  # the LocMoE locality weights swept
+
+
+def _mu_name(mu):
+    return f"locmoe_mu{mu:g}"
+
+
+ARMS = {"dense": ["moe.num_experts=1"], "rre": ["moe.router=rre"], "topk": ["moe.router=topk"],
+        **{_mu_name(mu): ["moe.router=locmoe", f"moe.locmoe.locality_coeff={mu}"] for mu in MUS},
+        **{f"locmoe_plus_{rule}": ["moe.router=locmoe_plus", f"moe.locmoe_plus.keep_rule={rule}",
+                                   "moe.locmoe_plus.switch_ratio=0"] for rule in ("tcr", "ecr", "hybrid")}}
+SWITCH = "topk"
 SETTING = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=by_node"]
+SEED = 1234  # the first seed; seed i of the study is SEED + i
 COST_FIELDS = ("layer_ms", "step_ms", "expert_rows_per_step", "exchange_bytes_per_step")
 FIELDS = ("val_bpb", "max_over_mean_load", "dead_experts", "inter_node_fraction", "capacity_ratio",
           "dropped_fraction", "tokens_per_s")
+PAIRED = {"val_bpb_vs_switch": "val_bpb", "dropped_vs_switch": "dropped_fraction",
+          "inter_node_vs_switch": "inter_node_fraction"}
+RANK_FIELDS = ("drop_rate", "max_over_mean_load", "dead_experts")  # of summary.json's rank_balance(_last)
 
 
-def study_configs(config_path, steps, overrides=()):
-    """{router name: RunConfig} for the study (validated; see the module docstring)."""
+def study_configs(config_path, steps, seed=SEED, mu=None, overrides=()):
+    """{arm: RunConfig} for one seed (validated; see the module docstring). `mu`: the LocMoE+ arms' locality
+    weight (default the config's)."""
     schedule = [f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
-                f"train.warmup_steps={min(30, steps)}"]
-    return {name: RunConfig.from_yaml(config_path, [*SETTING, *schedule, *extra, *overrides])
-            for name, extra in ROUTERS.items()}
+                f"train.warmup_steps={min(30, steps)}", f"runtime.seed={seed}",
+                f"moe.locmoe_plus.switch_step={max(1, steps // 2)}"]
+    plus = [] if mu is None else [f"moe.locmoe_plus.locality_coeff={mu}"]
+    return {name: RunConfig.from_yaml(config_path, [*SETTING, *schedule, *extra,
+                                                    *(plus if name.startswith("locmoe_plus") else []), *overrides])
+            for name, extra in ARMS.items()}
 
 
-def run(config_path, steps, out, overrides=(), log=None, routers=None):
-    """Train every router (or those named in `routers`) into OUT/<name>, then write OUT/study.json and the
-    report of the runs (`pangu_moe.report`: OUT/report/report.md and its figures); returns
-    {name: {field: value}} with `FIELDS`."""
+def choose_mu(per_arm):
+    """The LocMoE locality weight of the sweep: the lowest mean inter-node fraction among the mu whose mean drop
+    rate is at most Switch's and whose mean val bpb is within 3% of Switch's; the smallest mu if none
+    qualifies. `per_arm`: {arm: [per-seed figures]} holding topk and the locmoe_mu* arms. Returns (mu, why)."""
+    def mean(arm, field):
+        return sum(r[field] for r in per_arm[arm]) / len(per_arm[arm])
+    switch_drop, switch_bpb = mean(SWITCH, "dropped_fraction"), mean(SWITCH, "val_bpb")
+    ok = [mu for mu in MUS if mean(_mu_name(mu), "dropped_fraction") <= switch_drop
+          and mean(_mu_name(mu), "val_bpb") <= 1.03 * switch_bpb]
+    if not ok:
+        return MUS[0], "no mu kept the drop rate at Switch's with val bpb within 3%: the smallest"
+    best = min(ok, key=lambda mu: mean(_mu_name(mu), "inter_node_fraction"))
+    return best, (f"lowest inter-node fraction among mu {list(ok)} (drop rate <= Switch's, val bpb within 3%)")
+
+
+def aggregate(per_arm):
+    """{arm: [per-seed figures]} (seeds in the same order for every arm) -> {arm: {field: {mean, ci95, n}}} with
+    the paired differences to Switch (`PAIRED`) and the per-rank balance worst-rank and mean figures."""
+    out = {}
+    for arm, runs in per_arm.items():
+        row = {field: mean_ci95([r[field] for r in runs]) for field in (*FIELDS, *COST_FIELDS)}
+        if SWITCH in per_arm:
+            for name, field in PAIRED.items():
+                row[name] = paired_difference([r[field] for r in runs], [r[field] for r in per_arm[SWITCH]])
+        for window in ("rank_balance", "rank_balance_last"):
+            for figure in RANK_FIELDS:
+                for summary in ("worst_rank", "mean_over_ranks"):
+                    row[f"{window}_{figure}_{summary}"] = mean_ci95([r[window][figure][summary] for r in runs])
+        out[arm] = row
+    return out
+
+
+def run(config_path, steps, out, seeds=3, overrides=(), log=None, arms=None):
+    """Train every arm (or those named in `arms`) for each seed into OUT/<arm>/seed<i>, the LocMoE+ arms last at
+    the sweep's mu; write OUT/study.json and the report of seed 0's runs (OUT/report). Returns
+    {"steps", "seeds", "seconds", "mu", "mu_why", "arms": `aggregate`, "runs": {arm: [per-seed figures]}}."""
     from pangu_moe.train.trainer import Trainer, check_run_dir
     log = log or (lambda line: print(line, file=sys.stderr))
-    unknown = sorted(set(routers or ()) - set(ROUTERS))
+    unknown = sorted(set(arms or ()) - set(ARMS))
     if unknown:
-        raise ConfigError(f"--routers: {unknown[0]!r} is not a study router; choose from {', '.join(ROUTERS)}")
-    configs = {name: cfg for name, cfg in study_configs(config_path, steps, overrides).items()
-               if not routers or name in routers}
-    for name, cfg in configs.items():
-        check_run_dir(cfg, os.path.join(out, name), False)  # refuse to mix with an earlier study up front
-    results = {}
-    for name, cfg in configs.items():
-        log(f"== {name}")
-        trainer = Trainer(cfg, os.path.join(out, name), log)
+        raise ConfigError(f"--arms: {unknown[0]!r} is not a study arm; choose from {', '.join(ARMS)}")
+    if seeds < 1:
+        raise ConfigError(f"--seeds = {seeds}: must be >= 1")
+    names = [a for a in ARMS if not arms or a in arms]
+    for name in names:
+        for i in range(seeds):
+            check_run_dir(study_configs(config_path, steps, SEED + i, overrides=overrides)[name],
+                          os.path.join(out, name, f"seed{i}"), False)  # refuse to mix with an earlier study up front
+    began = time.perf_counter()
+    per_arm, mu, why = {}, None, "no LocMoE sweep in this study"
+
+    def train(name, i, cfg):
+        log(f"== {name} seed {i} (run seed {SEED + i})")
+        trainer = Trainer(cfg, os.path.join(out, name, f"seed{i}"), log)
         summary = trainer.train()
-        results[name] = {**{field: summary[field] for field in FIELDS}, **cost_figures(trainer, summary)}
+        per_arm.setdefault(name, []).append({**{f: summary[f] for f in FIELDS}, **cost_figures(trainer, summary),
+                                             "rank_balance": summary["rank_balance"],
+                                             "rank_balance_last": summary["rank_balance_last"]})
+
+    for i in range(seeds):
+        configs = study_configs(config_path, steps, SEED + i, overrides=overrides)
+        for name in names:
+            if not name.startswith("locmoe_plus"):
+                train(name, i, configs[name])
+    if SWITCH in per_arm and all(_mu_name(m) in per_arm for m in MUS):
+        mu, why = choose_mu(per_arm)
+        log(f"LocMoE locality weight: mu = {mu:g} ({why})")
+    for i in range(seeds):
+        configs = study_configs(config_path, steps, SEED + i, mu, overrides)
+        for name in names:
+            if name.startswith("locmoe_plus"):
+                train(name, i, configs[name])
+    result = {"steps": steps, "seeds": seeds, "seconds": time.perf_counter() - began, "mu": mu, "mu_why": why,
+              "arms": aggregate({n: per_arm[n] for n in names}), "runs": {n: per_arm[n] for n in names}}
     with open(os.path.join(out, "study.json"), "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=2)
-    report.write([load_run(name, os.path.join(out, name)) for name in configs], os.path.join(out, "report"), log)
-    return results
+        json.dump(result, fh, indent=2)
+    report.write([load_run(name, os.path.join(out, name, "seed0")) for name in names], os.path.join(out, "report"),
+                 log)
+    return result
+
+
+def steps_for_budget(config_path, minutes, seeds=3, overrides=(), arms=None, probe_steps=6, log=None):
+    """Training steps per run so that the study (every arm in `arms`, default all, times `seeds`) takes about
+    `minutes`: a `topk` run of `probe_steps` steps is timed in a scratch folder (its wall time less the timed
+    steps is the per-run overhead: build, compile, evaluation, cost figures). Returns an int >= 10."""
+    import shutil
+    import tempfile
+    from pangu_moe.train.trainer import Trainer
+    scratch = tempfile.mkdtemp(prefix="study_probe_")
+    try:
+        cfg = study_configs(config_path, probe_steps, overrides=overrides)[SWITCH]
+        began = time.perf_counter()
+        trainer = Trainer(cfg, os.path.join(scratch, "probe"), lambda line: None)
+        summary = trainer.train()
+        cost_figures(trainer, summary)
+        wall = time.perf_counter() - began
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    step = cfg.train.batch_size * cfg.model.seq_len / summary["tokens_per_s"]
+    overhead = max(0.0, wall - probe_steps * step)
+    runs = len([a for a in ARMS if not arms or a in arms]) * seeds
+    steps = budget_steps(minutes, runs, step, overhead)
+    (log or (lambda line: print(line, file=sys.stderr)))(
+        f"budget {minutes:g} min for {runs} runs: {step:.2f} s a step, {overhead:.0f} s a run besides -> {steps} steps")
+    return steps
+
+
+def budget_steps(minutes, runs, step_seconds, overhead_seconds):
+    """Steps a run so that `runs` runs of (overhead + steps x step) seconds fit in `minutes`; at least 10."""
+    return max(10, int((minutes * 60 / runs - overhead_seconds) / step_seconds))
 
 
 def cost_figures(trainer, summary, repeats=5):
@@ -99,23 +208,20 @@ def cost_figures(trainer, summary, repeats=5):
                                        * BYTES[cfg.train.precision]}
 
 
-def table(results):
-    """A human table, one row per router, and the acceptance ratios against topk (Switch)."""
-    lines = [f"{'router':12s} {'val_bpb':>8s} {'max/mean':>9s} {'dead':>5s} {'inter':>7s} {'cap_ratio':>9s} "
-             f"{'dropped':>8s} {'tok/s':>8s} {'layer_ms':>9s} {'step_ms':>8s} {'rows/step':>10s} {'MB/step':>8s}"]
-    for name, r in results.items():
-        lines.append(f"{name:12s} {r['val_bpb']:8.3f} {r['max_over_mean_load']:9.2f} {r['dead_experts']:5d} "
-                     f"{r['inter_node_fraction']:7.3f} {r['capacity_ratio']:9.3f} {r['dropped_fraction']:8.2%} "
-                     f"{r['tokens_per_s']:8.0f} {r['layer_ms']:9.1f} {r['step_ms']:8.1f} "
-                     f"{r['expert_rows_per_step']:10.0f} {r['exchange_bytes_per_step'] / 1e6:8.2f}")
-    base = results.get("topk")
-    if base:
-        for name in ("locmoe", "locmoe_plus"):
-            if name in results:
-                r = results[name]
-                inter = r["inter_node_fraction"] / base["inter_node_fraction"] if base["inter_node_fraction"] else 0.0
-                lines.append(f"{name} vs topk: inter-node x{inter:.2f}, val_bpb "
-                             f"{r['val_bpb'] / base['val_bpb'] - 1:+.2%}, capacity ratio {r['capacity_ratio']:.2f}, "
-                             f"layer time x{r['layer_ms'] / base['layer_ms']:.2f}, exchange bytes "
-                             f"x{r['exchange_bytes_per_step'] / base['exchange_bytes_per_step']:.2f}")
+def table(result):
+    """A human table, one row per arm (means, ± the 95% half-width where there is one), and the paired
+    differences to Switch."""
+    def cell(x, fmt):
+        return fmt.format(x["mean"]) + ("" if x["ci95"] is None else "±" + fmt.replace("+", "").format(x["ci95"]))
+    lines = [f"{result['steps']} steps x {result['seeds']} seeds, {result['seconds'] / 60:.1f} min; "
+             f"LocMoE+ at mu = {result['mu']} ({result['mu_why']})",
+             f"{'arm':20s} {'val_bpb':>14s} {'vs switch':>16s} {'dropped':>14s} {'worst-rank drop':>16s} "
+             f"{'inter':>14s} {'layer_ms':>12s} {'MB/step':>8s}"]
+    for name, r in result["arms"].items():
+        vs = cell(r["val_bpb_vs_switch"], "{:+.3f}") if "val_bpb_vs_switch" in r else "-"
+        lines.append(f"{name:20s} {cell(r['val_bpb'], '{:.3f}'):>14s} {vs:>16s} "
+                     f"{cell(r['dropped_fraction'], '{:.3f}'):>14s} "
+                     f"{cell(r['rank_balance_drop_rate_worst_rank'], '{:.3f}'):>16s} "
+                     f"{cell(r['inter_node_fraction'], '{:.3f}'):>14s} {cell(r['layer_ms'], '{:.0f}'):>12s} "
+                     f"{r['exchange_bytes_per_step']['mean'] / 1e6:8.2f}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe import runtime
-from pangu_moe.accounting.traffic import PLACES, layer_record, route_classes, window_load_stats
+from pangu_moe.accounting.traffic import PLACES, layer_record, rank_balance, route_classes, window_load_stats
 from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
@@ -298,6 +298,7 @@ class Trainer:
             return None
         total, active = count_parameters(self.model, cfg.moe.top_k / cfg.moe.num_experts, self._expert_shards())
         routed = sum(state["routed_" + place] for place in PLACES)
+        records = metrics_file.read(os.path.join(self.run_dir, "metrics.jsonl"))
         summary = {
             "steps": state["step"], "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "unigram_bpb": unigram,
             "bpb_over_unigram": val["val_bpb"] / unigram, "val_bpb_per_domain": val["val_bpb_per_domain"],
@@ -307,8 +308,9 @@ class Trainer:
             "dropped_fraction": 1.0 - state["kept_total"] / state["choices_total"] if state["choices_total"] else 0.0,
             "inter_node_fraction": state["routed_inter"] / routed if routed else 0.0,
             **{f"tokens_{place}": state["routed_" + place] for place in PLACES},
-            **window_load_stats(metrics_file.read(os.path.join(self.run_dir, "metrics.jsonl")), state["step"],
-                                LOAD_WINDOW),
+            **window_load_stats(records, state["step"], LOAD_WINDOW),
+            "rank_balance": rank_balance(records, state["step"], 1.0),
+            "rank_balance_last": rank_balance(records, state["step"], LOAD_WINDOW),
             "capacity": self.capacity,
             "capacity_ratio": state["capacity_sum"] / state["step"] / reference if state["step"] else 0.0,
             "capacity_mode": cfg.moe.capacity_mode, **self.capacity_proposals, "skipped_steps": state["skipped_steps"],

@@ -1,6 +1,7 @@
 import numpy as np
+import pytest
 
-from pangu_moe.accounting.traffic import layer_record, load_stats, route_classes, window_load_stats
+from pangu_moe.accounting.traffic import layer_record, load_stats, rank_balance, route_classes, window_load_stats
 from pangu_moe.dispatch.topology import Topology
 
 # 2 nodes x 2 devices, 4 experts: expert e lives on rank e, node e // 2.
@@ -55,3 +56,22 @@ def test_inter_node_messages_flat_and_hierarchical():
         flat, hier = inter_node_messages(k, big)
         assert hier <= flat
     assert layer_record(kept, kept, 6, TOPO, 16)["messages_inter_flat"] == 4
+
+
+def test_rank_balance_shows_the_rank_that_capacity_binds():
+    # One layer, W = 2 ranks, E = 2 experts. Rank 0 is balanced and keeps everything; rank 1 sends all
+    # to expert 0 and drops half. Summed over ranks the load looks mild (demand 6 vs 2).
+    topology = Topology(1, 2, 2)
+    demand = np.array([[2, 2], [4, 0]])
+    kept = np.array([[2, 2], [2, 0]])
+    record = {"step": 10, "layers": [layer_record(demand, kept, 2, topology, 8)]}
+    early = {"step": 1, "layers": [layer_record(np.array([[1, 1], [1, 1]]), np.array([[1, 1], [1, 1]]), 2,
+                                                topology, 8)]}
+    got = rank_balance([early, record], 10, 0.2)  # the window holds step 10 only
+    assert got["drop_rate"]["per_rank"] == [0.0, 0.5]
+    assert got["drop_rate"]["worst_rank"] == 0.5 and got["drop_rate"]["mean_over_ranks"] == 0.25
+    assert got["max_over_mean_load"]["per_rank"] == [1.0, 2.0]
+    assert got["dead_experts"]["per_rank"] == [0.0, 1.0]
+    whole = rank_balance([early, record], 10, 1.0)  # both steps: rank 1 wanted 6, kept 4
+    assert whole["drop_rate"]["per_rank"] == pytest.approx([0.0, 1 / 3])
+    assert rank_balance([{"step": 3}], 10, 1.0) == {}

@@ -19,10 +19,12 @@ SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
                 "inter_node_fraction", "tokens_local", "tokens_intra", "tokens_inter", "max_over_mean_load",
                 "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
-                "capacity_ratio", "capacity_mode", "params_total", "params_active", "skipped_steps"}
+                "capacity_ratio", "capacity_mode", "params_total", "params_active", "skipped_steps", "rank_balance",
+                "rank_balance_last"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
                "layers", "skipped_steps", "capacity_bucket", "reruns", "loss_scale"}
-LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "dropped", "capacity", "tokens_local", "tokens_intra",
+LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "tokens_per_rank_expert", "kept_per_rank", "dropped",
+              "capacity", "tokens_local", "tokens_intra",
               "tokens_inter", "bytes_intra", "bytes_inter", "max_over_mean_load", "dead_experts"}
 
 
@@ -66,6 +68,8 @@ def test_outputs_have_the_documented_fields(run_a):
             assert LAYER_KEYS <= set(layer)
             assert sum(layer["tokens_per_expert"]) == tokens
             assert sum(layer["kept_per_expert"]) + layer["dropped"] == tokens
+            assert np.sum(layer["tokens_per_rank_expert"], 0).tolist() == layer["tokens_per_expert"]
+            assert sum(layer["kept_per_rank"]) == sum(layer["kept_per_expert"])
             assert layer["tokens_local"] == sum(layer["kept_per_expert"]) and layer["tokens_inter"] == 0
             assert max(layer["kept_per_expert"]) <= layer["capacity"] == 40
     assert summary["capacity_ratio"] == 40 / 36  # ceil(1.25*128/4) / ceil(1.1*128/4)
