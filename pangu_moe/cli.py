@@ -110,7 +110,7 @@ def _study(args):
     steps = args.steps if args.steps is not None else {"routers": 200, "kool": 3000}[args.name]
     if steps < 1:
         raise ConfigError(f"--steps = {steps}: must be >= 1")
-    seeds = args.seeds if args.seeds is not None else {"routers": 3, "kool": 20}[args.name]
+    seeds = args.seeds if args.seeds is not None else {"routers": 3, "kool": 100}[args.name]
     if seeds < 1:
         raise ConfigError(f"--seeds = {seeds}: must be >= 1")
     if args.name == "kool":
@@ -266,7 +266,7 @@ def build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value for every router; repeatable")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds: routers 3 (each arm on each), kool 20 (per "
+    p.add_argument("--seeds", type=int, default=None, help="seeds: routers 3 (each arm on each), kool 100 (per "
                    "method, regime and capacity factor)")
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help="routers: size --steps so the "
                    "study fits this wall time (a short timed probe first)")

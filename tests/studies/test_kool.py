@@ -46,5 +46,28 @@ def test_hand_written_gradients_match_finite_differences(method):
 
 def test_estimators_learn_the_uniform_task():
     for method in ("reinforce", "skip"):
-        (mse, _), dropped = toy.train(method, toy.Task(1, toy.REGIMES["uniform"]), 20, 1500, 1)
-        assert mse < 0.05 and (dropped == 0.0) == (method == "reinforce")
+        (mse, purity), dropped = toy.train(method, toy.Task(1, toy.REGIMES["uniform"]), 20, 1500, 1)
+        assert mse < 0.05 and purity >= 0.5 and (dropped == 0.0) == (method == "reinforce")
+
+
+def test_purity_takes_the_best_one_to_one_map():
+    cluster = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    assert toy.purity(np.array([2, 2, 0, 0, 3, 3, 1, 1]), cluster) == 1.0  # any relabelling is pure
+    assert toy.purity(np.array([1, 1, 1, 1, 2, 2, 3, 3]), cluster) == 0.75  # two clusters share expert 1
+    assert toy.purity(np.array([0, 1, 1, 1, 2, 2, 3, 0]), cluster) == 0.75
+
+
+def test_the_study_pairs_estimators_by_seed():
+    result = toy.run(seeds=3, steps=40, factors=(1.25,), methods=("skip", "skip_naive", "balanced"))
+    assert result["seeds"] == 3 and [r["method"] for r in result["results"]] == ["skip", "skip_naive", "balanced"] * 2
+    by = {(r["regime"], r["method"]): r for r in result["results"]}
+    pairs = [(p["regime"], p["pair"]) for p in result["paired"]]
+    assert pairs == [(regime, pair) for regime in toy.REGIMES
+                     for pair in ("skip - balanced", "skip - skip_naive", "balanced - skip_naive")]
+    for p in result["paired"]:
+        a, b = p["pair"].split(" - ")
+        want = by[p["regime"], a]["purity"]["mean"] - by[p["regime"], b]["purity"]["mean"]
+        assert p["purity"]["mean"] == pytest.approx(want) and p["purity"]["n"] == 3
+    rate = by["uniform", "skip"]["success_rate"]
+    assert rate["n"] == 3 and rate["low"] <= rate["rate"] <= rate["high"]
+    assert "paired by seed" in toy.table(result)
