@@ -9,7 +9,8 @@ Setting (our choices, printed with the results):
   every rank holding the same mix no router sharing its weights across ranks could prefer a rank's
   local experts; with domains placed by node, locality is learnable from the token's content;
 - the arms (`ARMS`): `dense`, one expert that every token reaches (capacity factor 1.25 never binds), so
-  the same active parameters as K = 1; `rre` (hash routing, HashMoE); `topk` (K = 1: Switch); `locmoe_mu*`,
+  the same active parameters as K = 1; `rre` (hash routing, HashMoE); `topk` (K = 1: Switch); `topk_k2` (K = 2,
+  twice the expert FLOPs: Switch's K = 1 vs K = 2 comparison); `locmoe_mu*`,
   LocMoE at locality weights mu in `MUS` (capacity from the capacity factor, like the others, so that the
   comparison isolates routing); `locmoe_plus_{tcr,ecr,hybrid}`, LocMoE+ with each keep rule (live capacity
   re-estimated every 50 steps by Corollary 6, its ceiling the capacity-factor capacity; hybrid switches
@@ -48,6 +49,7 @@ def _mu_name(mu):
 
 
 ARMS = {"dense": ["moe.num_experts=1"], "rre": ["moe.router=rre"], "topk": ["moe.router=topk"],
+        "topk_k2": ["moe.router=topk", "moe.top_k=2"],
         **{_mu_name(mu): ["moe.router=locmoe", f"moe.locmoe.locality_coeff={mu}"] for mu in MUS},
         **{f"locmoe_plus_{rule}": ["moe.router=locmoe_plus", f"moe.locmoe_plus.keep_rule={rule}",
                                    "moe.locmoe_plus.switch_ratio=0"] for rule in ("tcr", "ecr", "hybrid")}}

@@ -17,9 +17,10 @@ def tiny_yaml(tmp_path):
 
 def test_study_configs_share_data_steps_and_topology(tiny_yaml):
     configs = study_routers.study_configs(tiny_yaml, 7, seed=5, mu=0.01)
-    assert list(configs) == ["dense", "rre", "topk", "locmoe_mu0", "locmoe_mu0.001", "locmoe_mu0.01", "locmoe_mu0.1",
+    assert list(configs) == ["dense", "rre", "topk", "topk_k2", "locmoe_mu0", "locmoe_mu0.001", "locmoe_mu0.01", "locmoe_mu0.1",
                              "locmoe_plus_tcr", "locmoe_plus_ecr", "locmoe_plus_hybrid"]
     assert configs["dense"].moe.num_experts == 1 and configs["topk"].moe.num_experts == 4
+    assert configs["topk_k2"].moe.top_k == 2 and configs["topk"].moe.top_k == 1
     assert [configs[f"locmoe_mu{m:g}"].moe.locmoe.locality_coeff for m in study_routers.MUS] == [0, 0.001, 0.01, 0.1]
     assert [configs[f"locmoe_plus_{r}"].moe.locmoe_plus.keep_rule for r in ("tcr", "ecr", "hybrid")] == \
         ["tcr", "ecr", "hybrid"]
