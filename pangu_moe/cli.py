@@ -199,6 +199,16 @@ def _report(args):
         print(f"wrote {path}")
 
 
+def _claims(args):
+    from pangu_moe.studies import claims
+    study = os.path.join(args.study, "study.json") if os.path.isdir(args.study) else args.study
+    for name, path in (("--study", study), ("--kool", args.kool), ("--precision", args.precision)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{name} {path}: no such file (a study's --out folder, or the JSON its --json printed)")
+    rows = claims.write(args.out, study, args.kool, args.precision)
+    print(f"wrote {args.out}: {len(rows)} claims", file=sys.stderr)
+
+
 def _plan(args):
     from pangu_moe.analysis import plan
     result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
@@ -315,6 +325,13 @@ def build_parser():
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")
     p.add_argument("--out", help="output folder (default RUN_DIR/report for one path, ./report for several)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("claims", help="write the claims table (docs/results/claims.md) from the studies' outputs, "
+                       "a verdict per claim computed from its figure (pangu_moe/studies/claims.py)")
+    p.add_argument("--study", required=True, help="the router study's --out folder (or its study.json)")
+    p.add_argument("--kool", default=None, help="the JSON `pangu-moe study kool --json` printed")
+    p.add_argument("--precision", default=None, help="the JSON `pangu-moe bench precision --json` printed")
+    p.add_argument("--out", default=os.path.join("docs", "results", "claims.md"), help="the page to write")
+    p.set_defaults(func=_claims)
     p = sub.add_parser("plan", help="estimated exchange time per router at 64/128/256 devices from runs' routing "
                        "(pangu_moe/accounting/cost.py states the model)")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")

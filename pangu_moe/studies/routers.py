@@ -57,6 +57,7 @@ SWITCH = "topk"
 SETTING = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=by_node"]
 SEED = 1234  # the first seed; seed i of the study is SEED + i
 COST_FIELDS = ("layer_ms", "step_ms", "expert_rows_per_step", "exchange_bytes_per_step")
+CAPACITY_FIELDS = ("capacity_first", "capacity_last")  # the capacity in force at the first and last logged step
 FIELDS = ("val_bpb", "max_over_mean_load", "dead_experts", "inter_node_fraction", "capacity_ratio",
           "dropped_fraction", "tokens_per_s")
 PAIRED = {"val_bpb_vs_switch": "val_bpb", "dropped_vs_switch": "dropped_fraction",
@@ -96,7 +97,7 @@ def aggregate(per_arm):
     the paired differences to Switch (`PAIRED`) and the per-rank balance worst-rank and mean figures."""
     out = {}
     for arm, runs in per_arm.items():
-        row = {field: mean_ci95([r[field] for r in runs]) for field in (*FIELDS, *COST_FIELDS)}
+        row = {field: mean_ci95([r[field] for r in runs]) for field in (*FIELDS, *COST_FIELDS, *CAPACITY_FIELDS)}
         if SWITCH in per_arm:
             for name, field in PAIRED.items():
                 row[name] = paired_difference([r[field] for r in runs], [r[field] for r in per_arm[SWITCH]])
@@ -189,14 +190,15 @@ def budget_steps(minutes, runs, step_seconds, overhead_seconds):
 
 
 def cost_figures(trainer, summary, repeats=5):
-    """`COST_FIELDS` of a trained run (see the module docstring)."""
+    """`COST_FIELDS` and `CAPACITY_FIELDS` of a trained run (see the module docstring)."""
     from mindspore import Tensor
     from pangu_moe.bench.moe_layer import moe_layers_seconds
     from pangu_moe.precision import BYTES
     from pangu_moe.train.metrics import read
     cfg = trainer.cfg
-    buckets = [r["capacity_bucket"] for r in read(os.path.join(trainer.run_dir, "metrics.jsonl"))
-               if "capacity_bucket" in r]
+    records = [r for r in read(os.path.join(trainer.run_dir, "metrics.jsonl")) if "capacity_bucket" in r]
+    buckets = [r["capacity_bucket"] for r in records]
+    in_force = [sum(layer["capacity"] for layer in r["layers"]) / len(r["layers"]) for r in records]  # layer mean
     input_ids, _, domain_ids = next(trainer.batches(0))
     inputs = trainer.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), trainer.capacity)
     seconds = {c: moe_layers_seconds(trainer.model, inputs, c, repeats) for c in sorted(set(buckets))}
@@ -207,7 +209,8 @@ def cost_figures(trainer, summary, repeats=5):
             "step_ms": 1e3 * tokens_per_step / summary["tokens_per_s"] if summary["tokens_per_s"] else 0.0,
             "expert_rows_per_step": layers * world * experts * mean,
             "exchange_bytes_per_step": 2 * layers * (world - 1) * experts * mean * cfg.model.hidden
-                                       * BYTES[cfg.train.precision]}
+                                       * BYTES[cfg.train.precision],
+            "capacity_first": in_force[0], "capacity_last": in_force[-1]}
 
 
 def table(result):

@@ -52,7 +52,8 @@ def test_choose_mu_takes_the_most_local_mu_that_drops_no_more_than_switch():
 def _run(bpb, dropped):
     balance = {f: {"worst_rank": dropped * 2, "mean_over_ranks": dropped, "per_rank": []}
                for f in study_routers.RANK_FIELDS}
-    return {**{f: 1.0 for f in (*study_routers.FIELDS, *study_routers.COST_FIELDS)}, "val_bpb": bpb,
+    return {**{f: 1.0 for f in (*study_routers.FIELDS, *study_routers.COST_FIELDS, *study_routers.CAPACITY_FIELDS)},
+            "val_bpb": bpb,
             "dropped_fraction": dropped, "rank_balance": balance, "rank_balance_last": balance}
 
 
@@ -96,6 +97,7 @@ def test_the_study_trains_every_arm_per_seed_and_writes_its_report(tiny_yaml, tm
             assert r["expert_rows_per_step"] == 2 * 4 * experts * capacity
             assert r["exchange_bytes_per_step"] == 2 * 2 * 3 * experts * capacity * 32 * 4
             assert r["layer_ms"] > 0 and r["step_ms"] == pytest.approx(1e3 * 128 / r["tokens_per_s"])
+            assert r["capacity_first"] == r["capacity_last"] == capacity
     assert result["runs"]["dense"][0]["dropped_fraction"] == 0.0
     worst = result["runs"]["topk"][0]["rank_balance"]["drop_rate"]
     assert worst["worst_rank"] == max(worst["per_rank"]) and len(worst["per_rank"]) == 4
