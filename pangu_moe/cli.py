@@ -1,4 +1,5 @@
-"""`pangu-moe`: train, eval, config, bench and study commands. User errors exit 2 with one line, no traceback."""
+"""`pangu-moe`: train, evaluate and sample PanGu-Σ-style MoE models; prepare data; convert checkpoints; benchmarks,
+studies, reports and plans. User errors exit 2 with one line, no traceback."""
 import argparse
 import json
 import os
@@ -24,12 +25,17 @@ def _train(args):
         print(f"summary: {os.path.join(run_dir, 'summary.json')}")
 
 
+def _stderr(line):
+    print(line, file=sys.stderr)
+
+
 def _eval(args):
     from pangu_moe.train import checkpoint
     from pangu_moe.data.source import check_tokenizer
     from pangu_moe.train.trainer import Trainer
     if not os.path.exists(args.checkpoint):
         raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
+    args.checkpoint = checkpoint.resolve(args.checkpoint, _stderr)
     run_dir = checkpoint.run_dir_of(args.checkpoint)
     cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
     trainer = Trainer(cfg, run_dir)
@@ -75,14 +81,14 @@ def _bench_with_log(module_name):
     def bench(repeats, steps):
         import importlib
         module = importlib.import_module(f"pangu_moe.bench.{module_name}")
-        result = module.run(repeats=repeats, log=lambda line: print(line, file=sys.stderr))
+        result = module.run(repeats=repeats, log=_stderr)
         return result, module.table(result)
     return bench
 
 
 def _bench_precision(repeats, steps):
     from pangu_moe.bench import precision
-    result = precision.run(steps=steps, log=lambda line: print(line, file=sys.stderr))
+    result = precision.run(steps=steps, log=_stderr)
     return result, precision.table(result)
 
 
@@ -115,7 +121,7 @@ def _study(args):
         raise ConfigError(f"--seeds = {seeds}: must be >= 1")
     if args.name == "kool":
         from pangu_moe.studies import kool as study_kool
-        results = study_kool.run(seeds, steps, log=lambda line: print(line, file=sys.stderr))
+        results = study_kool.run(seeds, steps, log=_stderr)
         print(json.dumps(results) if args.json else study_kool.table(results))
         return
     from pangu_moe.configs import DEMO_CONFIG
@@ -159,6 +165,7 @@ def _generate(args):
     from pangu_moe import generate
     from pangu_moe.progress import Progress
     from pangu_moe.train import checkpoint
+    args.checkpoint = checkpoint.resolve(args.checkpoint, _stderr)
     cfg, model, tok = generate.load_model(args.checkpoint, args.overrides)
     progress = Progress("generate", "bytes")
     text, trace = generate.generate(cfg, model, tok, args.prompt, args.domain, args.max_bytes, args.temperature,
@@ -176,7 +183,8 @@ def _generate(args):
 
 
 def _ckpt(args):
-    from pangu_moe.train import convert
+    from pangu_moe.train import checkpoint, convert
+    args.checkpoint = checkpoint.resolve(args.checkpoint, _stderr)
     if args.action == "reshard":
         if (args.ep is None) == (not args.consolidate):
             raise ConfigError("ckpt reshard: pass either --ep W2 (the expert shards to write) or --consolidate")
@@ -244,8 +252,9 @@ def build_parser():
     p.add_argument("--shard-records", type=int, default=65536, help="windows per shard file")
     p.set_defaults(func=_prepare_data)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN (a multi-process run's shards "
-                   "are joined into one model with --set parallel.dispatch=simulated), or a consolidated .ckpt file")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest valid checkpoint), "
+                   "RUN_DIR/checkpoints/step_NNNNNN (a multi-process run's shards are joined into one model with --set "
+                   "parallel.dispatch=simulated), or a consolidated .ckpt file")
     _add_config_args(p, required=False)
     p.set_defaults(func=_eval)
     p = sub.add_parser("config", help="print the resolved config (defaults filled in, overrides applied)")
@@ -296,7 +305,8 @@ def build_parser():
     p.set_defaults(func=_capacity)
     p = sub.add_parser("generate", help="sample text from a trained checkpoint; --trace shows the expert and node "
                        "each byte was routed to in every MoE layer")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest valid checkpoint), "
+                   "RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
     p.add_argument("--prompt", required=True, help="text to continue (at most model.seq_len UTF-8 bytes)")
     p.add_argument("--domain", default=None, help="data domain of the text, for level-1 routing (default: the first)")
     p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
@@ -314,7 +324,8 @@ def build_parser():
     p = sub.add_parser("ckpt", help="convert checkpoints: reshard between expert-parallel degrees, or cut out a "
                        "domain's sub-model; both write a run directory (config.yaml + checkpoint)")
     p.add_argument("action", choices=["reshard", "extract-domain"])
-    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
+    p.add_argument("checkpoint", help="a run directory (its newest valid checkpoint), RUN_DIR/checkpoints/step_NNNNNN, "
+                   "or a consolidated .ckpt file")
     p.add_argument("--out", required=True, help="new run directory for the result")
     p.add_argument("--ep", type=int, help="reshard: expert shards (expert-parallel degree W2) to write")
     p.add_argument("--consolidate", action="store_true", help="reshard: one file OUT/model.ckpt with every tensor")

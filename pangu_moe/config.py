@@ -225,8 +225,8 @@ class DataConfig:
     max_bytes_per_domain: int = _f(3_000_000, "cap on the bytes read per domain (in-memory sources)", lo=1)
     max_val_windows: int = _f(1024, "prepared: validation windows read per domain (the first ones)", lo=1)
     tokenizer: str = _f("bytes", "in-memory sources (demo, jsonl, folders): bytes, or bpe:<V>, a byte-level BPE of V "
-                        "ids trained on the training split when the run starts and kept in the run directory; a "
-                        "prepared corpus carries its own tokenizer")
+                        "ids trained on the training split when the run starts and kept in the run directory; not "
+                        "used with data.source=prepared, whose corpus carries its own tokenizer")
 
 
 @dataclass
@@ -296,10 +296,8 @@ class RunConfig:
         _require(data.source != "demo" or data.domains == ["prose", "code"], "data.domains", data.domains,
                  "[prose, code] for data.source=demo")
         _require(m.vocab_size >= 256, "model.vocab_size", m.vocab_size, ">= 256 (byte tokenizer)")
-        bpe = bpe_vocab_size(data.tokenizer)
-        _require(data.source != "prepared" or data.tokenizer == "bytes", "data.tokenizer", data.tokenizer,
-                 "bytes with data.source=prepared (a prepared corpus carries its tokenizer)")
-        _require(m.vocab_size >= bpe, "model.vocab_size", m.vocab_size,
+        bpe = bpe_vocab_size(data.tokenizer)  # checked whatever the source; a prepared corpus brings its own
+        _require(data.source == "prepared" or m.vocab_size >= bpe, "model.vocab_size", m.vocab_size,
                  f">= {bpe}, the vocabulary of data.tokenizer={data.tokenizer}")
         _require(self.train.min_lr <= self.train.lr, "train.min_lr", self.train.min_lr,
                  f"<= train.lr={self.train.lr}")

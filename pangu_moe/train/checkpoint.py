@@ -299,9 +299,9 @@ def list_checkpoints(run_dir):
     return sorted(found)
 
 
-def newest_valid(run_dir, log=None):
+def newest_valid(run_dir, log=None, option="--resume"):
     """(step, folder) of the newest checkpoint that passes `verify`; an invalid newer one is reported through
-    `log` and skipped. Raises CheckpointError when there is none."""
+    `log` and skipped. Raises CheckpointError (naming the command-line `option`) when there is none."""
     found = list_checkpoints(run_dir)
     problems = []
     for step, path in reversed(found):
@@ -313,7 +313,15 @@ def newest_valid(run_dir, log=None):
             if log:
                 log(f"skipping {e}")
     where = os.path.join(run_dir, "checkpoints")
-    raise CheckpointError(f"--resume: no valid checkpoint in {where}" + (f" ({problems[0]})" if problems else ""))
+    raise CheckpointError(f"{option}: no valid checkpoint in {where}" + (f" ({problems[0]})" if problems else ""))
+
+
+def resolve(path, log=None):
+    """A `--checkpoint` argument: a run directory (one holding checkpoints/) stands for its newest valid
+    checkpoint folder; any other path is returned unchanged."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return newest_valid(path, log, "--checkpoint")[1]
+    return path
 
 
 def remove(path):

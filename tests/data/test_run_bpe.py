@@ -23,12 +23,15 @@ BPE = ("data.tokenizer=bpe:320", "model.vocab_size=320", "train.eval_every=4", "
     (("data.tokenizer=bpe",), "data.tokenizer = 'bpe': must be bytes or bpe:<V> with V > 256 (e.g. bpe:1024)"),
     (("data.tokenizer=bpe:256",), "data.tokenizer = 'bpe:256': must be bytes or bpe:<V> with V > 256"),
     (("data.tokenizer=bpe:320",), "model.vocab_size = 256: must be >= 320, the vocabulary of data.tokenizer=bpe:320"),
-    (("data.tokenizer=bpe:320", "model.vocab_size=320", "data.source=prepared", "data.path=x"),
-     "data.tokenizer = 'bpe:320': must be bytes with data.source=prepared (a prepared corpus carries its tokenizer)"),
 ])
 def test_bad_tokenizer_settings_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         tiny_config(*overrides)
+
+
+def test_a_prepared_source_uses_its_own_tokenizer_whatever_data_tokenizer_says():
+    cfg = tiny_config("data.tokenizer=bpe:320", "data.source=prepared", "data.path=x")  # model.vocab_size 256
+    assert cfg.data.tokenizer == "bpe:320"  # accepted: the corpus's manifest decides (`PreparedCorpus.check`)
 
 
 def test_the_domains_are_encoded_with_a_bpe_trained_on_the_training_split():
@@ -65,7 +68,7 @@ def test_a_bpe_run_resumes_exactly_and_serves_eval_generate_and_convert(tmp_path
     assert whole["val_bpb"] < whole["val_loss"] / np.log(2)  # BPE tokens hold more than one byte each
 
     folder = str(run / "checkpoints" / "step_000004")
-    assert cli.main(["eval", "--checkpoint", folder]) == 0
+    assert cli.main(["eval", "--checkpoint", str(run)]) == 0  # a run directory: its newest checkpoint
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["val_bpb"] == pytest.approx(whole["val_bpb"],
                                                                                               rel=1e-6)
     cfg, model, tok = generate.load_model(folder)

@@ -47,10 +47,15 @@ def test_truncated_or_bit_flipped_files_are_detected_and_resume_falls_back(tmp_p
     skipped = []
     assert checkpoint.newest_valid(str(tmp_path), skipped.append) == (1, checkpoint.step_path(str(tmp_path), 1))
     assert len(skipped) == 2 and "step_000003" in skipped[0] and "step_000002" in skipped[1]
+    # --checkpoint RUN_DIR stands for the newest valid checkpoint; a checkpoint folder stands for itself
+    assert checkpoint.resolve(str(tmp_path)) == checkpoint.step_path(str(tmp_path), 1)
+    assert checkpoint.resolve(newest) == newest
     os.remove(os.path.join(checkpoint.step_path(str(tmp_path), 1), "shared.ckpt"))
     with pytest.raises(CheckpointError,
                        match="--resume: no valid checkpoint in .*step_000003: experts_rank0.ckpt does not match"):
         checkpoint.newest_valid(str(tmp_path))
+    with pytest.raises(CheckpointError, match="--checkpoint: no valid checkpoint in"):
+        checkpoint.resolve(str(tmp_path))
 
 
 def test_non_finite_parameters_are_never_written(tmp_path):
