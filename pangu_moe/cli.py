@@ -19,7 +19,7 @@ def _train(args):
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     check_run_dir(cfg, run_dir, args.resume)  # fail before the corpus and model are built
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, log=_stderr)  # progress on stderr; stdout keeps the summary path
     trainer.train(resume=args.resume)
     if trainer.rank == 0:
         print(f"summary: {os.path.join(run_dir, 'summary.json')}")
@@ -357,11 +357,18 @@ def build_parser():
                    "exchange (1/mp of the all-to-all, then an AllGather inside the node)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", help="show MindSpore's own warnings (by default its "
+                             "C++ and Python logs show errors only)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        # MindSpore reads its log level when it is first imported (nothing above imports it); a GLOG_v the user set
+        # is kept.
+        os.environ.setdefault("GLOG_v", "3")
     from pangu_moe.data.corpus import DataError
     from pangu_moe.ops.build import KernelBuildError
     from pangu_moe.train.checkpoint import CheckpointError
