@@ -37,7 +37,9 @@ def test_eval_reproduces_the_final_validation_loss(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     assert main(["train", "--config", str(path), "--out", str(run)]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert printed.out == f"summary: {run / 'summary.json'}\n"  # stdout holds no progress lines
+    assert "step     2/2" in printed.err and "done: val_bpb" in printed.err
     summary = json.loads((run / "summary.json").read_text())
     assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_000002")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
