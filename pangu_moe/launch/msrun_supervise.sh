@@ -6,8 +6,8 @@
 #   on TIMEOUT seconds (0: none), on a non-zero msrun exit and on Ctrl-C it stops msrun and every worker,
 #   names the ranks whose processes ended first (a worker killed without a traceback: msrun notices it
 #   by its heartbeat, within about 35 s on CPU), prints the tail of the failed workers' logs and exits 1
-#   (130 on Ctrl-C, 143 on SIGTERM). On success it prints the
-#   log of this node's first worker (rank 0's on node 0) without MindSpore's WARNING/INFO lines.
+#   (130 on Ctrl-C, 143 on SIGTERM). It names LOG_DIR at start and streams the log of this node's first
+#   worker (rank 0's on node 0) to stderr as it grows, without MindSpore's WARNING/INFO lines.
 
 descendants() {  # every process below $1; msrun puts each worker in its own session, so no group kill
   local child
@@ -32,6 +32,17 @@ worker_rank() {  # the RANK_ID msrun gave worker process $1, or nothing for anot
   grep -qx "MS_ROLE=MS_WORKER" <<<"$env" && sed -n 's/^RANK_ID=//p' <<<"$env"
 }
 
+shown=0  # lines of the first worker's log already streamed
+stream_first_worker() {  # print the new lines of this node's first worker log (stderr)
+  local first total
+  first="$(ls -v "$1"/worker_*.log 2>/dev/null | head -n 1)"
+  [[ -n "$first" ]] || return 0
+  total="$(wc -l < "$first")"
+  (( total > shown )) || return 0
+  sed -n "$((shown + 1)),${total}p" "$first" | grep -vE "^\[(WARNING|INFO)\]" >&2
+  shown=$total
+}
+
 supervise_msrun() {
   local name="$1" log_dir="$2" timeout="$3"
   shift 3
@@ -39,6 +50,7 @@ supervise_msrun() {
   rm -f "$log_dir"/worker_*.log "$log_dir"/scheduler.log "$log_dir"/msrun.log
   "$@" >"$log_dir/msrun.log" 2>&1 &
   leader=$!
+  echo "$name: logs in $log_dir (msrun.log, worker_<rank>.log); the first worker's log follows" >&2
   known=""
   trap 'echo "$name: interrupted; stopping workers" >&2; stop_all; exit 130' INT
   trap 'echo "$name: terminated; stopping workers" >&2; stop_all; exit 143' TERM
@@ -56,6 +68,7 @@ supervise_msrun() {
       fi
     done
     if (( timeout > 0 && SECONDS >= deadline )); then status="timeout after ${timeout}s"; break; fi
+    stream_first_worker "$log_dir"
     if grep -qs "Traceback (most recent call last)" "$log_dir"/worker_*.log; then
       sleep 2  # let msrun notice the failure itself first
       kill -0 "$leader" 2>/dev/null && { status="worker failed"; break; }
@@ -78,8 +91,6 @@ supervise_msrun() {
     done
     exit 1
   fi
-  local first
-  first="$(ls -v "$log_dir"/worker_*.log 2>/dev/null | head -n 1)"
-  [[ -z "$first" ]] || grep -vE "^\[(WARNING|INFO)\]" "$first"
+  stream_first_worker "$log_dir"
   exit 0
 }

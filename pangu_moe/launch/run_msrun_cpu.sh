@@ -11,7 +11,7 @@
 # PANGU_MOE_ARGS go to the `pangu-moe` CLI in every worker (or to FILE with --script). W must equal
 # parallel.nodes x parallel.devices_per_node. On any failure, on the timeout, and on Ctrl-C the script
 # stops msrun and every worker, prints the tail of the failed worker logs and exits non-zero, so no
-# process outlives it. On success it prints rank 0's log.
+# process outlives it. It names its log folder at start and streams rank 0's log to stderr as it runs.
 set -uo pipefail
 . "$(dirname "$0")/msrun_supervise.sh"
 
@@ -30,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --python) python_bin="$2"; shift 2 ;;
     --script) script="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     -*) echo "$(basename "$0"): unknown option $1 (see --help; pangu-moe arguments go after --)" >&2; exit 2 ;;
     *) break ;;
   esac

@@ -77,6 +77,8 @@ def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, excha
     done, _ = _launch(tmp_path, "--script", os.path.join(REPO, "tests", "train", "ep_worker.py"), "--", str(config),
                       str(run_dir), *sets)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"logs in {tmp_path / 'logs'}" in done.stderr.splitlines()[0]  # named first
+    assert "step     5/5" in done.stderr and "[WARNING]" not in done.stderr  # rank 0's progress, streamed
     assert not _ours(str(run_dir)), "workers outlived the launcher"
     losses = [r["loss"] for r in read(run_dir / "metrics.jsonl")]
     np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
@@ -167,6 +169,14 @@ def test_a_killed_worker_ends_the_job_within_a_minute_naming_its_rank(tmp_path):
     assert launcher.returncode == 1 and time.monotonic() - killed < 60
     assert f"ended before the job did, earliest first: rank 1 (pid {victim}" in err
     assert not _ours("looping_worker_marker")
+
+
+@pytest.mark.parametrize("script", ["run_msrun_cpu.sh", "run_cpu_sim.sh", "run_ascend_cluster.sh"])
+def test_launcher_help_is_a_clean_usage_text(script):
+    done = subprocess.run(["bash", os.path.join(REPO, "run_scripts", script), "--help"], capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and "Usage:" in lines and len(lines) > 5
+    assert not any(line.startswith(("#", "set ", ". ")) for line in lines)
 
 
 def test_launcher_rejects_bad_arguments(tmp_path):
