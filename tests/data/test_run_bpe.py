@@ -43,6 +43,8 @@ def test_the_domains_are_encoded_with_a_bpe_trained_on_the_training_split():
         assert data.tokenizer.decode(after.train) == bytes(before.train).decode("utf-8", "ignore")
         assert data.tokenizer.decode(after.val) == bytes(before.val).decode("utf-8", "ignore")
         assert len(after.train) < 0.8 * len(before.train)  # merges: fewer tokens than bytes
+    # Training again gives the same tokenizer: every msrun process trains its own and they must agree.
+    assert bpe_domains(raw, 320, cfg.model.seq_len)[0].identity == data.tokenizer.identity
     # The same tokenizer given back encodes the same ids (what --resume and eval do).
     again = bpe_domains(raw, 320, cfg.model.seq_len, data.tokenizer)[1]
     assert all(np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val) for a, b in zip(again, data.domains))
