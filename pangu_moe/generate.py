@@ -142,7 +142,7 @@ def generate(cfg, model, tok, prompt, domain=None, max_bytes=200, temperature=1.
     layers = len(model.moe_blocks)
     trace = {"router": cfg.moe.router, "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts,
              "expert_node": [int(n) for n in topology.expert_node()], "domain": cfg.data.domains[domain_id],
-             "prompt_bytes": len(prompt_ids), "bytes": ids,
+             "prompt_bytes": len(prompt_ids), "bytes": ids, "token_bytes": [list(tok.piece(i)) for i in ids],
              "expert_index": [[byte[layer][0] for byte in routed] for layer in range(layers)],
              "keep": [[byte[layer][1] for byte in routed] for layer in range(layers)],
              "sampling": {"seed": seed, "temperature": temperature, "top_k": top_k, "max_bytes": max_bytes}}

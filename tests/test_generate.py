@@ -100,6 +100,20 @@ def test_render_without_and_with_colour():
     assert coloured.count("\x1b[48;2;") == 6 + 4 and "\x1b[4m" in coloured  # 6 cells, 4 legend swatches, 1 dropped
 
 
+def test_a_mixed_script_trace_draws_one_cell_per_character():
+    data = list("aé日🚀\n".encode())  # byte tokens: 1 + 2 + 3 + 4 + 1 = 11
+    trace = {"bytes": data, "prompt_bytes": 3, "expert_node": [0, 0, 1, 1],
+             "expert_index": [[[i % 4] for i in range(11)]], "keep": [[[True]] * 11]}
+    assert trace_text.characters(trace) == [("a", 0), ("é", 1), ("日", 3), ("🚀", 6), ("\u21b5", 10)]
+    assert trace_text.render(trace, colour=False).split("\n")[:2] == [
+        "      aé|日🚀\u21b5", "L0    01|3 2 2"]  # the prompt ends after é; wide cells padded under
+    assert trace_text.render(trace, colour=True).count("\x1b[48;2;") == 5 + 4  # 5 cells, 4 legend swatches
+    # BPE pieces: a token may end inside a character; the character goes with the token of its first byte.
+    split = {"bytes": [5, 6], "token_bytes": [[0x61, 0xc3], [0xa9, 0x78]], "prompt_bytes": 1}
+    assert trace_text.characters(split) == [("a", 0), ("é", 0), ("x", 1)]
+    assert trace_text.characters({"bytes": [0xff, 0x41, 0x07]}) == [("\ufffd", 0), ("A", 1), ("\u2022", 2)]
+
+
 def test_cli_generate_trace_feeds_the_report(tiny_checkpoint, tmp_path, capsys):
     run_dir, path = tiny_checkpoint
     assert cli.main(["generate", "--checkpoint", path, "--prompt", PROMPT, "--max-bytes", "5", "--seed", "2",
@@ -109,6 +123,7 @@ def test_cli_generate_trace_feeds_the_report(tiny_checkpoint, tmp_path, capsys):
     assert out.startswith(PROMPT) and "L1    " in out and trace["sampling"]["seed"] == 2
     assert cli.main(["report", str(run_dir), "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "trace_run.png").read_bytes()[:4] == b"\x89PNG"
+    assert trace["token_bytes"] == [[b] for b in trace["bytes"]]  # byte tokens: one byte each
 
 
 @pytest.mark.parametrize("args, message", [

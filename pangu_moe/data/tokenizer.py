@@ -7,6 +7,7 @@ is what bits per byte need.
 
 A tokenizer's `identity` (a sha256) names it in a prepared corpus's manifest and in runs trained on it.
 """
+import functools
 import hashlib
 import json
 
@@ -43,6 +44,10 @@ class ByteTokenizer:
     def token_bytes(self):
         """int64 [V]: the UTF-8 bytes each token stands for."""
         return np.ones(self.vocab_size, np.int64)
+
+    def piece(self, token):
+        """The bytes token id `token` stands for."""
+        return bytes([int(token)])
 
 
 class BpeTokenizer:
@@ -97,3 +102,29 @@ class BpeTokenizer:
     def token_bytes(self):
         """int64 [V]: the UTF-8 bytes each token stands for (byte-level BPE writes one character per byte)."""
         return np.array([len(self.tokenizer.id_to_token(i)) for i in range(self.vocab_size)], np.int64)
+
+    def piece(self, token):
+        """The bytes token id `token` stands for (possibly part of a character): its byte-level characters
+        mapped back through `byte_level_alphabet`."""
+        inverse = _byte_of_char()
+        return bytes(inverse[c] for c in self.tokenizer.id_to_token(int(token)))
+
+
+def byte_level_alphabet():
+    """[256] str: the character byte-level BPE writes for each byte value (GPT-2's table, which HF `tokenizers`'
+    ByteLevel uses): printable Latin-1 bytes stand for themselves, the others for U+0100 onwards in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_char():
+    return {c: b for b, c in enumerate(byte_level_alphabet())}

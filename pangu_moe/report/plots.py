@@ -10,7 +10,7 @@ import numpy as np
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.report import runs as run_data
 from pangu_moe.report.palette import expert_colours
-from pangu_moe.report.trace import WIDTH, byte_glyph
+from pangu_moe.report.trace import WIDTH, characters
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -101,31 +101,43 @@ def _expert_nodes(run):
     return Topology(p.nodes, p.devices_per_node, experts).expert_node()
 
 
+FIGURE_FALLBACK = "\u25a1"  # drawn for characters matplotlib's default font lacks (CJK, emoji)
+
+
+def figure_glyph(glyph):
+    """The glyph as the figure draws it: itself if matplotlib's bundled DejaVu fonts cover it (scripts below the
+    CJK blocks), else `FIGURE_FALLBACK`; the terminal rendering (`report.trace.render`) shows every character."""
+    return glyph if ord(glyph[0]) < 0x2e80 else FIGURE_FALLBACK
+
+
 def trace_figure(trace, title, path, width=WIDTH):
-    """The bytes of a generation trace in rows of `width`, one band of cells per MoE layer, each cell
-    coloured by the byte's first-choice expert (hatched where dropped); the prompt is faded."""
+    """The text of a generation trace in rows of `width` characters (`report.trace.characters`), one band of cells
+    per MoE layer, each cell coloured by its token's first-choice expert (hatched where dropped); the prompt is
+    faded."""
     plt = pyplot()
     from matplotlib.patches import Patch, Rectangle
-    data, index, keep = trace["bytes"], trace["expert_index"], trace["keep"]
+    index, keep = trace["expert_index"], trace["keep"]
+    cells = characters(trace)
     layers, colours = len(index), expert_colours(trace["expert_node"])
-    chunks = (len(data) + width - 1) // width
+    chunks = (len(cells) + width - 1) // width
     band = layers + 0.6  # one row per layer plus a gap between chunks
     fig, ax = plt.subplots(figsize=(0.2 * width + 1, 0.3 * band * chunks + 1.2))
-    for i, value in enumerate(data):
+    for i, (glyph, token) in enumerate(cells):
         chunk, column = divmod(i, width)
         for layer in range(layers):
             y = -(chunk * band + layer)
-            ax.add_patch(Rectangle((column, y), 1, 1, facecolor=colours[index[layer][i][0]],
-                                   alpha=0.45 if i < trace["prompt_bytes"] else 1.0,
-                                   hatch=None if keep[layer][i][0] else "xx", edgecolor="white", linewidth=0.3))
-            ax.text(column + 0.5, y + 0.5, byte_glyph(value), ha="center", va="center", fontsize=7,
+            ax.add_patch(Rectangle((column, y), 1, 1, facecolor=colours[index[layer][token][0]],
+                                   alpha=0.45 if token < trace["prompt_bytes"] else 1.0,
+                                   hatch=None if keep[layer][token][0] else "xx", edgecolor="white", linewidth=0.3))
+            ax.text(column + 0.5, y + 0.5, figure_glyph(glyph), ha="center", va="center", fontsize=7,
                     family="monospace")
     ax.set_xlim(0, width)
     ax.set_ylim(-((chunks - 1) * band + layers - 1), 1)  # from the last chunk's last layer row to the top
     ax.set_yticks([-(c * band + l) + 0.5 for c in range(chunks) for l in range(layers)],
                   [f"L{l}" for _ in range(chunks) for l in range(layers)], fontsize=7)
     ax.set_xticks([])
-    ax.set_title(f"{title}: first-choice expert of each byte per MoE layer (faded: prompt, hatched: dropped)")
+    ax.set_title(f"{title}: first-choice expert of each character per MoE layer (faded: prompt, hatched: dropped, "
+                 f"{FIGURE_FALLBACK}: a character the font lacks)")
     handles = [Patch(facecolor=c, label=f"expert {e} (node {n})")
                for e, (c, n) in enumerate(zip(colours, trace["expert_node"]))]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")

@@ -3,20 +3,54 @@ terminal rendering. The report draws the same trace as a picture (`report.plots.
 
 trace.json:
     {"router": str, "top_k": K, "num_experts": E, "expert_node": [E] ints, "domain": str,
-     "prompt_bytes": P, "bytes": [n] ints (prompt then generated),
+     "prompt_bytes": P (prompt tokens), "bytes": [n] ints (token ids, prompt then generated),
+     "token_bytes": [n] lists of ints (the UTF-8 bytes of each token; absent in older traces: one byte each),
      "expert_index": [L][n][K] ints (global expert ids), "keep": [L][n][K] bools, "sampling": {...}}
+
+Both renderings draw the text one cell per character (`characters`), each in the colour of the token holding
+its first byte: a character spread over several byte tokens is drawn once, and a BPE token of several
+characters colours each of them.
 """
+import unicodedata
+
 from pangu_moe.report.palette import expert_colours
 
-WIDTH = 64  # bytes per rendered line
-SPECIAL = {0x0a: "\u21b5", 0x09: "\u2192", 0x0d: "\u2190"}
+WIDTH = 64  # characters per rendered line
+SPECIAL = {"\n": "\u21b5", "\t": "\u2192", "\r": "\u2190"}
+INVALID = "\ufffd"  # a byte that does not start a valid UTF-8 character
 
 
-def byte_glyph(value):
-    """One printable character standing for a byte: ASCII as itself, newline/tab/CR as arrows, the rest a dot."""
-    if value in SPECIAL:
-        return SPECIAL[value]
-    return chr(value) if 0x20 <= value < 0x7f else "\u2022"
+def characters(trace):
+    """The trace's text as cells: [(glyph str, index of the token holding the character's first byte)].
+
+    Newline, tab and CR are drawn as arrows, other control characters as a dot, an invalid byte as U+FFFD.
+    """
+    pieces = trace.get("token_bytes") or [[b] for b in trace["bytes"]]
+    stream = bytes(b for piece in pieces for b in piece)
+    owner = [i for i, piece in enumerate(pieces) for _ in piece]
+    cells, pos = [], 0
+    while pos < len(stream):
+        lead = stream[pos]
+        length = 1 if lead < 0x80 else 2 if 0xc0 <= lead < 0xe0 else 3 if 0xe0 <= lead < 0xf0 else \
+            4 if 0xf0 <= lead < 0xf8 else 1
+        try:
+            char = stream[pos:pos + length].decode("utf-8")
+        except UnicodeDecodeError:
+            char, length = INVALID, 1
+        if char in SPECIAL:
+            glyph = SPECIAL[char]
+        elif unicodedata.category(char) == "Cc":
+            glyph = "\u2022"
+        else:
+            glyph = char
+        cells.append((glyph, owner[pos]))
+        pos += length
+    return cells
+
+
+def columns(glyph):
+    """Terminal columns a glyph takes: 2 for East Asian wide and full-width characters (CJK, most emoji)."""
+    return 2 if unicodedata.east_asian_width(glyph) in ("W", "F") else 1
 
 
 def _base36(value):
@@ -34,33 +68,36 @@ RESET = "\x1b[0m"
 def render(trace, colour=True, width=WIDTH):
     """The trace as terminal text.
 
-    Per chunk of `width` bytes: with `colour`, one line per MoE layer showing the bytes on the background
-    colour of their first-choice expert (`palette.expert_colours`: one hue per node), underlined where that
-    choice was dropped; without colour, the bytes on one line and each layer's first-choice expert ids
-    (base 36, `x` where dropped) below them. A `|` marks where the prompt ends. Ends with a legend.
+    Per chunk of `width` characters (`characters`): with `colour`, one line per MoE layer showing the characters
+    on the background colour of their token's first-choice expert (`palette.expert_colours`), underlined where
+    that choice was dropped; without colour, the characters on one line and each layer's first-choice expert ids
+    (base 36, `x` where dropped) below them, padded under wide characters. A `|` marks where the prompt ends.
+    Ends with a legend.
 
     Args:
         trace: a trace dict (module docstring). Returns: str.
     """
-    data, layers, keep = trace["bytes"], trace["expert_index"], trace["keep"]
+    layers, keep = trace["expert_index"], trace["keep"]
     colours = expert_colours(trace["expert_node"])
     prompt = trace["prompt_bytes"]
+    cells = characters(trace)
     lines = []
-    for start in range(0, len(data), width):
-        span = range(start, min(start + width, len(data)))
-        glyphs = [("|" if i == prompt and i else "") + byte_glyph(data[i]) for i in span]
+    for start in range(0, len(cells), width):
+        chunk = cells[start:start + width]
+        marks = ["|" if start + j and cells[start + j - 1][1] < prompt <= token else ""  # the prompt's end
+                 for j, (_, token) in enumerate(chunk)]
         if not colour:
-            lines.append("      " + "".join(glyphs))
+            lines.append("      " + "".join(mark + glyph for mark, (glyph, _) in zip(marks, chunk)))
         for layer, (index, kept) in enumerate(zip(layers, keep)):
-            cells = []
-            for i, glyph in zip(span, glyphs):
-                expert = index[i][0]
+            drawn = []
+            for mark, (glyph, token) in zip(marks, chunk):
+                expert = index[token][0]
                 if colour:
-                    underline = "" if kept[i][0] else "\x1b[4m"
-                    cells.append(glyph[:-1] + _background(colours[expert]) + underline + glyph[-1] + RESET)
+                    underline = "" if kept[token][0] else "\x1b[4m"
+                    drawn.append(mark + _background(colours[expert]) + underline + glyph + RESET)
                 else:
-                    cells.append(glyph[:-1] + (_base36(expert) if kept[i][0] else "x"))
-            lines.append(f"L{layer:<4d} " + "".join(cells))
+                    drawn.append(mark + (_base36(expert) if kept[token][0] else "x").ljust(columns(glyph)))
+            lines.append(f"L{layer:<4d} " + "".join(drawn))
         lines.append("")
     legend = []
     for expert, node in enumerate(trace["expert_node"]):

@@ -50,6 +50,17 @@ def test_the_domains_are_encoded_with_a_bpe_trained_on_the_training_split():
     assert all(np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val) for a, b in zip(again, data.domains))
 
 
+def test_bpe_pieces_are_the_bytes_of_each_token():
+    from tokenizers import pre_tokenizers
+    from pangu_moe.data.tokenizer import byte_level_alphabet
+    assert sorted(byte_level_alphabet()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = BpeTokenizer.train(["Grüße 日本語 🚀🙂 naïve café\tend " * 20], 300)
+    text = "déjà vu 日本 🚀 x\ty"
+    ids = tok.encode(text)
+    assert b"".join(tok.piece(i) for i in ids) == text.encode()
+    assert [len(tok.piece(i)) for i in range(tok.vocab_size)] == tok.token_bytes().tolist()
+
+
 def test_a_domain_too_short_in_tokens_is_refused():
     text = np.frombuffer(("abc " * 12).encode(), np.uint8)  # 48 bytes, about 12 tokens
     with pytest.raises(DataError, match=r"domain 'prose' has \d+ training and \d+ validation BPE tokens; need at "
@@ -75,8 +86,11 @@ def test_a_bpe_run_resumes_exactly_and_serves_eval_generate_and_convert(tmp_path
                                                                                               rel=1e-6)
     cfg, model, tok = generate.load_model(folder)
     assert tok.identity == saved.identity
-    ids, _ = generate.generate(cfg, model, tok, "déjà vu 日本", "prose", 6, 1.0, 0, seed=2)
+    ids, trace = generate.generate(cfg, model, tok, "déjà vu 日本", "prose", 6, 1.0, 0, seed=2)
     assert len(ids) == 6 and all(0 <= i < 320 for i in ids)
+    text = bytes(b for piece in trace["token_bytes"] for b in piece)  # the trace holds each token's bytes
+    assert text.startswith("déjà vu 日本".encode()) and text.decode("utf-8", "replace") == \
+        "déjà vu 日本" + tok.decode(ids)
 
     out = convert.reshard(folder, str(tmp_path / "ep2"), ep=2)
     assert run_tokenizer(cfg, checkpoint.run_dir_of(out)).identity == saved.identity
