@@ -113,7 +113,7 @@ def run(config_path, steps, out, seeds=3, overrides=(), log=None, arms=None):
     """Train every arm (or those named in `arms`) for each seed into OUT/<arm>/seed<i>, the LocMoE+ arms last at
     the sweep's mu; write OUT/study.json and the report of seed 0's runs (OUT/report). Returns
     {"steps", "seeds", "seconds", "mu", "mu_why", "arms": `aggregate`, "runs": {arm: [per-seed figures]}}."""
-    from pangu_moe.train.trainer import Trainer, check_run_dir
+    from pangu_moe.train.trainer import check_run_dir
     log = log or (lambda line: print(line, file=sys.stderr))
     unknown = sorted(set(arms or ()) - set(ARMS))
     if unknown:
@@ -130,11 +130,7 @@ def run(config_path, steps, out, seeds=3, overrides=(), log=None, arms=None):
 
     def train(name, i, cfg):
         log(f"== {name} seed {i} (run seed {SEED + i})")
-        trainer = Trainer(cfg, os.path.join(out, name, f"seed{i}"), log)
-        summary = trainer.train()
-        per_arm.setdefault(name, []).append({**{f: summary[f] for f in FIELDS}, **cost_figures(trainer, summary),
-                                             "rank_balance": summary["rank_balance"],
-                                             "rank_balance_last": summary["rank_balance_last"]})
+        per_arm.setdefault(name, []).append(run_isolated(cfg, os.path.join(out, name, f"seed{i}")))
 
     for i in range(seeds):
         configs = study_configs(config_path, steps, SEED + i, overrides=overrides)
@@ -156,6 +152,24 @@ def run(config_path, steps, out, seeds=3, overrides=(), log=None, arms=None):
     report.write([load_run(name, os.path.join(out, name, "seed0")) for name in names], os.path.join(out, "report"),
                  log)
     return result
+
+
+def train_one(config, run_dir):
+    """Train one run and return its study figures (`FIELDS`, `cost_figures`, the per-rank balance). Progress goes
+    to stderr. `config`: a RunConfig as a dict."""
+    from pangu_moe.train.trainer import Trainer
+    trainer = Trainer(RunConfig.from_dict(config), run_dir, lambda line: print(line, file=sys.stderr, flush=True))
+    summary = trainer.train()
+    return {**{f: summary[f] for f in FIELDS}, **cost_figures(trainer, summary),
+            "rank_balance": summary["rank_balance"], "rank_balance_last": summary["rank_balance_last"]}
+
+
+def run_isolated(cfg, run_dir):
+    """`train_one` in a fresh process: a process that trained run after run kept every run's compiled graphs
+    and was killed for memory (exit 137) on its 7th demo-sized run beside a test session on this 24 GB machine."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(train_one, (cfg.to_dict(), run_dir))
 
 
 def steps_for_budget(config_path, minutes, seeds=3, overrides=(), arms=None, probe_steps=6, log=None):
