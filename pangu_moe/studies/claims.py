@@ -39,15 +39,18 @@ def router_rows(study):
     arms, setting = study["arms"], (f"router study: {study['steps']} steps x {study['seeds']} seeds, demo model, "
                                     f"2 nodes x 2 devices, E = 8")
     rows = []
-    locmoe = f"locmoe_mu{study['mu']:g}" if study.get("mu") is not None else None
+    if study.get("mu") is not None:
+        locmoe, chosen = f"locmoe_mu{study['mu']:g}", f"mu = {study['mu']:g}, chosen by the sweep: {study['mu_why']}"
+    else:  # no sweep in this study: its one LocMoE arm, if any
+        locmoe = next((name for name in arms if name.startswith("locmoe_mu")), None)
+        chosen = f"mu = {locmoe[len('locmoe_mu'):]}, not swept in this study" if locmoe else ""
     if "dense" in arms:
         d = arms["dense"]["val_bpb_vs_switch"]
         rows.append(("Switch", "A sparse top-1 MoE beats a dense model of the same active parameters",
                      f"val bpb dense − Switch {interval(d)}", setting, direction(d, lower_is_claimed=False)))
     if locmoe in arms:
         a = arms[locmoe]
-        rows.append(("LocMoE", f"Locality-aware routing sends fewer tokens across nodes than Switch (mu = "
-                     f"{study['mu']:g}, chosen by the sweep: {study['mu_why']})",
+        rows.append(("LocMoE", f"Locality-aware routing sends fewer tokens across nodes than Switch ({chosen})",
                      f"inter-node fraction LocMoE − Switch {interval(a['inter_node_vs_switch'])}", setting,
                      direction(a["inter_node_vs_switch"], lower_is_claimed=True)))
         rows.append(("LocMoE", "... without hurting quality (val bpb within 3% of Switch's)",

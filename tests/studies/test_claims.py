@@ -60,3 +60,10 @@ def test_an_interval_across_a_threshold_is_not_resolved():
     assert claims._within(_x(0.2, 0.01), 0.09) == "not reproduced"
     assert claims.direction(_x(-0.005, 0.01), lower_is_claimed=True) == "not resolved"
     assert claims.direction({"mean": -0.5, "ci95": None, "n": 1}, lower_is_claimed=True) == "not resolved"
+
+
+def test_without_a_sweep_the_one_locmoe_arm_is_used():
+    study = {**STUDY, "mu": None, "mu_why": "no LocMoE sweep in this study"}
+    rows = claims.router_rows(study)
+    (row,) = [r for r in rows if r[1].startswith("Locality-aware routing sends fewer")]
+    assert "mu = 0.01, not swept in this study" in row[1] and row[4] == "reproduced"
