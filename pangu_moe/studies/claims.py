@@ -69,7 +69,7 @@ def router_rows(study):
         a, switch = arms[name], arms["topk"]
         fewer = 1 - a["capacity_ratio"]["mean"] / switch["capacity_ratio"]["mean"]
         rows.append(("LocMoE+", "At least 60% fewer tokens per expert than the capacity-factor capacity",
-                     f"{name}: capacity in force {fewer:+.1%} vs Switch's (capacity ratio "
+                     f"{name}: {fewer:.1%} fewer slots in force than Switch's (capacity ratio "
                      f"{interval(a['capacity_ratio'], '{:.3f}')} vs {interval(switch['capacity_ratio'], '{:.3f}')})",
                      setting, REPRODUCED if fewer >= 0.6 else NOT_REPRODUCED))
         first, last = a["capacity_first"], a["capacity_last"]
