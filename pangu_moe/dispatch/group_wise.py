@@ -26,12 +26,12 @@ from mindspore import nn, ops
 from pangu_moe.dispatch.collectives import make_all_to_all
 
 
-def check_layout(devices_per_node, mp, capacity):
-    """ValueError unless tp groups of `mp` fit inside a node (mp divides D) and C is a multiple of mp."""
+def check_layout(devices_per_node, mp, capacity=None):
+    """ValueError unless tp groups of `mp` fit inside a node (mp divides D) and C (if given) is a multiple of mp."""
     if mp < 1 or devices_per_node % mp:
         raise ValueError(f"group-wise exchange: tensor-parallel size {mp} must divide the {devices_per_node} "
                          f"devices of a node (the AllGather stays inside the node)")
-    if capacity % mp:
+    if capacity is not None and capacity % mp:
         raise ValueError(f"group-wise exchange: capacity {capacity} must be a multiple of the tensor-parallel size "
                          f"{mp} (pad C up, as MindSpore's group_wise_a2a does)")
 
@@ -51,7 +51,7 @@ class GroupWiseExchange(nn.Cell):
 
     def __init__(self, backend, rank, nodes, devices_per_node, mp):
         super().__init__()
-        check_layout(devices_per_node, mp, mp)
+        check_layout(devices_per_node, mp)  # C is checked by the caller that sizes the buffers
         self.simulated = backend == "simulated"
         self.mp, self.position = mp, rank % mp
         if not self.simulated:
@@ -81,12 +81,3 @@ class GroupWiseExchange(nn.Cell):
         whole = ops.transpose(slices, (0, 2, 3, 1, 4, 5)).reshape((g, 1, g, e, mp * c, h))
         return ops.broadcast_to(whole, (g, mp, g, e, mp * c, h)).reshape((w, g, e, mp * c, h))
 
-
-def all_to_all_values(world, experts, capacity, hidden, mp):
-    """Values one rank sends across the all-to-all, per direction: plain (G-1)·E_loc·C·H and group-wise
-    1/mp of it; the group-wise AllGather receives (mp-1)·G·E_loc·(C/mp)·H inside the node.
-    Returns {"plain", "group_wise", "all_gather"} (ints; multiply by the value's bytes)."""
-    g = world // mp
-    e = experts // g
-    plain = (g - 1) * e * capacity * hidden
-    return {"plain": plain, "group_wise": plain // mp, "all_gather": (mp - 1) * g * e * (capacity // mp) * hidden}

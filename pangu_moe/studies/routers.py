@@ -174,22 +174,20 @@ def run_isolated(cfg, run_dir):
 
 def steps_for_budget(config_path, minutes, seeds=3, overrides=(), arms=None, probe_steps=6, log=None):
     """Training steps per run so that the study (every arm in `arms`, default all, times `seeds`) takes about
-    `minutes`: a `topk` run of `probe_steps` steps is timed in a scratch folder (its wall time less the timed
-    steps is the per-run overhead: build, compile, evaluation, cost figures). Returns an int >= 10."""
+    `minutes`: a `topk` run of `probe_steps` steps is timed as the study runs it (`run_isolated`, in a scratch
+    folder); its wall time less the timed steps is the per-run overhead (process start, build, compile,
+    evaluation, cost figures). Returns an int >= 10."""
     import shutil
     import tempfile
-    from pangu_moe.train.trainer import Trainer
     scratch = tempfile.mkdtemp(prefix="study_probe_")
     try:
         cfg = study_configs(config_path, probe_steps, overrides=overrides)[SWITCH]
         began = time.perf_counter()
-        trainer = Trainer(cfg, os.path.join(scratch, "probe"), lambda line: None)
-        summary = trainer.train()
-        cost_figures(trainer, summary)
+        figures = run_isolated(cfg, os.path.join(scratch, "probe"))
         wall = time.perf_counter() - began
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    step = cfg.train.batch_size * cfg.model.seq_len / summary["tokens_per_s"]
+    step = cfg.train.batch_size * cfg.model.seq_len / figures["tokens_per_s"]
     overhead = max(0.0, wall - probe_steps * step)
     runs = len([a for a in ARMS if not arms or a in arms]) * seeds
     steps = budget_steps(minutes, runs, step, overhead)

@@ -10,7 +10,7 @@ from mindspore import Tensor
 
 from pangu_moe.dispatch import group_wise
 from pangu_moe.dispatch.collectives import group_members
-from pangu_moe.dispatch.group_wise import GroupWiseExchange, all_to_all_values, check_layout, plain_exchange
+from pangu_moe.dispatch.group_wise import GroupWiseExchange, check_layout, plain_exchange
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 E_LOC, C, H = 2, 4, 3
@@ -50,9 +50,6 @@ def test_group_wise_equals_plain_and_sends_one_mp_th(nodes, devices, mp, monkeyp
     np.testing.assert_array_equal(got, plain(Tensor(send), mp).asnumpy())
     g = world // mp
     assert sent == [(world, g, E_LOC, C // mp, H)]  # each rank's all-to-all input: 1/mp of its slots
-    values = all_to_all_values(world, g * E_LOC, C, H, mp)
-    assert values["group_wise"] == (g - 1) * E_LOC * (C // mp) * H == values["plain"] // mp
-    assert values["all_gather"] == (mp - 1) * g * E_LOC * (C // mp) * H
 
 
 def test_layouts_it_cannot_run_are_refused():
