@@ -372,8 +372,12 @@ def main(argv=None):
     from pangu_moe.data.corpus import DataError
     from pangu_moe.ops.build import KernelBuildError
     from pangu_moe.train.checkpoint import CheckpointError
+    from pangu_moe.train.stop import TrainingStopped
     try:
         args.func(args)
+    except TrainingStopped as e:
+        print(f"pangu-moe {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, DataError, CheckpointError, KernelBuildError, FloatingPointError, OSError) as e:
         print(f"pangu-moe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

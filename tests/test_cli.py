@@ -64,3 +64,21 @@ def test_resume_without_checkpoints_and_rerun_into_a_used_run_dir(tmp_path, caps
     (used / "manifest.json").write_text("{}")
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "used")]) == 2
     assert "already holds checkpoints (up to step 10); pass --resume" in capsys.readouterr().err
+
+
+def test_a_signalled_stop_exits_with_the_signals_code_and_prints_the_resume_line(tmp_path, capsys, monkeypatch):
+    import signal
+    from pangu_moe.train import trainer
+    from pangu_moe.train.stop import TrainingStopped
+
+    def stop(self, resume=False):
+        raise TrainingStopped(signal.SIGINT, 7, "RUN/checkpoints/step_000007", "HINT")
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(trainer.Trainer, "train", stop)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 50\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("pangu-moe train: stopped by SIGINT after step 7: checkpoint RUN/checkpoints/step_000007; "
+                            "resume with: HINT\n")

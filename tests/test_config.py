@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pangu_moe.config import ConfigError, RunConfig, describe
@@ -114,3 +116,15 @@ def test_every_field_has_help():
     fields = list(describe())
     assert len(fields) > 40
     assert all(text for _, _, text in fields)
+
+
+def test_every_shipped_config_validates_and_keeps_the_pangu_shape():
+    """configs/*.yaml: a dense bottom, a MoE top, two domains with one expert group each."""
+    import glob
+    from pangu_moe.configs import DEMO_CONFIG
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(DEMO_CONFIG), "*.yaml")))
+    assert [os.path.basename(p) for p in paths] == ["demo_cpu.yaml", "smoke_cpu.yaml"]
+    for path in paths:
+        cfg = RunConfig.from_yaml(path)
+        assert cfg.model.num_dense_layers >= 1 and cfg.model.num_moe_layers >= 1, path
+        assert len(cfg.data.domains) == cfg.moe.num_groups == 2, path

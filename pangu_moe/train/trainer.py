@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import signal
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ from pangu_moe.train.metrics import MetricsLog
 from pangu_moe.train.optim import HybridEpsAdamW
 from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
+from pangu_moe.train.stop import StopOnSignal, TrainingStopped
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
 LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
@@ -191,6 +193,14 @@ class Trainer:
         params = count_parameters(self.model, 1.0, self._expert_shards())[0]
         self.log(f"training {cfg.moe.router} router, {params:,} parameters, C={self.capacity} slots/expert, "
                  f"steps {state['step']}..{t.steps} -> {self.run_dir}")
+        with StopOnSignal() as stopper:
+            self._loop(state, batches, metrics, stopper)
+        return self._finish(state)
+
+    def _loop(self, state, batches, metrics, stopper):
+        """Train from `state["step"]` to `train.steps`; after a SIGINT/SIGTERM (`stopper`) the step in flight ends,
+        a checkpoint is written and `TrainingStopped` raised."""
+        cfg, t = self.cfg, self.cfg.train
         window_tokens, window_seconds = 0, 0.0
         scale_before = float(self.optimizer.loss_scaler.scale.asnumpy())
         for input_ids, labels, domain_ids in batches:
@@ -234,7 +244,24 @@ class Trainer:
                 window_tokens, window_seconds, self.reruns = 0, 0.0, 0
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self._save(state)
-        return self._finish(state)
+            signum = self._agreed_stop(stopper.signum)
+            if signum and step < t.steps:
+                if step % t.checkpoint_every:
+                    self._save(state)
+                raise TrainingStopped(signum, step, checkpoint.step_path(self.run_dir, step), self._resume_hint())
+
+    def _agreed_stop(self, signum):
+        """The signal to stop for after this step, or None. Processes of a multi-process backend agree (a scalar
+        all-reduce a step), so that all of them save the same step even when only some were signalled."""
+        if self.data_parallel is None:
+            return signum
+        signalled = float(self.data_parallel.mean(Tensor(1.0 if signum else 0.0, ms.float32)).asnumpy())
+        return (signum or signal.SIGTERM) if signalled > 0 else None
+
+    def _resume_hint(self):
+        if self.cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
+            return "the same launch command with --resume"
+        return f"pangu-moe train --config {os.path.join(self.run_dir, 'config.yaml')} --out {self.run_dir} --resume"
 
     def _count_routing(self, state, demand, kept):
         """Host-side router updates and the run's token accounting of a step that was applied."""

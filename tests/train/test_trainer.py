@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from pangu_moe.train import checkpoint
 from pangu_moe.train.checkpoint import list_checkpoints, remove
 from pangu_moe.train.metrics import read
 from pangu_moe.train.schedule import learning_rate
+from pangu_moe.train.stop import TrainingStopped
 from pangu_moe.train.trainer import Trainer, check_run_dir
 from tests.conftest import tiny_config
 
@@ -104,6 +106,27 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert _losses(resumed) == _losses(run_dir)
     assert again["val_loss"] == summary["val_loss"]
     assert again["dropped_fraction"] == summary["dropped_fraction"]
+
+
+def test_a_sigterm_checkpoints_the_step_in_flight_and_resume_equals_an_uninterrupted_run(run_a, tmp_path):
+    run_dir, summary = run_a
+    stopped = tmp_path / "stopped"
+    before = signal.getsignal(signal.SIGTERM)
+
+    def log(line):
+        if line.split()[:2] == ["step", "13/20"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingStopped) as stop:
+        Trainer(tiny_config(), str(stopped), log=log).train()
+    assert (stop.value.signum, stop.value.step, stop.value.exit_code) == (signal.SIGTERM, 13, 143)
+    assert [s for s, _ in list_checkpoints(stopped)] == [10, 13] and not (stopped / "summary.json").exists()
+    assert str(stop.value).endswith(f"resume with: pangu-moe train --config {stopped / 'config.yaml'} --out {stopped} "
+                                    "--resume")
+    assert signal.getsignal(signal.SIGTERM) is before
+    again = _train(stopped, resume=True)
+    assert _losses(stopped) == _losses(run_dir)
+    assert again["val_loss"] == summary["val_loss"]
 
 
 @pytest.mark.parametrize("noise", [("moe.topk.jitter_eps=0.2", "moe.slot_policy=random", "moe.top_k=2"),
