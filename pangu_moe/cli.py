@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from pangu_moe.config import ConfigError, RunConfig, describe, fields_markdown
 
@@ -167,9 +168,13 @@ def _generate(args):
     from pangu_moe.train import checkpoint
     args.checkpoint = checkpoint.resolve(args.checkpoint, _stderr)
     cfg, model, tok = generate.load_model(args.checkpoint, args.overrides)
-    progress = Progress("generate", "bytes")
+    progress = Progress("generate", "tokens")
+    began = time.perf_counter()
     text, trace = generate.generate(cfg, model, tok, args.prompt, args.domain, args.max_bytes, args.temperature,
-                                    args.top_k, args.seed, progress.update)
+                                    args.top_k, args.seed, progress.update, not args.recompute)
+    seconds = time.perf_counter() - began
+    print(f"generated {len(text)} tokens in {seconds:.1f} s: {len(text) / seconds:.1f} tokens/s "
+          f"({'recomputing the window' if args.recompute else 'KV cache'}, compilation included)", file=sys.stderr)
     print(args.prompt + tok.decode(text))
     if args.trace:
         from pangu_moe.report import trace as trace_text
@@ -313,6 +318,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely bytes; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("--recompute", action="store_true", help="recompute the whole context for every token instead "
+                   "of decoding it from the key/value cache (same text; slower)")
     p.add_argument("--trace", action="store_true", help="print each byte's expert per MoE layer, coloured by node, and "
                    "write the trace to --trace-out")
     p.add_argument("--trace-out", default=None, help="trace file (default RUN_DIR/trace.json, which report reads)")

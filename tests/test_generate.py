@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from pangu_moe import cli, generate
+from pangu_moe import cli, generate, runtime
 from pangu_moe.config import ConfigError
+from pangu_moe.data.tokenizer import ByteTokenizer
+from pangu_moe.model.pangu import build_model
 from pangu_moe.report import trace as trace_text
 from pangu_moe.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -34,8 +36,9 @@ def _one_pass(cfg, model, ids, domain_id):
     tokens = np.zeros((1, cfg.model.seq_len), np.int32)
     tokens[0, :len(ids)] = ids
     domains = np.full((1, cfg.model.seq_len), domain_id, np.int32)
-    step = generate.traced_step(model, cfg.model.seq_len // 4, False)
-    logits, index, keep = (o.asnumpy() for o in step(Tensor(tokens), Tensor(domains)))
+    logits, layers = model.forward_traced(Tensor(tokens), Tensor(domains), cfg.model.seq_len // 4)
+    index, keep = (np.stack([layer[3][field].asnumpy() for layer in layers]) for field in (0, 2))  # (L, T, K)
+    logits = logits.asnumpy()
     assert keep[:, :len(ids)].all()  # dropless: every choice of the text kept
     return logits[0, :len(ids)], index[:, :len(ids)]
 
@@ -72,10 +75,40 @@ def test_greedy_decoding_follows_the_one_pass_logits(loaded):
         assert byte == int(np.argmax(logits[position, :256]))
 
 
-def test_a_text_longer_than_the_context_slides_its_window(loaded):
+def test_a_text_longer_than_the_context_restarts_its_window_at_the_newest_half(loaded):
     cfg, model, tok = loaded
-    generated, trace = generate.generate(cfg, model, tok, PROMPT, None, 40, 1.0, 5, seed=1)
-    assert len(generated) == 40 and np.array(trace["expert_index"]).shape == (2, len(PROMPT) + 40, 2)
+    generated, trace = generate.generate(cfg, model, tok, PROMPT, None, 45, 0.0, 0)
+    assert len(generated) == 45 and np.array(trace["expert_index"]).shape == (2, len(PROMPT) + 45, 2)
+    # Tokens 0..31 fill the 32-token window; token 32 restarts it at tokens 17..32, token 49 at 34..49.
+    ids = trace["bytes"]
+    for newest, start in ((31, 0), (32, 17), (48, 17), (49, 34), (52, 34)):
+        logits, index = _one_pass(cfg, model, ids[start:newest + 1], 0)
+        assert ids[newest + 1] == int(np.argmax(logits[-1, :256]))
+        assert np.array_equal(np.array(trace["expert_index"])[:, newest], index[:, -1])
+
+
+@pytest.mark.parametrize("router", [("moe.router=topk", "moe.top_k=1"), ("moe.router=topk", "moe.top_k=2"),
+                                    ("moe.router=locmoe", "moe.top_k=1")])
+def test_kv_cache_decoding_equals_recomputing_the_window(router):
+    """Greedy and sampled, across a window restart (9 + 26 tokens > 32), with K = 1 and 2."""
+    cfg = tiny_config("parallel.nodes=2", "parallel.devices_per_node=2", "moe.num_experts=8", *router)
+    runtime.setup(cfg.runtime)
+    model, tok = build_model(cfg), ByteTokenizer()  # its initial weights: no training to compile
+    model.set_train(False)
+    for temperature, seed in ((0.0, 0), (1.0, 7)):
+        cached = generate.generate(cfg, model, tok, PROMPT, "code", 26, temperature, 0, seed, kv_cache=True)
+        recomputed = generate.generate(cfg, model, tok, PROMPT, "code", 26, temperature, 0, seed, kv_cache=False)
+        assert cached == recomputed
+
+
+def test_the_cached_prefill_is_the_models_forward_pass(loaded):
+    cfg, model, tok = loaded
+    ids = [ord(c) for c in PROMPT * 3][:cfg.model.seq_len]
+    window = generate.Window(model, 1, cfg.model.seq_len // 4, False)
+    routed = window.prefill(ids, 0)
+    logits, index = _one_pass(cfg, model, ids, 1)
+    np.testing.assert_allclose(window.last_logits, logits[-1], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.array([[layer[0] for layer in token] for token in routed]).transpose(1, 0, 2), index)
 
 
 def test_sample_next_rules():

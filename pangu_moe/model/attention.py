@@ -42,17 +42,30 @@ class Attention(nn.Cell):
 
     def construct(self, query_in, kv_in, mask):
         """query_in [B, S, H] (or [S, H], broadcast), kv_in [B, S, H], mask [S, S] -> [B, S, H]."""
-        b, s, h = kv_in.shape
+        k, v = self.keys_values(kv_in)
+        return self.attend(query_in, k, v, mask)
+
+    def keys_values(self, kv_in):
+        """kv_in [B, S, H] -> keys, values [B, nh, S, hd] in `compute_dtype` (what a KV cache holds)."""
+        h = kv_in.shape[-1]
+        dt = self.compute_dtype
+        k, v = ops.split(ops.matmul(kv_in.astype(dt), self.w_kv.astype(dt)), h, axis=-1)
+        return self._heads(k), self._heads(v)
+
+    def attend(self, query_in, k, v, mask):
+        """query_in [B, Sq, H] (or [Sq, H], broadcast), keys and values [B, nh, Sk, hd] (`keys_values`),
+        mask [Sq, Sk] additive -> [B, Sq, H] fp32."""
+        b, _, sk, _ = k.shape
+        sq, h = query_in.shape[-2], query_in.shape[-1]
         dt = self.compute_dtype
         q = ops.matmul(query_in.astype(dt), self.w_q.astype(dt))
         if q.ndim == 2:
-            q = ops.broadcast_to(q.reshape(1, s, h), (b, s, h))  # (B, S, H) <- (S, H)
-        k, v = ops.split(ops.matmul(kv_in.astype(dt), self.w_kv.astype(dt)), h, axis=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+            q = ops.broadcast_to(q.reshape(1, sq, h), (b, sq, h))  # (B, Sq, H) <- (Sq, H)
+        q = self._heads(q)
         if dt == ms.float32:
-            att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, S, S)
+            att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, Sq, Sk)
         else:  # scaled before the product, which could overflow fp16; the mask and softmax in fp32 (-1e9, exp)
-            att = ops.bmm(q * self.scale, k.transpose(0, 1, 3, 2)).astype(ms.float32) + mask  # (B, nh, S, S)
-        out = ops.bmm(ops.softmax(att, axis=-1).astype(dt), v)  # (B, nh, S, hd)
-        out = out.transpose(0, 2, 1, 3).reshape(b, s, h)  # (B, S, H) <- (B, S, nh, hd)
+            att = ops.bmm(q * self.scale, k.transpose(0, 1, 3, 2)).astype(ms.float32) + mask  # (B, nh, Sq, Sk)
+        out = ops.bmm(ops.softmax(att, axis=-1).astype(dt), v)  # (B, nh, Sq, hd)
+        out = out.transpose(0, 2, 1, 3).reshape(b, sq, h)  # (B, Sq, H) <- (B, Sq, nh, hd)
         return ops.matmul(out, self.w_o.astype(dt)).astype(ms.float32)

@@ -130,9 +130,12 @@ class PanguModel(nn.Cell):
 
     def _head(self, h, mask):
         """Query layer, final LayerNorm and the tied LM head: h [B, S, H] -> logits [B, S, V] fp32."""
-        h = self.ln_f(self.query_layer(h, self.query_embedding[:h.shape[1]], mask))
+        return self.logits(self.query_layer(h, self.query_embedding[:h.shape[1]], mask))
+
+    def logits(self, h):
+        """The final LayerNorm and the tied LM head: h [B, S, H] -> logits [B, S, V] fp32."""
         dt = self.compute_dtype
-        return ops.matmul(h.astype(dt), self.embedding.T.astype(dt)).astype(ms.float32)  # (B, S, V)
+        return ops.matmul(self.ln_f(h).astype(dt), self.embedding.T.astype(dt)).astype(ms.float32)  # (B, S, V)
 
     def feed_noise(self, rng):
         """Refill every router's training-noise buffers from numpy Generator `rng` (before a training step)."""
