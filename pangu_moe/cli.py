@@ -99,16 +99,24 @@ def _bench_data(repeats, steps):
     return result, data.table(result)
 
 
+def _bench_train_step(repeats, steps):
+    from pangu_moe.bench import train_step
+    result = train_step.run(steps=steps or 30, repeats=repeats, log=_stderr)
+    return result, train_step.table(result)
+
+
 BENCHES = {"moe-layer": _bench_moe_layer, "dispatch": _bench_dispatch, "ep": _bench_with_log("ep"),
            "kernels": _bench_with_log("kernels"), "precision": _bench_precision, "data": _bench_data,
-           "all": _bench_with_log("all")}
+           "train-step": _bench_train_step, "all": _bench_with_log("all")}
+STEPS_BENCHES = ("precision", "train-step")  # the benchmarks that train and take --steps
 
 
 def _bench(args):
     if args.repeats < 1:
         raise ConfigError(f"--repeats = {args.repeats}: must be >= 1")
-    if args.steps is not None and (args.name != "precision" or args.steps < 1):
-        raise ConfigError(f"--steps = {args.steps}: only for bench precision, and must be >= 1")
+    if args.steps is not None and (args.name not in STEPS_BENCHES or args.steps < 2):
+        raise ConfigError(f"--steps = {args.steps}: only for bench {' and '.join(STEPS_BENCHES)}, and must be >= 2 "
+                          f"(the first step compiles)")
     result, text = BENCHES[args.name](args.repeats, args.steps)
     print(json.dumps(result) if args.json else text)
 
@@ -276,9 +284,11 @@ def build_parser():
                    "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
                    "(4 processes); kernels: reference vs custom gating+layout, permute, unpermute at T=4096/16384, "
                    "H=1024, E=8/64, K=1/2; precision: the demo model trained in fp32 and in fp16; data: prepare-data and the "
-                   "prepared reader on 64 and 512 MB synthetic corpora (precision and data are not part of all)")
+                   "prepared reader on 64 and 512 MB synthetic corpora; train-step: the demo's training step against a float32 "
+                   "matmul, cpu_utilisation (precision, data and train-step are not part of all)")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")
-    p.add_argument("--steps", type=int, default=None, help="bench precision: training steps (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="bench precision: training steps (default: the demo's); "
+                   "bench train-step: training steps timed (default 30)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")

@@ -1,0 +1,94 @@
+"""`pangu-moe bench train-step`: how much of the CPU's matmul throughput the demo's training step uses.
+
+Trains the demo config (configs/demo_cpu.yaml) for a few steps and takes the time of its compiled steps
+(the trainer's tokens/s, which excludes the steps that compiled), then times, in the same process, a float32
+matmul of the step's most common shape ([B·S, H] x [H, F], MindSpore's CPU kernel, the best of `repeats`).
+
+- `model_gflops_per_step`: counted from the shapes (`model_flops`), forward and backward (3 x forward):
+  attention projections and score/value products (all S x S scores: the causal half is computed too), the
+  dense FFNs and the query layer's, the routers' linear maps, the routed expert FFNs at the tokens' K
+  choices (the capacity's padding slots are not useful work and not counted), and the tied LM head.
+- `step_gflop_per_s` = model_gflops_per_step / step seconds; `sgemm_gflop_per_s` the matmul's;
+  `cpu_utilisation` = their ratio (the issue's target is >= 0.6).
+"""
+import os
+import shutil
+import tempfile
+import time
+
+from pangu_moe.config import RunConfig
+from pangu_moe.configs import DEMO_CONFIG
+
+BACKWARD_FACTOR = 3  # forward + backward: the backward of a matmul is two matmuls of its size
+
+
+def model_flops(cfg):
+    """Forward FLOPs of one training step of `cfg` (the global batch), by part: {attention_projections,
+    attention_scores, dense_ffn, routers, experts, lm_head} (multiply-adds count 2)."""
+    m, moe, t = cfg.model, cfg.moe, cfg.train
+    tokens = t.batch_size * m.seq_len
+    attention_layers = m.num_dense_layers + m.num_moe_layers + 1  # + the query layer
+    experts = moe.num_experts if moe.num_experts > 1 else 0  # num_experts = 1: the study's dense arm
+    return {
+        "attention_projections": attention_layers * 2 * tokens * m.hidden * 4 * m.hidden,  # q, k, v, o
+        "attention_scores": attention_layers * 2 * 2 * t.batch_size * m.seq_len * m.seq_len * m.hidden,  # QK^T, AV
+        "dense_ffn": (m.num_dense_layers + 1) * 2 * 2 * tokens * m.hidden * m.ffn_hidden,
+        "routers": m.num_moe_layers * 2 * tokens * m.hidden * experts,
+        "experts": m.num_moe_layers * 2 * 2 * tokens * moe.top_k * m.hidden * moe.expert_hidden,
+        "lm_head": 2 * tokens * m.hidden * m.vocab_size,
+    }
+
+
+def sgemm_seconds(rows, inner, cols, repeats):
+    """Best wall time of a float32 [rows, inner] x [inner, cols] matmul (MindSpore, compiled) over `repeats`."""
+    import numpy as np
+    import mindspore as ms
+    from mindspore import Tensor, ops
+    a = Tensor(np.random.default_rng(0).standard_normal((rows, inner)).astype(np.float32))
+    b = Tensor(np.random.default_rng(1).standard_normal((inner, cols)).astype(np.float32))
+    matmul = ms.jit(lambda x, y: ops.matmul(x, y))
+    matmul(a, b).asnumpy()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        matmul(a, b).asnumpy()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print):
+    """Returns {model_gflops_per_step, gflops_by_part, step_seconds, step_gflop_per_s, sgemm_shape,
+    sgemm_gflop_per_s, cpu_utilisation, steps}."""
+    from pangu_moe.train.trainer import Trainer
+    cfg = RunConfig.from_yaml(config, [f"train.steps={steps}", f"train.warmup_steps={min(steps, 30)}",
+                                       f"train.eval_every={steps}", "train.eval_batches=1",
+                                       f"train.checkpoint_every={steps}", f"train.log_every={steps}"])
+    scratch = tempfile.mkdtemp(prefix="bench_train_step_")
+    try:
+        log(f"bench train-step: training the demo model {steps} steps")
+        summary = Trainer(cfg, os.path.join(scratch, "run"), log=lambda line: None).train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    step_seconds = tokens / summary["tokens_per_s"]
+    parts = {name: BACKWARD_FACTOR * flops / 1e9 for name, flops in model_flops(cfg).items()}
+    gflops = sum(parts.values())
+    shape = (tokens, cfg.model.hidden, cfg.model.ffn_hidden)
+    log(f"bench train-step: timing a float32 matmul {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}")
+    sgemm = 2 * shape[0] * shape[1] * shape[2] / sgemm_seconds(*shape, repeats) / 1e9
+    step_rate = gflops / step_seconds
+    return {"steps": steps, "model_gflops_per_step": gflops, "gflops_by_part": parts, "step_seconds": step_seconds,
+            "step_gflop_per_s": step_rate, "sgemm_shape": list(shape), "sgemm_gflop_per_s": sgemm,
+            "cpu_utilisation": step_rate / sgemm}
+
+
+def table(result):
+    """Human-readable lines for `run`'s result."""
+    parts = ", ".join(f"{name} {value:.2f}" for name, value in result["gflops_by_part"].items())
+    m, k, n = result["sgemm_shape"]
+    return "\n".join([
+        f"demo training step ({result['steps']} steps, compiled steps only): {result['step_seconds'] * 1e3:.0f} ms",
+        f"  model GFLOP a step (forward + backward) {result['model_gflops_per_step']:.2f}: {parts}",
+        f"  step {result['step_gflop_per_s']:.1f} GFLOP/s; float32 matmul {m}x{k} @ {k}x{n} "
+        f"{result['sgemm_gflop_per_s']:.1f} GFLOP/s",
+        f"  cpu_utilisation = {result['cpu_utilisation']:.2f}  (target >= 0.6)"])
