@@ -128,6 +128,7 @@ def generate(cfg, model, tok, prompt, domain=None, max_bytes=200, temperature=1.
             progress(done, max_bytes)
     layers = len(model.moe_blocks)
     trace = {"router": cfg.moe.router, "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts,
+             "num_groups": cfg.moe.num_groups,
              "expert_node": [int(n) for n in topology.expert_node()], "domain": cfg.data.domains[domain_id],
              "prompt_bytes": len(prompt_ids), "bytes": ids, "token_bytes": [list(tok.piece(i)) for i in ids],
              "expert_index": [[token[layer][0] for token in routed] for layer in range(layers)],

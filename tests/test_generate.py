@@ -128,7 +128,9 @@ def test_render_without_and_with_colour():
              "expert_index": [[[0], [3], [2]], [[1], [1], [0]]], "keep": [[[True], [True], [False]],
                                                                          [[True], [True], [True]]]}
     assert trace_text.render(trace, colour=False).split("\n") == [
-        "      h|i\u21b5", "L0    0|3x", "L1    1|10", "", "experts (e) and their nodes (n): e0 n0 e1 n0 e2 n1 e3 n1"]
+        "      h|i\u21b5", "L0    0|3x", "L1    1|10", "", "experts (e), their nodes (n): e0 n0 e1 n0 e2 n1 e3 n1"]
+    grouped = trace_text.render({**trace, "num_groups": 2}, colour=False).split("\n")[-1]
+    assert grouped == "experts (e), their nodes (n) and level-1 groups (g): e0 n0 g0 e1 n0 g0 e2 n1 g1 e3 n1 g1"
     coloured = trace_text.render(trace, colour=True)
     assert coloured.count("\x1b[48;2;") == 6 + 4 and "\x1b[4m" in coloured  # 6 cells, 4 legend swatches, 1 dropped
 

@@ -43,6 +43,27 @@ def test_series_of_hand_made_records():
     assert steps.tolist() == [4] and values.tolist() == [5.5]
 
 
+def test_constant_routing_panels_are_named_not_drawn():
+    from pangu_moe.report import plots
+    run = run_data.Run("hand", "hand", None, RECORDS, None, None)
+    assert plots.constant_panels([run]) == {}  # dropped, inter-node and capacity all vary
+    flat = [{**r, "layers": [_layer([2, 2, 2, 2], [2, 2, 2, 2], 4, (8, 0, 0))] * 2} for r in RECORDS]
+    other = run_data.Run("flat", "flat", None, flat, None, None)
+    assert plots.constant_panels([other]) == {0: 0.0, 1: 0.0, 2: 4.0}
+    assert plots.constant_panels([run, other]) == {}  # constant in one run only: drawn
+
+
+def test_one_hue_per_expert_and_groups_labelled():
+    from pangu_moe.report.palette import expert_colours, expert_groups
+    from pangu_moe.report.trace import expert_labels
+    import colorsys
+    hues = [colorsys.rgb_to_hls(*c)[0] for c in expert_colours(8)]
+    assert len({round(h, 6) for h in hues}) == 8  # on one node too, no two experts share a hue
+    assert expert_groups(8, 2) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert expert_labels({"expert_node": [0, 0, 0, 0], "num_groups": 2}) == ["e0 n0 g0", "e1 n0 g0", "e2 n0 g1",
+                                                                            "e3 n0 g1"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("report") / "tiny"

@@ -25,7 +25,8 @@ def figures(runs):
              ("routing.png", "Dropped choices, inter-node fraction and capacity per logged step",
               lambda path: plots.routing_figure(runs, path))]
     for run in runs:
-        if run_data.num_moe_layers(run.records):
+        if run_data.num_moe_layers(run.records) and len(run.records[0]["layers"][0]["tokens_per_expert"]) > 1:
+            # one expert (the study's dense arm) has a constant load: no figure
             found.append((f"load_{run.name}.png", f"{run.name}: expert load per MoE layer over steps",
                           lambda path, run=run: plots.load_figure(run, path)))
         if run.trace:

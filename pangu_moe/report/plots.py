@@ -9,8 +9,8 @@ import numpy as np
 
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.report import runs as run_data
-from pangu_moe.report.palette import expert_colours
-from pangu_moe.report.trace import WIDTH, characters
+from pangu_moe.report.palette import expert_colours, expert_groups
+from pangu_moe.report.trace import WIDTH, characters, expert_labels
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -48,25 +48,54 @@ def loss_figure(runs, path):
     _save(fig, path)
 
 
+ROUTING_PANELS = (("dropped choices", "dropped / requested (%)"),
+                  ("tokens crossing nodes", "inter-node / kept choices"),
+                  ("capacity", "C (slots per expert per rank)"))
+
+
+def routing_series(run):
+    """[(panel index, label, MoE layer, steps, values)] of `routing_figure` for one run: dropped %, inter-node
+    fraction (layer 0: over all layers), and the capacity of each MoE layer."""
+    steps = run_data.layer_steps(run.records)
+    series = [(0, run.name, 0, steps, 100 * run_data.dropped_fraction(run.records)),
+              (1, run.name, 0, steps, run_data.inter_node_fraction(run.records))]
+    for layer, capacity in enumerate(run_data.capacities(run.records).T):
+        series.append((2, f"{run.name} layer {layer}", layer, steps, capacity))
+    return series
+
+
+def constant_panels(runs):
+    """{panel index: the value} of the `ROUTING_PANELS` whose every series over every run holds one value."""
+    values = {}
+    for run in runs:
+        for panel, _, _, _, series in routing_series(run):
+            values.setdefault(panel, set()).update(np.asarray(series, np.float64).tolist())
+    return {panel: seen.pop() for panel, seen in values.items() if len(seen) == 1}
+
+
 def routing_figure(runs, path):
-    """Dropped fraction, inter-node fraction and capacity per logged step; one colour per run, one line
-    style per MoE layer for the capacity."""
+    """Dropped fraction, inter-node fraction and capacity per logged step; one colour per run, one line style per
+    MoE layer for the capacity. A panel whose series all hold one value is left out and named in the title."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    constant = constant_panels(runs)
+    shown = [p for p in range(len(ROUTING_PANELS)) if p not in constant]
+    if not shown:
+        shown = [0]  # one panel, so the figure still exists and its title lists the constants
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.3 * len(shown) + 0.5, 4), squeeze=False)
+    axes = dict(zip(shown, axes[0]))
     for i, run in enumerate(runs):
-        colour = f"C{i % 10}"
-        steps = run_data.layer_steps(run.records)
-        axes[0].plot(steps, 100 * run_data.dropped_fraction(run.records), color=colour, label=run.name)
-        axes[1].plot(steps, run_data.inter_node_fraction(run.records), color=colour, label=run.name)
-        for layer, capacity in enumerate(run_data.capacities(run.records).T):
-            axes[2].plot(steps, capacity, color=colour, linestyle=LINESTYLES[layer % len(LINESTYLES)],
-                         label=f"{run.name} layer {layer}")
-    axes[0].set(title="dropped choices", xlabel="step", ylabel="dropped / requested (%)")
-    axes[1].set(title="tokens crossing nodes", xlabel="step", ylabel="inter-node / kept choices", ylim=(0, 1))
-    axes[2].set(title="capacity", xlabel="step", ylabel="C (slots per expert per rank)")
-    for ax in axes:
+        for panel, label, layer, steps, values in routing_series(run):
+            if panel in axes:
+                axes[panel].plot(steps, values, color=f"C{i % 10}", label=label,
+                                 linestyle=LINESTYLES[layer % len(LINESTYLES)])
+    for panel, ax in axes.items():
+        title, ylabel = ROUTING_PANELS[panel]
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    if constant:
+        fig.suptitle("constant, not drawn: " + "; ".join(f"{ROUTING_PANELS[p][0]} = {v:g}"
+                                                         for p, v in sorted(constant.items())), fontsize="small")
     _save(fig, path)
 
 
@@ -77,6 +106,7 @@ def load_figure(run, path):
     layers = run_data.num_moe_layers(run.records)
     steps = run_data.layer_steps(run.records)
     nodes = _expert_nodes(run)
+    groups = expert_groups(len(nodes), run.config.moe.num_groups if run.config else 1)
     fig, axes = plt.subplots(layers, 1, figsize=(10, (1.2 + 0.35 * len(nodes)) * layers), squeeze=False)
     for layer, ax in enumerate(axes[:, 0]):
         load = run_data.expert_load(run.records, layer)  # (n steps, E)
@@ -86,8 +116,11 @@ def load_figure(run, path):
                           if len(steps) > 1 else None)
         for boundary in np.nonzero(np.diff(nodes))[0]:
             ax.axhline(boundary + 0.5, color="white", linewidth=1.5)
-        ax.set(title=f"{run.name}: MoE layer {layer} expert load", xlabel="step", ylabel="expert (node)")
-        ax.set_yticks(range(load.shape[1]), [f"{e} (n{n})" for e, n in enumerate(nodes)])
+        for boundary in np.nonzero(np.diff(groups))[0]:
+            ax.axhline(boundary + 0.5, color="red", linewidth=1.5, linestyle="--")
+        ax.set(title=f"{run.name}: MoE layer {layer} expert load (white: node boundary, red dashed: level-1 group)",
+               xlabel="step", ylabel="expert")
+        ax.set_yticks(range(load.shape[1]), expert_labels({"expert_node": nodes, "num_groups": max(groups) + 1}))
         fig.colorbar(image, ax=ax, label="demand / fair share")
     fig.tight_layout()
     _save(fig, path)
@@ -118,7 +151,7 @@ def trace_figure(trace, title, path, width=WIDTH):
     from matplotlib.patches import Patch, Rectangle
     index, keep = trace["expert_index"], trace["keep"]
     cells = characters(trace)
-    layers, colours = len(index), expert_colours(trace["expert_node"])
+    layers, colours = len(index), expert_colours(len(trace["expert_node"]))
     chunks = (len(cells) + width - 1) // width
     band = layers + 0.6  # one row per layer plus a gap between chunks
     fig, ax = plt.subplots(figsize=(0.2 * width + 1, 0.3 * band * chunks + 1.2))
@@ -138,7 +171,6 @@ def trace_figure(trace, title, path, width=WIDTH):
     ax.set_xticks([])
     ax.set_title(f"{title}: first-choice expert of each character per MoE layer (faded: prompt, hatched: dropped, "
                  f"{FIGURE_FALLBACK}: a character the font lacks)")
-    handles = [Patch(facecolor=c, label=f"expert {e} (node {n})")
-               for e, (c, n) in enumerate(zip(colours, trace["expert_node"]))]
+    handles = [Patch(facecolor=c, label=label) for c, label in zip(colours, expert_labels(trace))]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     _save(fig, path)

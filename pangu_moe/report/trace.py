@@ -2,7 +2,8 @@
 terminal rendering. The report draws the same trace as a picture (`report.plots.trace_figure`).
 
 trace.json:
-    {"router": str, "top_k": K, "num_experts": E, "expert_node": [E] ints, "domain": str,
+    {"router": str, "top_k": K, "num_experts": E, "num_groups": G (level-1 groups; absent in older traces: 1),
+     "expert_node": [E] ints, "domain": str,
      "prompt_bytes": P (prompt tokens), "bytes": [n] ints (token ids, prompt then generated),
      "token_bytes": [n] lists of ints (the UTF-8 bytes of each token; absent in older traces: one byte each),
      "expert_index": [L][n][K] ints (global expert ids), "keep": [L][n][K] bools, "sampling": {...}}
@@ -13,7 +14,7 @@ characters colours each of them.
 """
 import unicodedata
 
-from pangu_moe.report.palette import expert_colours
+from pangu_moe.report.palette import expert_colours, expert_groups
 
 WIDTH = 64  # characters per rendered line
 SPECIAL = {"\n": "\u21b5", "\t": "\u2192", "\r": "\u2190"}
@@ -78,7 +79,7 @@ def render(trace, colour=True, width=WIDTH):
         trace: a trace dict (module docstring). Returns: str.
     """
     layers, keep = trace["expert_index"], trace["keep"]
-    colours = expert_colours(trace["expert_node"])
+    colours = expert_colours(len(trace["expert_node"]))
     prompt = trace["prompt_bytes"]
     cells = characters(trace)
     lines = []
@@ -100,8 +101,15 @@ def render(trace, colour=True, width=WIDTH):
             lines.append(f"L{layer:<4d} " + "".join(drawn))
         lines.append("")
     legend = []
-    for expert, node in enumerate(trace["expert_node"]):
-        label = f" e{expert} n{node} "
-        legend.append(_background(colours[expert]) + label + RESET if colour else label.strip())
-    lines.append("experts (e) and their nodes (n): " + (" ".join(legend)))
+    for expert, label in enumerate(expert_labels(trace)):
+        legend.append(_background(colours[expert]) + f" {label} " + RESET if colour else label)
+    groups = " and level-1 groups (g)" if trace.get("num_groups", 1) > 1 else ""
+    lines.append(f"experts (e), their nodes (n){groups}: " + (" ".join(legend)))
     return "\n".join(lines)
+
+
+def expert_labels(trace):
+    """'e3 n1' per expert, with ' g0' (its level-1 group) when the run has several groups."""
+    nodes, groups = trace["expert_node"], trace.get("num_groups", 1)
+    group_of = expert_groups(len(nodes), groups)
+    return [f"e{e} n{n}" + (f" g{group_of[e]}" if groups > 1 else "") for e, n in enumerate(nodes)]
