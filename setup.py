@@ -16,6 +16,8 @@ setup(
         # and HF alike. Pinned to one minor version so a tokenizer trained here tokenizes alike everywhere.
         "tokenizers>=0.23,<0.24",
     ],
-    extras_require={"test": ["pytest", "matplotlib"], "plot": ["matplotlib"]},
+    # tensorboard: training also writes its metrics as TensorBoard events (RUN_DIR/tensorboard).
+    extras_require={"test": ["pytest", "matplotlib", "tensorboardX"], "plot": ["matplotlib"],
+                    "tensorboard": ["tensorboardX"]},
     entry_points={"console_scripts": ["pangu-moe=pangu_moe.cli:main"]},
 )

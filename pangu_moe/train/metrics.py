@@ -1,7 +1,10 @@
-"""metrics.jsonl: one JSON record per logged step (per-layer accounting: `accounting.traffic`)."""
+"""metrics.jsonl: one JSON record per logged step (per-layer accounting: `accounting.traffic`), and the same
+records' scalars as TensorBoard events when the optional `tensorboardX` is installed."""
 import json
 import math
 import os
+
+TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard: `tensorboard --logdir RUN_DIR/tensorboard`
 
 
 class MetricsLog:
@@ -24,6 +27,9 @@ class MetricsLog:
         """Append `record`; non-finite floats (a skipped step's loss) are written as null (JSON has no NaN)."""
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+
+    def close(self):
+        """Nothing is held open: each record is appended and the file closed, so a kill loses at most one line."""
 
 
 def _json_safe(value):
@@ -48,3 +54,51 @@ def read(path):
     """All records of a metrics.jsonl."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def tensorboard_scalars(record):
+    """{tag: value} of one metrics record, in bits where a loss has units: the LM loss in bits per token, validation
+    in bits per byte, the auxiliary losses as they are, lr, throughput, gradient norm, dropped and inter-node
+    fractions over the MoE layers, and each layer's capacity and max/mean expert load. Non-finite values are left
+    out (a skipped step)."""
+    scalars = {"loss/lm_bits_per_token": record["lm_loss"] / math.log(2),
+               **{f"loss/{name}": record[name] for name in ("aux_loss", "z_loss", "locality_loss") if name in record},
+               "train/lr": record["lr"], "train/tokens_per_s": record["tokens_per_s"],
+               "train/grad_norm": record["grad_norm"]}
+    if "val_bpb" in record:
+        scalars["val/bits_per_byte"] = record["val_bpb"]
+    layers = record.get("layers", [])
+    requested = sum(sum(layer["tokens_per_expert"]) for layer in layers)
+    kept = sum(layer["tokens_local"] + layer["tokens_intra"] + layer["tokens_inter"] for layer in layers)
+    if requested:
+        scalars["routing/dropped_fraction"] = sum(layer["dropped"] for layer in layers) / requested
+    if kept:
+        scalars["routing/inter_node_fraction"] = sum(layer["tokens_inter"] for layer in layers) / kept
+    for i, layer in enumerate(layers):
+        scalars[f"routing/capacity/layer{i}"] = layer["capacity"]
+        scalars[f"routing/max_over_mean_load/layer{i}"] = layer["max_over_mean_load"]
+    return {tag: float(v) for tag, v in scalars.items() if v is not None and math.isfinite(v)}
+
+
+class TensorBoardLog:
+    """`tensorboard_scalars` of each record as events in RUN_DIR/tensorboard. `open` returns None when tensorboardX
+    is not installed (the `tensorboard` extra): training then writes metrics.jsonl only, as without this class."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, run_dir):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+        return cls(SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR)))
+
+    def write(self, record):
+        for tag, value in tensorboard_scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        self.writer.flush()  # a browser watching the run sees each record as it is logged
+
+    def close(self):
+        self.writer.close()

@@ -1,6 +1,7 @@
 """The training loop: compiled steps, periodic evaluation, metrics, checkpoints, summary."""
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -24,7 +25,7 @@ from pangu_moe.train import checkpoint
 from pangu_moe.train.data_parallel import DataParallel
 from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train import metrics as metrics_file
-from pangu_moe.train.metrics import MetricsLog
+from pangu_moe.train.metrics import MetricsLog, TensorBoardLog
 from pangu_moe.train.optim import HybridEpsAdamW
 from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
@@ -183,21 +184,27 @@ class Trainer:
             state = self.load_checkpoint(resume_from)
             self.log(f"resumed from {resume_from} at step {state['step']}")
         os.makedirs(self.run_dir, exist_ok=True)
-        metrics = None
+        sinks = []  # where rank 0 writes each logged record
         if self.rank == 0:
             cfg.save(os.path.join(self.run_dir, "config.yaml"))
             record_tokenizer(self.run_dir, self.data.tokenizer)
-            metrics = MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
-                                 keep_until_step=state["step"] if resume else None)
+            sinks = [MetricsLog(os.path.join(self.run_dir, "metrics.jsonl"),
+                                keep_until_step=state["step"] if resume else None)]
+            board = TensorBoardLog.open(self.run_dir)
+            sinks += [board] if board else []
         batches = self.batches(state["step"])
         params = count_parameters(self.model, 1.0, self._expert_shards())[0]
         self.log(f"training {cfg.moe.router} router, {params:,} parameters, C={self.capacity} slots/expert, "
                  f"steps {state['step']}..{t.steps} -> {self.run_dir}")
-        with StopOnSignal() as stopper:
-            self._loop(state, batches, metrics, stopper)
+        try:
+            with StopOnSignal() as stopper:
+                self._loop(state, batches, sinks, stopper)
+        finally:
+            for sink in sinks:
+                sink.close()
         return self._finish(state)
 
-    def _loop(self, state, batches, metrics, stopper):
+    def _loop(self, state, batches, sinks, stopper):
         """Train from `state["step"]` to `train.steps`; after a SIGINT/SIGTERM (`stopper`) the step in flight ends,
         a checkpoint is written and `TrainingStopped` raised."""
         cfg, t = self.cfg, self.cfg.train
@@ -237,8 +244,8 @@ class Trainer:
                 if do_eval:
                     val = self.evaluator.evaluate(t.eval_batches)
                     record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"])
-                if metrics:
-                    metrics.write(record)
+                for sink in sinks:
+                    sink.write(record)
                 per_step = state["train_seconds"] * self.tokens_per_step / max(1, state["train_tokens"])
                 self.log(progress_line(record, t.steps, per_step))
                 window_tokens, window_seconds, self.reruns = 0, 0.0, 0
@@ -415,11 +422,12 @@ def count_parameters(model, expert_share=1.0, expert_shards=1):
 
 
 def progress_line(record, total_steps, seconds_per_step):
-    """One human line: step, losses, lr, throughput, ETA (and validation when present)."""
+    """One human line in bits: step, the LM loss in bits per token, the auxiliary loss, lr, throughput, ETA, and
+    the validation bits per byte when present. (metrics.jsonl keeps the losses in nats.)"""
     remaining = int((total_steps - record["step"]) * seconds_per_step)
-    line = (f"step {record['step']:>5}/{total_steps}  loss {record['loss']:.4f}  lm {record['lm_loss']:.4f}  "
+    line = (f"step {record['step']:>5}/{total_steps}  lm {record['lm_loss'] / math.log(2):.4f} bits/token  "
             f"aux {record['aux_loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
             f"eta {remaining // 60}m{remaining % 60:02d}s")
-    if "val_loss" in record:
-        line += f"  | val_loss {record['val_loss']:.4f}  val_bpb {record['val_bpb']:.3f}"
+    if "val_bpb" in record:
+        line += f"  | val {record['val_bpb']:.3f} bits/byte"
     return line

@@ -16,6 +16,7 @@ from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.stop import TrainingStopped
 from pangu_moe.train.trainer import Trainer, check_run_dir
 from tests.conftest import tiny_config
+from tests.train.test_metrics import read_events
 
 SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "val_bpb_per_domain",
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
@@ -76,6 +77,15 @@ def test_outputs_have_the_documented_fields(run_a):
             assert max(layer["kept_per_expert"]) <= layer["capacity"] == 40
     assert summary["capacity_ratio"] == 40 / 36  # ceil(1.25*128/4) / ceil(1.1*128/4)
     assert [s for s, _ in list_checkpoints(run_dir)] == [10, 20]
+
+
+def test_training_writes_every_record_as_tensorboard_events(run_a):
+    run_dir, _ = run_a
+    events = read_events(run_dir / "tensorboard")
+    records = read(run_dir / "metrics.jsonl")
+    assert [step for step, _ in events["loss/lm_bits_per_token"]] == [r["step"] for r in records]
+    assert [value for _, value in events["val/bits_per_byte"]] == pytest.approx(
+        [r["val_bpb"] for r in records if "val_bpb" in r], rel=1e-6)  # events hold float32
 
 
 def test_logged_lr_is_the_schedule_of_the_step_it_trained(run_a):
