@@ -179,6 +179,58 @@ def test_launcher_help_is_a_clean_usage_text(script):
     assert not any(line.startswith(("#", "set ", ". ")) for line in lines)
 
 
+ASCEND = os.path.join(REPO, "run_scripts", "run_ascend_cluster.sh")
+GOLDEN_2X8 = ("ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 ASCEND_PROCESS_LOG_PATH=logs/ep16/plog HCCL_CONNECT_TIMEOUT=600 "
+              "HCCL_EXEC_TIMEOUT=1800 HCCL_BUFFSIZE=200 msrun --worker_num=16 --local_worker_num=8 "
+              "--master_addr=10.0.0.1 --master_port=8118 --node_rank=1 --log_dir=logs/ep16 --join=True "
+              "--cluster_time_out=600 PACKAGE/cli.py train --config configs/demo_cpu.yaml --out runs/my\\ run "
+              "--set parallel.dispatch=hccl --set runtime.device=Ascend --set parallel.exchange=hierarchical "
+              "--set parallel.nodes=2 --set parallel.devices_per_node=8")
+
+
+def _ascend(*args):
+    """run_ascend_cluster.sh with a PATH without msrun, so the printed line names plain `msrun`."""
+    return subprocess.run(["bash", ASCEND, "--python", "/opt/py/bin/python", *args], capture_output=True, text=True,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"})
+
+
+def test_ascend_cluster_dry_run_prints_the_golden_msrun_line(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# node 0 first\n10.0.0.1\n\n10.0.0.2\n")
+    train = ["--", "train", "--config", "configs/demo_cpu.yaml", "--out", "runs/my run"]
+    for where in (["--master-addr", "10.0.0.1"], ["--hostfile", str(hosts)]):
+        done = _ascend("--nodes", "2", "--devices-per-node", "8", "--node-rank", "1", *where, "--log-dir",
+                       "logs/ep16", "--exchange", "hierarchical", "--dry-run", *train)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == GOLDEN_2X8.replace("PACKAGE", os.path.join(REPO, "pangu_moe")) + "\n"
+    table = tmp_path / "rank_table.json"
+    table.write_text("{}")
+    done = _ascend("--nodes", "2", "--devices-per-node", "2", "--node-rank", "0", "--master-addr", "h0", "--devices",
+                   "4,5", "--rank-table", str(table), "--dry-run", "--", "train")
+    assert done.stdout.startswith(f"ASCEND_RT_VISIBLE_DEVICES=4,5 ") and f"RANK_TABLE_FILE={table} msrun" in done.stdout
+    assert f"--rank_table_file={table} " in done.stdout and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "2", "--master-addr", "a"],
+     "--node-rank = 2: must be in [0, 2)"),
+    (["--nodes", "3", "--devices-per-node", "8", "--node-rank", "0", "--hostfile", "HOSTS"],
+     "2 hosts; must list --nodes = 3, node 0 first"),
+    (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "0", "--hostfile", "HOSTS", "--master-addr", "b"],
+     "--master-addr = b: differs from the hostfile's node 0 (a)"),
+    (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "0", "--master-addr", "a", "--devices", "0,1"],
+     "--devices = 0,1: 2 ids; must name --devices-per-node = 8"),
+    (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "0"], "--master-addr: required"),
+    (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "0", "--master-addr", "a", "--rank-table", "none"],
+     "--rank-table = none: no such file"),
+])
+def test_ascend_cluster_rejects_bad_arguments(args, message, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a\nb\n")
+    done = _ascend(*[str(hosts) if a == "HOSTS" else a for a in args], "--dry-run", "--", "train")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr
+
+
 def test_launcher_rejects_bad_arguments(tmp_path):
     done = subprocess.run(["bash", LAUNCHER, "--workers", "0", "--", "train"], capture_output=True, text=True)
     assert done.returncode == 2 and "--workers = 0: must be a positive integer" in done.stderr
