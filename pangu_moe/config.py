@@ -333,11 +333,17 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path, overrides=()):
+        """The config of YAML file `path`, or of the shipped config it names when it is not a file (`configs.packaged`:
+        `smoke_cpu`, `configs/demo_cpu.yaml`, ...), with "section.key=value" `overrides`."""
+        from pangu_moe import configs
+        if not os.path.exists(path) and configs.packaged(path):
+            path = configs.packaged(path)
         try:
             with open(path, encoding="utf-8") as fh:
                 d = yaml.safe_load(fh)
         except FileNotFoundError:
-            raise ConfigError(f"config file {path}: not found") from None
+            raise ConfigError(f"config file {path}: not found (shipped configs, usable by name: "
+                              f"{', '.join(configs.packaged_names())})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path}: not valid YAML ({_one_line(e)})") from None
         return cls.from_dict(d, overrides)

@@ -107,15 +107,14 @@ def test_source_comments_cite_only_files_in_the_repository():
 
 
 def test_package_data_is_found_inside_the_package():
-    """The bench's and studies' default config and the msrun launcher ship in the wheel (setup.py package_data)
-    and are found from the installed package, never by walking up to a checkout."""
+    """The bench's and studies' default config, the msrun launcher and the kernel sources ship in the wheel
+    (pyproject.toml package-data; tests/test_packaging.py installs one) and are found from the installed package,
+    never by walking up to a checkout."""
     from pangu_moe.bench.ep import LAUNCHER
     from pangu_moe.configs import DEMO_CONFIG
-    for path in (DEMO_CONFIG, LAUNCHER):
+    from pangu_moe.ops.build import KERNELS_DIR
+    for path in (DEMO_CONFIG, LAUNCHER, str(KERNELS_DIR / "README.md")):
         assert os.path.isfile(path) and os.path.realpath(path).startswith(PACKAGE + os.sep), path
-    with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as fh:
-        setup = fh.read()
-    assert '"configs/*.yaml"' in setup and '"launch/*.sh"' in setup
     for root, _, files in os.walk(PACKAGE):
         for name in files:
             if name.endswith(".py"):

@@ -128,3 +128,14 @@ def test_every_shipped_config_validates_and_keeps_the_pangu_shape():
         cfg = RunConfig.from_yaml(path)
         assert cfg.model.num_dense_layers >= 1 and cfg.model.num_moe_layers >= 1, path
         assert len(cfg.data.domains) == cfg.moe.num_groups == 2, path
+
+
+def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("smoke_cpu", "smoke_cpu.yaml", "configs/smoke_cpu.yaml"):
+        assert RunConfig.from_yaml(name).train.steps == 300
+    with pytest.raises(ConfigError, match=r"config file nope.yaml: not found \(shipped configs, usable by name: "
+                                          r"demo_cpu, smoke_cpu\)"):
+        RunConfig.from_yaml("nope.yaml")
+    (tmp_path / "smoke_cpu.yaml").write_text("train:\n  steps: 7\n  warmup_steps: 1\n")
+    assert RunConfig.from_yaml("smoke_cpu.yaml").train.steps == 7  # a file of that name wins

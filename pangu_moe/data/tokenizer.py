@@ -1,6 +1,6 @@
 """Tokenizers: bytes (token id = UTF-8 byte value, 256 ids) and byte-level BPE.
 
-BPE is HF `tokenizers` (pinned in setup.py): a Rust library that trains from a stream of texts in bounded
+BPE is HF `tokenizers` (pinned in pyproject.toml): a Rust library that trains from a stream of texts in bounded
 memory and whose byte-level BPE maps any text to tokens and back exactly (CJK, accents, emoji), because
 every token is a sequence of bytes. Each token's byte length is therefore fixed (`token_bytes`), which
 is what bits per byte need.

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"  # package data (pyproject.toml)
 CACHE_DIR = Path.home() / ".cache" / "pangu_moe" / "kernels"
 # -ffp-contract=off: no fused multiply-adds (aarch64 would fuse), so sums round as the reference's do.
 FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
@@ -35,8 +35,8 @@ def _sources():
     """The kernel sources kernels/cpu/*.cc (list of Path); raises KernelBuildError if there are none."""
     sources = sorted((KERNELS_DIR / "cpu").glob("*.cc"))
     if not sources:
-        raise KernelBuildError(f"runtime.kernels = custom: no kernel sources in {KERNELS_DIR / 'cpu'}; install "
-                               f"pangu_moe from its source tree (pip install -e .) or use runtime.kernels = reference")
+        raise KernelBuildError(f"runtime.kernels = custom: no kernel sources in {KERNELS_DIR / 'cpu'}; reinstall "
+                               f"pangu_moe (pip install .) or use runtime.kernels = reference")
     return sources
 
 

@@ -9,7 +9,7 @@ from mindspore import ops
 
 from pangu_moe.ops import make_op
 
-ASCEND = Path(__file__).resolve().parents[2] / "kernels" / "ascend"
+ASCEND = Path(__file__).resolve().parents[2] / "pangu_moe" / "kernels" / "ascend"
 GE_DTYPES = {"DT_FLOAT": "float32", "DT_INT32": "int32", "DT_INT8": "int8", "DT_BOOL": "bool"}
 CELLS = {"moe_gating": (1, 8, 1), "moe_dispatch_layout": (1, 8, 4, 2), "moe_permute": (4,), "moe_unpermute": ()}
 
