@@ -230,6 +230,12 @@ def _claims(args):
     print(f"wrote {args.out}: {len(rows)} claims", file=sys.stderr)
 
 
+def _doctor(args):
+    from pangu_moe import doctor
+    found = doctor.findings()
+    print(json.dumps(found) if args.json else doctor.text(found))
+
+
 def _plan(args):
     from pangu_moe.analysis import plan
     result = plan.run(args.runs, args.cluster, tuple(args.devices), args.tokens, args.hidden,
@@ -360,6 +366,10 @@ def build_parser():
     p.add_argument("--precision", default=None, help="the JSON `pangu-moe bench precision --json` printed")
     p.add_argument("--out", default=os.path.join("docs", "results", "claims.md"), help="the page to write")
     p.set_defaults(func=_claims)
+    p = sub.add_parser("doctor", help="what this machine offers a run: MindSpore and its devices, CANN and HCCL "
+                       "settings, msrun, kernels built or not, the backends usable here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_doctor)
     p = sub.add_parser("plan", help="estimated exchange time per router at 64/128/256 devices from runs' routing "
                        "(pangu_moe/accounting/cost.py states the model)")
     p.add_argument("runs", nargs="+", help="run directories, or a study's --out folder")

@@ -51,14 +51,28 @@ def library_path():
     return _BUILT[key]
 
 
-def _build():
-    """Find the library for the current sources in the cache, or compile it there; returns its path."""
-    sources = _sources()
+def _target(sources):
+    """The cache path of the library of `sources` (their bytes, the headers' and the flags name it)."""
     headers = sorted(KERNELS_DIR.glob("*/*.h"))
     digest = hashlib.sha256(" ".join(FLAGS + LIBS).encode())
     for path in sources + headers:
         digest.update(path.name.encode() + path.read_bytes())
-    target = CACHE_DIR / digest.hexdigest()[:16] / LIBRARY
+    return CACHE_DIR / digest.hexdigest()[:16] / LIBRARY
+
+
+def built_library():
+    """The path of the library of the current sources if it is already built, else None (nothing is compiled)."""
+    try:
+        target = _target(_sources())
+    except KernelBuildError:
+        return None
+    return str(target) if target.exists() else None
+
+
+def _build():
+    """Find the library for the current sources in the cache, or compile it there; returns its path."""
+    sources = _sources()
+    target = _target(sources)
     if target.exists():
         return str(target)
     compiler = shutil.which("g++") or shutil.which("c++")
