@@ -18,6 +18,7 @@ import yaml
 
 EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, docs/architecture.md (Expert parallelism)
 MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
+CHECKPOINT_FORMATS = ("ckpt", "safetensors")  # runtime.checkpoint_format
 KERNELS = ("reference", "custom")  # runtime.kernels: plain MindSpore, or the custom kernels of the device
 PRECISIONS = ("fp32", "fp16", "bf16")  # train.precision (pangu_moe/precision.py)
 
@@ -236,6 +237,9 @@ class RuntimeConfig:
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
     kernels: str = _f("reference", "MoE gating/dispatch ops: reference (plain MindSpore) or custom (C++ kernels on "
                       "CPU, Ascend C on Ascend; kernels/README.md)", choices=KERNELS)
+    checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
+    async_checkpoint: bool = _f(False, "write checkpoints in a background thread while training goes on (a copy of "
+                                "the weights is taken first); one-process backends only")
 
 
 @dataclass
@@ -276,6 +280,9 @@ class RunConfig:
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
                  "CPU for parallel.dispatch=msrun_cpu")
         one_rank = p.dispatch in MULTI_PROCESS_BACKENDS
+        _require(not one_rank or not self.runtime.async_checkpoint, "runtime.async_checkpoint",
+                 self.runtime.async_checkpoint, f"false with parallel.dispatch={p.dispatch} (the ranks' checkpoint "
+                 f"barrier would be a collective from a second thread)")
         _require(not one_rank or moe.capacity_mode == "factor", "moe.capacity_mode", moe.capacity_mode,
                  f"factor with parallel.dispatch={p.dispatch} (the routers' capacity proposals run the whole model "
                  f"in one process; use simulated)")

@@ -5,6 +5,8 @@ the trainer state, in a folder per step that is complete only once its manifest 
 - `shared.ckpt`: every non-expert parameter and moment, and the trainer state;
 - `experts_rank{r}.ckpt`: expert shard r (its experts' weights and moments); a single-process run
   writes one shard holding every expert, a run with one rank per process one shard per rank;
+- with `runtime.checkpoint_format: safetensors` the same files as `.safetensors` (MindSpore writes both; the
+  manifest names the files, so a folder of either format loads);
 - `manifest.json`, written last: the step, the sha256 of the resolved config's trajectory fields, and
   per file its size and sha256, and per shard its expert ids.
 
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import threading
 
 import numpy as np
 import mindspore as ms
@@ -29,8 +32,8 @@ from pangu_moe.data.prepare import sha256_file
 from pangu_moe.routing.base import is_noise_buffer
 
 MANIFEST = "manifest.json"
-SHARED = "shared.ckpt"
 FORMAT = 2
+EXTENSIONS = {"ckpt": ".ckpt", "safetensors": ".safetensors"}  # runtime.checkpoint_format -> file extension
 
 
 class CheckpointError(ValueError):
@@ -48,8 +51,17 @@ def named_parameters(cells):
     return params
 
 
-def shard_file(rank):
-    return f"experts_rank{rank}.ckpt"
+def shard_file(rank, file_format="ckpt"):
+    return f"experts_rank{rank}{EXTENSIONS[file_format]}"
+
+
+def shared_file(file_format="ckpt"):
+    return "shared" + EXTENSIONS[file_format]
+
+
+def _format_of(path):
+    """The `EXTENSIONS` format of a checkpoint file, by its extension (MindSpore's .ckpt otherwise)."""
+    return "safetensors" if path.endswith(EXTENSIONS["safetensors"]) else "ckpt"
 
 
 def run_dir_of(path):
@@ -77,10 +89,11 @@ def _check_finite(path, arrays):
 def write_arrays(path, arrays, state):
     """Write {name: numpy array or Parameter} and the state dict to `path` atomically; returns its file entry."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.ckpt"  # MindSpore appends .ckpt to any other name
+    file_format = _format_of(path)
+    tmp = path + ".tmp" + EXTENSIONS[file_format]  # MindSpore appends its extension to any other name
     items = [{"name": name, "data": value if isinstance(value, ms.Parameter) else Tensor(value)}
              for name, value in arrays.items()]
-    ms.save_checkpoint(items, tmp, append_dict=dict(state))
+    ms.save_checkpoint(items, tmp, append_dict=dict(state), format=file_format)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     _replace_durably(tmp, path)
@@ -117,35 +130,68 @@ def save_file(path, cells, state):
     write_arrays(path, params, state)
 
 
-def save(folder, cells, state, config_sha256, rank=0, shards=None, barrier=None):
+def save(folder, cells, state, config_sha256, rank=0, shards=None, barrier=None, file_format="ckpt"):
     """Write this process's part of the checkpoint folder; rank 0 writes the manifest once all are done.
 
     Args:
         folder: `step_path(run_dir, step)`; cells: cells whose Parameters are saved;
         state: {name: int or float} trainer state (with "step"); config_sha256: `config_fingerprint` of the run.
         rank: this process's rank; shards: list over ranks of the expert ids each holds (default: one shard,
-            this process holding every expert); barrier: callable returning once every rank called it.
+            this process holding every expert); barrier: callable returning once every rank called it;
+        file_format: an `EXTENSIONS` key (`runtime.checkpoint_format`).
     Raises:
         FloatingPointError when a parameter holds a non-finite value (nothing is written).
     """
-    params = named_parameters(cells)
-    arrays = {n: p.asnumpy() for n, p in params.items()}
+    write(folder, snapshot(folder, cells), state, config_sha256, rank, shards, barrier, file_format)
+
+
+def snapshot(folder, cells):
+    """{name: numpy array}: a copy of every Parameter of `cells` that later training steps leave unchanged.
+    Raises FloatingPointError naming the first non-finite one (the checkpoint `folder` is not written)."""
+    arrays = {n: p.asnumpy().copy() for n, p in named_parameters(cells).items()}
     _check_finite(folder, arrays)
+    return arrays
+
+
+def write(folder, arrays, state, config_sha256, rank=0, shards=None, barrier=None, file_format="ckpt"):
+    """`save` of a `snapshot`: the files of this rank, then (rank 0, after `barrier`) the manifest."""
     experts = {n: v for n, v in arrays.items() if is_expert_parameter(n)}
     if shards is None:  # one process holding every expert: one shard, or none for a model without experts
         shards = [list(range(next(iter(experts.values())).shape[0]))] if experts else []
     barrier = barrier or (lambda: None)
     if experts:
-        write_arrays(os.path.join(folder, shard_file(rank)), experts, {})
+        write_arrays(os.path.join(folder, shard_file(rank, file_format)), experts, {})
     if rank == 0:
-        shared = write_arrays(os.path.join(folder, SHARED), {n: v for n, v in arrays.items() if n not in experts},
-                              state)
+        shared = write_arrays(os.path.join(folder, shared_file(file_format)),
+                              {n: v for n, v in arrays.items() if n not in experts}, state)
     barrier()
     if rank == 0:
         write_manifest(folder, state["step"], config_sha256, shared,
-                       [{"rank": r, "experts": ids, **file_entry(os.path.join(folder, shard_file(r)))}
+                       [{"rank": r, "experts": ids, **file_entry(os.path.join(folder, shard_file(r, file_format)))}
                         for r, ids in enumerate(shards)])
     barrier()
+
+
+class BackgroundWrite(threading.Thread):
+    """Runs `work()` (a `write` of a `snapshot`, then whatever must follow it) while training continues; `wait`
+    joins it and re-raises what it raised. Only for a process that holds every rank: `write`'s barrier would
+    be a collective from a second thread."""
+
+    def __init__(self, work):
+        super().__init__(daemon=False)
+        self.work, self.error = work, None
+        self.start()
+
+    def run(self):
+        try:
+            self.work()
+        except BaseException as e:  # re-raised in the training thread by `wait`
+            self.error = e
+
+    def wait(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def write_manifest(folder, step, config_sha256, shared, shards):
@@ -207,7 +253,7 @@ def _read(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        return ms.load_checkpoint(path)
+        return ms.load_checkpoint(path, format=_format_of(path))
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: unreadable ({' '.join(str(e).split())[:200]})") from None
 
@@ -247,14 +293,14 @@ def read_saved(path, rank=None, world_size=1):
             raise CheckpointError(f"checkpoint {path}: holds {len(shards)} expert shards, this run has {world_size} "
                                   f"ranks; resume with the same parallel layout, convert it with pangu-moe ckpt "
                                   f"reshard, or join the shards with parallel.dispatch=simulated")
-        verify(path, {SHARED, shards[rank]["file"]})
-        saved = dict(_read(os.path.join(path, SHARED)))
+        verify(path, {manifest["shared"]["file"], shards[rank]["file"]})
+        saved = dict(_read(os.path.join(path, manifest["shared"]["file"])))
         shard = _read(os.path.join(path, shards[rank]["file"]))
         _check_rows(path, shards[rank], shard)
         saved.update(shard)
         return saved
     verify(path)
-    saved = dict(_read(os.path.join(path, SHARED)))
+    saved = dict(_read(os.path.join(path, manifest["shared"]["file"])))
     joined = join_shards(path, manifest, read_shards(path, manifest))
     saved.update({name: Tensor(value) for name, value in joined.items()})
     return saved

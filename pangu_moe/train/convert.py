@@ -42,7 +42,7 @@ def read_all(path):
     """({name: numpy} of non-expert entries incl. trainer state, {name: numpy [E, ...]} of expert tensors)."""
     if os.path.isdir(path):
         manifest = checkpoint.verify(path)
-        shared = checkpoint.read_saved(os.path.join(path, checkpoint.SHARED))
+        shared = checkpoint.read_saved(os.path.join(path, manifest["shared"]["file"]))
         experts = checkpoint.join_shards(path, manifest, checkpoint.read_shards(path, manifest))
     else:
         saved = checkpoint.read_saved(path)
@@ -78,18 +78,19 @@ def reshard(path, out, ep=None, consolidate=False):
                                                  f"parallel.dispatch={dispatch}"])
     _prepare(out, path)
     cfg.save(os.path.join(out, "config.yaml"))
+    file_format = cfg.runtime.checkpoint_format
     if consolidate:
-        target = os.path.join(out, "model.ckpt")
+        target = os.path.join(out, "model" + checkpoint.EXTENSIONS[file_format])
         checkpoint.write_arrays(target, {**shared, **experts}, {})
         return target
     from pangu_moe.train.trainer import config_fingerprint
     step = int(shared["step"])
     folder = checkpoint.step_path(out, step)
     shards = [list(range(r * experts_total // ep, (r + 1) * experts_total // ep)) for r in range(ep)]
-    entries = [checkpoint.write_arrays(os.path.join(folder, checkpoint.shard_file(r)),
+    entries = [checkpoint.write_arrays(os.path.join(folder, checkpoint.shard_file(r, file_format)),
                                        {n: v[ids[0]:ids[-1] + 1] for n, v in experts.items()}, {})  # (E/W2, ...)
                for r, ids in enumerate(shards)]
-    shared_entry = checkpoint.write_arrays(os.path.join(folder, checkpoint.SHARED), shared, {})
+    shared_entry = checkpoint.write_arrays(os.path.join(folder, checkpoint.shared_file(file_format)), shared, {})
     checkpoint.write_manifest(folder, step, config_fingerprint(cfg), shared_entry,
                               [{"rank": r, "experts": ids, **entry}
                                for r, (ids, entry) in enumerate(zip(shards, entries))])
@@ -140,5 +141,6 @@ def extract_domain_run(path, domain, out):
     sub_cfg.save(os.path.join(out, "config.yaml"))
     from pangu_moe.train.trainer import config_fingerprint
     folder = checkpoint.step_path(out, int(state["step"]))
-    checkpoint.save(folder, [sub, sub_optimizer], state, config_fingerprint(sub_cfg))
+    checkpoint.save(folder, [sub, sub_optimizer], state, config_fingerprint(sub_cfg),
+                    file_format=sub_cfg.runtime.checkpoint_format)
     return folder

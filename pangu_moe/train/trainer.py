@@ -36,7 +36,8 @@ LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_steps", "runtime.mode"}
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_steps", "runtime.mode",
+                     "runtime.checkpoint_format", "runtime.async_checkpoint"}
 
 
 class Trainer:
@@ -84,6 +85,7 @@ class Trainer:
         self.expected_demand = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, 1.25) \
             if moe.slot_policy == "none" else None
         self.reruns = 0  # dropless steps rerun with larger buffers since the last metrics record
+        self._background = None  # the checkpoint being written in the background (`runtime.async_checkpoint`)
         self.evaluator = Evaluator(self.data.val_windows(), cfg.data.domains, t.batch_size,
                                    make_eval_step(self.model, plan.eval, cfg.runtime.mode == "graph",
                                                   self.data_parallel), self.rows, self.data.tokenizer.token_bytes())
@@ -202,6 +204,7 @@ class Trainer:
         finally:
             for sink in sinks:
                 sink.close()
+            self._wait_for_save()
         return self._finish(state)
 
     def _loop(self, state, batches, sinks, stopper):
@@ -255,6 +258,7 @@ class Trainer:
             if signum and step < t.steps:
                 if step % t.checkpoint_every:
                     self._save(state)
+                self._wait_for_save()
                 raise TrainingStopped(signum, step, checkpoint.step_path(self.run_dir, step), self._resume_hint())
 
     def _agreed_stop(self, signum):
@@ -308,15 +312,36 @@ class Trainer:
         return self.topology.world_size if self.data_parallel else 1
 
     def _save(self, state):
-        cells = [self.model, self.optimizer]
+        """Checkpoint `state` and the weights; with `runtime.async_checkpoint` a copy is taken here and written by a
+        `checkpoint.BackgroundWrite` while training goes on (the previous one is waited for first)."""
+        self._wait_for_save()
+        cells, file_format = [self.model, self.optimizer], self.cfg.runtime.checkpoint_format
         folder = checkpoint.step_path(self.run_dir, state["step"])
+        if self.cfg.runtime.async_checkpoint:  # a one-process backend (`RunConfig.validate`)
+            arrays, saved_state = checkpoint.snapshot(folder, cells), dict(state)
+
+            def work():
+                checkpoint.write(folder, arrays, saved_state, config_fingerprint(self.cfg), file_format=file_format)
+                self._prune()
+            self._background = checkpoint.BackgroundWrite(work)
+            return
         if self.data_parallel is None:
-            checkpoint.save(folder, cells, state, config_fingerprint(self.cfg))
+            checkpoint.save(folder, cells, state, config_fingerprint(self.cfg), file_format=file_format)
         else:
             world, experts = self.topology.world_size, self.cfg.moe.num_experts
             shards = [list(range(r * experts // world, (r + 1) * experts // world)) for r in range(world)]
             checkpoint.save(folder, cells, state, config_fingerprint(self.cfg), self.rank, shards,
-                            self.data_parallel.barrier)
+                            self.data_parallel.barrier, file_format)
+        self._prune()
+
+    def _wait_for_save(self):
+        """Wait for a background checkpoint write; re-raises its error."""
+        if self._background is not None:
+            background, self._background = self._background, None
+            background.wait()
+
+    def _prune(self):
+        """Delete all but the newest `train.keep_checkpoints` checkpoints (rank 0)."""
         keep = self.cfg.train.keep_checkpoints
         if keep and self.rank == 0:
             for _, path in checkpoint.list_checkpoints(self.run_dir)[:-keep]:

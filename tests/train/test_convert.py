@@ -52,6 +52,24 @@ def test_reshard_round_trips_reproduce_every_tensor_bitwise(tiny_run, tmp_path):
     assert restore(str(two), model_cfg)[2]["step"] == 4 and restore(one, run_config(one))[2]["step"] == 4
 
 
+def test_safetensors_reshard_round_trips_bitwise(tiny_run, tmp_path):
+    """A run whose config says safetensors reshards into safetensors files, read back bit for bit."""
+    import shutil
+    run_dir, source = tiny_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    cfg = RunConfig.from_yaml(str(tmp_path / "run" / "config.yaml"), ["runtime.checkpoint_format=safetensors"])
+    cfg.save(str(tmp_path / "run" / "config.yaml"))
+    two = convert.reshard(checkpoint.step_path(str(tmp_path / "run"), 4), str(tmp_path / "ep2"), 2)
+    assert sorted(os.listdir(two)) == ["experts_rank0.safetensors", "experts_rank1.safetensors", "manifest.json",
+                                       "shared.safetensors"]
+    four = convert.reshard(two, str(tmp_path / "ep4"), 4)
+    one = convert.reshard(four, str(tmp_path / "one"), consolidate=True)
+    assert one.endswith("model.safetensors")
+    for path in (two, four, one):
+        assert same_tensors(source, path), path
+    assert restore(str(four), run_config(str(four)))[2]["step"] == 4
+
+
 def test_reshard_refuses_what_it_cannot_do(tiny_run, tmp_path, capsys):
     _, source = tiny_run
     with pytest.raises(ConfigError, match="--ep 3: must divide moe.num_experts = 4"):

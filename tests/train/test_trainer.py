@@ -118,6 +118,38 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
+def test_async_safetensors_checkpoints_resume_exactly_and_corruption_is_detected(run_a, tmp_path):
+    """Format and background writing change no step: the losses are run_a's; a resume from the step-10
+    safetensors checkpoint rewrites step 20 with the tensors the background write had saved."""
+    run_dir, summary = run_a
+    b = tmp_path / "b"
+    _train(b, "runtime.checkpoint_format=safetensors", "runtime.async_checkpoint=true")
+    assert _losses(b) == _losses(run_dir)
+    step20 = checkpoint.step_path(str(b), 20)
+    assert sorted(os.listdir(step20)) == ["experts_rank0.safetensors", "manifest.json", "shared.safetensors"]
+    background = checkpoint.read_saved(step20)
+    remove(step20)
+    os.remove(b / "summary.json")
+    again = _train(b, "runtime.checkpoint_format=safetensors", resume=True)  # a synchronous write this time
+    assert _losses(b) == _losses(run_dir) and again["val_loss"] == summary["val_loss"]
+    rewritten = checkpoint.read_saved(step20)
+    for name, value in background.items():
+        if name not in ("train_seconds", "train_tokens"):  # timed steps: a resumed run compiles again
+            assert value.asnumpy().tobytes() == rewritten[name].asnumpy().tobytes(), name
+    shard = os.path.join(step20, "experts_rank0.safetensors")
+    data = bytearray(open(shard, "rb").read())
+    data[-3] ^= 0x01  # one bit of a weight
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="experts_rank0.safetensors does not match its sha256"):
+        checkpoint.read_saved(step20, rank=0, world_size=1)  # a direct per-rank load checks its shard
+
+
+def test_async_checkpoints_are_refused_on_multi_process_backends():
+    with pytest.raises(ConfigError, match="runtime.async_checkpoint = True: must be false with "
+                                          "parallel.dispatch=msrun_cpu"):
+        tiny_config("runtime.async_checkpoint=true", "parallel.dispatch=msrun_cpu")
+
+
 def test_a_sigterm_checkpoints_the_step_in_flight_and_resume_equals_an_uninterrupted_run(run_a, tmp_path):
     run_dir, summary = run_a
     stopped = tmp_path / "stopped"
