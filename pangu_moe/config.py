@@ -238,6 +238,8 @@ class RuntimeConfig:
     kernels: str = _f("reference", "MoE gating/dispatch ops: reference (plain MindSpore) or custom (C++ kernels on "
                       "CPU, Ascend C on Ascend; kernels/README.md)", choices=KERNELS)
     checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
+    profile_steps: List[int] = _f([], "[start, end]: MindSpore's profiler around training steps start..end-1 (0-based), "
+                                  "output in RUN_DIR/profile; [] (default) profiles nothing")
     async_checkpoint: bool = _f(False, "write checkpoints in a background thread while training goes on (a copy of "
                                 "the weights is taken first); one-process backends only")
 
@@ -279,6 +281,10 @@ class RunConfig:
                  "Ascend for parallel.dispatch=hccl")
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
                  "CPU for parallel.dispatch=msrun_cpu")
+        profile = self.runtime.profile_steps
+        _require(not profile or (len(profile) == 2 and 0 <= profile[0] < profile[1] <= self.train.steps),
+                 "runtime.profile_steps", profile, f"[] or [start, end] with 0 <= start < end <= train.steps="
+                 f"{self.train.steps}")
         one_rank = p.dispatch in MULTI_PROCESS_BACKENDS
         _require(not one_rank or not self.runtime.async_checkpoint, "runtime.async_checkpoint",
                  self.runtime.async_checkpoint, f"false with parallel.dispatch={p.dispatch} (the ranks' checkpoint "

@@ -10,6 +10,9 @@ matmul of the step's most common shape ([B·S, H] x [H, F], MindSpore's CPU kern
   choices (the capacity's padding slots are not useful work and not counted), and the tied LM head.
 - `step_gflop_per_s` = model_gflops_per_step / step seconds; `sgemm_gflop_per_s` the matmul's;
   `cpu_utilisation` = their ratio (the issue's target is >= 0.6).
+- `op_type_share`: where a step's time goes, from a second, profiled run of `PROFILED_STEPS` steps
+  (`runtime.profile_steps`; the profiler slows the steps it records, so the first run is timed unprofiled):
+  the ten op types that took most time, each with its share.
 """
 import os
 import shutil
@@ -20,6 +23,7 @@ from pangu_moe.config import RunConfig
 from pangu_moe.configs import DEMO_CONFIG
 
 BACKWARD_FACTOR = 3  # forward + backward: the backward of a matmul is two matmuls of its size
+PROFILED_STEPS = (3, 8)  # the profiled run: steps 3..7, after the compiling first step and a few more
 
 
 def model_flops(cfg):
@@ -46,7 +50,10 @@ def sgemm_seconds(rows, inner, cols, repeats):
     from mindspore import Tensor, ops
     a = Tensor(np.random.default_rng(0).standard_normal((rows, inner)).astype(np.float32))
     b = Tensor(np.random.default_rng(1).standard_normal((inner, cols)).astype(np.float32))
-    matmul = ms.jit(lambda x, y: ops.matmul(x, y))
+
+    @ms.jit
+    def matmul(x, y):
+        return ops.matmul(x, y)
     matmul(a, b).asnumpy()  # compile
     best = float("inf")
     for _ in range(repeats):
@@ -56,17 +63,31 @@ def sgemm_seconds(rows, inner, cols, repeats):
     return best
 
 
-def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print):
+def _short_run(config, steps, extra=()):
+    """The RunConfig of `config` cut to `steps` steps with one evaluation batch at the end."""
+    return RunConfig.from_yaml(config, [f"train.steps={steps}", f"train.warmup_steps={min(steps, 30)}",
+                                        f"train.eval_every={steps}", "train.eval_batches=1",
+                                        f"train.checkpoint_every={steps}", f"train.log_every={steps}", *extra])
+
+
+def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print, profile=True):
     """Returns {model_gflops_per_step, gflops_by_part, step_seconds, step_gflop_per_s, sgemm_shape,
-    sgemm_gflop_per_s, cpu_utilisation, steps}."""
+    sgemm_gflop_per_s, cpu_utilisation, steps, op_type_share ({op type: share}, only with `profile`)}."""
+    from pangu_moe.train.profile import PROFILE_DIR, op_type_times
     from pangu_moe.train.trainer import Trainer
-    cfg = RunConfig.from_yaml(config, [f"train.steps={steps}", f"train.warmup_steps={min(steps, 30)}",
-                                       f"train.eval_every={steps}", "train.eval_batches=1",
-                                       f"train.checkpoint_every={steps}", f"train.log_every={steps}"])
+    cfg = _short_run(config, steps)
     scratch = tempfile.mkdtemp(prefix="bench_train_step_")
+    shares = {}
     try:
         log(f"bench train-step: training the demo model {steps} steps")
         summary = Trainer(cfg, os.path.join(scratch, "run"), log=lambda line: None).train()
+        if profile:
+            log(f"bench train-step: profiling steps {PROFILED_STEPS[0]}..{PROFILED_STEPS[1] - 1} of a second run")
+            profiled = _short_run(config, PROFILED_STEPS[1], [f"runtime.profile_steps=[{PROFILED_STEPS[0]}, "
+                                                              f"{PROFILED_STEPS[1]}]"])
+            Trainer(profiled, os.path.join(scratch, "profiled"), log=lambda line: None).train()
+            times = op_type_times(os.path.join(scratch, "profiled", PROFILE_DIR))
+            shares = {op: share for op, _, share in times[:10]}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tokens = cfg.train.batch_size * cfg.model.seq_len
@@ -79,7 +100,7 @@ def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print):
     step_rate = gflops / step_seconds
     return {"steps": steps, "model_gflops_per_step": gflops, "gflops_by_part": parts, "step_seconds": step_seconds,
             "step_gflop_per_s": step_rate, "sgemm_shape": list(shape), "sgemm_gflop_per_s": sgemm,
-            "cpu_utilisation": step_rate / sgemm}
+            "cpu_utilisation": step_rate / sgemm, **({"op_type_share": shares} if profile else {})}
 
 
 def table(result):
@@ -91,4 +112,7 @@ def table(result):
         f"  model GFLOP a step (forward + backward) {result['model_gflops_per_step']:.2f}: {parts}",
         f"  step {result['step_gflop_per_s']:.1f} GFLOP/s; float32 matmul {m}x{k} @ {k}x{n} "
         f"{result['sgemm_gflop_per_s']:.1f} GFLOP/s",
-        f"  cpu_utilisation = {result['cpu_utilisation']:.2f}  (target >= 0.6)"])
+        f"  cpu_utilisation = {result['cpu_utilisation']:.2f}  (target >= 0.6)"] +
+        ([f"  time by op type (profiled run): " + ", ".join(f"{op} {share:.0%}" for op, share in
+                                                           result["op_type_share"].items())]
+         if result.get("op_type_share") else []))

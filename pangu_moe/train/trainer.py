@@ -27,6 +27,7 @@ from pangu_moe.train.evaluate import Evaluator
 from pangu_moe.train import metrics as metrics_file
 from pangu_moe.train.metrics import MetricsLog, TensorBoardLog
 from pangu_moe.train.optim import HybridEpsAdamW
+from pangu_moe.train.profile import StepProfiler
 from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.stop import StopOnSignal, TrainingStopped
@@ -37,7 +38,7 @@ REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the 
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_steps", "runtime.mode",
-                     "runtime.checkpoint_format", "runtime.async_checkpoint"}
+                     "runtime.checkpoint_format", "runtime.async_checkpoint", "runtime.profile_steps"}
 
 
 class Trainer:
@@ -213,7 +214,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         window_tokens, window_seconds = 0, 0.0
         scale_before = float(self.optimizer.loss_scaler.scale.asnumpy())
+        profiler = StepProfiler(cfg.runtime.profile_steps, self.run_dir, self.log)
         for input_ids, labels, domain_ids in batches:
+            profiler.before_step(state["step"])
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
             capacities = self._before_step(state["step"], input_ids, domain_ids)
             state["capacity_sum"] += float(np.mean(capacities))
@@ -223,6 +226,7 @@ class Trainer:
                 Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32)))
             loss, lm_loss, router_losses, grad_norm, demand, kept, loss_scale = out
             state["step"] = step = state["step"] + 1
+            profiler.after_step(step - 1)
             if np.isfinite(loss) and np.isfinite(grad_norm):
                 state["consecutive_skips"] = 0
                 self._count_routing(state, demand, kept)

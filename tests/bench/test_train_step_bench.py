@@ -24,7 +24,7 @@ def test_utilisation_is_the_step_rate_over_the_matmul_rate(tmp_path, monkeypatch
     config = tmp_path / "tiny.yaml"
     tiny_config().save(str(config))
     monkeypatch.setattr(train_step, "sgemm_seconds", lambda rows, inner, cols, repeats: 2 * rows * inner * cols / 1e10)
-    result = train_step.run(steps=4, repeats=1, config=str(config), log=lambda line: None)
+    result = train_step.run(steps=4, repeats=1, config=str(config), log=lambda line: None, profile=False)
     gflops = 3 * sum(train_step.model_flops(tiny_config("train.steps=4")).values()) / 1e9
     assert result["model_gflops_per_step"] == pytest.approx(gflops)
     assert result["sgemm_shape"] == [128, 32, 64] and result["sgemm_gflop_per_s"] == pytest.approx(10.0)
@@ -34,3 +34,7 @@ def test_utilisation_is_the_step_rate_over_the_matmul_rate(tmp_path, monkeypatch
 def test_steps_is_refused_for_benchmarks_that_do_not_train(capsys):
     assert main(["bench", "moe-layer", "--steps", "5"]) == 2
     assert "--steps = 5: only for bench precision and train-step" in capsys.readouterr().err
+
+
+def test_sgemm_seconds_times_a_compiled_matmul():
+    assert 0 < train_step.sgemm_seconds(64, 32, 16, 2) < 1.0
