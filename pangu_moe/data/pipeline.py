@@ -123,3 +123,15 @@ def unigram_bpb(labels, token_bytes=None):
     if token_bytes is None:
         return bits_per_token
     return bits_per_token / (float(np.asarray(token_bytes)[labels].sum()) / len(labels))  # exact for bytes
+
+
+def byte_unigram_bpb(labels, pieces):
+    """Bits per byte of the byte-unigram model of the UTF-8 text of the scored tokens (labels [N, S]): the entropy
+    of its byte frequencies. `pieces`: the bytes of each token id (the tokenizer's `piece`). It does not depend on
+    the tokenizer, so it is a baseline runs of different tokenizers share; with bytes it is `unigram_bpb`."""
+    per_token = np.zeros((len(pieces), 256), np.float64)  # (V, 256): byte counts of each token
+    for token, piece in enumerate(pieces):
+        per_token[token] = np.bincount(np.frombuffer(piece, np.uint8), minlength=256)
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(pieces)).astype(np.float64) @ per_token  # (256,)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())

@@ -355,6 +355,9 @@ class Trainer:
         cfg = self.cfg
         val = self.evaluator.evaluate(progress=Progress("final evaluation", "batches", log=self.log).update)
         unigram = pipeline.unigram_bpb(self.evaluator.scored_labels(), self.evaluator.token_bytes)
+        tokenizer = self.data.tokenizer
+        byte_unigram = pipeline.byte_unigram_bpb(self.evaluator.scored_labels(),
+                                                 [tokenizer.piece(i) for i in range(tokenizer.vocab_size)])
         reference = expert_capacity(self.group_tokens, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
         if self.rank != 0:
@@ -364,7 +367,8 @@ class Trainer:
         records = metrics_file.read(os.path.join(self.run_dir, "metrics.jsonl"))
         summary = {
             "steps": state["step"], "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "unigram_bpb": unigram,
-            "bpb_over_unigram": val["val_bpb"] / unigram, "val_bpb_per_domain": val["val_bpb_per_domain"],
+            "bpb_over_unigram": val["val_bpb"] / unigram, "byte_unigram_bpb": byte_unigram,
+            "bpb_over_byte_unigram": val["val_bpb"] / byte_unigram, "val_bpb_per_domain": val["val_bpb_per_domain"],
             "tokens_per_s": state["train_tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0,
             "router": cfg.moe.router, "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts,
             "num_groups": cfg.moe.num_groups,
@@ -381,7 +385,8 @@ class Trainer:
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
-        self.log(f"done: val_bpb {val['val_bpb']:.3f} = {val['val_bpb'] / unigram:.3f} x unigram ({unigram:.3f}); "
+        self.log(f"done: val_bpb {val['val_bpb']:.3f} = {val['val_bpb'] / unigram:.3f} x token unigram ({unigram:.3f}) "
+                 f"= {val['val_bpb'] / byte_unigram:.3f} x byte unigram ({byte_unigram:.3f}); "
                  f"dropped {summary['dropped_fraction']:.2%}; {summary['tokens_per_s']:,.0f} tokens/s")
         return summary
 

@@ -120,3 +120,12 @@ def test_val_windows_are_balanced_and_interleaved():
 def test_unigram_entropy_of_scored_bytes():
     labels = np.array([[97, 98, 99, 99], [99, 99, 97, 98]])  # p = 1/4, 1/4, 1/2 -> 1.5 bits
     assert abs(pipeline.unigram_bpb(labels) - 1.5) < 1e-12
+
+
+def test_byte_unigram_bpb_counts_the_bytes_of_the_tokens():
+    pieces = [b"a", b"b", b"ab", b"aaab"]
+    # tokens 2, 3, 0: the text "ab" + "aaab" + "a" = 5 a's and 2 b's
+    expected = -(5 / 7 * np.log2(5 / 7) + 2 / 7 * np.log2(2 / 7))
+    assert pipeline.byte_unigram_bpb(np.array([[2, 3, 0]]), pieces) == pytest.approx(expected, rel=1e-12)
+    labels = np.array([[0, 0, 1, 1]])
+    assert pipeline.byte_unigram_bpb(labels, pieces) == pipeline.unigram_bpb(labels) == 1.0  # one byte a token

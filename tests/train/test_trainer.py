@@ -18,7 +18,8 @@ from pangu_moe.train.trainer import Trainer, check_run_dir
 from tests.conftest import tiny_config
 from tests.train.test_metrics import read_events
 
-SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "val_bpb_per_domain",
+SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram", "byte_unigram_bpb",
+                "bpb_over_byte_unigram", "val_bpb_per_domain",
                 "tokens_per_s", "router", "top_k", "num_experts", "num_groups", "dropped_fraction",
                 "inter_node_fraction", "tokens_local", "tokens_intra", "tokens_inter", "max_over_mean_load",
                 "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
@@ -60,6 +61,7 @@ def test_outputs_have_the_documented_fields(run_a):
     per_domain = summary["val_bpb_per_domain"]
     assert abs((per_domain["prose"] + per_domain["code"]) / 2 - summary["val_bpb"]) < 1e-9  # balanced windows
     assert summary["params_active"] < summary["params_total"]
+    assert summary["byte_unigram_bpb"] == summary["unigram_bpb"]  # the byte tokenizer: tokens are bytes
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     records = read(run_dir / "metrics.jsonl")
     assert all(RECORD_KEYS <= set(r) for r in records)
