@@ -22,10 +22,12 @@ SOC="ascend910b"
 PYTHON="${PYTHON:-python3}"
 INSTALL_PATH=""
 KEEP_STAGE=0
+STAGE_ONLY=""
 
 usage() {
   cat <<EOF
 Usage: kernels/ascend/build.sh [--soc SOC] [--install-path DIR] [--python PYTHON] [--keep-stage]
+       kernels/ascend/build.sh --stage-only DIR
 
 Builds the ops ${OPS[*]}
 into one vendor package "$VENDOR" and copies the installer (.run) to $OUT_DIR.
@@ -35,6 +37,8 @@ into one vendor package "$VENDOR" and copies the installer (.run) to $OUT_DIR.
                        export ASCEND_CUSTOM_OPP_PATH=DIR/vendors/$VENDOR:\$ASCEND_CUSTOM_OPP_PATH
   --python PYTHON      the Python with MindSpore installed; default \$PYTHON or python3
   --keep-stage         keep the staging folder (it is always kept when the build fails)
+  --stage-only DIR     only stage the sources into DIR/op_host and DIR/op_kernel, as the build does, and
+                       stop (needs no CANN; CI checks the staging with it)
 
 CANN: ASCEND_HOME_PATH must point at the CANN toolkit. If it is unset, the script sources the first of
 \$ASCEND_SET_ENV, /usr/local/Ascend/ascend-toolkit/set_env.sh, /usr/local/Ascend/cann/set_env.sh that exists.
@@ -52,10 +56,42 @@ while [[ $# -gt 0 ]]; do
     --install-path) [[ $# -ge 2 ]] || die "--install-path needs a value"; INSTALL_PATH="$2"; shift 2 ;;
     --python) [[ $# -ge 2 ]] || die "--python needs a value"; PYTHON="$2"; shift 2 ;;
     --keep-stage) KEEP_STAGE=1; shift ;;
+    --stage-only) [[ $# -ge 2 ]] || die "--stage-only needs a folder"; STAGE_ONLY="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
 done
+
+# --- staging ------------------------------------------------------------------------------------
+# stage_sources DIR: every op's op_host / op_kernel files into DIR/op_host and DIR/op_kernel, the shared
+# header beside them and its includes rewritten to the same folder.
+stage_sources() {
+  local stage="$1" op part src dst
+  [[ -f "$COMMON_HEADER" ]] || die "$COMMON_HEADER not found"
+  mkdir -p "$stage/op_host" "$stage/op_kernel"
+  for op in "${OPS[@]}"; do
+    for part in op_host op_kernel; do
+      [[ -d "$HERE/$op/$part" ]] || die "missing $HERE/$op/$part"
+      for src in "$HERE/$op/$part"/*.cpp "$HERE/$op/$part"/*.h; do
+        [[ -e "$src" ]] || continue
+        dst="$stage/$part/$(basename "$src")"
+        [[ ! -e "$dst" ]] || die "two ops stage the same file name $part/$(basename "$src")"
+        sed 's|^#include "\(\.\./\)*common/moe_kernel_common\.h"|#include "moe_kernel_common.h"|' "$src" >"$dst"
+      done
+    done
+  done
+  cp "$COMMON_HEADER" "$stage/op_host/moe_kernel_common.h"
+  cp "$COMMON_HEADER" "$stage/op_kernel/moe_kernel_common.h"
+  if grep -n 'include ".*\.\./.*moe_kernel_common\.h"' "$stage"/op_host/* "$stage"/op_kernel/*; then
+    die "an include of moe_kernel_common.h was not rewritten (see above)"
+  fi
+}
+
+if [[ -n "$STAGE_ONLY" ]]; then
+  stage_sources "$STAGE_ONLY"
+  echo "build.sh: staged ${OPS[*]} into $STAGE_ONLY/op_host and $STAGE_ONLY/op_kernel"
+  exit 0
+fi
 
 # --- CANN ---------------------------------------------------------------------------------------
 if [[ -z "${ASCEND_HOME_PATH:-}" ]]; then
@@ -98,7 +134,6 @@ SETUP="$COMPILER_DIR/setup.py"
 [[ -w "$COMPILER_DIR" ]] || die "$COMPILER_DIR is not writable: custom_compiler builds its project there
   (use a MindSpore installed in a virtualenv you own, or run as its owner)"
 
-[[ -f "$COMMON_HEADER" ]] || die "$COMMON_HEADER not found"
 if [[ -n "$INSTALL_PATH" ]]; then
   mkdir -p "$INSTALL_PATH"
   INSTALL_PATH="$(cd "$INSTALL_PATH" && pwd)"
@@ -116,23 +151,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$STAGE/op_host" "$STAGE/op_kernel"
-for op in "${OPS[@]}"; do
-  for part in op_host op_kernel; do
-    [[ -d "$HERE/$op/$part" ]] || die "missing $HERE/$op/$part"
-    for src in "$HERE/$op/$part"/*.cpp "$HERE/$op/$part"/*.h; do
-      [[ -e "$src" ]] || continue
-      dst="$STAGE/$part/$(basename "$src")"
-      [[ ! -e "$dst" ]] || die "two ops stage the same file name $part/$(basename "$src")"
-      sed 's|^#include "\(\.\./\)*common/moe_kernel_common\.h"|#include "moe_kernel_common.h"|' "$src" >"$dst"
-    done
-  done
-done
-cp "$COMMON_HEADER" "$STAGE/op_host/moe_kernel_common.h"
-cp "$COMMON_HEADER" "$STAGE/op_kernel/moe_kernel_common.h"
-if grep -n 'include ".*\.\./.*moe_kernel_common\.h"' "$STAGE"/op_host/* "$STAGE"/op_kernel/*; then
-  die "an include of moe_kernel_common.h was not rewritten (see above)"
-fi
+stage_sources "$STAGE"
 
 # --- build --------------------------------------------------------------------------------------
 ARGS=(--op_host_path "$STAGE/op_host" --op_kernel_path "$STAGE/op_kernel" --vendor_name "$VENDOR"
