@@ -189,6 +189,8 @@ class TrainConfig:
     eps: float = _f(1e-8, "Adam epsilon of the dense parameters", lo=0.0, lo_open=True)
     expert_eps: float = _f(1e-20, "Adam epsilon of the expert parameters (PanGu-Sigma hybrid-eps Adam)",
                            lo=0.0, lo_open=True)
+    fused_optimizer: bool = _f(False, "AdamW through MindSpore's fused AdamWeightDecay kernel (one call a parameter) "
+                               "instead of elementwise ops; the same update up to rounding")
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 disables clipping", lo=0.0)
     log_every: int = _f(10, "steps between metrics records", lo=1)
     eval_every: int = _f(100, "steps between evaluations (and one at the end)", lo=1)

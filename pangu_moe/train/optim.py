@@ -20,8 +20,10 @@ class HybridEpsAdamW(nn.Cell):
     State (saved with checkpoints): `adam_m.*`, `adam_v.*` moments, `optimizer_step` and the loss scaler's.
     """
 
-    def __init__(self, params, beta1, beta2, eps, expert_eps, weight_decay, loss_scaler=None):
+    def __init__(self, params, beta1, beta2, eps, expert_eps, weight_decay, loss_scaler=None, fused=False):
         super().__init__()
+        self.fused = fused
+        self.adam_weight_decay = ops.AdamWeightDecay()
         # Held here so every checkpoint of a model carries the scale, whatever the precision that wrote it.
         self.loss_scaler = loss_scaler or LossScaler(False)
         self.parameters = ParameterTuple(params)
@@ -43,6 +45,8 @@ class HybridEpsAdamW(nn.Cell):
         t = step.astype(ms.float32)
         correction1 = 1.0 - ops.pow(Tensor(self.beta1, ms.float32), t)
         correction2 = 1.0 - ops.pow(Tensor(self.beta2, ms.float32), t)
+        if self.fused:
+            return self._fused(grads, lr, apply, correction1, correction2, step)
         for i in range(len(self.parameters)):
             param, m, v, g = self.parameters[i], self.moments1[i], self.moments2[i], grads[i]
             m_new = self.beta1 * m + (1.0 - self.beta1) * g
@@ -51,6 +55,25 @@ class HybridEpsAdamW(nn.Cell):
             ops.assign(m, ops.where(apply, m_new, m))
             ops.assign(v, ops.where(apply, v_new, v))
             ops.assign(param, ops.where(apply, param * (1.0 - lr * self.decay[i]) - lr * update, param))
+        return step
+
+    def _fused(self, grads, lr, apply, correction1, correction2, step):
+        """The same update through MindSpore's fused `AdamWeightDecay` kernel, one call a parameter.
+
+        That kernel has no bias correction: it does m, v = EMA(g, g^2); p -= lr' (m / (sqrt(v) + eps') + wd' p).
+        With lr' = lr sqrt(c2) / c1, eps' = eps sqrt(c2) and wd' = wd c1 / sqrt(c2) this is Adam's corrected
+        update (m / c1) / (sqrt(v / c2) + eps) and the decoupled decay lr wd p, up to rounding. A skipped step
+        passes betas of 1, a zero gradient and lr' = 0, which leave p, m and v exactly as they were.
+        """
+        root2 = ops.sqrt(correction2)
+        zero, one = Tensor(0.0, ms.float32), Tensor(1.0, ms.float32)
+        lr_step = ops.where(apply, lr * root2 / correction1, zero)
+        beta1 = ops.where(apply, Tensor(self.beta1, ms.float32), one)
+        beta2 = ops.where(apply, Tensor(self.beta2, ms.float32), one)
+        for i in range(len(self.parameters)):
+            g = ops.where(apply, grads[i], ops.zeros_like(grads[i]))
+            self.adam_weight_decay(self.parameters[i], self.moments1[i], self.moments2[i], lr_step, beta1, beta2,
+                                   self.eps[i] * root2, self.decay[i] * correction1 / root2, g)
         return step
 
 

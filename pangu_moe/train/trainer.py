@@ -65,7 +65,7 @@ class Trainer:
             ms.set_seed(cfg.runtime.seed + self.rank)
         scaler = LossScaler(t.precision == "fp16", t.loss_scale, t.loss_scale_window, t.loss_scale_backoff)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
-                                        t.weight_decay, scaler)
+                                        t.weight_decay, scaler, t.fused_optimizer)
         self.data_parallel = None
         self.rows = slice(None)  # the rows of each global batch this process trains on
         if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import mindspore as ms
+import pytest
 from mindspore import Parameter, Tensor, nn
 
 from pangu_moe.train.optim import HybridEpsAdamW, clip_by_global_norm
@@ -25,11 +26,14 @@ def _numpy_adamw(p, grads, lr, eps, decay, b1=0.9, b2=0.95):
     return p
 
 
-def test_adamw_matches_numpy_and_uses_hybrid_eps():
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_matches_numpy_and_uses_hybrid_eps(fused):
+    """The elementwise update and the fused AdamWeightDecay kernel with bias correction folded in agree with the
+    numpy formula, and a skipped step changes no bit of either."""
     net = _Net()
     # Name one parameter like an expert weight to get the expert epsilon.
     net.gain.name = "moe_blocks.0.moe.experts.gain"
-    opt = HybridEpsAdamW(net.trainable_params(), 0.9, 0.95, eps=0.5, expert_eps=1e-20, weight_decay=0.1)
+    opt = HybridEpsAdamW(net.trainable_params(), 0.9, 0.95, eps=0.5, expert_eps=1e-20, weight_decay=0.1, fused=fused)
     assert opt.eps == (0.5, 1e-20) and opt.decay == (0.1, 0.0)
     grads = [(np.array([[0.1, 0.2]], np.float32), np.array([1e-6], np.float32)),
              (np.array([[-0.3, 0.0]], np.float32), np.array([2e-6], np.float32))]
