@@ -328,16 +328,16 @@ def build_parser():
                        "each byte was routed to in every MoE layer")
     p.add_argument("--checkpoint", required=True, help="a run directory (its newest valid checkpoint), "
                    "RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
-    p.add_argument("--prompt", required=True, help="text to continue (at most model.seq_len UTF-8 bytes)")
+    p.add_argument("--prompt", required=True, help="text to continue (at most model.seq_len tokens)")
     p.add_argument("--domain", default=None, help="data domain of the text, for level-1 routing (default: the first)")
-    p.add_argument("--max-bytes", type=int, default=200, help="bytes to generate")
+    p.add_argument("--max-bytes", type=int, default=200, help="tokens to generate (bytes with the byte tokenizer)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely bytes; 0 = all")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--recompute", action="store_true", help="recompute the whole context for every token instead "
                    "of decoding it from the key/value cache (same text; slower)")
-    p.add_argument("--trace", action="store_true", help="print each byte's expert per MoE layer, coloured by node, and "
-                   "write the trace to --trace-out")
+    p.add_argument("--trace", action="store_true", help="print each character's expert per MoE layer, one colour "
+                   "per expert, and write the trace to --trace-out")
     p.add_argument("--trace-out", default=None, help="trace file (default RUN_DIR/trace.json, which report reads)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour the trace (auto: "
                    "on a terminal)")

@@ -174,6 +174,8 @@ class ParallelConfig:
                        choices=("flat", "hierarchical"))
     nodes: int = _f(1, "nodes N", lo=1)
     devices_per_node: int = _f(1, "devices per node D", lo=1)
+    grad_bucket_mb: float = _f(25.0, "multi-process backends: the shared gradients are all-reduced in buckets of at "
+                               "most this many MB, one collective a bucket", lo=0.0, lo_open=True)
 
 
 @dataclass
@@ -351,8 +353,8 @@ class RunConfig:
         """The config of YAML file `path`, or of the shipped config it names when it is not a file (`configs.packaged`:
         `smoke_cpu`, `configs/demo_cpu.yaml`, ...), with "section.key=value" `overrides`."""
         from pangu_moe import configs
-        if not os.path.exists(path) and configs.packaged(path):
-            path = configs.packaged(path)
+        shipped = None if os.path.exists(path) else configs.packaged(path)
+        path = shipped or path
         try:
             with open(path, encoding="utf-8") as fh:
                 d = yaml.safe_load(fh)

@@ -16,10 +16,11 @@ HCCL_VARIABLES = ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "HCCL_BUFFSIZE", 
 DEVICES = ("CPU", "Ascend", "GPU")
 
 
-def findings(environ=None, which=shutil.which):
+def findings(environ=None, which=shutil.which, python=sys.executable):
     """{python, platform, mindspore, devices: {target: bool}, cann: {variable: value or None}, npu_smi,
     hccl: {variable: value or None}, msrun, compiler, cpu_kernels, ascend_kernels, dispatch_backends,
-    kernel_backends}. `environ` (default os.environ) and `which` are parameters so tests can describe a machine."""
+    kernel_backends}. `environ` (default os.environ), `which` and `python` (msrun is looked for beside it, as the
+    launch scripts do) are parameters so tests can describe a machine."""
     import mindspore as ms
     from mindspore import hal
     from pangu_moe.ops import build
@@ -30,7 +31,7 @@ def findings(environ=None, which=shutil.which):
             devices[target] = bool(hal.is_available(target))
         except (RuntimeError, ValueError):
             devices[target] = False
-    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    msrun = os.path.join(os.path.dirname(python), "msrun")
     msrun = msrun if os.path.isfile(msrun) else which("msrun")
     compiler = which("g++") or which("c++")
     cpu_library = build.built_library()

@@ -16,9 +16,10 @@ Decisions (the issue leaves them open):
   one window; beyond that, each token's routing is the one of its window when it was the newest).
 - A token's routing is recorded when it is the newest token of the context; the prompt's from the
   first pass. Routers that are not causal (Expert Choice picks tokens by the whole sequence) are refused.
-- Sampling: logits over the 256 byte values in float64, divided by the temperature, restricted to the
-  top-k (ties at the cut kept), from `numpy.random.default_rng(seed)`; temperature 0 is greedy (lowest
-  byte on ties). The same checkpoint, prompt, domain and seed give the same bytes.
+- Sampling: logits over the tokenizer's ids (the 256 byte values with bytes) in float64, divided by the
+  temperature, restricted to the top-k (ties at the cut kept), from `numpy.random.default_rng(seed)`;
+  temperature 0 is greedy (lowest id on ties). The same checkpoint, prompt, domain and seed give the same
+  tokens.
 """
 import numpy as np
 import mindspore as ms
@@ -74,8 +75,8 @@ def check_arguments(cfg, prompt_ids, domain, max_bytes, temperature, top_k, voca
     if len(prompt_ids) == 0:
         raise ConfigError("--prompt: empty; give at least one character")
     if len(prompt_ids) > cfg.model.seq_len:
-        raise ConfigError(f"--prompt: {len(prompt_ids)} bytes; the model's context is model.seq_len = "
-                          f"{cfg.model.seq_len} bytes")
+        raise ConfigError(f"--prompt: {len(prompt_ids)} tokens; the model's context is model.seq_len = "
+                          f"{cfg.model.seq_len} tokens")
     if domain is not None and domain not in cfg.data.domains:
         raise ConfigError(f"--domain {domain!r}: must be one of {', '.join(cfg.data.domains)}")
     if max_bytes < 1:

@@ -163,7 +163,7 @@ def test_cli_generate_trace_feeds_the_report(tiny_checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--domain", "poetry"], "--domain 'poetry': must be one of prose, code"),
-    (["--prompt", "x" * 33], "--prompt: 33 bytes; the model's context is model.seq_len = 32 bytes"),
+    (["--prompt", "x" * 33], "--prompt: 33 tokens; the model's context is model.seq_len = 32 tokens"),
     (["--temperature", "-1"], "--temperature = -1.0: must be a finite number >= 0"),
     (["--top-k", "300"], "--top-k = 300: must be in [0, 256]"),
     (["--max-bytes", "0"], "--max-bytes = 0: must be >= 1"),

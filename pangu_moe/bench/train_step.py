@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 
-from pangu_moe.config import RunConfig
+from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.configs import DEMO_CONFIG
 
 BACKWARD_FACTOR = 3  # forward + backward: the backward of a matmul is two matmuls of its size
@@ -91,6 +91,8 @@ def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print, profile=True):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     tokens = cfg.train.batch_size * cfg.model.seq_len
+    if not summary["tokens_per_s"]:
+        raise ConfigError(f"--steps = {steps}: every step compiled a graph, none was timed; use more steps")
     step_seconds = tokens / summary["tokens_per_s"]
     parts = {name: BACKWARD_FACTOR * flops / 1e9 for name, flops in model_flops(cfg).items()}
     gflops = sum(parts.values())

@@ -12,10 +12,12 @@ def packaged_names():
 
 def packaged(path):
     """The shipped config a --config argument names when it is not a file: `demo_cpu`, `demo_cpu.yaml` or
-    `configs/demo_cpu.yaml` (the README's path, from any directory); None if it names none."""
-    name = os.path.basename(os.fspath(path))
+    `configs/demo_cpu.yaml` or `./configs/demo_cpu.yaml` (the README's path, from any directory); None if it names
+    none."""
+    path = os.path.normpath(os.fspath(path))
+    name = os.path.basename(path)
     name = name[:-len(".yaml")] if name.endswith(".yaml") else name
-    parent = os.path.dirname(os.fspath(path))
+    parent = os.path.dirname(path)
     if parent not in ("", "configs") or name not in packaged_names():
         return None
     return os.path.join(FOLDER, name + ".yaml")

@@ -129,9 +129,9 @@ def byte_unigram_bpb(labels, pieces):
     """Bits per byte of the byte-unigram model of the UTF-8 text of the scored tokens (labels [N, S]): the entropy
     of its byte frequencies. `pieces`: the bytes of each token id (the tokenizer's `piece`). It does not depend on
     the tokenizer, so it is a baseline runs of different tokenizers share; with bytes it is `unigram_bpb`."""
-    per_token = np.zeros((len(pieces), 256), np.float64)  # (V, 256): byte counts of each token
-    for token, piece in enumerate(pieces):
-        per_token[token] = np.bincount(np.frombuffer(piece, np.uint8), minlength=256)
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(pieces)).astype(np.float64) @ per_token  # (256,)
+    tokens = np.bincount(np.asarray(labels).ravel(), minlength=len(pieces))
+    counts = np.zeros(256, np.float64)
+    for token in np.nonzero(tokens)[0]:  # only the tokens the text holds
+        counts += tokens[token] * np.bincount(np.frombuffer(pieces[token], np.uint8), minlength=256)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())

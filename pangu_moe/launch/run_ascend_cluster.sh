@@ -87,7 +87,7 @@ positive --hccl-buffsize "$buffsize"
   || die "--node-rank = ${node_rank:-<missing>}: must be in [0, $nodes)"
 if [[ -n "$hostfile" ]]; then
   [[ -f "$hostfile" ]] || die "--hostfile = $hostfile: no such file"
-  mapfile -t hosts < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$hostfile" | grep -v '^$')
+  mapfile -t hosts < <(sed -e 's/#.*//' "$hostfile" | awk 'NF { print $1 }')  # the first field: host [slots=...]
   (( ${#hosts[@]} == nodes )) || die "--hostfile = $hostfile: ${#hosts[@]} hosts; must list --nodes = $nodes, node 0 first"
   [[ -z "$master_addr" || "$master_addr" == "${hosts[0]}" ]] \
     || die "--master-addr = $master_addr: differs from the hostfile's node 0 (${hosts[0]}); pass one of them"
@@ -103,6 +103,8 @@ fi
 IFS=, read -ra device_ids <<<"$devices"
 (( ${#device_ids[@]} == devices_per_node )) \
   || die "--devices = $devices: ${#device_ids[@]} ids; must name --devices-per-node = $devices_per_node"
+[[ "$(printf '%s\n' "${device_ids[@]}" | sort -u | wc -l)" -eq "$devices_per_node" ]] \
+  || die "--devices = $devices: an id appears twice"
 [[ $# -gt 0 ]] || die "no pangu-moe arguments (e.g. -- train --config FILE --out DIR)"
 msrun_bin="$(dirname "$python_bin")/msrun"
 [[ -x "$msrun_bin" ]] || msrun_bin="$(command -v msrun)" || msrun_bin=""

@@ -142,13 +142,14 @@ def save(folder, cells, state, config_sha256, rank=0, shards=None, barrier=None,
     Raises:
         FloatingPointError when a parameter holds a non-finite value (nothing is written).
     """
-    write(folder, snapshot(folder, cells), state, config_sha256, rank, shards, barrier, file_format)
+    write(folder, snapshot(folder, cells, copy=False), state, config_sha256, rank, shards, barrier, file_format)
 
 
-def snapshot(folder, cells):
-    """{name: numpy array}: a copy of every Parameter of `cells` that later training steps leave unchanged.
-    Raises FloatingPointError naming the first non-finite one (the checkpoint `folder` is not written)."""
-    arrays = {n: p.asnumpy().copy() for n, p in named_parameters(cells).items()}
+def snapshot(folder, cells, copy=True):
+    """{name: numpy array} of every Parameter of `cells`; with `copy`, arrays that later training steps leave
+    unchanged (`asnumpy` of a CPU tensor may share its memory), for a write in the background. Raises
+    FloatingPointError naming the first non-finite one (the checkpoint `folder` is not written)."""
+    arrays = {n: p.asnumpy().copy() if copy else p.asnumpy() for n, p in named_parameters(cells).items()}
     _check_finite(folder, arrays)
     return arrays
 

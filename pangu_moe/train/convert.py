@@ -3,7 +3,8 @@
 Both write a run directory (OUT/config.yaml plus the checkpoint), so `eval`, `generate` and
 `train --resume --out OUT` use the result like any run's:
 - `reshard`: OUT/checkpoints/step_N/ with W2 expert shards (rank r holding experts
-  [r*E/W2, (r+1)*E/W2)), or with `consolidate` one bare file OUT/model.ckpt. Every tensor is copied, not
+  [r*E/W2, (r+1)*E/W2)), or with `consolidate` one bare file OUT/model.ckpt (OUT/model.safetensors when
+  the run's `runtime.checkpoint_format` is safetensors). Every tensor is copied, not
   recomputed: shards are joined in expert order and split again, so 4 -> 2 -> 4 reproduces each bit.
   The config gets a parallel layout of W2 ranks (the source's node count if W2 allows, else its
   devices per node, else one node); a consolidated file keeps the source's layout. Either gets the
@@ -101,7 +102,8 @@ def reshard(path, out, ep=None, consolidate=False):
 def _prepare(out, source):
     """Make the new run directory `out` for a checkpoint converted from checkpoint `source`, with the source
     run's tokenizer files (`data.source.RUN_FILES`) that it has."""
-    if os.path.exists(os.path.join(out, "checkpoints")) or os.path.exists(os.path.join(out, "model.ckpt")):
+    if os.path.exists(os.path.join(out, "checkpoints")) or any(
+            os.path.exists(os.path.join(out, "model" + ext)) for ext in checkpoint.EXTENSIONS.values()):
         raise ConfigError(f"--out {out}: already holds a checkpoint; choose a new folder")
     os.makedirs(out, exist_ok=True)
     for name in RUN_FILES:

@@ -23,7 +23,7 @@ class HybridEpsAdamW(nn.Cell):
     def __init__(self, params, beta1, beta2, eps, expert_eps, weight_decay, loss_scaler=None, fused=False):
         super().__init__()
         self.fused = fused
-        self.adam_weight_decay = ops.AdamWeightDecay()
+        self.adam_weight_decay = ops.AdamWeightDecay() if fused else None
         # Held here so every checkpoint of a model carries the scale, whatever the precision that wrote it.
         self.loss_scaler = loss_scaler or LossScaler(False)
         self.parameters = ParameterTuple(params)

@@ -35,13 +35,21 @@ class StepProfiler:
     def after_step(self, step):
         """Call after training step `step` (0-based) has finished."""
         if self.profiler is not None and step + 1 == self.end:
-            self.profiler.stop()
-            self.profiler.analyse()
-            self.redirect.__exit__(None, None, None)
-            self.profiler = self.redirect = None
+            self.close()
             times = op_type_times(self.out)
             top = ", ".join(f"{op} {ms:.1f} ms ({share:.0%})" for op, ms, share in times[:5])
             self.log(f"profiled steps {self.start}..{self.end - 1} into {self.out}" + (f"; top ops: {top}" if top else ""))
+
+
+    def close(self):
+        """Stop and analyse a profiler still running (the run ended inside the window) and give stdout back."""
+        if self.profiler is not None:
+            try:
+                self.profiler.stop()
+                self.profiler.analyse()
+            finally:
+                self.redirect.__exit__(None, None, None)
+                self.profiler = self.redirect = None
 
 
 def op_type_times(out):

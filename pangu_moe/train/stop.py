@@ -1,6 +1,5 @@
 """Stops that lose nothing: SIGINT (Ctrl-C) and SIGTERM finish the step in flight, then the trainer writes a
 checkpoint and raises `TrainingStopped`; a second signal ends the process at once."""
-import os
 import signal
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -18,9 +17,9 @@ class TrainingStopped(Exception):
 
 
 class StopOnSignal:
-    """A context that records the first SIGINT/SIGTERM in `signum` instead of ending the process; the second
-    restores the default action and re-sends itself, which ends the process there and then. Outside the
-    context the previous handlers are back. Handlers can only be set from the main thread; elsewhere the
+    """A context that records the first SIGINT/SIGTERM in `signum` instead of ending the process, and gives both
+    signals back their default action, so a second one ends the process in the kernel at once, even inside a
+    compiled step or a collective that never returns. Outside the context the previous handlers are back. Handlers can only be set from the main thread; elsewhere the
     context records nothing and the default actions stay. Once MindSpore has run a graph, a SIGINT (Ctrl-C)
     reaches this handler as SIGTERM: MindSpore's runtime handles SIGINT itself and sends the process a SIGTERM
     (seen with `kill -INT` on a `pangu-moe train` of configs/smoke_cpu.yaml)."""
@@ -41,8 +40,6 @@ class StopOnSignal:
         return False
 
     def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            return
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        self.signum = signum
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_DFL)

@@ -33,12 +33,15 @@ from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.stop import StopOnSignal, TrainingStopped
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
+# Trajectory fields added after checkpoints began to carry a config fingerprint, with their defaults.
+ADDED_FIELDS = {"train.fused_optimizer": False}
 LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
 # Fields a resumed run may change without changing the trajectory of the steps already planned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_steps", "runtime.mode",
-                     "runtime.checkpoint_format", "runtime.async_checkpoint", "runtime.profile_steps"}
+                     "runtime.checkpoint_format", "runtime.async_checkpoint", "runtime.profile_steps",
+                     "parallel.grad_bucket_mb"}
 
 
 class Trainer:
@@ -70,7 +73,8 @@ class Trainer:
         self.rows = slice(None)  # the rows of each global batch this process trains on
         if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
             world = self.topology.world_size
-            self.data_parallel = DataParallel(self.optimizer.parameters, world)
+            self.data_parallel = DataParallel(self.optimizer.parameters, world,
+                                              int(cfg.parallel.grad_bucket_mb * 2 ** 20))
             per_rank = t.batch_size // world
             self.rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         self.tokens_per_step = t.batch_size * m.seq_len
@@ -199,22 +203,27 @@ class Trainer:
         params = count_parameters(self.model, 1.0, self._expert_shards())[0]
         self.log(f"training {cfg.moe.router} router, {params:,} parameters, C={self.capacity} slots/expert, "
                  f"steps {state['step']}..{t.steps} -> {self.run_dir}")
+        profiler = StepProfiler(cfg.runtime.profile_steps, self.run_dir, self.log)
         try:
             with StopOnSignal() as stopper:
-                self._loop(state, batches, sinks, stopper)
+                self._loop(state, batches, sinks, stopper, profiler)
+        except BaseException:
+            self._wait_for_save(raise_errors=False)  # the error in flight is the one to report
+            raise
         finally:
+            profiler.close()
             for sink in sinks:
                 sink.close()
-            self._wait_for_save()
+        self._wait_for_save()
         return self._finish(state)
 
-    def _loop(self, state, batches, sinks, stopper):
-        """Train from `state["step"]` to `train.steps`; after a SIGINT/SIGTERM (`stopper`) the step in flight ends,
-        a checkpoint is written and `TrainingStopped` raised."""
+    def _loop(self, state, batches, sinks, stopper, profiler):
+        """Train from `state["step"]` to `train.steps`, writing each logged record to `sinks` and profiling the
+        steps of `runtime.profile_steps` with `profiler`; after a SIGINT/SIGTERM (`stopper`) the step in flight
+        ends, a checkpoint is written and `TrainingStopped` raised."""
         cfg, t = self.cfg, self.cfg.train
         window_tokens, window_seconds = 0, 0.0
         scale_before = float(self.optimizer.loss_scaler.scale.asnumpy())
-        profiler = StepProfiler(cfg.runtime.profile_steps, self.run_dir, self.log)
         for input_ids, labels, domain_ids in batches:
             profiler.before_step(state["step"])
             lr = learning_rate(state["step"], t.lr, t.min_lr, t.warmup_steps, t.steps)
@@ -338,11 +347,16 @@ class Trainer:
                             self.data_parallel.barrier, file_format)
         self._prune()
 
-    def _wait_for_save(self):
-        """Wait for a background checkpoint write; re-raises its error."""
+    def _wait_for_save(self, raise_errors=True):
+        """Wait for a background checkpoint write; re-raises its error, or only logs it without `raise_errors`."""
         if self._background is not None:
             background, self._background = self._background, None
-            background.wait()
+            try:
+                background.wait()
+            except Exception as e:
+                if raise_errors:
+                    raise
+                self.log(f"the background checkpoint write failed too: {e}")
 
     def _prune(self):
         """Delete all but the newest `train.keep_checkpoints` checkpoints (rank 0)."""
@@ -355,13 +369,13 @@ class Trainer:
         cfg = self.cfg
         val = self.evaluator.evaluate(progress=Progress("final evaluation", "batches", log=self.log).update)
         unigram = pipeline.unigram_bpb(self.evaluator.scored_labels(), self.evaluator.token_bytes)
-        tokenizer = self.data.tokenizer
-        byte_unigram = pipeline.byte_unigram_bpb(self.evaluator.scored_labels(),
-                                                 [tokenizer.piece(i) for i in range(tokenizer.vocab_size)])
         reference = expert_capacity(self.group_tokens, cfg.moe.num_experts, cfg.moe.top_k,
                                     REFERENCE_CAPACITY_FACTOR, 1)
         if self.rank != 0:
             return None
+        tokenizer = self.data.tokenizer
+        byte_unigram = pipeline.byte_unigram_bpb(self.evaluator.scored_labels(),
+                                                 [tokenizer.piece(i) for i in range(tokenizer.vocab_size)])
         total, active = count_parameters(self.model, cfg.moe.top_k / cfg.moe.num_experts, self._expert_shards())
         routed = sum(state["routed_" + place] for place in PLACES)
         records = metrics_file.read(os.path.join(self.run_dir, "metrics.jsonl"))
@@ -429,8 +443,10 @@ def check_run_dir(cfg, run_dir, resume, log=None):
 
 def config_fingerprint(cfg):
     """sha256 of the resolved config without `RESUMABLE_CHANGES`: equal for every config that continues the
-    same trajectory. Stored in each checkpoint's manifest."""
-    fields = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in RESUMABLE_CHANGES}
+    same trajectory. Stored in each checkpoint's manifest. Fields added since checkpoints carry it
+    (`ADDED_FIELDS`) count only away from their default, so older checkpoints keep their fingerprint."""
+    fields = {k: v for k, v in _flatten(cfg.to_dict()).items()
+              if k not in RESUMABLE_CHANGES and (k not in ADDED_FIELDS or v != ADDED_FIELDS[k])}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -64,16 +64,18 @@ def _launch(tmp_path, *args, timeout=600):
 
 
 @pytest.mark.msrun
-@pytest.mark.parametrize("exchange,kernels", [("flat", "custom"), ("hierarchical", "reference")])
-def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, exchange, kernels):
+@pytest.mark.parametrize("exchange,kernels,bucket_mb", [("flat", "custom", 25.0), ("hierarchical", "reference", 0.01)])
+def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, exchange, kernels, bucket_mb):
     """Four msrun processes against the one-process `local` run (reference kernels); the flat case runs the
-    custom CPU kernels in every worker (built once, shared through the cache)."""
+    custom CPU kernels in every worker (built once, shared through the cache); the hierarchical case all-reduces
+    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`)."""
     config = tmp_path / "tiny.yaml"
     with open(config, "w") as fh:
         yaml.safe_dump(TINY, fh)
     run_dir = tmp_path / "run"
     sets = [a for o in EP + ("parallel.dispatch=msrun_cpu", f"parallel.exchange={exchange}",
-                             f"runtime.kernels={kernels}") for a in ("--set", o)]
+                             f"runtime.kernels={kernels}", f"parallel.grad_bucket_mb={bucket_mb}")
+            for a in ("--set", o)]
     done, _ = _launch(tmp_path, "--script", os.path.join(REPO, "tests", "train", "ep_worker.py"), "--", str(config),
                       str(run_dir), *sets)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -196,7 +198,7 @@ def _ascend(*args):
 
 def test_ascend_cluster_dry_run_prints_the_golden_msrun_line(tmp_path):
     hosts = tmp_path / "hosts"
-    hosts.write_text("# node 0 first\n10.0.0.1\n\n10.0.0.2\n")
+    hosts.write_text("# node 0 first\n10.0.0.1 slots=8\n\n  10.0.0.2\n")
     train = ["--", "train", "--config", "configs/demo_cpu.yaml", "--out", "runs/my run"]
     for where in (["--master-addr", "10.0.0.1"], ["--hostfile", str(hosts)]):
         done = _ascend("--nodes", "2", "--devices-per-node", "8", "--node-rank", "1", *where, "--log-dir",
@@ -223,6 +225,8 @@ def test_ascend_cluster_dry_run_prints_the_golden_msrun_line(tmp_path):
     (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "0"], "--master-addr: required"),
     (["--nodes", "2", "--devices-per-node", "8", "--node-rank", "0", "--master-addr", "a", "--rank-table", "none"],
      "--rank-table = none: no such file"),
+    (["--nodes", "2", "--devices-per-node", "2", "--node-rank", "0", "--master-addr", "a", "--devices", "3,3"],
+     "--devices = 3,3: an id appears twice"),
 ])
 def test_ascend_cluster_rejects_bad_arguments(args, message, tmp_path):
     hosts = tmp_path / "hosts"
