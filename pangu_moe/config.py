@@ -75,7 +75,8 @@ class RRESection:
 
 @dataclass
 class LocMoESection:
-    locality_coeff: float = _f(0.01, "mu of the locality loss", lo=0.0)
+    locality_coeff: float = _f(0.001, "mu of the locality loss; the default is the router study's choice of "
+                               "0, 1e-3, 1e-2, 0.1 (docs/results/2026-12-05-evidence.md)", lo=0.0)
     locality_variant: str = _f("kl", "kl (KL to uniform over the node's experts, smoothed) or mass "
                                "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
     bias: bool = _f(True, "learnable per-expert bias (epsilon_i of LocMoE Eq. 2)")
@@ -83,7 +84,7 @@ class LocMoESection:
 
 @dataclass
 class LocMoEPlusSection:
-    locality_coeff: float = _f(0.01, "mu of the locality loss", lo=0.0)
+    locality_coeff: float = _f(0.001, "mu of the locality loss (default as moe.locmoe.locality_coeff)", lo=0.0)
     locality_variant: str = _f("kl", "as moe.locmoe.locality_variant", choices=("kl", "mass"))
     keep_rule: str = _f("hybrid", "which candidates an expert keeps: tcr (first C by position), ecr (top C by "
                         "affinity) or hybrid (tcr, then ecr after the switch)", choices=("tcr", "ecr", "hybrid"))

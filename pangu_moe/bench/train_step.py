@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 
+from pangu_moe import runtime
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.configs import DEMO_CONFIG
 
@@ -70,12 +71,19 @@ def _short_run(config, steps, extra=()):
                                         f"train.checkpoint_every={steps}", f"train.log_every={steps}", *extra])
 
 
-def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print, profile=True):
+def run(steps=30, repeats=50, config=DEMO_CONFIG, log=print, profile=True):
     """Returns {model_gflops_per_step, gflops_by_part, step_seconds, step_gflop_per_s, sgemm_shape,
     sgemm_gflop_per_s, cpu_utilisation, steps, op_type_share ({op type: share}, only with `profile`)}."""
     from pangu_moe.train.profile import PROFILE_DIR, op_type_times
     from pangu_moe.train.trainer import Trainer
     cfg = _short_run(config, steps)
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    shape = (tokens, cfg.model.hidden, cfg.model.ffn_hidden)
+    log(f"bench train-step: timing a float32 matmul {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}")
+    # Before any training: a profiler's parsing processes, or the trainer's threads, can slow a later timing. The
+    # device is set first, as the trainer would: MindSpore refuses to set it once a kernel has run.
+    runtime.setup(cfg.runtime)
+    sgemm = 2 * shape[0] * shape[1] * shape[2] / sgemm_seconds(*shape, repeats) / 1e9
     scratch = tempfile.mkdtemp(prefix="bench_train_step_")
     shares = {}
     try:
@@ -90,15 +98,11 @@ def run(steps=30, repeats=20, config=DEMO_CONFIG, log=print, profile=True):
             shares = {op: share for op, _, share in times[:10]}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tokens = cfg.train.batch_size * cfg.model.seq_len
     if not summary["tokens_per_s"]:
         raise ConfigError(f"--steps = {steps}: every step compiled a graph, none was timed; use more steps")
     step_seconds = tokens / summary["tokens_per_s"]
     parts = {name: BACKWARD_FACTOR * flops / 1e9 for name, flops in model_flops(cfg).items()}
     gflops = sum(parts.values())
-    shape = (tokens, cfg.model.hidden, cfg.model.ffn_hidden)
-    log(f"bench train-step: timing a float32 matmul {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}")
-    sgemm = 2 * shape[0] * shape[1] * shape[2] / sgemm_seconds(*shape, repeats) / 1e9
     step_rate = gflops / step_seconds
     return {"steps": steps, "model_gflops_per_step": gflops, "gflops_by_part": parts, "step_seconds": step_seconds,
             "step_gflop_per_s": step_rate, "sgemm_shape": list(shape), "sgemm_gflop_per_s": sgemm,

@@ -39,7 +39,12 @@ def router_rows(study):
     arms, setting = study["arms"], (f"router study: {study['steps']} steps x {study['seeds']} seeds, demo model, "
                                     f"2 nodes x 2 devices, E = 8")
     rows = []
-    if study.get("mu") is not None:
+    from pangu_moe.studies.routers import MUS, SWITCH, choose_mu
+    runs = study.get("runs", {})
+    if SWITCH in runs and all(f"locmoe_mu{mu:g}" in runs for mu in MUS):
+        mu, why = choose_mu(runs)  # the current rule on the study's per-seed figures
+        locmoe, chosen = f"locmoe_mu{mu:g}", f"mu = {mu:g}, chosen by the sweep: {why}"
+    elif study.get("mu") is not None:
         locmoe, chosen = f"locmoe_mu{study['mu']:g}", f"mu = {study['mu']:g}, chosen by the sweep: {study['mu_why']}"
     else:  # no sweep in this study: its one LocMoE arm, if any
         locmoe = next((name for name in arms if name.startswith("locmoe_mu")), None)
@@ -64,21 +69,22 @@ def router_rows(study):
                  "—", "needs cluster time; `pangu-moe plan` models the exchange only (modelled, not measured)",
                  NOT_TESTABLE))
     plus = [name for name in ("locmoe_plus_hybrid", "locmoe_plus_ecr", "locmoe_plus_tcr") if name in arms]
+    plus_setting = setting + (f"; LocMoE+ trained at mu = {study['mu']:g}" if study.get("mu") is not None else "")
     for name in plus[:1]:
         a, switch = arms[name], arms["topk"]
         fewer = 1 - a["capacity_ratio"]["mean"] / switch["capacity_ratio"]["mean"]
         rows.append(("LocMoE+", "At least 60% fewer tokens per expert than the capacity-factor capacity",
                      f"{name}: {fewer:.1%} fewer slots in force than Switch's (capacity ratio "
                      f"{interval(a['capacity_ratio'], '{:.3f}')} vs {interval(switch['capacity_ratio'], '{:.3f}')})",
-                     setting, REPRODUCED if fewer >= 0.6 else NOT_REPRODUCED))
+                     plus_setting, REPRODUCED if fewer >= 0.6 else NOT_REPRODUCED))
         first, last = a["capacity_first"], a["capacity_last"]
         rows.append(("LocMoE+", "The required capacity decreases progressively during training",
                      f"{name}: capacity in force {interval(first, '{:.1f}')} at the first logged step, "
-                     f"{interval(last, '{:.1f}')} at the last", setting,
+                     f"{interval(last, '{:.1f}')} at the last", plus_setting,
                      REPRODUCED if last["mean"] < first["mean"] and _apart(first, last) else
                      NOT_RESOLVED if not _apart(first, last) else NOT_REPRODUCED))
         rows.append(("LocMoE+", "... at quality comparable to the baseline (val bpb within 3% of Switch's)",
-                     f"val bpb {name} − Switch {interval(a['val_bpb_vs_switch'])}", setting,
+                     f"val bpb {name} − Switch {interval(a['val_bpb_vs_switch'])}", plus_setting,
                      _within(a["val_bpb_vs_switch"], 0.03 * switch["val_bpb"]["mean"])))
     if "topk_k2" in arms:
         a, switch = arms["topk_k2"], arms["topk"]

@@ -44,7 +44,13 @@ def test_choose_mu_takes_the_most_local_mu_that_drops_no_more_than_switch():
                "locmoe_mu0.01": [_figures(3.2, 0.19, 0.30)] * 2,   # val bpb 6.7% worse: out
                "locmoe_mu0.1": [_figures(3.0, 0.45, 0.20)] * 2}    # drops more than Switch: out
     assert study_routers.choose_mu(per_arm)[0] == 0.001
-    per_arm["locmoe_mu0"] = per_arm["locmoe_mu0.001"] = [_figures(3.0, 0.3, 0.1)] * 2
+    # A drop rate above Switch's by less than its seeds' spread still counts as at most Switch's.
+    per_arm["topk"] = [_figures(3.0, 0.175, 0.50), _figures(3.0, 0.211, 0.49), _figures(3.0, 0.183, 0.49)]
+    per_arm["locmoe_mu0.01"] = [_figures(3.0, 0.209, 0.25), _figures(3.0, 0.207, 0.25), _figures(3.0, 0.154, 0.25)]
+    per_arm["locmoe_mu0"] = per_arm["locmoe_mu0.001"] = [_figures(3.0, 0.18, 0.45)] * 3
+    per_arm["locmoe_mu0.1"] = [_figures(3.0, 0.45, 0.20)] * 3
+    assert study_routers.choose_mu(per_arm)[0] == 0.01  # mean 0.1900 against 0.1897
+    per_arm["locmoe_mu0"] = per_arm["locmoe_mu0.001"] = per_arm["locmoe_mu0.01"] = [_figures(3.0, 0.3, 0.1)] * 3
     mu, why = study_routers.choose_mu(per_arm)
     assert mu == 0.0 and why.startswith("no mu kept the drop rate")
 
