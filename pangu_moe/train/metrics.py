@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+from pangu_moe.report import runs as run_data
+
 TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard: `tensorboard --logdir RUN_DIR/tensorboard`
 
 
@@ -68,12 +70,9 @@ def tensorboard_scalars(record):
     if "val_bpb" in record:
         scalars["val/bits_per_byte"] = record["val_bpb"]
     layers = record.get("layers", [])
-    requested = sum(sum(layer["tokens_per_expert"]) for layer in layers)
-    kept = sum(layer["tokens_local"] + layer["tokens_intra"] + layer["tokens_inter"] for layer in layers)
-    if requested:
-        scalars["routing/dropped_fraction"] = sum(layer["dropped"] for layer in layers) / requested
-    if kept:
-        scalars["routing/inter_node_fraction"] = sum(layer["tokens_inter"] for layer in layers) / kept
+    if layers:  # the report's own series, so the browser and the report show one number
+        scalars["routing/dropped_fraction"] = run_data.dropped_fraction([record])[0]
+        scalars["routing/inter_node_fraction"] = run_data.inter_node_fraction([record])[0]
     for i, layer in enumerate(layers):
         scalars[f"routing/capacity/layer{i}"] = layer["capacity"]
         scalars[f"routing/max_over_mean_load/layer{i}"] = layer["max_over_mean_load"]

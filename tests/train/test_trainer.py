@@ -120,12 +120,20 @@ def test_resume_reproduces_an_uninterrupted_run(run_a, tmp_path):
     assert again["dropped_fraction"] == summary["dropped_fraction"]
 
 
-def test_async_safetensors_checkpoints_resume_exactly_and_corruption_is_detected(run_a, tmp_path):
+def test_async_safetensors_checkpoints_resume_exactly_and_corruption_is_detected(run_a, tmp_path, monkeypatch):
     """Format and background writing change no step: the losses are run_a's; a resume from the step-10
     safetensors checkpoint rewrites step 20 with the tensors the background write had saved."""
     run_dir, summary = run_a
     b = tmp_path / "b"
+    threads = []
+
+    class Counted(checkpoint.BackgroundWrite):
+        def start(self):
+            threads.append(self)
+            super().start()
+    monkeypatch.setattr(checkpoint, "BackgroundWrite", Counted)
     _train(b, "runtime.checkpoint_format=safetensors", "runtime.async_checkpoint=true")
+    assert len(threads) == 2  # steps 10 and 20 were written by background threads
     assert _losses(b) == _losses(run_dir)
     step20 = checkpoint.step_path(str(b), 20)
     assert sorted(os.listdir(step20)) == ["experts_rank0.safetensors", "manifest.json", "shared.safetensors"]
