@@ -19,7 +19,8 @@ import yaml
 EXCHANGE_BACKENDS = ("local", "simulated", "msrun_cpu", "hccl")  # parallel.dispatch, docs/architecture.md (Expert parallelism)
 MULTI_PROCESS_BACKENDS = ("msrun_cpu", "hccl")  # one rank per process, started by msrun
 CHECKPOINT_FORMATS = ("ckpt", "safetensors")  # runtime.checkpoint_format
-KERNELS = ("reference", "custom")  # runtime.kernels: plain MindSpore, or the custom kernels of the device
+# runtime.kernels: plain MindSpore, the custom kernels of the device, MindSpore's shipped Ascend MoE ops, or auto
+KERNELS = ("reference", "custom", "ascend_builtin", "auto")
 PRECISIONS = ("fp32", "fp16", "bf16")  # train.precision (pangu_moe/precision.py)
 
 
@@ -240,8 +241,10 @@ class RuntimeConfig:
     device: str = _f("CPU", "MindSpore device target", choices=("CPU", "Ascend"))
     mode: str = _f("graph", "graph (one compiled train step) or pynative", choices=("graph", "pynative"))
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
-    kernels: str = _f("reference", "MoE gating/dispatch ops: reference (plain MindSpore) or custom (C++ kernels on "
-                      "CPU, Ascend C on Ascend; kernels/README.md)", choices=KERNELS)
+    kernels: str = _f("reference", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
+                      "CPU, Ascend C on Ascend), ascend_builtin (MindSpore's shipped Ascend MoE ops; Ascend, "
+                      "parallel.dispatch=local) or auto (ascend_builtin where it can run, else reference, the faster "
+                      "on CPU); kernels/README.md", choices=KERNELS)
     checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
     profile_steps: List[int] = _f([], "[start, end]: MindSpore's profiler around training steps start..end-1 (0-based), "
                                   "output in RUN_DIR/profile; [] (default) profiles nothing")
@@ -286,6 +289,12 @@ class RunConfig:
                  "Ascend for parallel.dispatch=hccl")
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
                  "CPU for parallel.dispatch=msrun_cpu")
+        _require(self.runtime.kernels != "ascend_builtin" or self.runtime.device == "Ascend", "runtime.kernels",
+                 self.runtime.kernels, "reference, custom or auto on runtime.device=CPU (MindSpore's shipped MoE ops "
+                 "run on Ascend only)")
+        _require(self.runtime.kernels != "ascend_builtin" or p.dispatch == "local", "runtime.kernels",
+                 self.runtime.kernels, f"reference, custom or auto with parallel.dispatch={p.dispatch} (ascend_builtin "
+                 f"keeps tokens compact, and the expert-parallel exchange sends fixed-size buffers)")
         profile = self.runtime.profile_steps
         _require(not profile or (len(profile) == 2 and 0 <= profile[0] < profile[1] <= self.train.steps),
                  "runtime.profile_steps", profile, f"[] or [start, end] with 0 <= start < end <= train.steps="

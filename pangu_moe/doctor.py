@@ -18,12 +18,13 @@ DEVICES = ("CPU", "Ascend", "GPU")
 
 def findings(environ=None, which=shutil.which, python=sys.executable):
     """{python, platform, mindspore, devices: {target: bool}, cann: {variable: value or None}, npu_smi,
-    hccl: {variable: value or None}, msrun, compiler, cpu_kernels, ascend_kernels, dispatch_backends,
-    kernel_backends}. `environ` (default os.environ), `which` and `python` (msrun is looked for beside it, as the
+    hccl: {variable: value or None}, msrun, compiler, cpu_kernels, ascend_kernels, shipped_moe_ops (the installed
+    MindSpore's MoE op signatures against `ops.shipped`), dispatch_backends, kernel_backends}. `environ` (default os.environ), `which` and `python` (msrun is looked for beside it, as the
     launch scripts do) are parameters so tests can describe a machine."""
     import mindspore as ms
     from mindspore import hal
     from pangu_moe.ops import build
+    from pangu_moe.ops.shipped import check_signatures
     environ = os.environ if environ is None else environ
     devices = {}
     for target in DEVICES:
@@ -35,12 +36,14 @@ def findings(environ=None, which=shutil.which, python=sys.executable):
     msrun = msrun if os.path.isfile(msrun) else which("msrun")
     compiler = which("g++") or which("c++")
     cpu_library = build.built_library()
+    signature_problems = check_signatures()
     ascend_packages = sorted(glob.glob(str(build.KERNELS_DIR / "ascend" / "build_out" / "*.run")))
     vendor = [path for path in environ.get("ASCEND_CUSTOM_OPP_PATH", "").split(":")
               if path.rstrip("/").endswith("vendors/pangu_moe") and os.path.isdir(path)]
     dispatch = ["local", "simulated"] + (["msrun_cpu"] if msrun else []) + \
         (["hccl"] if msrun and devices["Ascend"] else [])
-    kernels = ["reference"] + (["custom"] if (cpu_library or compiler) or (devices["Ascend"] and vendor) else [])
+    kernels = ["reference"] + (["custom"] if (cpu_library or compiler) or (devices["Ascend"] and vendor) else []) + \
+        (["ascend_builtin"] if devices["Ascend"] and not signature_problems else []) + ["auto"]
     return {
         "python": f"{platform.python_version()} ({sys.executable})", "platform": f"{platform.machine()}, "
         f"{os.cpu_count()} cores", "mindspore": ms.__version__, "devices": devices,
@@ -51,6 +54,7 @@ def findings(environ=None, which=shutil.which, python=sys.executable):
         "ascend_kernels": ("installed: " + ", ".join(vendor)) if vendor else
         ("built, not installed: " + ", ".join(ascend_packages)) if ascend_packages else
         "not built (kernels/ascend/build.sh, on an Ascend host with CANN)",
+        "shipped_moe_ops": "; ".join(signature_problems) or "signatures match ops/shipped.py",
         "dispatch_backends": dispatch, "kernel_backends": kernels}
 
 
@@ -67,6 +71,7 @@ def text(found):
     lines += [f"msrun        {found['msrun'] or 'not found (multi-process backends need it)'}",
               f"compiler     {found['compiler'] or 'none (runtime.kernels: custom needs g++ on CPU)'}",
               f"cpu kernels  {found['cpu_kernels']}", f"ascend       {found['ascend_kernels']}",
+              f"shipped ops  {found['shipped_moe_ops']} (runtime.kernels: ascend_builtin)",
               f"usable here  parallel.dispatch: {', '.join(found['dispatch_backends'])}; runtime.kernels: "
               f"{', '.join(found['kernel_backends'])}"]
     return "\n".join(lines)

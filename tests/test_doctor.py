@@ -17,7 +17,9 @@ def test_findings_follow_the_environment(tmp_path):
     assert found["dispatch_backends"] == ["local", "simulated"]  # no msrun: no multi-process backend
     with_msrun = doctor.findings(environ, which=lambda name: f"/usr/bin/{name}", python="/nowhere/bin/python")
     assert with_msrun["dispatch_backends"][:3] == ["local", "simulated", "msrun_cpu"]
-    assert with_msrun["kernel_backends"] == ["reference", "custom"]  # a compiler builds the CPU kernels
+    # a compiler builds the CPU kernels; no Ascend device, so no ascend_builtin
+    assert with_msrun["kernel_backends"] == ["reference", "custom", "auto"]
+    assert found["shipped_moe_ops"] == "signatures match ops/shipped.py"
     lines = doctor.text(found).splitlines()
     assert "hccl         HCCL_EXEC_TIMEOUT=99" in lines and "cann         ASCEND_HOME_PATH=not set" in lines
     assert lines[-1].startswith("usable here  parallel.dispatch: local, simulated")

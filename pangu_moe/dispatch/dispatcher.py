@@ -20,6 +20,8 @@ class Dispatcher(nn.Cell):
         backend: an `ops.KERNEL_BACKENDS` name.
     """
 
+    compact = False  # True on `ops.shipped.CompactDispatcher` (ascend_builtin), which has no buffers
+
     def __init__(self, num_experts, num_ranks=1, world_size=1, nodes=1, backend="reference"):
         super().__init__()
         self.num_buffers = num_ranks * num_experts

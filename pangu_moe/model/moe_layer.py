@@ -108,6 +108,14 @@ class MoELayer(nn.Cell):
         pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
         flat_index, tokens_per_expert, kept_per_expert, _, _ = self.dispatcher.layout(pair_index, slot, keep, requested,
                                                                                      capacity)
+        if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
+            rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), expert_index, keep,
+                                                                 kept_per_expert)
+            dt = rows.dtype
+            expert_rows = self.dispatcher.run_experts(rows, ends, self.experts.w_in.astype(dt),
+                                                      self.experts.w_out.astype(dt))  # (T*K, H)
+            y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
+            return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
         buffer = self.dispatcher.dispatch(x.astype(self.compute_dtype), flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)

@@ -17,6 +17,7 @@ from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
 from pangu_moe.model.mlp import DenseMLP
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.ops import kernel_backend
+from pangu_moe.ops.shipped import CompactDispatcher
 from pangu_moe.precision import compute_dtype
 from pangu_moe.routing.registry import build_router
 
@@ -32,7 +33,8 @@ class PanguModel(nn.Cell):
         topology: `dispatch.topology.Topology` read by locality-aware routers (default: one device).
         backend: `parallel.dispatch`; exchange: `parallel.exchange`; rank: this process's world rank
             (multi-process backends hold only that rank's experts and tokens).
-        kernels: an `ops.KERNEL_BACKENDS` name (`ops.kernel_backend` of `runtime.kernels` and the device).
+        kernels: an `ops.KERNEL_BACKENDS` name (`ops.kernel_backend` of `runtime.kernels`, the device and the
+            dispatch).
         noise_tokens: tokens of one routing group in training: routers then take their training noise from
             buffers that `feed_noise` fills each step (`Router.enable_fed_noise`); None keeps MindSpore's
             stateful random ops.
@@ -201,7 +203,13 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
     ep = None if backend == "local" else Exchange(backend, exchange, first, topology.nodes, topology.devices_per_node)
-    dispatcher = Dispatcher(num_experts, held, world, topology.nodes, kernels)
+    if kernels == "ascend_builtin":
+        if ep is not None:
+            raise ValueError(f"kernels ascend_builtin needs parallel.dispatch = local, not {backend} (it keeps tokens "
+                             f"compact, and the expert-parallel exchange sends fixed-size buffers)")
+        dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes)
+    else:
+        dispatcher = Dispatcher(num_experts, held, world, topology.nodes, kernels)
     return MoELayer(router, dispatcher, experts, held, ep, first, world)
 
 
@@ -214,7 +222,7 @@ def build_model(cfg, rank=0):
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
     model = PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
-                       kernel_backend(cfg.runtime.kernels, cfg.runtime.device), group_tokens)
+                       kernel_backend(cfg.runtime.kernels, cfg.runtime.device, p.dispatch), group_tokens)
     model.use_precision(cfg.train.precision, cfg.moe.router_dtype)
     return model
 

@@ -1,8 +1,9 @@
 """The kernel registry: (op, backend) -> the cell implementing it.
 
 `reference` is plain MindSpore and the specification; `cpu` and `ascend` are the custom kernels.
-`runtime.kernels` picks reference or custom, and the device picks which custom backend
-(`kernel_backend`); nothing reads the environment.
+`runtime.kernels` picks reference, custom, ascend_builtin or auto, and the device picks which custom backend
+(`kernel_backend`); nothing reads the environment. `ascend_builtin` replaces the whole dispatch, not single ops
+(`ops.shipped.CompactDispatcher`), so it has no entries here.
 """
 from functools import partial
 
@@ -11,7 +12,7 @@ from pangu_moe.ops.gating import CustomGating, ReferenceGating
 from pangu_moe.ops.layout import CustomLayout, ReferenceLayout
 from pangu_moe.ops.permute import CustomPermute, CustomUnpermute, ReferencePermute, ReferenceUnpermute
 
-KERNEL_BACKENDS = ("reference", "cpu", "ascend")
+KERNEL_BACKENDS = ("reference", "cpu", "ascend", "ascend_builtin")  # ascend_builtin: ops.shipped, not OPS
 OPS = {}
 for _backend in ("cpu", "ascend"):
     OPS["moe_gating", _backend] = partial(CustomGating, backend=_backend)
@@ -24,12 +25,19 @@ OPS["moe_permute", "reference"] = ReferencePermute
 OPS["moe_unpermute", "reference"] = ReferenceUnpermute
 
 
-def kernel_backend(kernels, device):
-    """`runtime.kernels` ("reference" | "custom") and `runtime.device` ("CPU" | "Ascend") -> a KERNEL_BACKENDS name."""
-    if kernels == "reference":
-        return "reference"
+def kernel_backend(kernels, device, dispatch="local"):
+    """`runtime.kernels`, `runtime.device` ("CPU" | "Ascend") and `parallel.dispatch` -> a KERNEL_BACKENDS name.
+
+    auto: ascend_builtin on Ascend with the local dispatch (where it can run, `ops.shipped`), else reference: on
+    CPU the custom kernels made the MoE layer slower (docs/architecture.md, Kernels), and the Ascend C kernels must
+    be built first (kernels/ascend/README.md).
+    """
     if kernels not in KERNELS:
         raise ValueError(f"runtime.kernels = {kernels!r}: must be one of {', '.join(KERNELS)}")
+    if kernels == "auto":
+        return "ascend_builtin" if device == "Ascend" and dispatch == "local" else "reference"
+    if kernels in ("reference", "ascend_builtin"):
+        return kernels
     return "cpu" if device == "CPU" else "ascend"
 
 

@@ -228,9 +228,11 @@ class Router(nn.Cell):
 
         Only routers whose scoring is moe_gating's (a `gating_mode`, with `gating_logits` and
         `gating_losses`) under a slot policy the op implements (position; none, whose capacity is T)
-        can use it; the others keep their reference path. Returns True if the op is used.
+        can use it; the others keep their reference path, as do all routers under ascend_builtin (MindSpore's shipped
+        gating op computes none of our routers' losses). Returns True if the op is used.
         """
-        if backend == "reference" or self.gating_mode is None or self.slot_policy not in FUSED_SLOT_POLICIES:
+        if backend in ("reference", "ascend_builtin") or self.gating_mode is None or \
+                self.slot_policy not in FUSED_SLOT_POLICIES:
             return False
         self.gating = make_op("moe_gating", backend, self.top_k, self.num_experts, self.gating_mode)
         return True

@@ -1,0 +1,137 @@
+"""kernels: ascend_builtin (pangu_moe/ops/shipped.py) on CPU, where MindSpore's shipped MoE ops do not run.
+
+Each shipped op is replaced by an emulation of its documented formula, written with differentiable MindSpore ops
+and checked against the documentation's own examples; the layer through the adapter must then equal the
+reference layer in output and gradients, with and without dropped choices, at K = 1 and K = 2. The emulations
+are deliberately hostile where the documentation leaves things open: ties in the permute sort are broken at
+random, and GroupedMatmul leaves NaN in the rows past its last group.
+"""
+import numpy as np
+import mindspore as ms
+import pytest
+from mindspore import Tensor, ops
+
+from pangu_moe.config import ConfigError
+from pangu_moe.dispatch.dispatcher import Dispatcher
+from pangu_moe.experts import GroupedExperts
+from pangu_moe.model.moe_layer import MoELayer
+from pangu_moe.ops import kernel_backend
+from pangu_moe.ops import shipped
+from pangu_moe.ops.shipped import CompactDispatcher, ShippedOps, check_signatures
+from pangu_moe.routing.topk import TopKRouter
+from tests.conftest import tiny_config
+
+
+def emulated_permute(tokens, indices, num_out_tokens=None, padded_mode=False, seed=0):
+    """ops.moe_token_permute: the N*K choices (flat n*K + k) grouped by index value; returns the rows and, per
+    choice, the row it went to. Ties are broken at random: the documentation promises grouping, not order."""
+    flat = indices.reshape(-1).astype(ms.float32)
+    top_k = flat.shape[0] // tokens.shape[0]
+    jitter = Tensor(np.random.default_rng(seed).random(flat.shape[0]) * 0.5, ms.float32)
+    _, source = ops.sort(flat + jitter)  # (N*K,): the choice each output row holds
+    source = source.astype(ms.int32)
+    rows = ops.gather(tokens, source // top_k, 0)
+    row_of_choice = ops.argsort(source.astype(ms.float32)).astype(ms.int32)  # the inverse permutation
+    return rows[:num_out_tokens or flat.shape[0]], row_of_choice
+
+
+def emulated_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+    """ops.moe_token_unpermute: out[n] = sum_k probs[n, k] * permuted_tokens[sorted_indices[n*K + k]]."""
+    picked = ops.gather(permuted_tokens, sorted_indices, 0)  # (N*K, H)
+    if probs is None:
+        return picked
+    n, k = probs.shape
+    return (picked.reshape(n, k, -1) * probs.reshape(n, k, 1)).sum(1)
+
+
+def emulated_grouped_matmul(x, weight, bias, scale, offset, antiquant_scale, antiquant_offset, group_list):
+    """GroupedMatmul(split_item=3, group_type=0): row m of x[0] [M, A] times weight[0][e] [E, A, B], e the group
+    with group_list[e-1] <= m < group_list[e] (cumulative ends, int64); rows past the last end are not written
+    (NaN here, so a result that reads them fails)."""
+    rows, experts = x[0], weight[0]
+    group = (ops.arange(rows.shape[0], dtype=ms.int64).reshape(-1, 1) >= group_list.reshape(1, -1)).astype(
+        ms.int32).sum(1)  # (M,)
+    written = (group < experts.shape[0]).reshape(-1, 1)
+    w = ops.gather(experts, ops.minimum(group, experts.shape[0] - 1), 0)  # (M, A, B)
+    out = ops.bmm(rows.reshape(rows.shape[0], 1, -1), w).reshape(rows.shape[0], -1)  # (M, B)
+    return [ops.select(ops.broadcast_to(written, out.shape), out, ops.full_like(out, float("nan")))]
+
+
+EMULATED = ShippedOps(emulated_permute, emulated_unpermute, emulated_grouped_matmul)
+
+
+def test_emulations_reproduce_the_documented_examples():
+    tokens = Tensor(np.array([[1] * 3, [7] * 3, [2] * 3, [1] * 3, [2] * 3, [3] * 3], np.float32))
+    rows, row_of_choice = emulated_permute(tokens, Tensor(np.array([5, 0, 3, 1, 2, 4], np.int32)))
+    np.testing.assert_array_equal(rows.asnumpy()[:, 0], [7, 1, 2, 2, 3, 1])  # ops.moe_token_permute's example
+    np.testing.assert_array_equal(row_of_choice.asnumpy(), [5, 0, 3, 1, 2, 4])
+    permuted = Tensor(np.array([[1] * 3, [0] * 3, [0] * 3, [3] * 3, [2] * 3, [1] * 3, [2] * 3, [3] * 3], np.float32))
+    out = emulated_unpermute(permuted, Tensor(np.array([0, 6, 7, 5, 3, 1, 2, 4], np.int32)))
+    assert out.shape == (8, 3)  # ops.moe_token_unpermute's example (its values are not printed)
+    np.testing.assert_array_equal(out.asnumpy()[:, 0], [1, 2, 3, 1, 3, 0, 0, 2])  # the formula, by hand
+    # CANN's GroupedMatmul: "group_list[0] = 10: the first 10 rows of x take part in the first group's matmul".
+    x = Tensor(np.ones((12, 2), np.float32))
+    w = Tensor(np.stack([np.eye(2), 2 * np.eye(2)]).astype(np.float32))
+    out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array([10, 11], np.int64)))[0]
+    np.testing.assert_array_equal(out.asnumpy()[:11, 0], [1] * 10 + [2])
+    assert np.isnan(out.asnumpy()[11]).all()
+
+
+def test_installed_mindspore_has_the_signatures_the_adapter_calls(monkeypatch):
+    assert check_signatures() == []
+    monkeypatch.setitem(shipped.SIGNATURES, "ops.moe_token_permute", ("tokens", "indices", "num_out_tokens"))
+    (problem,) = check_signatures()
+    assert problem.startswith("ops.moe_token_permute: MindSpore") and "padded_mode" in problem
+
+
+def _layers(k, num_ranks=1, e=4, h=8, f=16):
+    """The reference layer and the same router and experts behind the adapter with the emulated ops."""
+    ms.set_seed(5)
+    router, experts = TopKRouter(h, e, 1, k, 0.01, 0.001), GroupedExperts(e, h, f, 0.3)
+    reference = MoELayer(router, Dispatcher(e, num_ranks, num_ranks), experts, num_ranks)
+    builtin = MoELayer(router, CompactDispatcher(e, num_ranks, num_ranks, shipped=EMULATED), experts, num_ranks)
+    return reference, builtin
+
+
+@pytest.mark.parametrize("k, capacity, num_ranks", [(1, 3, 1), (1, 40, 1), (2, 4, 1), (2, 80, 1), (2, 3, 2)])
+def test_adapter_equals_the_reference_layer_in_output_and_gradients(k, capacity, num_ranks):
+    reference, builtin = _layers(k, num_ranks)
+    x = Tensor(np.random.default_rng(k * 100 + capacity).standard_normal((40, 8)).astype(np.float32))
+    zeros = Tensor(np.zeros(40, np.int32))
+    weights = reference.trainable_params()
+
+    def loss(layer):
+        def f(x_in):
+            y = layer(x_in, zeros, zeros, capacity, False)[0]
+            return (y * y).sum()
+        return ms.value_and_grad(f, 0, weights)
+
+    (ref_value, (ref_dx, ref_dw)), (value, (dx, dw)) = loss(reference)(x), loss(builtin)(x)
+    out_ref, out = reference(x, zeros, zeros, capacity, False), builtin(x, zeros, zeros, capacity, False)
+    np.testing.assert_allclose(out[0].asnumpy(), out_ref[0].asnumpy(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(out[1:4], out_ref[1:4]):  # losses, requested and kept counts
+        np.testing.assert_array_equal(got.asnumpy(), want.asnumpy())
+    kept, requested = out[3].asnumpy().sum(), out[2].asnumpy().sum()
+    assert (kept < requested) == (capacity < 40 * k // 4), "the small capacities must drop, the large ones not"
+    np.testing.assert_allclose(value.asnumpy(), ref_value.asnumpy(), rtol=1e-5)
+    np.testing.assert_allclose(dx.asnumpy(), ref_dx.asnumpy(), rtol=1e-4, atol=1e-6)
+    for got, want, param in zip(dw, ref_dw, weights):
+        assert np.isfinite(got.asnumpy()).all(), param.name
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-6, err_msg=param.name)
+
+
+def test_ascend_builtin_is_refused_where_it_cannot_run():
+    with pytest.raises(ConfigError, match="runtime.kernels.*Ascend only"):
+        tiny_config("runtime.kernels=ascend_builtin").validate()
+    with pytest.raises(ConfigError, match="parallel.dispatch=simulated"):
+        tiny_config("runtime.kernels=ascend_builtin", "runtime.device=Ascend", "parallel.dispatch=simulated",
+                    "parallel.nodes=2", "parallel.exchange=flat").validate()
+    tiny_config("runtime.kernels=ascend_builtin", "runtime.device=Ascend").validate()
+
+
+@pytest.mark.parametrize("kernels, device, dispatch, backend", [
+    ("auto", "Ascend", "local", "ascend_builtin"), ("auto", "Ascend", "hccl", "reference"),
+    ("auto", "CPU", "local", "reference"), ("ascend_builtin", "Ascend", "local", "ascend_builtin"),
+    ("custom", "CPU", "local", "cpu"), ("custom", "Ascend", "hccl", "ascend")])
+def test_kernel_backend_of_each_setting(kernels, device, dispatch, backend):
+    assert kernel_backend(kernels, device, dispatch) == backend
