@@ -130,7 +130,8 @@ class CompactDispatcher(ReferenceLayout):
 
     def dispatch_compact(self, x, expert_index, keep, kept_per_expert):
         """x [T, H], expert_index [T, K] int32, keep [T, K] bool, kept_per_expert [R, E] int32 ->
-        rows [T*K, H] (x's dtype), order [T*K] int32, ends [E] int64 (see `compact_permute`, `group_ends`)."""
+        rows [T*K, H] (x's dtype) grouped by expert, dropped choices last; order [T*K] int32, the row of choice
+        n*K + k; ends [E] int64 (`group_ends`)."""
         num_tokens, top_k = expert_index.shape
         key = ops.select(keep, expert_index, ops.full_like(expert_index, self.num_experts))  # (T, K): dropped last
         rows, order = self.token_permute(x, key, num_tokens * top_k, False)

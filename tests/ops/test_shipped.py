@@ -135,3 +135,23 @@ def test_ascend_builtin_is_refused_where_it_cannot_run():
     ("custom", "CPU", "local", "cpu"), ("custom", "Ascend", "hccl", "ascend")])
 def test_kernel_backend_of_each_setting(kernels, device, dispatch, backend):
     assert kernel_backend(kernels, device, dispatch) == backend
+
+
+def test_adapter_compiles_in_graph_mode_and_agrees():
+    """The compact branch of the layer inside `ms.jit` (how the trainer runs it): list arguments to GroupedMatmul,
+    the ops held as cell attributes."""
+    reference, builtin = _layers(2)
+    x = Tensor(np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32))
+    zeros = Tensor(np.zeros(40, np.int32))
+
+    def compiled(layer):
+        def f(x_in):
+            y = layer(x_in, zeros, zeros, 4, False)[0]
+            return (y * y).sum()
+        return ms.jit(ms.value_and_grad(f, 0, layer.trainable_params()))(x)
+
+    (ref_value, (ref_dx, ref_dw)), (value, (dx, dw)) = compiled(reference), compiled(builtin)
+    np.testing.assert_allclose(value.asnumpy(), ref_value.asnumpy(), rtol=1e-6)
+    np.testing.assert_allclose(dx.asnumpy(), ref_dx.asnumpy(), rtol=1e-5, atol=1e-7)
+    for got, want in zip(dw, ref_dw):
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-6)
