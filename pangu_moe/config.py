@@ -241,7 +241,7 @@ class RuntimeConfig:
     device: str = _f("CPU", "MindSpore device target", choices=("CPU", "Ascend"))
     mode: str = _f("graph", "graph (one compiled train step) or pynative", choices=("graph", "pynative"))
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
-    kernels: str = _f("reference", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
+    kernels: str = _f("auto", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
                       "CPU, Ascend C on Ascend), ascend_builtin (MindSpore's shipped Ascend MoE ops; Ascend, "
                       "parallel.dispatch=local) or auto (ascend_builtin where it can run, else reference, the faster "
                       "on CPU); kernels/README.md", choices=KERNELS)

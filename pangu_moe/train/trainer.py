@@ -18,6 +18,7 @@ from pangu_moe.data import pipeline
 from pangu_moe.data.source import RunData, check_tokenizer, record_tokenizer
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
+from pangu_moe.ops import kernel_backend
 from pangu_moe.precision import BYTES, LossScaler
 from pangu_moe.progress import Progress
 from pangu_moe.routing.base import LOSS_NAMES
@@ -425,7 +426,7 @@ def check_run_dir(cfg, run_dir, resume, log=None):
         raise checkpoint.CheckpointError(f"--resume: no checkpoints in {os.path.join(run_dir, 'checkpoints')}")
     config_path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(config_path):
-        saved, now = _flatten(RunConfig.from_yaml(config_path).to_dict()), _flatten(cfg.to_dict())
+        saved, now = _trajectory(RunConfig.from_yaml(config_path)), _trajectory(cfg)
         changed = [k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(f"--resume: {changed[0]} = {now[changed[0]]!r} differs from {saved.get(changed[0])!r} in "
@@ -445,9 +446,19 @@ def config_fingerprint(cfg):
     """sha256 of the resolved config without `RESUMABLE_CHANGES`: equal for every config that continues the
     same trajectory. Stored in each checkpoint's manifest. Fields added since checkpoints carry it
     (`ADDED_FIELDS`) count only away from their default, so older checkpoints keep their fingerprint."""
-    fields = {k: v for k, v in _flatten(cfg.to_dict()).items()
+    fields = {k: v for k, v in _trajectory(cfg).items()
               if k not in RESUMABLE_CHANGES and (k not in ADDED_FIELDS or v != ADDED_FIELDS[k])}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _trajectory(cfg):
+    """The flattened config with runtime.kernels as the kernels it resolves to on its device and dispatch
+    (reference, custom or ascend_builtin; `ops.kernel_backend`): `auto` continues a run that named what it picks,
+    and checkpoints from before `auto` existed keep their fingerprint."""
+    flat = _flatten(cfg.to_dict())
+    backend = kernel_backend(cfg.runtime.kernels, cfg.runtime.device, cfg.parallel.dispatch)
+    flat["runtime.kernels"] = "custom" if backend in ("cpu", "ascend") else backend
+    return flat
 
 
 def _flatten(d, prefix=""):

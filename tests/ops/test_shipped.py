@@ -155,3 +155,16 @@ def test_adapter_compiles_in_graph_mode_and_agrees():
     np.testing.assert_allclose(dx.asnumpy(), ref_dx.asnumpy(), rtol=1e-5, atol=1e-7)
     for got, want in zip(dw, ref_dw):
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_continues_the_run_of_the_kernels_it_picks():
+    """The checkpoint fingerprint sees the kernels a setting resolves to: auto on CPU is reference (so checkpoints
+    written before auto was the default still resume), custom is not."""
+    from pangu_moe.train.trainer import config_fingerprint
+    auto = config_fingerprint(tiny_config())
+    assert tiny_config().runtime.kernels == "auto"
+    assert auto == config_fingerprint(tiny_config("runtime.kernels=reference"))
+    assert auto != config_fingerprint(tiny_config("runtime.kernels=custom"))
+    on_ascend = tiny_config("runtime.device=Ascend")
+    assert config_fingerprint(on_ascend) == config_fingerprint(tiny_config("runtime.device=Ascend",
+                                                                            "runtime.kernels=ascend_builtin"))
