@@ -122,10 +122,11 @@ def _bench(args):
 
 
 def _study(args):
+    from pangu_moe.studies import routers as study_routers
     steps = args.steps if args.steps is not None else {"routers": 200, "kool": 3000}[args.name]
     if steps < 1:
         raise ConfigError(f"--steps = {steps}: must be >= 1")
-    seeds = args.seeds if args.seeds is not None else {"routers": 3, "kool": 100}[args.name]
+    seeds = args.seeds if args.seeds is not None else {"routers": study_routers.SEEDS, "kool": 100}[args.name]
     if seeds < 1:
         raise ConfigError(f"--seeds = {seeds}: must be >= 1")
     if args.name == "kool":
@@ -134,7 +135,6 @@ def _study(args):
         print(json.dumps(results) if args.json else study_kool.table(results))
         return
     from pangu_moe.configs import DEMO_CONFIG
-    from pangu_moe.studies import routers as study_routers
     config = args.config or DEMO_CONFIG
     if args.budget is not None:
         steps = study_routers.steps_for_budget(config, args.budget, seeds, args.overrides, args.arms)
@@ -222,11 +222,12 @@ def _report(args):
 
 def _claims(args):
     from pangu_moe.studies import claims
-    study = os.path.join(args.study, "study.json") if os.path.isdir(args.study) else args.study
-    for name, path in (("--study", study), ("--kool", args.kool), ("--precision", args.precision)):
+    studies = [os.path.join(path, "study.json") if os.path.isdir(path) else path for path in args.study]
+    for name, path in [("--study", study) for study in studies] + [("--kool", args.kool),
+                                                                    ("--precision", args.precision)]:
         if path and not os.path.isfile(path):
             raise ConfigError(f"{name} {path}: no such file (a study's --out folder, or the JSON its --json printed)")
-    rows = claims.write(args.out, study, args.kool, args.precision)
+    rows = claims.write(args.out, studies, args.kool, args.precision)
     print(f"wrote {args.out}: {len(rows)} claims", file=sys.stderr)
 
 
@@ -306,7 +307,7 @@ def build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value for every router; repeatable")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds: routers 3 (each arm on each), kool 100 (per "
+    p.add_argument("--seeds", type=int, default=None, help="seeds: routers 5 (each arm on each), kool 100 (per "
                    "method, regime and capacity factor)")
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help="routers: size --steps so the "
                    "study fits this wall time (a short timed probe first)")
@@ -361,7 +362,8 @@ def build_parser():
     p.set_defaults(func=_report)
     p = sub.add_parser("claims", help="write the claims table (docs/results/claims.md) from the studies' outputs, "
                        "a verdict per claim computed from its figure (pangu_moe/studies/claims.py)")
-    p.add_argument("--study", required=True, help="the router study's --out folder (or its study.json)")
+    p.add_argument("--study", required=True, action="append", help="a router study's --out folder (or its "
+                   "study.json); repeatable: each claim comes from the study with the most seeds that measured it")
     p.add_argument("--kool", default=None, help="the JSON `pangu-moe study kool --json` printed")
     p.add_argument("--precision", default=None, help="the JSON `pangu-moe bench precision --json` printed")
     p.add_argument("--out", default=os.path.join("docs", "results", "claims.md"), help="the page to write")

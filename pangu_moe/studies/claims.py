@@ -9,7 +9,8 @@ interval, the setting it was measured in, and a verdict computed from that figur
 - not resolved: the interval straddles 0 at this number of seeds (a larger study could still decide);
 - not testable at this scale: the claim needs what a 2-core CPU cannot give (cluster time), with why.
 
-Inputs: the router study's `study.json` (`studies.routers`), optionally the Kool study's JSON
+Inputs: one or more router studies' `study.json` (`studies.routers`; each claim from the study with the most
+seeds that measured it), optionally the Kool study's JSON
 (`pangu-moe study kool --json`) and `pangu-moe bench precision --json`. Rows whose input is missing say
 which command produces it. Nothing here is typed in by hand: rerun the command after rerunning a study.
 """
@@ -151,12 +152,33 @@ def render(rows, sources):
     return "\n".join(lines) + "\n"
 
 
-def write(out, study_path, kool_path=None, precision_path=None):
-    """Read the inputs (JSON files; a study folder's study.json), write the page to `out`; returns its rows."""
+def _claim_key(row):
+    """(paper, claim without its parenthesised setting): the same claim measured by different studies."""
+    return row[0], row[1].split(" (")[0]
+
+
+def merged_router_rows(studies):
+    """Router-study rows from several studies (e.g. the full study and a wider dense-vs-Switch one): each claim
+    from the study with the most seeds that measured it, in the order of the study with the most claims."""
+    per_study = [router_rows(study) for study in studies]
+    best = {}
+    for study, rows in zip(studies, per_study):
+        for row in rows:
+            key = _claim_key(row)
+            if key not in best or study["seeds"] > best[key][0]:
+                best[key] = (study["seeds"], row)
+    order = [_claim_key(row) for rows in sorted(per_study, key=len, reverse=True) for row in rows]
+    return [best[key][1] for key in dict.fromkeys(order)]
+
+
+def write(out, study_paths, kool_path=None, precision_path=None):
+    """Read the inputs (JSON files; a study folder's study.json; `study_paths` one or more router studies, see
+    `merged_router_rows`), write the page to `out`; returns its rows."""
     def load(path):
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
-    rows, sources = router_rows(load(study_path)), {"router study": study_path}
+    rows = merged_router_rows([load(path) for path in study_paths])
+    sources = {"router study": ", ".join(study_paths)}
     if kool_path:
         rows += kool_rows(load(kool_path))
         sources["Kool study"] = kool_path

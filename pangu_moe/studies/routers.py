@@ -16,7 +16,8 @@ Setting (our choices, printed with the results):
   re-estimated every 50 steps by Corollary 6, its ceiling the capacity-factor capacity; hybrid switches
   from TCR to ECR at half the steps), at the mu the sweep chose (`choose_mu`);
 - seeds: run seed s drives the initial weights, the data order and the routing tables, the same for every
-  arm, so differences between arms are paired by seed (`studies.stats.paired_difference`);
+  arm, so differences between arms are paired by seed (`studies.stats.paired_difference`); `SEEDS` by default,
+  the fewest at which dense - Switch was resolved with a margin at 200 steps;
 - validation at the end only; the load statistics cover the final 20% of the steps, the per-rank balance
   (`accounting.traffic.rank_balance`) the whole run and its final 20%.
 
@@ -56,6 +57,10 @@ ARMS = {"dense": ["moe.num_experts=1"], "rre": ["moe.router=rre"], "topk": ["moe
 SWITCH = "topk"
 SETTING = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=by_node"]
 SEED = 1234  # the first seed; seed i of the study is SEED + i
+# Default seeds: at 200 steps, dense - Switch val bpb is resolved from 4 seeds on (+0.090 +- 0.060) and
+# 5 keep a margin (+0.078 +- 0.053); 3 are not enough (+0.090 +- 0.115). Doubling the steps at 3 seeds costs
+# the same time. Measured: docs/results/2026-12-05-dense-vs-switch.md.
+SEEDS = 5
 COST_FIELDS = ("layer_ms", "step_ms", "expert_rows_per_step", "exchange_bytes_per_step")
 CAPACITY_FIELDS = ("capacity_first", "capacity_last")  # the capacity in force at the first and last logged step
 FIELDS = ("val_bpb", "max_over_mean_load", "dead_experts", "inter_node_fraction", "capacity_ratio",
@@ -118,7 +123,7 @@ def aggregate(per_arm):
     return out
 
 
-def run(config_path, steps, out, seeds=3, overrides=(), log=None, arms=None):
+def run(config_path, steps, out, seeds=SEEDS, overrides=(), log=None, arms=None):
     """Train every arm (or those named in `arms`) for each seed into OUT/<arm>/seed<i>, the LocMoE+ arms last at
     the sweep's mu; write OUT/study.json and the report of seed 0's runs (OUT/report). Returns
     {"steps", "seeds", "seconds", "mu", "mu_why", "arms": `aggregate`, "runs": {arm: [per-seed figures]}}."""
@@ -181,7 +186,7 @@ def run_isolated(cfg, run_dir):
         return pool.apply(train_one, (cfg.to_dict(), run_dir))
 
 
-def steps_for_budget(config_path, minutes, seeds=3, overrides=(), arms=None, probe_steps=6, log=None):
+def steps_for_budget(config_path, minutes, seeds=SEEDS, overrides=(), arms=None, probe_steps=6, log=None):
     """Training steps per run so that the study (every arm in `arms`, default all, times `seeds`) takes about
     `minutes`: a `topk` run of `probe_steps` steps is timed as the study runs it (`run_isolated`, in a scratch
     folder); its wall time less the timed steps is the per-run overhead (process start, build, compile,

@@ -32,7 +32,7 @@ def test_verdicts_follow_the_figures(tmp_path):
     assert cli.main(["claims", "--study", str(tmp_path), "--kool", str(tmp_path / "kool.json"), "--precision",
                      str(tmp_path / "precision.json"), "--out", str(out)]) == 0
     verdicts = {(paper, claim): verdict for paper, claim, _, _, verdict in
-                claims.write(str(out), str(tmp_path / "study.json"), str(tmp_path / "kool.json"),
+                claims.write(str(out), [str(tmp_path / "study.json")], str(tmp_path / "kool.json"),
                              str(tmp_path / "precision.json"))}
     page = out.read_text()
     assert page.count("\n| ") == len(verdicts) + 1  # header + one row each
@@ -67,3 +67,19 @@ def test_without_a_sweep_the_one_locmoe_arm_is_used():
     rows = claims.router_rows(study)
     (row,) = [r for r in rows if r[1].startswith("Locality-aware routing sends fewer")]
     assert "mu = 0.01, not swept in this study" in row[1] and row[4] == "reproduced"
+
+
+def test_each_claim_comes_from_the_study_with_the_most_seeds_that_measured_it(tmp_path):
+    wide = {"steps": 200, "seeds": 6, "mu": None, "mu_why": "no sweep",
+            "arms": {"topk": _arm(), "dense": {**_arm(), "val_bpb_vs_switch": {"mean": 0.075, "ci95": 0.041, "n": 6}}}}
+    narrow = {**STUDY, "arms": {**STUDY["arms"], "dense": {**_arm(), "val_bpb_vs_switch": _x(0.09, 0.116)}}}
+    paths = []
+    for name, data in (("narrow.json", narrow), ("wide.json", wide)):
+        (tmp_path / name).write_text(json.dumps(data))
+        paths.append(str(tmp_path / name))
+    rows = claims.write(str(tmp_path / "claims.md"), paths)
+    assert [r[1] for r in rows] == [r[1] for r in claims.router_rows(narrow)]  # the fuller study's claims, in order
+    (dense,) = [r for r in rows if r[1].startswith("A sparse top-1 MoE beats a dense")]
+    assert dense[2] == "val bpb dense − Switch +0.075 ± 0.041" and "6 seeds" in dense[3] and dense[4] == "reproduced"
+    (locmoe,) = [r for r in rows if r[1].startswith("Locality-aware routing sends fewer")]
+    assert "3 seeds" in locmoe[3]
