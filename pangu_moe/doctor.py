@@ -19,8 +19,9 @@ DEVICES = ("CPU", "Ascend", "GPU")
 def findings(environ=None, which=shutil.which, python=sys.executable):
     """{python, platform, mindspore, devices: {target: bool}, cann: {variable: value or None}, npu_smi,
     hccl: {variable: value or None}, msrun, compiler, cpu_kernels, ascend_kernels, shipped_moe_ops (the installed
-    MindSpore's MoE op signatures against `ops.shipped`), dispatch_backends, kernel_backends}. `environ` (default os.environ), `which` and `python` (msrun is looked for beside it, as the
-    launch scripts do) are parameters so tests can describe a machine."""
+    MindSpore's MoE op signatures against `ops.shipped`), dispatch_backends, kernel_backends}. `environ` (default
+    os.environ), `which` and `python` (msrun is looked for beside it, as the launch scripts do) are parameters so
+    tests can describe a machine."""
     import mindspore as ms
     from mindspore import hal
     from pangu_moe.ops import build

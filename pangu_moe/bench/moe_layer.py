@@ -1,11 +1,13 @@
-"""The whole MoE layer, forward + backward: against a dense FFN with the same active parameters, and with the
-custom CPU kernels against the reference ops (runtime.kernels), at K = 1 and K = 2.
+"""The whole MoE layer, forward + backward: against a dense FFN with the same active parameters, with the
+custom CPU kernels against the reference ops (runtime.kernels), at K = 1 and K = 2, and at K = 1 with its
+buffers at a shrunk capacity bucket (what a live capacity such as LocMoE+'s buys when it falls to half).
 
 Every variant runs as one `ms.jit` graph computing the loss sum(y * cotangent) plus the router losses and its
 gradients with respect to the input and every weight. The MoE variants of one K share their weights, so the
 backends do the same work. Runs alternate (every variant once per round) so machine drift hits all alike;
 each figure is the median of `repeats` timed rounds after two warmup rounds.
 """
+import math
 import time
 
 import numpy as np
@@ -13,7 +15,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe import runtime
-from pangu_moe.capacity import expert_capacity
+from pangu_moe.capacity import capacity_bucket, expert_capacity
 from pangu_moe.config import RuntimeConfig
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
@@ -72,8 +74,9 @@ def moe_layers_seconds(model, layer_inputs, capacity, repeats=5):
     return total
 
 
-def _moe_layer(shapes, top_k, kernels, seed):
-    """A top-k MoE layer of `shapes` whose gating and dispatch run on `kernels` ("reference" | "custom")."""
+def _moe_layer(shapes, top_k, kernels, seed, shrink=False):
+    """A top-k MoE layer of `shapes` whose gating and dispatch run on `kernels` ("reference" | "custom"); with
+    `shrink`, its buffers at the capacity bucket holding half the capacity-factor capacity (`capacity_bucket`)."""
     t, h, f, e = shapes["T"], shapes["H"], shapes["F"], shapes["E"]
     backend = kernel_backend(kernels, "CPU")
     ms.set_seed(seed)  # the same weights for both backends
@@ -81,14 +84,17 @@ def _moe_layer(shapes, top_k, kernels, seed):
     router.use_kernels(backend)
     layer = MoELayer(router, Dispatcher(e, backend=backend), GroupedExperts(e, h, f))
     capacity = expert_capacity(t, e, top_k, shapes["capacity_factor"])
+    capacity = capacity_bucket(math.ceil(capacity / 2), capacity) if shrink else capacity
     ids = Tensor(np.zeros(t, np.int32))
     return _grad_step(layer, _layer_loss(layer, ids, ids, capacity)), capacity
 
 
 def run(repeats=10, shapes=SHAPES, seed=0, progress=None):
     """Measure; returns a dict of shapes, seconds per variant, tokens/s, `moe_over_dense` (K = `shapes["K"]`,
-    reference ops, against the dense FFN of the same active size) and `custom_over_reference_k1` /
-    `custom_over_reference_k2` (time ratios of the whole layer).
+    reference ops, against the dense FFN of the same active size), `custom_over_reference_k1` /
+    `custom_over_reference_k2` (time ratios of the whole layer), and at K = 1 `shrunk_capacity` (the bucket of
+    half the capacity), `shrunk_over_full_k1` (measured time ratio) and `shrunk_exchange_bytes_ratio` (what a
+    padded all-to-all of those buffers would move, counted: the ratio of the capacities).
 
     `progress`: callable(done, total) after each of the repeats + 2 warmup rounds, or None.
     """
@@ -98,6 +104,7 @@ def run(repeats=10, shapes=SHAPES, seed=0, progress=None):
     for top_k in (1, 2):
         for kernels in ("reference", "custom"):
             steps[f"{kernels}_k{top_k}"], capacities[top_k] = _moe_layer(shapes, top_k, kernels, seed)
+    steps["reference_k1_shrunk"], shrunk = _moe_layer(shapes, 1, "reference", seed, shrink=True)
     dense = DenseMLP(h, f * k)  # the active FFN size of a token routed to K experts of F
 
     def dense_forward(x, cotangent):
@@ -122,7 +129,9 @@ def run(repeats=10, shapes=SHAPES, seed=0, progress=None):
             "moe_tokens_per_s": t / moe_s, "dense_tokens_per_s": t / dense_s,
             "moe_over_dense": moe_s / dense_s,
             "custom_over_reference_k1": seconds["custom_k1"] / seconds["reference_k1"],
-            "custom_over_reference_k2": seconds["custom_k2"] / seconds["reference_k2"]}
+            "custom_over_reference_k2": seconds["custom_k2"] / seconds["reference_k2"],
+            "shrunk_capacity": shrunk, "shrunk_over_full_k1": seconds["reference_k1_shrunk"] / seconds["reference_k1"],
+            "shrunk_exchange_bytes_ratio": shrunk / capacities[1]}
 
 
 def table(result):
@@ -137,4 +146,6 @@ def table(result):
         f"  moe_over_dense = {result['moe_over_dense']:.3f}  (time ratio; target <= 1.0)",
         f"  whole layer, custom kernels / reference ops: K=1 {result['custom_over_reference_k1']:.3f}, "
         f"K=2 {result['custom_over_reference_k2']:.3f}  (time ratios; target <= 0.9)",
+        f"  buffers at C={result['shrunk_capacity']} instead of {s['C']} (K=1): time x{result['shrunk_over_full_k1']:.3f}"
+        f" (measured), exchange bytes x{result['shrunk_exchange_bytes_ratio']:.3f} (counted)",
     ])
