@@ -243,8 +243,8 @@ class RuntimeConfig:
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
     kernels: str = _f("auto", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
                       "CPU, Ascend C on Ascend), ascend_builtin (MindSpore's shipped Ascend MoE ops; Ascend, "
-                      "parallel.dispatch=local) or auto (ascend_builtin where it can run, else reference, the faster "
-                      "on CPU); kernels/README.md", choices=KERNELS)
+                      "parallel.dispatch=local, fp32 or fp16, not expert_choice) or auto (ascend_builtin where it can "
+                      "run, else reference, the faster on CPU); kernels/README.md", choices=KERNELS)
     checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
     profile_steps: List[int] = _f([], "[start, end]: MindSpore's profiler around training steps start..end-1 (0-based), "
                                   "output in RUN_DIR/profile; [] (default) profiles nothing")
@@ -289,12 +289,10 @@ class RunConfig:
                  "Ascend for parallel.dispatch=hccl")
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
                  "CPU for parallel.dispatch=msrun_cpu")
-        _require(self.runtime.kernels != "ascend_builtin" or self.runtime.device == "Ascend", "runtime.kernels",
-                 self.runtime.kernels, "reference, custom or auto on runtime.device=CPU (MindSpore's shipped MoE ops "
-                 "run on Ascend only)")
-        _require(self.runtime.kernels != "ascend_builtin" or p.dispatch == "local", "runtime.kernels",
-                 self.runtime.kernels, f"reference, custom or auto with parallel.dispatch={p.dispatch} (ascend_builtin "
-                 f"keeps tokens compact, and the expert-parallel exchange sends fixed-size buffers)")
+        if self.runtime.kernels == "ascend_builtin":
+            from pangu_moe.ops.shipped import unfit  # ops sit above config in the dependency order
+            reason = unfit(self)
+            _require(reason is None, "runtime.kernels", self.runtime.kernels, f"reference, custom or auto with {reason}")
         profile = self.runtime.profile_steps
         _require(not profile or (len(profile) == 2 and 0 <= profile[0] < profile[1] <= self.train.steps),
                  "runtime.profile_steps", profile, f"[] or [start, end] with 0 <= start < end <= train.steps="

@@ -19,7 +19,8 @@ class MoELayer(nn.Cell):
     Args:
         router: a `routing.base.Router`.
         dispatcher: `dispatch.dispatcher.Dispatcher` over R*E buffers (one [E, C, H] per rank held here); its
-            layout op also counts the tokens per (rank, expert).
+            layout op also counts the tokens per (rank, expert). Or `ops.shipped.CompactDispatcher`
+            (kernels ascend_builtin, no exchange): compact rows [T*K, H] grouped by expert instead of buffers.
         experts: `experts.GroupedExperts` with the experts of the ranks held here (all E, or E_loc).
         num_ranks: R ranks held by this process.
         exchange: `dispatch.exchange.Exchange`, or None for the `local` backend: one buffer [E, R*C, H]

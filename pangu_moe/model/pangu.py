@@ -16,7 +16,7 @@ from pangu_moe.model.attention import Attention, causal_mask
 from pangu_moe.model.block import DenseBlock, MoEBlock, QueryLayer
 from pangu_moe.model.mlp import DenseMLP
 from pangu_moe.model.moe_layer import MoELayer
-from pangu_moe.ops import kernel_backend
+from pangu_moe.ops import run_kernel_backend
 from pangu_moe.ops.shipped import CompactDispatcher
 from pangu_moe.precision import compute_dtype
 from pangu_moe.routing.registry import build_router
@@ -33,8 +33,7 @@ class PanguModel(nn.Cell):
         topology: `dispatch.topology.Topology` read by locality-aware routers (default: one device).
         backend: `parallel.dispatch`; exchange: `parallel.exchange`; rank: this process's world rank
             (multi-process backends hold only that rank's experts and tokens).
-        kernels: an `ops.KERNEL_BACKENDS` name (`ops.kernel_backend` of `runtime.kernels`, the device and the
-            dispatch).
+        kernels: an `ops.KERNEL_BACKENDS` name (`ops.run_kernel_backend` of the run's config).
         noise_tokens: tokens of one routing group in training: routers then take their training noise from
             buffers that `feed_noise` fills each step (`Router.enable_fed_noise`); None keeps MindSpore's
             stateful random ops.
@@ -222,7 +221,7 @@ def build_model(cfg, rank=0):
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
     model = PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
-                       kernel_backend(cfg.runtime.kernels, cfg.runtime.device, p.dispatch), group_tokens)
+                       run_kernel_backend(cfg), group_tokens)
     model.use_precision(cfg.train.precision, cfg.moe.router_dtype)
     return model
 

@@ -11,6 +11,7 @@ from pangu_moe.config import KERNELS
 from pangu_moe.ops.gating import CustomGating, ReferenceGating
 from pangu_moe.ops.layout import CustomLayout, ReferenceLayout
 from pangu_moe.ops.permute import CustomPermute, CustomUnpermute, ReferencePermute, ReferenceUnpermute
+from pangu_moe.ops.shipped import unfit
 
 KERNEL_BACKENDS = ("reference", "cpu", "ascend", "ascend_builtin")  # ascend_builtin: ops.shipped, not OPS
 OPS = {}
@@ -25,20 +26,25 @@ OPS["moe_permute", "reference"] = ReferencePermute
 OPS["moe_unpermute", "reference"] = ReferenceUnpermute
 
 
-def kernel_backend(kernels, device, dispatch="local"):
-    """`runtime.kernels`, `runtime.device` ("CPU" | "Ascend") and `parallel.dispatch` -> a KERNEL_BACKENDS name.
+def kernel_backend(kernels, device, shipped_fits=False):
+    """`runtime.kernels` and `runtime.device` ("CPU" | "Ascend") -> a KERNEL_BACKENDS name.
 
-    auto: ascend_builtin on Ascend with the local dispatch (where it can run, `ops.shipped`), else reference: on
-    CPU the custom kernels made the MoE layer slower (docs/architecture.md, Kernels), and the Ascend C kernels must
-    be built first (kernels/ascend/README.md).
+    auto: ascend_builtin where it can run (`shipped_fits`: `ops.shipped.unfit` finds no reason against the run),
+    else reference: on CPU the custom kernels made the MoE layer slower (docs/architecture.md, Kernels), and the
+    Ascend C kernels must be built first (kernels/ascend/README.md).
     """
     if kernels not in KERNELS:
         raise ValueError(f"runtime.kernels = {kernels!r}: must be one of {', '.join(KERNELS)}")
     if kernels == "auto":
-        return "ascend_builtin" if device == "Ascend" and dispatch == "local" else "reference"
+        return "ascend_builtin" if shipped_fits else "reference"
     if kernels in ("reference", "ascend_builtin"):
         return kernels
     return "cpu" if device == "CPU" else "ascend"
+
+
+def run_kernel_backend(cfg):
+    """`kernel_backend` of a `RunConfig`."""
+    return kernel_backend(cfg.runtime.kernels, cfg.runtime.device, unfit(cfg) is None)
 
 
 def make_op(name, backend, *args, **kwargs):

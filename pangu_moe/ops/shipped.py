@@ -7,9 +7,10 @@ The mapping keeps tokens compact instead of padding them into [E, C, H] buffers:
    its expert and the key of a dropped one is E, so dropped choices sort after every expert. It returns the rows
    [T*K, H] and `order` [T*K] int32, the row each choice went to (flat choice n*K + k).
 2. experts: `GroupedMatmul(split_item=3, group_type=0)` over those rows with `group_list` = cumulative kept counts
-   per expert [E] int64 (the form MindFormers' training FFN passes), so only kept rows are computed. Rows past the
-   last group (the dropped choices) are not written by the op; they are zeroed on the way in and after each
-   projection, so neither their forward values nor their gradients reach anything.
+   per expert [E] int64 (the form MindFormers' training FFN passes), except that the last end is T*K, as the op's
+   documentation requires: the dropped choices' rows join the last expert's group. Their outputs weigh 0 in
+   the combine, so they add nothing and send no gradient back. The experts multiply T*K rows, against the E*C
+   of the padded buffers (fewer whenever the capacity factor is at least 1).
 3. combine: `ops.moe_token_unpermute(rows, order, weight)` gives y[n] = sum_k weight[n, k] * rows[order[n*K + k]]
    with weight = gate * keep.
 
@@ -26,6 +27,8 @@ from mindspore import ops
 
 from pangu_moe.activations import fast_gelu
 from pangu_moe.ops.layout import ReferenceLayout
+
+MAX_GROUPS = 128  # CANN's GroupedMatmul: group_list holds at most 128 groups
 
 # The signatures this adapter calls (MindSpore 2.10). `check_signatures` compares them with the installed ones.
 SIGNATURES = {
@@ -77,33 +80,44 @@ class ShippedOps:
         self.grouped_matmul = grouped_matmul
 
 
-def _zero_past(rows, end):
-    """rows [M, X] with rows m >= end (int64 scalar tensor) set to 0."""
-    valid = (ops.arange(rows.shape[0], dtype=ms.int64) < end).reshape(-1, 1)  # (M, 1)
-    return ops.select(ops.broadcast_to(valid, rows.shape), rows, ops.zeros_like(rows))
-
-
-def group_ends(kept_per_expert):
-    """kept_per_expert [R, E] int32 -> group_list [E] int64: cumulative kept rows per expert over the R ranks."""
-    return ops.cumsum(kept_per_expert.sum(0), 0).astype(ms.int64)
+def group_ends(kept_per_expert, num_rows):
+    """kept_per_expert [R, E] int32, num_rows M -> group_list [E] int64: cumulative kept rows per expert over the R
+    ranks, the last end M (GroupedMatmul's group_list must end at x's row count; the rows past the kept ones are
+    the dropped choices')."""
+    ends = ops.cumsum(kept_per_expert.astype(ms.int64).sum(0), 0)  # (E,)
+    return ops.concat((ends[:-1], ops.full((1,), num_rows, dtype=ms.int64)))
 
 
 def grouped_ffn(rows, ends, w_in, w_out, grouped_matmul):
     """The E expert FFNs of `experts.GroupedExperts` (GeLU between two projections) on compact rows.
 
     Args:
-        rows [M, H] grouped by expert (expert e owns rows ends[e-1]..ends[e]-1); ends [E] int64;
-        w_in [E, H, F], w_out [E, F, H] in rows' dtype.
-    Returns: [M, H] in rows' dtype; rows >= ends[-1] are 0.
-
-    GroupedMatmul leaves the rows past its last group unwritten, so they are zeroed after each projection: their
-    contents (and, on the way back, their gradients) never reach another op, whatever the op left there.
+        rows [M, H] grouped by expert (expert e owns rows ends[e-1]..ends[e]-1; the dropped choices' rows, last,
+        belong to the last expert's group); ends [E] int64 (`group_ends`); w_in [E, H, F], w_out [E, F, H] in
+        rows' dtype.
+    Returns: [M, H] in rows' dtype. The dropped rows' outputs are computed but weigh 0 in `combine`, so they add
+    nothing to y and send no gradient back.
     """
-    last = ends[-1]
-    rows = _zero_past(rows, last)
-    hidden = _zero_past(grouped_matmul([rows], [w_in], None, None, None, None, None, ends)[0], last)  # (M, F)
-    out = grouped_matmul([fast_gelu(hidden)], [w_out], None, None, None, None, None, ends)[0]  # (M, H)
-    return _zero_past(out, last)
+    hidden = grouped_matmul([rows], [w_in], None, None, None, None, None, ends)[0]  # (M, F)
+    return grouped_matmul([fast_gelu(hidden)], [w_out], None, None, None, None, None, ends)[0]  # (M, H)
+
+
+def unfit(cfg):
+    """Why `ascend_builtin` cannot run a `RunConfig` (one line), or None where it can."""
+    if cfg.runtime.device != "Ascend":
+        return f"runtime.device={cfg.runtime.device}: MindSpore's shipped MoE ops run on Ascend only"
+    if cfg.parallel.dispatch != "local":
+        return (f"parallel.dispatch={cfg.parallel.dispatch}: the compact layout needs the local dispatch (the "
+                f"expert-parallel exchange sends fixed-size buffers)")
+    if cfg.train.precision == "bf16":
+        return "train.precision=bf16: MindSpore 2.10 documents GroupedMatmul for fp16 and fp32 inputs only"
+    if cfg.moe.num_experts > MAX_GROUPS:
+        return f"moe.num_experts={cfg.moe.num_experts}: GroupedMatmul takes at most {MAX_GROUPS} groups (CANN)"
+    if cfg.moe.router == "expert_choice":
+        return ("moe.router=expert_choice: its K = E columns would make T*E compact rows, more than the E*C padded "
+                "ones")
+    problems = check_signatures()
+    return problems[0] if problems else None
 
 
 class CompactDispatcher(ReferenceLayout):
@@ -135,7 +149,7 @@ class CompactDispatcher(ReferenceLayout):
         num_tokens, top_k = expert_index.shape
         key = ops.select(keep, expert_index, ops.full_like(expert_index, self.num_experts))  # (T, K): dropped last
         rows, order = self.token_permute(x, key, num_tokens * top_k, False)
-        return rows, order, group_ends(kept_per_expert)
+        return rows, order, group_ends(kept_per_expert, num_tokens * top_k)
 
     def run_experts(self, rows, ends, w_in, w_out):
         """rows [M, H], ends [E] int64, w_in [E, H, F], w_out [E, F, H] in rows' dtype -> [M, H] (`grouped_ffn`)."""
@@ -143,6 +157,6 @@ class CompactDispatcher(ReferenceLayout):
 
     def combine(self, expert_rows, order, gate, keep):
         """expert_rows [T*K, H], order [T*K] int32, gate [T, K] fp32, keep [T, K] bool -> y [T, H] in the rows'
-        dtype; dropped choices weigh 0 (and their rows are 0)."""
+        dtype; dropped choices weigh 0."""
         weight = (gate * keep.astype(gate.dtype)).astype(expert_rows.dtype)
         return self.token_unpermute(expert_rows, order, weight, False, None)

@@ -159,7 +159,8 @@ class Router(nn.Cell):
     def combine(self, dispatcher, expert_out, flat_index, gate, keep, log_prob):
         """Expert outputs back to the tokens (`dispatch.dispatcher.Dispatcher.combine`), weighted by the gate.
 
-        Args: expert_out [R*E, C, H]; flat_index, gate [T, K] fp32, keep [T, K] bool as routed;
+        Args: expert_out [R*E, C, H] and flat_index [T*K] (or, from `ops.shipped.CompactDispatcher`, rows
+            [T*K, H] and the row of each choice [T*K]); gate [T, K] fp32, keep [T, K] bool as routed;
             log_prob [T, K] fp32 (the routing's, zeros unless the router samples).
         Returns: y [T, H], policy_term [T] fp32: the router's per-token input to `objective` (zeros here).
         """

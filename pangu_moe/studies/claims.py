@@ -174,6 +174,9 @@ def merged_router_rows(studies):
 def write(out, study_paths, kool_path=None, precision_path=None):
     """Read the inputs (JSON files; a study folder's study.json; `study_paths` one or more router studies, see
     `merged_router_rows`), write the page to `out`; returns its rows."""
+    if isinstance(study_paths, str):
+        raise TypeError("study_paths: a list of paths")
+
     def load(path):
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)

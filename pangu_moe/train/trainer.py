@@ -18,7 +18,7 @@ from pangu_moe.data import pipeline
 from pangu_moe.data.source import RunData, check_tokenizer, record_tokenizer
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, is_expert_parameter
-from pangu_moe.ops import kernel_backend
+from pangu_moe.ops import run_kernel_backend
 from pangu_moe.precision import BYTES, LossScaler
 from pangu_moe.progress import Progress
 from pangu_moe.routing.base import LOSS_NAMES
@@ -429,8 +429,11 @@ def check_run_dir(cfg, run_dir, resume, log=None):
         saved, now = _trajectory(RunConfig.from_yaml(config_path)), _trajectory(cfg)
         changed = [k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES]
         if changed:
+            hint = (f" (runtime.kernels resolves to {now[changed[0]]} here; --set runtime.kernels={saved[changed[0]]} "
+                    f"continues the run as it trained)") if changed[0] == "runtime.kernels" else ""
             raise ConfigError(f"--resume: {changed[0]} = {now[changed[0]]!r} differs from {saved.get(changed[0])!r} in "
-                              f"{config_path}; a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}")
+                              f"{config_path}{hint}; a resumed run may change only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES))}")
     step, path = checkpoint.newest_valid(run_dir, log)
     if checkpoint.read_manifest(path)["config_sha256"] != config_fingerprint(cfg):
         raise checkpoint.CheckpointError(f"--resume: {path} was written under another config (its sha256 of the "
@@ -453,10 +456,10 @@ def config_fingerprint(cfg):
 
 def _trajectory(cfg):
     """The flattened config with runtime.kernels as the kernels it resolves to on its device and dispatch
-    (reference, custom or ascend_builtin; `ops.kernel_backend`): `auto` continues a run that named what it picks,
+    (reference, custom or ascend_builtin; `ops.run_kernel_backend`): `auto` continues a run that named what it picks,
     and checkpoints from before `auto` existed keep their fingerprint."""
     flat = _flatten(cfg.to_dict())
-    backend = kernel_backend(cfg.runtime.kernels, cfg.runtime.device, cfg.parallel.dispatch)
+    backend = run_kernel_backend(cfg)
     flat["runtime.kernels"] = "custom" if backend in ("cpu", "ascend") else backend
     return flat
 

@@ -15,7 +15,7 @@ from pangu_moe.config import ConfigError
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
-from pangu_moe.ops import kernel_backend
+from pangu_moe.ops import run_kernel_backend
 from pangu_moe.ops import shipped
 from pangu_moe.ops.shipped import CompactDispatcher, ShippedOps, check_signatures
 from pangu_moe.routing.topk import TopKRouter
@@ -46,8 +46,8 @@ def emulated_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=
 
 def emulated_grouped_matmul(x, weight, bias, scale, offset, antiquant_scale, antiquant_offset, group_list):
     """GroupedMatmul(split_item=3, group_type=0): row m of x[0] [M, A] times weight[0][e] [E, A, B], e the group
-    with group_list[e-1] <= m < group_list[e] (cumulative ends, int64); rows past the last end are not written
-    (NaN here, so a result that reads them fails)."""
+    with group_list[e-1] <= m < group_list[e] (cumulative ends, int64). The documentation requires the last end
+    to be M; rows past it would not be written, NaN here, so an adapter that breaks the rule fails."""
     rows, experts = x[0], weight[0]
     group = (ops.arange(rows.shape[0], dtype=ms.int64).reshape(-1, 1) >= group_list.reshape(1, -1)).astype(
         ms.int32).sum(1)  # (M,)
@@ -123,18 +123,31 @@ def test_adapter_equals_the_reference_layer_in_output_and_gradients(k, capacity,
 def test_ascend_builtin_is_refused_where_it_cannot_run():
     with pytest.raises(ConfigError, match="runtime.kernels.*Ascend only"):
         tiny_config("runtime.kernels=ascend_builtin").validate()
-    with pytest.raises(ConfigError, match="parallel.dispatch=simulated"):
-        tiny_config("runtime.kernels=ascend_builtin", "runtime.device=Ascend", "parallel.dispatch=simulated",
-                    "parallel.nodes=2", "parallel.exchange=flat").validate()
-    tiny_config("runtime.kernels=ascend_builtin", "runtime.device=Ascend").validate()
+    ascend = ("runtime.kernels=ascend_builtin", "runtime.device=Ascend")
+    with pytest.raises(ConfigError, match="parallel.dispatch=simulated: the compact layout needs the local"):
+        tiny_config(*ascend, "parallel.dispatch=simulated", "parallel.nodes=2").validate()
+    with pytest.raises(ConfigError, match="train.precision=bf16: MindSpore 2.10 documents GroupedMatmul"):
+        tiny_config(*ascend, "train.precision=bf16").validate()
+    with pytest.raises(ConfigError, match="moe.router=expert_choice: its K = E columns"):
+        tiny_config(*ascend, "moe.router=expert_choice").validate()
+    tiny_config(*ascend).validate()
 
 
-@pytest.mark.parametrize("kernels, device, dispatch, backend", [
-    ("auto", "Ascend", "local", "ascend_builtin"), ("auto", "Ascend", "hccl", "reference"),
-    ("auto", "CPU", "local", "reference"), ("ascend_builtin", "Ascend", "local", "ascend_builtin"),
-    ("custom", "CPU", "local", "cpu"), ("custom", "Ascend", "hccl", "ascend")])
-def test_kernel_backend_of_each_setting(kernels, device, dispatch, backend):
-    assert kernel_backend(kernels, device, dispatch) == backend
+@pytest.mark.parametrize("settings, backend", [
+    (("runtime.device=Ascend",), "ascend_builtin"), (("runtime.device=CPU",), "reference"),
+    (("runtime.device=Ascend", "parallel.dispatch=simulated", "parallel.nodes=2"), "reference"),
+    (("runtime.device=Ascend", "train.precision=bf16"), "reference"),
+    (("runtime.device=Ascend", "moe.router=expert_choice"), "reference"),
+    (("runtime.device=Ascend", "moe.num_experts=256", "moe.num_groups=1"), "reference"),
+    (("runtime.device=Ascend", "runtime.kernels=ascend_builtin"), "ascend_builtin"),
+    (("runtime.kernels=custom",), "cpu"), (("runtime.device=Ascend", "runtime.kernels=custom"), "ascend")])
+def test_kernel_backend_of_each_setting(settings, backend):
+    assert run_kernel_backend(tiny_config(*settings)) == backend  # runtime.kernels is auto unless given
+
+
+def test_auto_falls_back_when_the_installed_signatures_differ(monkeypatch):
+    monkeypatch.setitem(shipped.SIGNATURES, "ops.moe_token_unpermute", ("permuted_tokens",))
+    assert run_kernel_backend(tiny_config("runtime.device=Ascend")) == "reference"
 
 
 def test_adapter_compiles_in_graph_mode_and_agrees():

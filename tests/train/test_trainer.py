@@ -227,6 +227,12 @@ def test_resume_refuses_a_changed_trajectory(run_a):
         check_run_dir(tiny_config(), str(run_dir), resume=True)
     assert check_run_dir(tiny_config("train.steps=30", "runtime.mode=pynative"), str(run_dir), resume=True) \
         .endswith("step_000020")
+    # The run trained with auto, which is reference on CPU: naming it continues the run; custom does not.
+    assert check_run_dir(tiny_config("train.steps=30", "runtime.kernels=reference"), str(run_dir), resume=True) \
+        .endswith("step_000020")
+    with pytest.raises(ConfigError, match=r"runtime.kernels = 'custom' differs from 'reference'.*--set "
+                                          r"runtime.kernels=reference continues the run as it trained"):
+        check_run_dir(tiny_config("train.steps=30", "runtime.kernels=custom"), str(run_dir), resume=True)
 
 
 def test_pynative_mode_matches_graph_mode(run_a, tmp_path):
