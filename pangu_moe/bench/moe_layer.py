@@ -131,7 +131,8 @@ def run(repeats=10, shapes=SHAPES, seed=0, progress=None):
             "moe_over_dense": moe_s / dense_s,
             "custom_over_reference_k1": seconds["custom_k1"] / seconds["reference_k1"],
             "custom_over_reference_k2": seconds["custom_k2"] / seconds["reference_k2"],
-            "full_capacity_k1": capacities[1], "shrunk_capacity": shrunk, "shrunk_over_full_k1": seconds["reference_k1_shrunk"] / seconds["reference_k1"],
+            "full_capacity_k1": capacities[1], "shrunk_capacity": shrunk,
+            "shrunk_over_full_k1": seconds["reference_k1_shrunk"] / seconds["reference_k1"],
             "shrunk_exchange_bytes_ratio": shrunk / capacities[1]}
 
 
@@ -147,6 +148,7 @@ def table(result):
         f"  moe_over_dense = {result['moe_over_dense']:.3f}  (time ratio; target <= 1.0)",
         f"  whole layer, custom kernels / reference ops: K=1 {result['custom_over_reference_k1']:.3f}, "
         f"K=2 {result['custom_over_reference_k2']:.3f}  (time ratios; target <= 0.9)",
-        f"  buffers at C={result['shrunk_capacity']} instead of {result['full_capacity_k1']} (K=1): time x{result['shrunk_over_full_k1']:.3f}"
-        f" (measured), exchange bytes x{result['shrunk_exchange_bytes_ratio']:.3f} (counted)",
+        f"  buffers at C={result['shrunk_capacity']} instead of {result['full_capacity_k1']} (K=1): time "
+        f"x{result['shrunk_over_full_k1']:.3f} (measured), exchange bytes x{result['shrunk_exchange_bytes_ratio']:.3f}"
+        f" (counted)",
     ])

@@ -202,13 +202,9 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
     ep = None if backend == "local" else Exchange(backend, exchange, first, topology.nodes, topology.devices_per_node)
-    if kernels == "ascend_builtin":
-        if ep is not None:
-            raise ValueError(f"kernels ascend_builtin needs parallel.dispatch = local, not {backend} (it keeps tokens "
-                             f"compact, and the expert-parallel exchange sends fixed-size buffers)")
-        dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes)
-    else:
-        dispatcher = Dispatcher(num_experts, held, world, topology.nodes, kernels)
+    # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `RunConfig.validate`)
+    dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes) if kernels == "ascend_builtin" else \
+        Dispatcher(num_experts, held, world, topology.nodes, kernels)
     return MoELayer(router, dispatcher, experts, held, ep, first, world)
 
 
