@@ -164,53 +164,6 @@ def once(compute):
     return value
 
 
-def false_positive_rates(affinity, first_choice, group_ids, experts_per_group, quantile=0.25):
-    """LocMoE+ Corollary 6: each expert's expert-choice false-positive rate q_i, estimated on one batch.
-
-    Our estimator (the paper defines q_i = P(delta_{r,i} >= delta_{o_i,i}) for an irrelevant token r and a
-    discriminative token o_i, and gives no estimator): for expert i of group g, its discriminative tokens D_i
-    are the group's tokens whose first choice is i, its irrelevant tokens R_i the group's other tokens;
-    q_i = the share of R_i whose affinity to i is at least the `quantile` of D_i's affinities to i (at 0.25,
-    a capacity that admits the false positives keeps three quarters of the discriminative tokens).
-    Isotropic features give q_i = Theta(1/n); well-separated clusters give q_i -> 0.
-
-    Args:
-        affinity: float array [T, E_g], delta_{t,i} over the token's own group (cosines for LocMoE+);
-        first_choice: int array [T] of local expert ids in [0, E_g); group_ids: int array [T];
-        experts_per_group: E_g; quantile: in [0, 1).
-    Returns:
-        float array [G * E_g] (G = max(group_ids) + 1) of q_i, nan for an expert without discriminative or
-        irrelevant tokens in the batch (nothing to measure).
-    """
-    import numpy as np
-    affinity, first_choice, group_ids = np.asarray(affinity), np.asarray(first_choice), np.asarray(group_ids)
-    num_groups = int(group_ids.max()) + 1
-    rates = np.full(num_groups * experts_per_group, np.nan)
-    for g in range(num_groups):
-        rows = group_ids == g
-        for i in range(experts_per_group):
-            chosen = rows & (first_choice == i)
-            others = rows & (first_choice != i)
-            if chosen.any() and others.any():
-                reference = np.quantile(affinity[chosen, i], quantile)
-                rates[g * experts_per_group + i] = float(np.mean(affinity[others, i] >= reference))
-    return rates
-
-
-def ecr_capacity_need(rates, group_tokens, experts_per_group):
-    """LocMoE+ Corollary 6 (ii): ECR keeps every discriminative token w.h.p. once C >= 2 * s * q_i; per
-    routing group, s is the tokens of the expert's level-1 group that one routing group holds.
-
-    Args: rates [G * E_g] from `false_positive_rates` (nan: unmeasured, ignored); group_tokens [G], tokens
-        of each level-1 group per routing group (may be fractional: a batch's count over the W ranks).
-    Returns: int need = ceil(max_i 2 * s_g(i) * q_i), 0 when nothing was measured.
-    """
-    import numpy as np
-    s = np.repeat(np.asarray(group_tokens, np.float64), experts_per_group)
-    need = 2.0 * s * np.asarray(rates, np.float64)
-    return math.ceil(float(np.nanmax(need)) - 1e-9) if np.isfinite(need).any() else 0
-
-
 def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasing=False):
     """LocMoE+ live capacity C_t from the measured need (our reading of the LocMoE+ paper's dynamic lower bound).
 
@@ -219,7 +172,7 @@ def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasin
     The floor wins over everything: C_t >= floor always, and C_t <= ceiling when floor <= ceiling.
 
     Args:
-        need: int from `ecr_capacity_need`; floor: LocMoE's lower bound (already rounded up) or min capacity;
+        need: int from `capacity_need.corollary6_need`; floor: LocMoE's lower bound (already rounded up) or min capacity;
         ceiling: the capacity-factor capacity (static buffer size); previous: C_{t-1} or None.
     Returns:
         int C_t.

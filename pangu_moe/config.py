@@ -100,9 +100,9 @@ class LocMoEPlusSection:
     recompute_every: int = _f(50, "steps between capacity re-estimates (0: the capacity stays at its ceiling, "
                               "the moe.capacity_factor capacity); the buffers follow the re-estimated capacity "
                               "in buckets", lo=0)
-    reference_quantile: float = _f(0.25, "capacity re-estimate (Corollary 6): a token that did not choose expert i "
-                                   "counts as a false positive when its affinity to i reaches this quantile of the "
-                                   "affinities of the tokens that chose i", lo=0.0, hi=1.0, hi_open=True)
+    keep_share: float = _f(0.95, "capacity re-estimate (Corollary 6): the share of each expert's estimated "
+                           "class-discriminative candidates the capacity must keep (pangu_moe/capacity_need.py)",
+                           lo=0.0, hi=1.0, lo_open=True)
     ema: float = _f(0.0, "EMA weight of the previous capacity estimate (0: none)", lo=0.0, hi=1.0, hi_open=True)
     non_increasing: bool = _f(False, "never raise the capacity again (off: the estimate follows the features "
                               "both ways)")

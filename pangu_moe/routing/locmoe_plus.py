@@ -15,13 +15,12 @@ Choices where the paper is silent (our readings; docs/architecture.md, Routers);
   have become discriminative: Corollary 6 (ii)), whichever comes first.
 - Capacity (Corollary 6): the moe.capacity_factor capacity is the ceiling; a live capacity C_t, one per
   layer, limits the slots in training. Every `recompute_every` steps `before_step` runs `reestimate` on the
-  batch about to be trained: each expert's false-positive rate q_i (`capacity.false_positive_rates`: how
-  many of the tokens that did not choose it beat the lower quartile of those that did), need =
-  ceil(2 * s * max_i q_i) (`capacity.ecr_capacity_need`, s the tokens of the expert's group per routing
-  group), floor = max(min_capacity, ceil(LocMoE bound at the measured delta-hat)), then
-  `capacity.dynamic_capacity` (optional EMA and non-increasing clamp, both off by default). Isotropic
-  features need the ceiling; as features cluster the need falls toward the floor. Evaluation uses the
-  evaluation capacity without the live limit.
+  batch about to be trained, pooled over the W routing groups: `capacity_need.corollary6_need` (only the
+  tokens that requested expert i compete for its slots; the need counts the discriminative tokens to keep
+  plus 2 q_i times the other candidates; per routing group), floor = max(min_capacity, ceil(LocMoE bound at
+  the measured delta-hat)), then `capacity.dynamic_capacity` (optional EMA and non-increasing clamp, both
+  off by default). Isotropic features need the ceiling; the need falls only once the discriminative tokens
+  can be told from noise.
 - Losses: Switch aux loss on softmax(delta / tau), z-loss on delta / tau, and LocMoE's locality loss.
 With C >= T, K = 1 and TCR this routes exactly as LocMoE without bias (argmax of cosine = argmax of the
 block means, Lemma 1); the gate differs only by the temperature and the cosine scaling.
@@ -34,6 +33,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from pangu_moe import capacity as capacity_lib
+from pangu_moe.capacity_need import corollary6_need
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError
 from pangu_moe.routing import losses
 from pangu_moe.routing.base import Router, global_probs, register, stack_losses
@@ -74,8 +74,7 @@ class LocMoEPlusRouter(Router):
             as for `LocMoERouter`.
         keep_rule: "tcr", "ecr" or "hybrid"; switch_step: int (0 = never by step); switch_ratio: float
             (0 = never by concentration); score_threshold: float in (0, 1]; gate_temperature: tau;
-        reference_quantile: of `capacity.false_positive_rates`; ema, non_increasing: of
-            `capacity.dynamic_capacity`.
+        keep_share: of `capacity_need.corollary6_need`; ema, non_increasing: of `capacity.dynamic_capacity`.
         recompute_every: steps between re-estimates (0: never); min_capacity: floor of the floor;
         num_ranks: W, the routing groups a training batch splits into (capacities are per group).
     """
@@ -85,7 +84,7 @@ class LocMoEPlusRouter(Router):
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
                  locality_variant, local_mask, keep_rule="hybrid", switch_step=0, switch_ratio=0.6,
-                 score_threshold=1.0, gate_temperature=1.0, reference_quantile=0.25, ema=0.0, non_increasing=False,
+                 score_threshold=1.0, gate_temperature=1.0, keep_share=0.95, ema=0.0, non_increasing=False,
                  recompute_every=0, min_capacity=1, num_ranks=1):
         super().__init__(num_experts, num_groups, top_k, "affinity")
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
@@ -97,7 +96,7 @@ class LocMoEPlusRouter(Router):
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
         self.keep_rule, self.switch_step, self.switch_ratio = keep_rule, switch_step, switch_ratio
         self.score_threshold, self.temperature = score_threshold, gate_temperature
-        self.reference_quantile, self.ema, self.non_increasing = reference_quantile, ema, non_increasing
+        self.keep_share, self.ema, self.non_increasing = keep_share, ema, non_increasing
         self.recompute_every, self.min_capacity, self.num_ranks = recompute_every, min_capacity, num_ranks
         self.ceiling = None  # the static training capacity (`start`)
         # Router state updated between steps; Parameters, so checkpoints carry it. Updated with an eager
@@ -113,7 +112,7 @@ class LocMoEPlusRouter(Router):
                    moe_cfg.z_loss_coeff, s.locality_coeff, s.locality_variant, topology.local_expert_mask(),
                    keep_rule=s.keep_rule, switch_step=s.switch_step, switch_ratio=s.switch_ratio,
                    score_threshold=s.score_threshold, gate_temperature=s.gate_temperature,
-                   reference_quantile=s.reference_quantile,
+                   keep_share=s.keep_share,
                    ema=s.ema, non_increasing=s.non_increasing, recompute_every=s.recompute_every,
                    min_capacity=moe_cfg.min_capacity, num_ranks=topology.world_size)
 
@@ -172,16 +171,14 @@ class LocMoEPlusRouter(Router):
             x: [T, H] this layer's router input; token_ids, group_ids: [T] int32; step: the training step.
         Returns:
             dict: capacity (the new live C_t), need (the raw Corollary 6 need), q_max (the largest
-            false-positive rate), floor, delta_hat, ecr (bool, the keep rule now in force).
+            false-positive rate q_i, nan if no expert had candidates), floor, delta_hat, ecr (bool, the keep rule now in force).
         """
         expert_index = self(x, token_ids, group_ids, self.ceiling, False)[0].asnumpy()
         groups = group_ids.asnumpy()
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
         first = expert_index[:, 0] - groups * self.experts_per_group  # (T,) local first choices
-        rates = capacity_lib.false_positive_rates(cosines, first, groups, self.experts_per_group,
-                                                  self.reference_quantile)
-        group_tokens = np.bincount(groups, minlength=self.num_groups) / self.num_ranks
-        need = capacity_lib.ecr_capacity_need(rates, group_tokens, self.experts_per_group)
+        found = corollary6_need(cosines, first, groups, self.experts_per_group, self.num_ranks, self.keep_share)
+        need = found["need"]
         delta_hat = capacity_lib.estimate_delta(cosines[np.arange(len(first)), first])
         bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
         floor = min(self.ceiling, max(self.min_capacity, math.ceil(bound)))
@@ -190,8 +187,7 @@ class LocMoEPlusRouter(Router):
         c = capacity_lib.dynamic_capacity(need, floor, self.ceiling, previous, self.ema, self.non_increasing)
         ops.assign(self.capacity_limit, Tensor(c, ms.int32))
         self._switch_if_due(step, c)
-        q_max = float(np.nanmax(rates)) if np.isfinite(rates).any() else 0.0
-        return {"capacity": c, "need": need, "q_max": q_max, "floor": floor, "delta_hat": delta_hat,
+        return {"capacity": c, "need": need, "q_max": found["q_max"], "floor": floor, "delta_hat": delta_hat,
                 "ecr": self.ecr_active()}
 
     def before_step(self, step, layer_input):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from pangu_moe.capacity import dynamic_capacity, ecr_capacity_need, false_positive_rates
+from pangu_moe.capacity import dynamic_capacity
+from pangu_moe.capacity_need import corollary6_need
 from pangu_moe.routing import route
 from pangu_moe.routing.locmoe import LocMoERouter, grap_cosines
 from pangu_moe.routing.locmoe_plus import LocMoEPlusRouter, switch_due, threshold_requests
@@ -71,31 +72,8 @@ def test_score_threshold_requests_the_shortest_prefix():
     assert not (r.keep.asnumpy() & ~requested).any()
 
 
-def test_false_positive_rates_exact():
-    # Expert 0 is chosen by tokens 0-3 with affinities 0.9, 0.8, 0.7, 0.6 (lower quartile 0.675); of the
-    # others, token 4 (0.7) beats it and tokens 5, 6 (0.1, 0.5) do not: q_0 = 1/3. Expert 1 is chosen by tokens
-    # 4-6 with 0.8, 0.6, 0.4 (quartile 0.5); tokens 0-3 have 0.5, 0.2, 0.1, 0.0: q_1 = 1/4. Expert 2: nobody.
-    affinity = np.array([[0.9, 0.5, 0], [0.8, 0.2, 0], [0.7, 0.1, 0], [0.6, 0.0, 0], [0.7, 0.8, 0],
-                         [0.1, 0.6, 0], [0.5, 0.4, 0]])
-    first = np.array([0, 0, 0, 0, 1, 1, 1])
-    rates = false_positive_rates(affinity, first, np.zeros(7, int), 3)
-    np.testing.assert_array_equal(rates[:2], [1 / 3, 1 / 4])
-    assert np.isnan(rates[2])
-    # s = 7 tokens of the group per routing group: need = ceil(2 * 7 * 1/3) = 5; over 2 ranks, ceil(2 * 3.5 / 3).
-    assert ecr_capacity_need(rates, [7], 3) == 5 and ecr_capacity_need(rates, [3.5], 3) == 3
-    # Two groups of 2 experts, tokens 0-1 in group 0 (both chose its expert 0: nothing to measure), 2-6 in
-    # group 1. Group 1's expert 0 (global 2): chosen by tokens 2, 3 (quartile 0.625), beaten by token 4 of
-    # 4-6 (0.7, 0.1, 0.5) but not by group 0's token 0 (0.9): q = 1/3; its expert 1: chosen by 4-6
-    # (quartile 0.5), tokens 2, 3 have 0.1, 0.0: q = 0.
-    two = false_positive_rates(affinity[:, :2], first, np.array([0, 0, 1, 1, 1, 1, 1]), 2)
-    assert np.isnan(two[:2]).all() and two[2:].tolist() == [1 / 3, 0.0]
-    assert ecr_capacity_need(two, [2, 5], 2) == 4  # ceil(2 * 5 * 1/3)
-    assert ecr_capacity_need(np.full(4, np.nan), [4, 3], 2) == 0
-
-
-def _clustered(separation, tokens=1024, experts=8, hidden=64, seed=0):
-    """Token features of `experts` classes: class c adds `separation` along GrAP block c (expert c's row);
-    0 gives isotropic features."""
+def _clustered(separation, tokens, experts, hidden, seed):
+    """Token features of `experts` classes: class c adds `separation` along GrAP block c (expert c's row)."""
     rng = np.random.default_rng(seed)
     block = hidden // experts
     classes = rng.integers(0, experts, tokens)
@@ -105,28 +83,18 @@ def _clustered(separation, tokens=1024, experts=8, hidden=64, seed=0):
     return x.astype(np.float32)
 
 
-def test_corollary6_capacity_is_the_ceiling_for_isotropic_features_and_falls_as_clusters_separate():
-    tokens, experts = 1024, 8
-    ceiling, floor = math.ceil(1.1 * tokens / experts), 4
-    capacities = []
-    for separation in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0):
-        cos = grap_cosines(Tensor(_clustered(separation)), experts).asnumpy()
-        first = cos.argmax(1)
-        need = ecr_capacity_need(false_positive_rates(cos, first, np.zeros(tokens, int), experts), [tokens], experts)
-        capacities.append(dynamic_capacity(need, floor, ceiling))
-    assert capacities[0] == ceiling and capacities[-1] == floor
-    assert all(b <= a for a, b in zip(capacities, capacities[1:])) and len(set(capacities)) >= 4
-
-
-def test_reestimate_reports_the_corollary6_need_of_its_batch():
-    router = _plus("tcr", recompute_every=1, min_capacity=2)
-    x = Tensor(_clustered(0.3, tokens=T, experts=E, hidden=H, seed=3))
-    router.start(T)
-    found = router.before_step(0, lambda: (x, ZEROS, ZEROS))
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_reestimate_reports_the_corollary6_need_of_its_pooled_batch_per_routing_group(ranks):
+    # 4 x 48 tokens, three quarters clustered: the router's need is the pooled batch's need over its W ranks
+    router = _plus("tcr", recompute_every=1, min_capacity=2, num_ranks=ranks)
+    x = Tensor(_clustered(2.0, 4 * T, E, H, seed=3))
+    zeros = Tensor(np.zeros(4 * T, np.int32))
+    router.start(4 * T // ranks)
+    found = router.before_step(0, lambda: (x, zeros, zeros))
     cos = grap_cosines(x, E).asnumpy()
-    rates = false_positive_rates(cos, cos.argmax(1), np.zeros(T, int), E)
-    assert found["need"] == ecr_capacity_need(rates, [T], E) and found["q_max"] == round(np.nanmax(rates), 4)
-    assert router.live_capacity() == found["capacity"] == min(max(found["need"], found["floor"]), T)
+    pooled = corollary6_need(cos, cos.argmax(1), np.zeros(4 * T, int), E, 1)
+    assert found["need"] == math.ceil(pooled["need"] / ranks) and found["q_max"] == round(pooled["q_max"], 4)
+    assert router.live_capacity() == found["capacity"] == min(max(found["need"], found["floor"]), 4 * T // ranks)
 
 
 def test_hybrid_switches_to_ecr_at_the_exact_capacity_ratio_and_step():

@@ -242,7 +242,13 @@ def test_pynative_mode_matches_graph_mode(run_a, tmp_path):
     np.testing.assert_allclose(np.array(pynative)[:, 1:], np.array(graph)[:, 1:], rtol=1e-4)
 
 
-def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path):
+def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path, monkeypatch):
+    # Random features at this size need the ceiling (tests/routing/test_capacity_need.py), so the estimator
+    # is replaced by one whose need falls with the step: this test is about the trainer's live capacity.
+    from pangu_moe.routing import locmoe_plus
+    def need(affinity, *args):  # 6..15 slots, a function of the batch, so a resumed run sees the same needs
+        return {"need": 6 + int(np.abs(affinity).sum() * 1e3) % 10, "q_max": 0.5, "discriminative": 0.0}
+    monkeypatch.setattr(locmoe_plus, "corollary6_need", need)
     overrides = ("moe.router=locmoe_plus", "moe.locmoe_plus.recompute_every=4",
                  "parallel.nodes=2", "train.steps=12", "train.eval_every=12", "train.checkpoint_every=8")
     summary = _train(tmp_path / "plus", *overrides)
