@@ -224,10 +224,11 @@ def _claims(args):
     from pangu_moe.studies import claims
     studies = [os.path.join(path, "study.json") if os.path.isdir(path) else path for path in args.study]
     for name, path in [("--study", study) for study in studies] + [("--kool", args.kool),
-                                                                    ("--precision", args.precision)]:
+                                                                    ("--precision", args.precision),
+                                                                    ("--tests", args.tests)]:
         if path and not os.path.isfile(path):
             raise ConfigError(f"{name} {path}: no such file (a study's --out folder, or the JSON its --json printed)")
-    rows = claims.write(args.out, studies, args.kool, args.precision)
+    rows = claims.write(args.out, studies, args.kool, args.precision, args.tests)
     print(f"wrote {args.out}: {len(rows)} claims", file=sys.stderr)
 
 
@@ -366,6 +367,8 @@ def build_parser():
                    "study.json); repeatable: each claim comes from the study with the most seeds that measured it")
     p.add_argument("--kool", default=None, help="the JSON `pangu-moe study kool --json` printed")
     p.add_argument("--precision", default=None, help="the JSON `pangu-moe bench precision --json` printed")
+    p.add_argument("--tests", default=None, help="a pytest --junitxml file: rows shown by an exact test take "
+                   "that test's recorded outcome")
     p.add_argument("--out", default=os.path.join("docs", "results", "claims.md"), help="the page to write")
     p.set_defaults(func=_claims)
     p = sub.add_parser("doctor", help="what this machine offers a run: MindSpore and its devices, CANN and HCCL "

@@ -4,9 +4,14 @@ One row per testable claim of LocMoE, LocMoE+, Kool et al. and Switch: the claim
 interval, the setting it was measured in, and a verdict computed from that figure:
 
 - reproduced: the interval lies on the claim's side (a paired difference to Switch that excludes 0 in the
-  claimed direction; a ratio past the claimed threshold);
-- not reproduced: the interval lies on the other side, or the figure misses the claimed threshold;
-- not resolved: the interval straddles 0 at this number of seeds (a larger study could still decide);
+  claimed direction; a ratio whose whole interval is past the claimed threshold). An equivalence claim
+  ("keeps quality", "at least as well") is reproduced only when its interval lies inside a stated margin
+  (`non_inferior`), never because a difference was not resolved;
+- not reproduced: the interval lies on the other side, or past the margin;
+- not resolved: the interval straddles 0 or the margin at this number of seeds, or there is no interval
+  (one seed): a larger study could still decide;
+- shown by a test (`BY_TEST`): a mathematical property checked exactly by a named test; the row names it,
+  and `pangu-moe claims` fills it in only from that test's recorded outcome (`--tests`), never by hand;
 - not testable at this scale: the claim needs what a 2-core CPU cannot give (cluster time), with why.
 
 Inputs: one or more router studies' `study.json` (`studies.routers`; each claim from the study with the most
@@ -16,10 +21,15 @@ which command produces it. Nothing here is typed in by hand: rerun the command a
 """
 import json
 
+from pangu_moe.config import ConfigError
 from pangu_moe.studies.stats import resolved
 
 REPRODUCED, NOT_REPRODUCED, NOT_RESOLVED, NOT_TESTABLE = ("reproduced", "not reproduced", "not resolved",
                                                            "not testable at this scale")
+BY_TEST = "shown by a test"
+KOOL_PURITY_MARGIN = 0.02  # "at least as well": skip's routing purity at most 0.02 below balanced's
+QUALITY_MARGIN = 0.03      # "keeps quality": val bpb at most 3% of Switch's worse
+PRECISION_SEEDS = 3        # the selective-precision row needs this many seeds, with intervals
 
 
 def interval(x, fmt="{:+.3f}"):
@@ -73,17 +83,18 @@ def router_rows(study):
     plus_setting = setting + (f"; LocMoE+ trained at mu = {study['mu']:g}" if study.get("mu") is not None else "")
     for name in plus[:1]:
         a, switch = arms[name], arms["topk"]
-        fewer = 1 - a["capacity_ratio"]["mean"] / switch["capacity_ratio"]["mean"]
+        ratio = a["capacity_ratio"]  # capacity in force over the factor-1.1 capacity, the paper's baseline
+        kept = f"; kept tokens per expert {interval(a['kept_per_expert'], '{:.1f}')}" if "kept_per_expert" in a else ""
         rows.append(("LocMoE+", "At least 60% fewer tokens per expert than the capacity-factor capacity",
-                     f"{name}: {fewer:.1%} fewer slots in force than Switch's (capacity ratio "
-                     f"{interval(a['capacity_ratio'], '{:.3f}')} vs {interval(switch['capacity_ratio'], '{:.3f}')})",
-                     plus_setting, REPRODUCED if fewer >= 0.6 else NOT_REPRODUCED))
+                     f"{name}: capacity in force / factor-1.1 capacity {interval(ratio, '{:.3f}')} "
+                     f"({abs(1 - ratio['mean']):.1%} {'fewer' if ratio['mean'] <= 1 else 'more'}){kept}",
+                     plus_setting, below(ratio, 0.4)))
         first, last = a["capacity_first"], a["capacity_last"]
         rows.append(("LocMoE+", "The required capacity decreases progressively during training",
                      f"{name}: capacity in force {interval(first, '{:.1f}')} at the first logged step, "
                      f"{interval(last, '{:.1f}')} at the last", plus_setting,
-                     REPRODUCED if last["mean"] < first["mean"] and _apart(first, last) else
-                     NOT_RESOLVED if not _apart(first, last) else NOT_REPRODUCED))
+                     NOT_RESOLVED if not _apart(first, last) else
+                     REPRODUCED if last["mean"] < first["mean"] else NOT_REPRODUCED))
         rows.append(("LocMoE+", "... at quality comparable to the baseline (val bpb within 3% of Switch's)",
                      f"val bpb {name} − Switch {interval(a['val_bpb_vs_switch'])}", plus_setting,
                      _within(a["val_bpb_vs_switch"], 0.03 * switch["val_bpb"]["mean"])))
@@ -93,52 +104,118 @@ def router_rows(study):
                      f"val bpb K=2 − K=1 {interval(a['val_bpb_vs_switch'])}; step time K=2 / K=1 "
                      f"{a['step_ms']['mean'] / switch['step_ms']['mean']:.2f}",
                      setting + " (equal steps, not equal time)",
-                     REPRODUCED if not resolved(a["val_bpb_vs_switch"]) or a["val_bpb_vs_switch"]["mean"] > 0
-                     else NOT_REPRODUCED))
+                     non_inferior(a["val_bpb_vs_switch"], QUALITY_MARGIN * switch["val_bpb"]["mean"],
+                                  higher_is_better=False, of_baseline=True)))
     return rows
 
 
 def _within(diff, margin):
-    """Reproduced if the whole interval of `diff` lies below `margin`; not reproduced if it lies above."""
-    half = diff["ci95"] or 0.0
-    if diff["mean"] + half <= margin:
+    """Reproduced if the whole interval of `diff` lies at or below `margin`; not reproduced if it lies above;
+    not resolved if it straddles `margin` or has no interval."""
+    if diff["ci95"] is None:
+        return NOT_RESOLVED
+    if diff["mean"] + diff["ci95"] <= margin:
         return REPRODUCED
-    return NOT_REPRODUCED if diff["mean"] - half > margin else NOT_RESOLVED
+    return NOT_REPRODUCED if diff["mean"] - diff["ci95"] > margin else NOT_RESOLVED
+
+
+def below(x, threshold):
+    """A figure claimed to be at most `threshold`: reproduced if its whole interval is, not reproduced if its
+    whole interval is above, else (or without an interval) not resolved."""
+    if x["ci95"] is None:
+        return NOT_RESOLVED
+    if x["mean"] + x["ci95"] <= threshold:
+        return REPRODUCED
+    return NOT_REPRODUCED if x["mean"] - x["ci95"] > threshold else NOT_RESOLVED
+
+
+def non_inferior(diff, margin, higher_is_better, of_baseline=False):
+    """An equivalence claim on a paired difference `diff` = claimed arm - comparison (or comparison - claimed arm
+    with `of_baseline`): the claimed arm is not worse than the comparison by more than `margin`. Reproduced
+    only if the whole interval lies on the good side of -margin (or +margin for lower-is-better)."""
+    sign = 1.0 if higher_is_better else -1.0
+    if of_baseline:
+        sign = -sign
+    shifted = {"mean": sign * diff["mean"] + margin, "ci95": diff["ci95"], "n": diff.get("n")}
+    if shifted["ci95"] is None:
+        return NOT_RESOLVED
+    if shifted["mean"] - shifted["ci95"] >= 0:
+        return REPRODUCED
+    return NOT_REPRODUCED if shifted["mean"] + shifted["ci95"] < 0 else NOT_RESOLVED
 
 
 def _apart(a, b):
-    """True if two {mean, ci95} intervals do not overlap."""
-    return abs(a["mean"] - b["mean"]) > (a["ci95"] or 0.0) + (b["ci95"] or 0.0)
+    """True if two {mean, ci95} intervals do not overlap (never without both intervals)."""
+    if a["ci95"] is None or b["ci95"] is None:
+        return False
+    return abs(a["mean"] - b["mean"]) > a["ci95"] + b["ci95"]
 
 
 def kool_rows(kool):
     """Claims rows from the Kool toy study (`studies.kool.run`'s result)."""
     setting = f"Kool toy task: {kool['seeds']} seeds, {kool['steps']} steps, capacity factor 1.25"
-    rows = [("Kool", "The skip estimator (Horvitz–Thompson weights) is unbiased; plain skipping is not",
-             "exact expectation by enumeration equals the true gradient",
-             "tests/routing/test_kool.py::test_skip_estimator_is_exactly_unbiased_and_plain_skipping_is_not",
-             REPRODUCED)]
+    rows = []
     pairs = {(p["regime"], p["pair"]): p for p in kool["paired"] if p["capacity_factor"] == 1.25}
     for pair, claim in (("skip - balanced", "The skip estimator routes at least as well as the balanced one"),
                         ("skip - skip_naive", "Unbiased skipping routes better than biased (unweighted) skipping")):
         for regime in ("uniform", "skewed"):
             p = pairs.get((regime, pair))
             if p:
-                verdict = direction(p["purity"], lower_is_claimed=False)
-                if pair == "skip - balanced" and verdict == NOT_RESOLVED:
-                    verdict = REPRODUCED + " (no difference resolved; the claim is >=)"
-                rows.append(("Kool", f"{claim} ({regime})", f"routing purity {pair} {interval(p['purity'])}",
-                             setting, verdict))
+                if pair == "skip - balanced":
+                    verdict = non_inferior(p["purity"], KOOL_PURITY_MARGIN, higher_is_better=True)
+                    figure = f"routing purity {pair} {interval(p['purity'])} (margin -{KOOL_PURITY_MARGIN})"
+                else:
+                    verdict = direction(p["purity"], lower_is_claimed=False)
+                    figure = f"routing purity {pair} {interval(p['purity'])}"
+                rows.append(("Kool", f"{claim} ({regime})", figure, setting, verdict))
     return rows
 
 
+UNBIASED_TEST = "tests/routing/test_kool.py::test_skip_estimator_is_exactly_unbiased_and_plain_skipping_is_not"
+
+
+def proof_rows(outcomes):
+    """Rows shown by an exact test: `outcomes` maps a test id to "passed"/"failed" (`read_junit` of the test
+    run's --junitxml); a test without a recorded outcome gives no verdict."""
+    cases = [v for k, v in outcomes.items() if k == UNBIASED_TEST or k.startswith(UNBIASED_TEST + "[")]
+    outcome = ("failed" if "failed" in cases else "skipped" if "skipped" in cases else
+               "passed" if cases else None)  # every parametrised case must pass
+    verdict = {"passed": BY_TEST, "failed": NOT_REPRODUCED}.get(outcome, NOT_RESOLVED)
+    return [("Kool", "The skip estimator (Horvitz–Thompson weights) is unbiased; plain skipping is not",
+             "exact expectation by enumeration against the true gradient" +
+             ("" if outcome else " (no recorded test outcome)"), f"{UNBIASED_TEST}: {outcome or 'not run'}",
+             verdict)]
+
+
 def precision_rows(precision):
-    """Claims rows from `pangu-moe bench precision --json`."""
+    """Claims rows from `pangu-moe bench precision --json`: the ratio needs `PRECISION_SEEDS` seeds with an
+    interval and fp16 runs whose loss scale both backed off and grew; a one-seed ratio is not resolved."""
     ratio = precision["fp16_over_fp32_bpb"]
+    if not isinstance(ratio, dict):
+        ratio = {"mean": ratio, "ci95": None, "n": 1}
+    scaled = precision.get("loss_scale_backoffs", 0) > 0 and precision.get("loss_scale_growths", 0) > 0
+    verdict = below(ratio, 1.02) if ratio["n"] >= PRECISION_SEEDS and scaled else NOT_RESOLVED
+    missing = [] if ratio["n"] >= PRECISION_SEEDS else [f"{ratio['n']} seed(s) of {PRECISION_SEEDS}"]
+    missing += [] if scaled else ["no fp16 run whose loss scale both backed off and grew"]
     return [("Switch", "Selective precision (low-precision compute, fp32 router) trains as well as fp32",
-             f"val bpb fp16 / fp32 = {ratio:.3f} (one seed each)",
-             f"bench precision: demo model, {precision.get('steps', '?')} steps",
-             REPRODUCED if ratio <= 1.02 else NOT_REPRODUCED)]
+             f"val bpb fp16 / fp32 = {interval(ratio, '{:.3f}')}" + (f" ({'; '.join(missing)})" if missing else ""),
+             f"bench precision: demo model, {precision.get('steps', '?')} steps", verdict)]
+
+
+def read_junit(path):
+    """{test id "tests/dir/file.py::name": "passed" | "failed" | "skipped"} from a pytest --junitxml file."""
+    import xml.etree.ElementTree as ET
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise ConfigError(f"--tests {path}: not a pytest --junitxml file ({e})") from None
+    outcomes = {}
+    for case in root.iter("testcase"):
+        test_id = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
+        kinds = {child.tag for child in case}
+        outcomes[test_id] = ("failed" if kinds & {"failure", "error"} else
+                             "skipped" if "skipped" in kinds else "passed")
+    return outcomes
 
 
 def render(rows, sources):
@@ -171,9 +248,9 @@ def merged_router_rows(studies):
     return [best[key][1] for key in dict.fromkeys(order)]
 
 
-def write(out, study_paths, kool_path=None, precision_path=None):
+def write(out, study_paths, kool_path=None, precision_path=None, tests_path=None):
     """Read the inputs (JSON files; a study folder's study.json; `study_paths` one or more router studies, see
-    `merged_router_rows`), write the page to `out`; returns its rows."""
+    `merged_router_rows`; `tests_path` a pytest --junitxml file), write the page to `out`; returns its rows."""
     if isinstance(study_paths, str):
         raise TypeError("study_paths: a list of paths")
 
@@ -182,6 +259,9 @@ def write(out, study_paths, kool_path=None, precision_path=None):
             return json.load(fh)
     rows = merged_router_rows([load(path) for path in study_paths])
     sources = {"router study": ", ".join(study_paths)}
+    rows += proof_rows(read_junit(tests_path) if tests_path else {})
+    sources["test outcomes"] = tests_path or (f"not given (`python -m pytest {UNBIASED_TEST} --junitxml "
+                                              f"tests.xml`, then `--tests tests.xml`)")
     if kool_path:
         rows += kool_rows(load(kool_path))
         sources["Kool study"] = kool_path

@@ -1,6 +1,8 @@
 """The claims table: verdicts computed from synthetic study figures whose answers are known."""
 import json
 
+import pytest
+
 from pangu_moe import cli
 from pangu_moe.studies import claims
 
@@ -20,7 +22,7 @@ STUDY = {"steps": 200, "seeds": 3, "mu": 0.01, "mu_why": "test",
                   "locmoe_mu0.01": _arm(vs=0.05, inter=-0.2, dropped=0.25),
                   "locmoe_plus_hybrid": _arm(vs=0.2, ratio=0.33, first=20.0, last=10.0)}}
 KOOL = {"seeds": 100, "steps": 3000, "paired": [
-    {"regime": "uniform", "pair": "skip - balanced", "capacity_factor": 1.25, "purity": _x(0.0, 0.02)},
+    {"regime": "uniform", "pair": "skip - balanced", "capacity_factor": 1.25, "purity": _x(-0.005, 0.01)},
     {"regime": "uniform", "pair": "skip - skip_naive", "capacity_factor": 1.25, "purity": _x(-0.05, 0.02)}]}
 
 
@@ -45,13 +47,15 @@ def test_verdicts_follow_the_figures(tmp_path):
     assert verdict("LocMoE", "... without hurting quality") == "reproduced"  # 0.05 + 0.01 <= 3% of 3.0 = 0.09
     assert verdict("ours", "The price of locality") == "not reproduced"  # drops 0.25 more, resolved
     assert verdict("LocMoE", "Locality-aware routing shortens the epoch") == "not testable at this scale"
-    assert verdict("LocMoE+", "At least 60% fewer tokens") == "reproduced"  # 1 - 0.33/1.1 = 70%
+    assert verdict("LocMoE+", "At least 60% fewer tokens") == "reproduced"  # 0.33 + 0.01 <= 0.4 of factor 1.1
     assert verdict("LocMoE+", "The required capacity decreases") == "reproduced"  # 20 -> 10, apart
     assert verdict("LocMoE+", "... at quality comparable") == "not reproduced"  # 0.2 > 0.09
-    assert verdict("Switch", "Top-1 routing keeps quality against top-") == "not reproduced"  # K=2 0.05 better
-    assert verdict("Kool", "The skip estimator routes at least as wel").startswith("reproduced (no difference")
+    # K=2 is 0.05 ± 0.01 better: K=1 is within the 3% margin (0.09) of it
+    assert verdict("Switch", "Top-1 routing keeps quality against top-") == "reproduced"
+    assert verdict("Kool", "The skip estimator routes at least as wel") == "reproduced"  # -0.015 >= -0.02
     assert verdict("Kool", "Unbiased skipping routes better than bia") == "not reproduced"  # -0.05 resolved
-    assert verdict("Switch", "Selective precision") == "reproduced"
+    assert verdict("Switch", "Selective precision") == "not resolved"  # one seed, no loss-scale movement
+    assert verdict("Kool", "The skip estimator (Horvitz") == "not resolved"  # no recorded test outcome
     assert "val bpb dense − Switch +0.200 ± 0.010" in page
 
 
@@ -78,8 +82,78 @@ def test_each_claim_comes_from_the_study_with_the_most_seeds_that_measured_it(tm
         (tmp_path / name).write_text(json.dumps(data))
         paths.append(str(tmp_path / name))
     rows = claims.write(str(tmp_path / "claims.md"), paths)
-    assert [r[1] for r in rows] == [r[1] for r in claims.router_rows(narrow)]  # the fuller study's claims, in order
+    # the fuller study's claims, in order, then the row shown by a test
+    assert [r[1] for r in rows] == [r[1] for r in claims.router_rows(narrow) + claims.proof_rows({})]
     (dense,) = [r for r in rows if r[1].startswith("A sparse top-1 MoE beats a dense")]
     assert dense[2] == "val bpb dense − Switch +0.075 ± 0.041" and "6 seeds" in dense[3] and dense[4] == "reproduced"
     (locmoe,) = [r for r in rows if r[1].startswith("Locality-aware routing sends fewer")]
     assert "3 seeds" in locmoe[3]
+
+
+def _straddling(mean=0.0, half=0.5):
+    return {"mean": mean, "ci95": half, "n": 5}
+
+
+def test_no_unresolved_figure_yields_reproduced():
+    # every figure an interval wide enough to straddle 0 and every margin and threshold (and, separately, no
+    # interval at all): no rule may call a claim reproduced from it
+    for figure in (_straddling(), _straddling(0.3), _straddling(-0.3), {"mean": -0.2, "ci95": None, "n": 1}):
+        arm = {key: figure for key in ("val_bpb_vs_switch", "inter_node_vs_switch", "dropped_vs_switch",
+                                        "capacity_ratio", "capacity_first", "capacity_last", "kept_per_expert")}
+        arm.update(val_bpb=_x(3.0), step_ms=_x(100.0), capacity_ratio={**figure, "mean": 0.4 + figure["mean"] / 10})
+        arms = {name: dict(arm) for name in ("topk", "dense", "topk_k2", "locmoe_mu0.01", "locmoe_plus_hybrid")}
+        arms["locmoe_plus_hybrid"]["capacity_first"] = {**figure, "mean": figure["mean"] + 0.1}
+        rows = claims.router_rows({**STUDY, "arms": arms})
+        rows += claims.kool_rows({**KOOL, "paired": [{**p, "purity": figure} for p in KOOL["paired"]]})
+        rows += claims.precision_rows({"fp16_over_fp32_bpb": {**figure, "mean": 1.0 + figure["mean"] / 10},
+                                       "loss_scale_backoffs": 2, "loss_scale_growths": 2})
+        rows += claims.proof_rows({})
+        assert len(rows) >= 12
+        assert all(verdict != "reproduced" for *_, verdict in rows), [r for r in rows if r[4] == "reproduced"]
+
+
+def test_equivalence_needs_the_interval_inside_the_margin():
+    assert claims.non_inferior(_x(-0.015, 0.005), 0.02, higher_is_better=True) == "reproduced"
+    assert claims.non_inferior(_x(-0.015, 0.01), 0.02, higher_is_better=True) == "not resolved"
+    assert claims.non_inferior(_x(-0.05, 0.01), 0.02, higher_is_better=True) == "not reproduced"
+    # lower is better (bpb), difference taken as baseline - claimed arm
+    assert claims.non_inferior(_x(-0.05, 0.01), 0.09, higher_is_better=False, of_baseline=True) == "reproduced"
+    assert claims.non_inferior(_x(-0.1, 0.005), 0.09, higher_is_better=False, of_baseline=True) == "not reproduced"
+    assert claims.non_inferior(_x(0.01, 0.5), 0.09, higher_is_better=False) == "not resolved"
+
+
+def test_the_precision_row_needs_three_seeds_and_a_loss_scale_that_moved():
+    ratio = {"mean": 1.005, "ci95": 0.004, "n": 3}
+    assert claims.precision_rows({"fp16_over_fp32_bpb": ratio, "loss_scale_backoffs": 1,
+                                  "loss_scale_growths": 1})[0][4] == "reproduced"
+    assert claims.precision_rows({"fp16_over_fp32_bpb": ratio, "loss_scale_backoffs": 0,
+                                  "loss_scale_growths": 3})[0][4] == "not resolved"
+    assert claims.precision_rows({"fp16_over_fp32_bpb": {**ratio, "n": 2}, "loss_scale_backoffs": 1,
+                                  "loss_scale_growths": 1})[0][4] == "not resolved"
+    assert claims.precision_rows({"fp16_over_fp32_bpb": {**ratio, "mean": 1.03}, "loss_scale_backoffs": 1,
+                                  "loss_scale_growths": 1})[0][4] == "not reproduced"
+
+
+def test_a_row_shown_by_a_test_reads_the_recorded_outcome(tmp_path):
+    case = '<testcase classname="tests.routing.test_kool" name="{}">{}</testcase>'
+    name = claims.UNBIASED_TEST.split("::")[1]
+    for body, verdict in (("", "shown by a test"), ('<failure message="x"/>', "not reproduced"),
+                          ('<skipped/>', "not resolved")):
+        path = tmp_path / "tests.xml"
+        path.write_text(f'<testsuites><testsuite>{case.format(name, body)}</testsuite></testsuites>')
+        (row,) = claims.proof_rows(claims.read_junit(str(path)))
+        assert row[4] == verdict
+    cases = case.format(name + "[1]", "") + case.format(name + "[2]", '<failure message="x"/>')
+    path.write_text(f"<testsuites><testsuite>{cases}</testsuite></testsuites>")
+    assert claims.proof_rows(claims.read_junit(str(path)))[0][4] == "not reproduced"  # one case of two failed
+    path.write_text(f"<testsuites><testsuite>{case.format(name + '[1]', '')}</testsuite></testsuites>")
+    assert claims.proof_rows(claims.read_junit(str(path)))[0][4] == "shown by a test"
+    path.write_text("<testsuites")
+    with pytest.raises(claims.ConfigError, match="not a pytest --junitxml file"):
+        claims.read_junit(str(path))
+
+
+def test_capacity_decrease_needs_intervals_that_do_not_overlap():
+    study = {**STUDY, "arms": {**STUDY["arms"], "locmoe_plus_hybrid": _arm(first=20.0, last=19.2)}}
+    (row,) = [r for r in claims.router_rows(study) if r[1].startswith("The required capacity decreases")]
+    assert row[4] == "not resolved"  # 20 ± 0.5 and 19.2 ± 0.5 overlap
