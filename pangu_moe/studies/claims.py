@@ -203,7 +203,7 @@ def precision_rows(precision):
 
 
 def read_junit(path):
-    """{test id "tests/dir/file.py::name": "passed" | "failed" | "skipped"} from a pytest --junitxml file."""
+    """{test id (path::name): "passed" | "failed" | "skipped"} from a pytest --junitxml file."""
     import xml.etree.ElementTree as ET
     try:
         root = ET.parse(path).getroot()
