@@ -80,6 +80,9 @@ class LocMoESection:
                                "0, 1e-3, 1e-2, 0.1 (docs/results/2026-12-05-evidence.md)", lo=0.0)
     locality_variant: str = _f("kl", "kl (KL to uniform over the node's experts, smoothed) or mass "
                                "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
+    locality_smoothing: float = _f(1e-3, "kl variant: eps of the smoothed target (1 - eps) D_l + eps / E; it sets "
+                                   "how much locality pays against the aux loss (the break-even mu scales with "
+                                   "-log eps)", lo=0.0, hi=1.0, lo_open=True)
     bias: bool = _f(True, "learnable per-expert bias (epsilon_i of LocMoE Eq. 2)")
 
 
@@ -87,6 +90,7 @@ class LocMoESection:
 class LocMoEPlusSection:
     locality_coeff: float = _f(0.001, "mu of the locality loss (default as moe.locmoe.locality_coeff)", lo=0.0)
     locality_variant: str = _f("kl", "as moe.locmoe.locality_variant", choices=("kl", "mass"))
+    locality_smoothing: float = _f(1e-3, "as moe.locmoe.locality_smoothing", lo=0.0, hi=1.0, lo_open=True)
     keep_rule: str = _f("hybrid", "which candidates an expert keeps: tcr (first C by position), ecr (top C by "
                         "affinity) or hybrid (tcr, then ecr after the switch)", choices=("tcr", "ecr", "hybrid"))
     switch_step: int = _f(0, "hybrid: switch to ecr at this step (0: only the concentration criterion)", lo=0)
@@ -97,6 +101,9 @@ class LocMoEPlusSection:
                                 "score sum >= threshold (1.0 keeps all K)", lo=0.0, hi=1.0, lo_open=True)
     gate_temperature: float = _f(1.0, "tau of the gate softmax(cos / tau) (cosines are in [-1, 1])",
                                  lo=0.0, lo_open=True)
+    gate: str = _f("fixed", "fixed: the gate is softmax(cos / gate_temperature); learned: 1 / temperature is "
+                   "trained (from 1 / gate_temperature), so the gate can sharpen as Switch's does (the paper gives "
+                   "no gate)", choices=("fixed", "learned"))
     recompute_every: int = _f(50, "steps between capacity re-estimates (0: the capacity stays at its ceiling, "
                               "the moe.capacity_factor capacity); the buffers follow the re-estimated capacity "
                               "in buckets", lo=0)

@@ -67,7 +67,8 @@ class LocMoERouter(Router):
     Args:
         hidden: H (a multiple of E_g); num_experts: E; num_groups: G; top_k: K.
         aux_loss_coeff, z_loss_coeff: as for `TopKRouter`.
-        locality_coeff: mu; locality_variant: "kl" or "mass".
+        locality_coeff: mu; locality_variant: "kl" or "mass"; locality_smoothing: eps of "kl"
+            (`losses.locality_loss`).
         local_mask: bool/float array [W, E] from `Topology.local_expert_mask` (W must divide T).
         use_bias: learnable per-group, per-expert bias epsilon_i.
         slot_policy: see `routing.slots`; the affinity of a choice is cos(x, w_i).
@@ -77,7 +78,8 @@ class LocMoERouter(Router):
     name = "locmoe"
 
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
-                 locality_variant, local_mask, use_bias=True, slot_policy="position", delta_quantile=0.0):
+                 locality_variant, local_mask, use_bias=True, slot_policy="position", delta_quantile=0.0,
+                 locality_smoothing=1e-3):
         super().__init__(num_experts, num_groups, top_k, slot_policy)
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
         self.hidden, self.delta_quantile = hidden, delta_quantile
@@ -89,6 +91,7 @@ class LocMoERouter(Router):
         self.local_mask = Tensor(np.asarray(local_mask, np.float32))
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
+        self.locality_smoothing = locality_smoothing
 
     gating_mode = GRAP
 
@@ -97,7 +100,7 @@ class LocMoERouter(Router):
         s = moe_cfg.locmoe
         return cls(model_cfg.hidden, moe_cfg.num_experts, moe_cfg.num_groups, moe_cfg.top_k, moe_cfg.aux_loss_coeff,
                    moe_cfg.z_loss_coeff, s.locality_coeff, s.locality_variant, topology.local_expert_mask(), s.bias,
-                   moe_cfg.slot_policy, moe_cfg.delta_quantile)
+                   moe_cfg.slot_policy, moe_cfg.delta_quantile, s.locality_smoothing)
 
     @classmethod
     def check(cls, cfg):
@@ -122,7 +125,7 @@ class LocMoERouter(Router):
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
-                                            self.locality_coeff, self.score_dtype)
+                                            self.locality_coeff, self.score_dtype, self.locality_smoothing)
         return stack_losses(aux, losses.z_loss(ops.relu(logits), self.z_loss_coeff), locality)
 
     def score(self, x, token_ids, group_ids, training, rank=None):

@@ -8,7 +8,10 @@ Choices where the paper is silent (our readings; docs/architecture.md, Routers);
 - Candidates: each token's top-K experts by affinity. With `score_threshold` < 1 a token keeps only its first
   l choices, l the smallest with a gate sum >= threshold (the "score-sum threshold", per token over experts).
 - Gate: softmax(delta / tau) at the chosen expert (LocMoE Eq. 3 with cosines), renormalised over the
-  requested choices when K > 1. tau = `gate_temperature` (cosine softmax at tau = 1 is nearly uniform).
+  requested choices when K > 1. tau = `gate_temperature` (cosine softmax at tau = 1 is nearly uniform: with
+  8 experts the gate is at most 0.28 and typically 0.14). With `gate: learned` 1 / tau is a trained scalar
+  (log-parametrised, starting at 1 / gate_temperature), so the gate can sharpen as Switch's does; routing
+  (the top-K of the cosines) does not depend on tau.
 - Keep rule: TCR keeps an expert's first C candidates by position; ECR its C candidates of highest
   affinity. "hybrid" starts with TCR (better early, Theorem 5) and switches to ECR for good at
   `switch_step` or once the re-estimated capacity is at most `switch_ratio` of its ceiling (the experts
@@ -70,10 +73,11 @@ class LocMoEPlusRouter(Router):
 
     Args:
         hidden: H (a multiple of E_g); num_experts: E; num_groups: G; top_k: K (= l_max).
-        aux_loss_coeff, z_loss_coeff: as for `TopKRouter`; locality_coeff, locality_variant, local_mask:
-            as for `LocMoERouter`.
+        aux_loss_coeff, z_loss_coeff: as for `TopKRouter`; locality_coeff, locality_variant, local_mask,
+            locality_smoothing: as for `LocMoERouter`.
         keep_rule: "tcr", "ecr" or "hybrid"; switch_step: int (0 = never by step); switch_ratio: float
             (0 = never by concentration); score_threshold: float in (0, 1]; gate_temperature: tau;
+            gate: "fixed" (tau as given) or "learned" (1 / tau trained from 1 / gate_temperature);
         keep_share: of `capacity_need.corollary6_need`; ema, non_increasing: of `capacity.dynamic_capacity`.
         recompute_every: steps between re-estimates (0: never); min_capacity: floor of the floor;
         num_ranks: W, the routing groups a training batch splits into (capacities are per group).
@@ -85,7 +89,7 @@ class LocMoEPlusRouter(Router):
     def __init__(self, hidden, num_experts, num_groups, top_k, aux_loss_coeff, z_loss_coeff, locality_coeff,
                  locality_variant, local_mask, keep_rule="hybrid", switch_step=0, switch_ratio=0.6,
                  score_threshold=1.0, gate_temperature=1.0, keep_share=0.95, ema=0.0, non_increasing=False,
-                 recompute_every=0, min_capacity=1, num_ranks=1):
+                 recompute_every=0, min_capacity=1, num_ranks=1, gate="fixed", locality_smoothing=1e-3):
         super().__init__(num_experts, num_groups, top_k, "affinity")
         grap_weight(hidden, self.experts_per_group)  # validates H % E_g
         if keep_rule not in KEEP_RULES:
@@ -94,8 +98,14 @@ class LocMoEPlusRouter(Router):
         self.local_mask = Tensor(np.asarray(local_mask, np.float32))
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.locality_coeff, self.locality_variant = locality_coeff, locality_variant
+        self.locality_smoothing = locality_smoothing
         self.keep_rule, self.switch_step, self.switch_ratio = keep_rule, switch_step, switch_ratio
         self.score_threshold, self.temperature = score_threshold, gate_temperature
+        if gate not in ("fixed", "learned"):
+            raise ValueError(f"LocMoE+: gate = {gate!r}: must be fixed or learned")
+        # only a learned gate has the Parameter, so checkpoints of fixed-gate runs keep their contents
+        self.log_inverse_temperature = Parameter(Tensor(-math.log(gate_temperature), ms.float32),
+                                                 name="log_inverse_temperature") if gate == "learned" else None
         self.keep_share, self.ema, self.non_increasing = keep_share, ema, non_increasing
         self.recompute_every, self.min_capacity, self.num_ranks = recompute_every, min_capacity, num_ranks
         self.ceiling = None  # the static training capacity (`start`)
@@ -114,7 +124,8 @@ class LocMoEPlusRouter(Router):
                    score_threshold=s.score_threshold, gate_temperature=s.gate_temperature,
                    keep_share=s.keep_share,
                    ema=s.ema, non_increasing=s.non_increasing, recompute_every=s.recompute_every,
-                   min_capacity=moe_cfg.min_capacity, num_ranks=topology.world_size)
+                   min_capacity=moe_cfg.min_capacity, num_ranks=topology.world_size, gate=s.gate,
+                   locality_smoothing=s.locality_smoothing)
 
     @classmethod
     def check(cls, cfg):
@@ -128,7 +139,10 @@ class LocMoEPlusRouter(Router):
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         cosines = grap_cosines(x, self.experts_per_group)  # (T, E_g)
-        logits = cosines / self.temperature
+        if self.log_inverse_temperature is None:
+            logits = cosines / self.temperature
+        else:
+            logits = cosines * ops.exp(self.log_inverse_temperature)
         scores = ops.softmax(logits, axis=-1)
         affinity, local_index = ops.topk(cosines, self.top_k)
         local_index = local_index.astype(ms.int32)
@@ -144,7 +158,7 @@ class LocMoEPlusRouter(Router):
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
-                                            self.locality_coeff, self.score_dtype)
+                                            self.locality_coeff, self.score_dtype, self.locality_smoothing)
         return local_index, gate, affinity, requested, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
                                                                      locality)
 

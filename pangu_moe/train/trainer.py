@@ -91,6 +91,7 @@ class Trainer:
         self.expected_demand = expert_capacity(self.group_tokens, moe.num_experts, moe.top_k, 1.25) \
             if moe.slot_policy == "none" else None
         self.reruns = 0  # dropless steps rerun with larger buffers since the last metrics record
+        self.estimates = []  # the routers' before_step reports since the last metrics record
         self._background = None  # the checkpoint being written in the background (`runtime.async_checkpoint`)
         self.evaluator = Evaluator(self.data.val_windows(), cfg.data.domains, t.batch_size,
                                    make_eval_step(self.model, plan.eval, cfg.runtime.mode == "graph",
@@ -167,6 +168,7 @@ class Trainer:
             report = router.before_step(step, lambda i=i: inputs()[i])
             if report:
                 reports.setdefault(router.name, []).append(report)
+                self.estimates.append({"step": step, "layer": i, **report})
         for name, found in reports.items():
             self.log(f"step {step}: {name} " + ", ".join(f"{key} {[f[key] for f in found]}" for key in found[0]))
         capacities = []
@@ -258,6 +260,9 @@ class Trainer:
                           "capacity_bucket": bucket, "reruns": self.reruns,
                           "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden, BYTES[t.precision])
                                      for d, k, c in zip(demand, kept, capacities)]}
+                if self.estimates:
+                    record["estimates"] = self.estimates
+                    self.estimates = []
                 if do_eval:
                     val = self.evaluator.evaluate(t.eval_batches)
                     record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"])

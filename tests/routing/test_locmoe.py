@@ -153,3 +153,18 @@ def test_two_rank_layer_averages_each_ranks_own_locality_loss():
         per_rank.append((current * np.log(current / target)).sum())
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-2)  # the ranks' losses differ, so the test can tell
     assert float(losses[2]) == pytest.approx(np.mean(per_rank), rel=1e-5)
+
+
+@pytest.mark.parametrize("router", ["locmoe", "locmoe_plus"])
+def test_the_locality_smoothing_is_the_configured_eps(router):
+    # one rank, experts 0 and 1 local, all mass split evenly on them: KL = log(0.5 / ((1 - eps) 0.5 + eps / 4))
+    from pangu_moe.config import RunConfig
+    from pangu_moe.routing.registry import build_router
+    cfg = RunConfig.from_dict({"moe": {"router": router, "num_experts": 4, "num_groups": 1,
+                                       router: {"locality_smoothing": 0.1}}})
+    built = build_router(cfg.model, cfg.moe, 0, Topology(1, 1, 4))
+    assert built.locality_smoothing == 0.1
+    probs, mask = Tensor(np.array([[0.5, 0.5, 0, 0]], np.float32)), Tensor(np.array([[1, 1, 0, 0]], np.float32))
+    got = float(locality_loss(probs, mask, "kl", 1.0, ms.float64, built.locality_smoothing).asnumpy())
+    assert got == pytest.approx(np.log(0.5 / 0.475), rel=1e-6)
+    assert _loss([[0.5, 0.5, 0, 0]], [[1, 1, 0, 0]], "kl") == pytest.approx(np.log(0.5 / 0.49975), rel=1e-4)

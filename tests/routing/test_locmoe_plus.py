@@ -153,3 +153,22 @@ def test_a_smaller_capacity_bucket_shrinks_the_buffers_and_trains_the_kept_token
     np.testing.assert_array_equal(small_kept.asnumpy(), full_kept.asnumpy())
     assert small_kept.asnumpy().max() == 5 and (full.asnumpy() == 0).all(1).any()  # binding: some tokens dropped
     np.testing.assert_array_equal(small.asnumpy(), full.asnumpy())
+
+
+def test_a_learned_gate_starts_at_the_fixed_gate_and_its_temperature_gets_a_gradient():
+    import mindspore as ms
+    x = _x(6)
+    fixed = route(_plus("ecr", gate_temperature=0.5), x, ZEROS, ZEROS, T)
+    learned_router = _plus("ecr", gate_temperature=0.5, gate="learned")
+    learned = route(learned_router, x, ZEROS, ZEROS, T)
+    np.testing.assert_array_equal(fixed.expert_index.asnumpy(), learned.expert_index.asnumpy())
+    np.testing.assert_allclose(fixed.gate.asnumpy(), learned.gate.asnumpy(), rtol=1e-6)
+    assert float(fixed.gate.asnumpy().max()) < 0.7  # 4 experts at tau 0.5: a soft gate
+
+    def gate_sum():
+        return route(learned_router, x, ZEROS, ZEROS, T).gate.sum()
+    (grad,) = ms.grad(gate_sum, grad_position=None, weights=[learned_router.log_inverse_temperature])()
+    assert float(grad.asnumpy()) > 0  # a sharper softmax raises the top gate: the scale can learn that
+    assert _plus("ecr").log_inverse_temperature is None  # fixed gates add no parameter to checkpoints
+    with pytest.raises(ValueError, match="gate = 'sharp': must be fixed or learned"):
+        _plus("ecr", gate="sharp")
