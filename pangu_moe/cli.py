@@ -123,6 +123,14 @@ def _bench(args):
 
 def _study(args):
     from pangu_moe.studies import routers as study_routers
+    from pangu_moe.studies import presets
+    if args.name in presets.PRESETS:
+        from pangu_moe.configs import DEMO_CONFIG
+        out = args.out or os.path.join("runs", f"study_{args.name}")
+        result = presets.run(args.name, args.config or DEMO_CONFIG, out, args.seeds or presets.SEEDS, args.steps,
+                             args.overrides, log=_stderr)
+        print(json.dumps(result) if args.json else presets.table(result))
+        return
     steps = args.steps if args.steps is not None else {"routers": 200, "kool": 3000}[args.name]
     if steps < 1:
         raise ConfigError(f"--steps = {steps}: must be >= 1")
@@ -138,7 +146,8 @@ def _study(args):
     config = args.config or DEMO_CONFIG
     if args.budget is not None:
         steps = study_routers.steps_for_budget(config, args.budget, seeds, args.overrides, args.arms)
-    results = study_routers.run(config, steps, args.out, seeds, args.overrides, arms=args.arms)
+    results = study_routers.run(config, steps, args.out or os.path.join("runs", "study_routers"), seeds,
+                                args.overrides, arms=args.arms)
     print(json.dumps(results) if args.json else study_routers.table(results))
 
 
@@ -300,22 +309,26 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")
-    p.add_argument("name", choices=["routers", "kool"], help="routers: dense, rre (hash), topk (Switch, K=1), LocMoE "
+    p.add_argument("name", choices=["routers", "kool", "capacity", "estimator", "locality-null"],
+                   help="routers: dense, rre (hash), topk (Switch, K=1), LocMoE "
                    "at four locality weights and LocMoE+ with three keep rules on 2 nodes x 2 devices, over seeds "
                    "with 95%% intervals (pangu_moe/studies/routers.py); kool: the Kool et al. toy task, success "
-                   "rate over seeds per estimator (pangu_moe/studies/kool.py)")
+                   "rate over seeds per estimator (pangu_moe/studies/kool.py); capacity, estimator, locality-null: "
+                   "one study per claim with its arms, 5 paired seeds and its verdict rules fixed in "
+                   "pangu_moe/studies/presets.py (a rerun with the same --out resumes)")
     p.add_argument("--config", default=None, help="base config (default: the package's configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value for every router; repeatable")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds: routers 5 (each arm on each), kool 100 (per "
-                   "method, regime and capacity factor)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (routers 200, kool 3000, "
+                   "capacity 160, estimator 400, locality-null 120)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds: routers and the claim studies 5 (each arm on "
+                   "each), kool 100 (per method, regime and capacity factor)")
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help="routers: size --steps so the "
                    "study fits this wall time (a short timed probe first)")
     p.add_argument("--arms", nargs="+", default=None, help="routers: train only these arms (names in "
                    "pangu_moe/studies/routers.py ARMS)")
-    p.add_argument("--out", default=os.path.join("runs", "study_routers"), help="routers: OUT/<arm>/seed<i> run "
-                   "directories, study.json and report/")
+    p.add_argument("--out", default=None, help="OUT/<arm>/seed<i> run directories and study.json (routers also "
+                   "report/); default runs/study_<name>")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_study)
     p = sub.add_parser("capacity", help="LocMoE's capacity lower bound (Theorem 1) in its exact, erfc and exp "

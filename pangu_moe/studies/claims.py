@@ -71,7 +71,7 @@ def router_rows(study):
                      direction(a["inter_node_vs_switch"], lower_is_claimed=True)))
         rows.append(("LocMoE", "... without hurting quality (val bpb within 3% of Switch's)",
                      f"val bpb LocMoE − Switch {interval(a['val_bpb_vs_switch'])} (3% of Switch's: "
-                     f"{0.03 * arms['topk']['val_bpb']['mean']:.3f})", setting, _within(a["val_bpb_vs_switch"],
+                     f"{0.03 * arms['topk']['val_bpb']['mean']:.3f})", setting, within(a["val_bpb_vs_switch"],
                                                                                      0.03 * arms["topk"]["val_bpb"]["mean"])))
         rows.append(("ours", "The price of locality: LocMoE drops no more choices than Switch",
                      f"dropped fraction LocMoE − Switch {interval(a['dropped_vs_switch'])}", setting,
@@ -97,7 +97,7 @@ def router_rows(study):
                      REPRODUCED if last["mean"] < first["mean"] else NOT_REPRODUCED))
         rows.append(("LocMoE+", "... at quality comparable to the baseline (val bpb within 3% of Switch's)",
                      f"val bpb {name} − Switch {interval(a['val_bpb_vs_switch'])}", plus_setting,
-                     _within(a["val_bpb_vs_switch"], 0.03 * switch["val_bpb"]["mean"])))
+                     within(a["val_bpb_vs_switch"], 0.03 * switch["val_bpb"]["mean"])))
     if "topk_k2" in arms:
         a, switch = arms["topk_k2"], arms["topk"]
         rows.append(("Switch", "Top-1 routing keeps quality against top-2 at half the expert compute",
@@ -109,7 +109,7 @@ def router_rows(study):
     return rows
 
 
-def _within(diff, margin):
+def within(diff, margin):
     """Reproduced if the whole interval of `diff` lies at or below `margin`; not reproduced if it lies above;
     not resolved if it straddles `margin` or has no interval."""
     if diff["ci95"] is None:

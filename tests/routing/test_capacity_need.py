@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor
 
 from pangu_moe.capacity import dynamic_capacity
-from pangu_moe.capacity_need import corollary6_need, expert_need, null_survival
+from pangu_moe.capacity_need import corollary6_need, expert_need, null_survival, planted_features
 from pangu_moe.routing.locmoe import grap_cosines
 
 H, E, W, POOLED = 128, 8, 4, 4096
@@ -58,13 +58,8 @@ def _planted(separation, share, seed):
     pattern, `separation` along the GrAP block of their class (top-1 accuracy ~0.13, 0.40, 0.70, 0.92, 0.99
     at 0..4); the rest are isotropic. Returns (capacity after clamping, top-1 accuracy on the class tokens,
     the share of the correctly routed class tokens that ECR keeps at that capacity in every routing group)."""
-    rng = np.random.default_rng(seed)
-    classes, x = rng.integers(0, E, POOLED), rng.standard_normal((POOLED, H))
-    planted, block = rng.random(POOLED) < share, H // E
-    for c in range(E):
-        x[planted & (classes == c), c * block:(c + 1) * block] += separation / math.sqrt(block)
-    x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)  # LayerNorm without gain
-    cos = grap_cosines(Tensor(x.astype(np.float32)), E).asnumpy()
+    x, classes, planted = planted_features(separation, share, seed, POOLED, H, E)
+    cos = grap_cosines(Tensor(x), E).asnumpy()
     first = cos.argmax(1)
     capacity = dynamic_capacity(corollary6_need(cos, first, np.zeros(POOLED, int), E, W)["need"], FLOOR, CEILING)
     wanted = planted & (first == classes)

@@ -60,8 +60,8 @@ def test_verdicts_follow_the_figures(tmp_path):
 
 
 def test_an_interval_across_a_threshold_is_not_resolved():
-    assert claims._within(_x(0.085, 0.01), 0.09) == "not resolved"
-    assert claims._within(_x(0.2, 0.01), 0.09) == "not reproduced"
+    assert claims.within(_x(0.085, 0.01), 0.09) == "not resolved"
+    assert claims.within(_x(0.2, 0.01), 0.09) == "not reproduced"
     assert claims.direction(_x(-0.005, 0.01), lower_is_claimed=True) == "not resolved"
     assert claims.direction({"mean": -0.5, "ci95": None, "n": 1}, lower_is_claimed=True) == "not resolved"
 

@@ -1,0 +1,152 @@
+"""The claim studies (pangu_moe/studies/presets.py): their arms, verdict rules on synthetic figures with known
+answers, the direction probes on hand-made inputs, and one tiny run of each through the CLI with resume."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from pangu_moe import cli
+from pangu_moe.config import ConfigError
+from pangu_moe.studies import presets
+from tests.conftest import TINY
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def test_the_capacity_arms_cut_the_factor_1_1_capacity_and_share_everything_else(tiny_yaml):
+    configs = presets.preset_configs(presets.PRESETS["capacity"], tiny_yaml, 7, 3)
+    # W = 4 ranks of 32 tokens, E = 4: factor 1.1 -> ceil(35.2 / 4) = 9 slots; 0.66 -> 6; 0.44 -> 4
+    from pangu_moe.capacity import expert_capacity
+    got = {arm: expert_capacity(32, 4, 1, c.moe.capacity_factor) for arm, c in configs.items()}
+    assert got == {"switch_1.1": 9, "ecr_1.0": 9, "ecr_0.6": 6, "ecr_0.4": 4, "tcr_0.4": 4, "switch_0.4": 4}
+    for arm, c in configs.items():
+        assert c.train.steps == 7 and c.runtime.seed == 3 and c.moe.z_loss_coeff == 0.0
+        assert c.data.mixture == "uniform" and c.moe.num_groups == 1 and c.parallel.nodes == 2
+        assert c.moe.router == ("topk" if arm.startswith("switch") else "locmoe_plus")
+        if c.moe.router == "locmoe_plus":
+            plus = c.moe.locmoe_plus
+            assert plus.recompute_every == 0 and plus.gate == "learned" and plus.keep_rule == arm[:3]
+
+
+def _x(mean, half=0.01, n=5):
+    return {"mean": mean, "ci95": half, "n": n}
+
+
+def _result(preset, per_arm):
+    """A result from per-arm per-seed figures (lists of dicts)."""
+    return presets.summarise(presets.PRESETS[preset], per_arm, 10, len(next(iter(per_arm.values()))))
+
+
+def _seeds(base, noise=0.0, **figures):
+    return [{**base, **{k: v + noise * (i - 2) for k, v in figures.items()}} for i in range(5)]
+
+
+BASE = {"val_bpb": 3.0, "late_lm_loss": 4.0, "kept_per_expert": 100.0, "max_over_mean_load": 1.5,
+        "inter_node_fraction": 0.5, "dropped_fraction": 0.1}
+
+
+def test_capacity_verdicts_follow_the_margins():
+    per_arm = {"switch_1.1": _seeds(BASE, 0.01, val_bpb=3.0, late_lm_loss=4.0),
+               "ecr_1.0": _seeds(BASE, 0.01, val_bpb=3.0, late_lm_loss=4.0),
+               "ecr_0.6": _seeds(BASE, 0.01, val_bpb=3.05, late_lm_loss=4.05),   # +1.7%, +1.3%: inside 3%
+               "ecr_0.4": _seeds(BASE, 0.01, val_bpb=3.2, late_lm_loss=4.05),    # bpb +6.7%: past 3%
+               "tcr_0.4": _seeds(BASE, 0.01, val_bpb=3.3, late_lm_loss=4.2),
+               "switch_0.4": _seeds(BASE, 0.01, val_bpb=3.2, late_lm_loss=4.1)}
+    verdicts = [v["verdict"] for v in _result("capacity", per_arm)["verdicts"]]
+    # ecr 0.4 vs tcr 0.4: -0.1 exactly on every seed (interval 0): resolved; vs switch 0.4: 0 +- 0: not resolved
+    assert verdicts == ["not reproduced", "reproduced", "reproduced", "not resolved"]
+
+
+def test_estimator_verdicts_read_the_slope_and_the_probes():
+    runs = [{**BASE, "need_slope": s, "need_first": 140.0, "need_last": 100.0, "token_correlation_start": 0.0,
+             "token_correlation_end": 0.5 + 0.01 * i, "ch_index_start": 10.0, "ch_index_end": 10.0 + (i - 2)}
+            for i, s in enumerate([-10.0, -12.0, -9.0, -11.0, -10.5])]
+    rows = _result("estimator", {"ecr": runs})["verdicts"]
+    assert [r["verdict"] for r in rows] == ["reproduced", "reproduced", "not resolved"]
+    assert "need slope -10.50" in rows[0]["figure"]
+
+
+def test_locality_null_verdicts():
+    per_arm = {"switch": _seeds(BASE, 0.005, inter_node_fraction=0.5, max_over_mean_load=1.5),
+               "locmoe_mu0": _seeds(BASE, 0.005, inter_node_fraction=0.5, max_over_mean_load=1.6),
+               "locmoe_mu0.001": _seeds(BASE, 0.005, inter_node_fraction=0.51, max_over_mean_load=1.4),
+               "locmoe_mu0.003": _seeds(BASE, 0.005, inter_node_fraction=0.51, max_over_mean_load=1.4),
+               "locmoe_mu0.01": _seeds(BASE, 0.005, inter_node_fraction=0.40, max_over_mean_load=1.3),
+               "locmoe_mu0.03": _seeds(BASE, 0.005, inter_node_fraction=0.30, max_over_mean_load=1.2)}
+    verdicts = [(r["claim"], r["verdict"]) for r in _result("locality-null", per_arm)["verdicts"]]
+    null = [v for c, v in verdicts if "no locality" in c]
+    assert null == ["reproduced", "reproduced", "reproduced", "not reproduced", "not reproduced"]
+    balance = [v for c, v in verdicts if "balances" in c]
+    assert balance == ["reproduced"] * 4
+
+
+def test_direction_probes_on_hand_made_inputs():
+    same = np.ones((2, 3, 4))
+    assert presets.token_correlation(same) == pytest.approx(1.0)
+    orthogonal = np.eye(3)[None].repeat(2, 0)  # (B=2, S=3, H=3): tokens of a sequence are orthogonal
+    assert presets.token_correlation(orthogonal) == pytest.approx(0.0)
+    # two clusters at 0 and 10 on one axis, 2 points each at +-1: between = 4 * 25 = 100 over k - 1 = 1,
+    # within = 4 over n - k = 2: CH = 100 / 2 = 50
+    x = np.array([[-1.0], [1.0], [9.0], [11.0]])
+    assert presets.calinski_harabasz(x, np.array([0, 0, 1, 1])) == pytest.approx(50.0)
+    assert presets.calinski_harabasz(x, np.zeros(4, int)) == 0.0
+
+
+def test_late_figures_from_records():
+    records = [{"step": s, "lm_loss": float(s), "layers": [{"kept_per_expert": [8, 4]}, {"kept_per_expert": [4, 4]}]}
+               for s in range(1, 11)]
+    records[0]["estimates"] = [{"step": 0, "layer": 0, "need": 20, "q_max": 0.5},
+                               {"step": 0, "layer": 1, "need": 30, "q_max": 0.5}]
+    records[5]["estimates"] = [{"step": 5, "layer": 0, "need": 10, "q_max": 0.1},
+                               {"step": 5, "layer": 1, "need": 20, "q_max": 0.3}]
+    got = presets.late_figures(records, world_size=2)
+    # last 20% of 10 records: steps 9, 10 -> lm 9.5; kept per expert per routing group (6 + 4) / 2 / 2 = 2.5
+    assert got["late_lm_loss"] == 9.5 and got["kept_per_expert"] == 2.5
+    # needs 25 at step 0, 15 at step 5: slope -2 per step = -200 per 100 steps
+    assert got["need_first"] == 25 and got["need_last"] == 15 and got["need_slope"] == pytest.approx(-200.0)
+    assert got["q_max_last"] == pytest.approx(0.2)
+
+
+def test_an_unknown_study_is_refused():
+    with pytest.raises(ConfigError, match="study 'speed': choose from capacity, estimator, locality-null"):
+        presets.run("speed", "x.yaml", "out")
+
+
+@pytest.mark.parametrize("name", ["capacity", "locality-null"])
+def test_each_study_runs_tiny_through_the_cli(name, tiny_yaml, tmp_path, capsys):
+    out = tmp_path / name
+    assert cli.main(["study", name, "--config", tiny_yaml, "--seeds", "1", "--steps", "10", "--out", str(out),
+                     "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    preset = presets.PRESETS[name]
+    assert list(result["arms"]) == list(preset.arms) and result["seeds"] == 1 and result["steps"] == 10
+    for arm in preset.arms:
+        assert set(result["arms"][arm]["val_bpb"]) == {"mean", "ci95", "n"}
+        assert result["paired"][arm]["val_bpb_vs_baseline"]["mean"] == pytest.approx(
+            result["arms"][arm]["val_bpb"]["mean"] - result["arms"][preset.baseline]["val_bpb"]["mean"])
+        assert (out / arm / "seed0" / "figures.json").exists()
+    assert all(v["verdict"] == "not resolved" for v in result["verdicts"])  # one seed: no interval
+    assert json.loads((out / "study.json").read_text())["verdicts"] == result["verdicts"]
+
+
+def test_the_estimator_study_resumes_from_the_runs_already_finished(tiny_yaml, tmp_path):
+    out, lines = tmp_path / "estimator", []
+    first = presets.run("estimator", tiny_yaml, str(out), seeds=2, steps=10, log=lines.append)
+    assert [line for line in lines if line.startswith("==")] == [
+        "== [1/2] estimator: ecr seed 0 (10 steps)", lines[1]]
+    assert lines[1].startswith("== [2/2] estimator: ecr seed 1 (10 steps, ETA ")
+    assert first["runs"]["ecr"][0]["need_first"] > 0 and "token_correlation_end" in first["runs"]["ecr"][0]
+    assert first["calibration"]["rows"][0]["capacity_over_ceiling"] == [1.0] * 5  # isotropic: the ceiling
+    (out / "ecr" / "seed1" / "figures.json").unlink()  # seed 1 interrupted before it finished
+    lines.clear()
+    again = presets.run("estimator", tiny_yaml, str(out), seeds=2, steps=10, log=lines.append)
+    assert lines[0].endswith("seed1: unfinished, trained again")
+    assert [line for line in lines if line.startswith("==")] == ["== [2/2] estimator: ecr seed 1 (10 steps)"]
+    assert again["runs"]["ecr"][0] == first["runs"]["ecr"][0]
+    assert again["runs"]["ecr"][1]["val_bpb"] == pytest.approx(first["runs"]["ecr"][1]["val_bpb"], rel=1e-6)
