@@ -157,14 +157,21 @@ def test_two_rank_layer_averages_each_ranks_own_locality_loss():
 
 @pytest.mark.parametrize("router", ["locmoe", "locmoe_plus"])
 def test_the_locality_smoothing_is_the_configured_eps(router):
-    # one rank, experts 0 and 1 local, all mass split evenly on them: KL = log(0.5 / ((1 - eps) 0.5 + eps / 4))
+    # the formula at eps: one rank, experts 0 and 1 local, all mass split evenly on them:
+    # KL = log(0.5 / ((1 - eps) 0.5 + eps / 4))
+    probs, mask = Tensor(np.array([[0.5, 0.5, 0, 0]], np.float32)), Tensor(np.array([[1, 1, 0, 0]], np.float32))
+    assert float(locality_loss(probs, mask, "kl", 1.0, ms.float64, 0.1).asnumpy()) == \
+        pytest.approx(np.log(0.5 / 0.475), rel=1e-6)
+    assert _loss([[0.5, 0.5, 0, 0]], [[1, 1, 0, 0]], "kl") == pytest.approx(np.log(0.5 / 0.49975), rel=1e-4)
+    # and the router's own locality loss follows the configured eps
     from pangu_moe.config import RunConfig
     from pangu_moe.routing.registry import build_router
-    cfg = RunConfig.from_dict({"moe": {"router": router, "num_experts": 4, "num_groups": 1,
-                                       router: {"locality_smoothing": 0.1}}})
-    built = build_router(cfg.model, cfg.moe, 0, Topology(1, 1, 4))
-    assert built.locality_smoothing == 0.1
-    probs, mask = Tensor(np.array([[0.5, 0.5, 0, 0]], np.float32)), Tensor(np.array([[1, 1, 0, 0]], np.float32))
-    got = float(locality_loss(probs, mask, "kl", 1.0, ms.float64, built.locality_smoothing).asnumpy())
-    assert got == pytest.approx(np.log(0.5 / 0.475), rel=1e-6)
-    assert _loss([[0.5, 0.5, 0, 0]], [[1, 1, 0, 0]], "kl") == pytest.approx(np.log(0.5 / 0.49975), rel=1e-4)
+    x, zeros = Tensor(_x(16, 32, seed=4)), Tensor(np.zeros(16, np.int32))
+    found = []
+    for eps in (0.1, 1e-3):
+        cfg = RunConfig.from_dict({"model": {"hidden": 32}, "moe": {
+            "router": router, "num_experts": 4, "num_groups": 1,
+            router: {"locality_smoothing": eps, "locality_coeff": 1.0}}})
+        built = build_router(cfg.model, cfg.moe, 0, Topology(2, 1, 4))
+        found.append(float(built(x, zeros, zeros, 16, True, 0)[5][2].asnumpy()))
+    assert found[0] < found[1]  # a wider smoothing is a closer target: a smaller KL
