@@ -127,7 +127,8 @@ def _study(args):
     if args.name in presets.PRESETS:
         from pangu_moe.configs import DEMO_CONFIG
         out = args.out or os.path.join("runs", f"study_{args.name}")
-        result = presets.run(args.name, args.config or DEMO_CONFIG, out, args.seeds or presets.SEEDS, args.steps,
+        result = presets.run(args.name, args.config or DEMO_CONFIG, out,
+                             presets.SEEDS if args.seeds is None else args.seeds, args.steps,
                              args.overrides, log=_stderr)
         print(json.dumps(result) if args.json else presets.table(result))
         return
@@ -232,12 +233,14 @@ def _report(args):
 def _claims(args):
     from pangu_moe.studies import claims
     studies = [os.path.join(path, "study.json") if os.path.isdir(path) else path for path in args.study]
-    for name, path in [("--study", study) for study in studies] + [("--kool", args.kool),
+    claim_studies = [os.path.join(path, "study.json") if os.path.isdir(path) else path for path in args.claim_study]
+    for name, path in [("--study", study) for study in studies] + [("--claim-study", p) for p in claim_studies] + [
+            ("--kool", args.kool),
                                                                     ("--precision", args.precision),
                                                                     ("--tests", args.tests)]:
         if path and not os.path.isfile(path):
             raise ConfigError(f"{name} {path}: no such file (a study's --out folder, or the JSON its --json printed)")
-    rows = claims.write(args.out, studies, args.kool, args.precision, args.tests)
+    rows = claims.write(args.out, studies, args.kool, args.precision, args.tests, claim_studies)
     print(f"wrote {args.out}: {len(rows)} claims", file=sys.stderr)
 
 
@@ -382,6 +385,9 @@ def build_parser():
     p.add_argument("--precision", default=None, help="the JSON `pangu-moe bench precision --json` printed")
     p.add_argument("--tests", default=None, help="a pytest --junitxml file: rows shown by an exact test take "
                    "that test's recorded outcome")
+    p.add_argument("--claim-study", action="append", default=[], help="a claim study's --out folder (or its "
+                   "study.json: `pangu-moe study capacity|estimator|locality-null`); repeatable; its verdicts "
+                   "become rows")
     p.add_argument("--out", default=os.path.join("docs", "results", "claims.md"), help="the page to write")
     p.set_defaults(func=_claims)
     p = sub.add_parser("doctor", help="what this machine offers a run: MindSpore and its devices, CANN and HCCL "

@@ -33,3 +33,12 @@ TINY = {
 def tiny_config(*overrides):
     """A tiny RunConfig (H=32, E=4 in 2 groups, S=32, B=4) with "section.key=value" overrides."""
     return RunConfig.from_dict(TINY, overrides)
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    """`TINY` as a YAML file, for commands that take a config path."""
+    import yaml
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)

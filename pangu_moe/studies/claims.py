@@ -202,6 +202,17 @@ def precision_rows(precision):
              f"bench precision: demo model, {precision.get('steps', '?')} steps", verdict)]
 
 
+CLAIM_STUDY_PAPERS = {"capacity": "LocMoE+", "estimator": "LocMoE+", "locality-null": "LocMoE"}
+
+
+def claim_study_rows(result):
+    """Rows of a claim study (`studies.presets.run`'s result): its verdicts as the preset computed them."""
+    setting = (f"{result['study']} study: {result['steps']} steps x {result['seeds']} seeds, demo model, 2 nodes x "
+               f"2 devices, E = 8, iid data, no z-loss (pangu_moe/studies/presets.py)")
+    return [(CLAIM_STUDY_PAPERS.get(result["study"], "ours"), v["claim"], v["figure"], setting, v["verdict"])
+            for v in result["verdicts"]]
+
+
 def read_junit(path):
     """{test id (path::name): "passed" | "failed" | "skipped"} from a pytest --junitxml file."""
     import xml.etree.ElementTree as ET
@@ -248,9 +259,10 @@ def merged_router_rows(studies):
     return [best[key][1] for key in dict.fromkeys(order)]
 
 
-def write(out, study_paths, kool_path=None, precision_path=None, tests_path=None):
+def write(out, study_paths, kool_path=None, precision_path=None, tests_path=None, claim_study_paths=()):
     """Read the inputs (JSON files; a study folder's study.json; `study_paths` one or more router studies, see
-    `merged_router_rows`; `tests_path` a pytest --junitxml file), write the page to `out`; returns its rows."""
+    `merged_router_rows`; `tests_path` a pytest --junitxml file; `claim_study_paths` the claim studies'
+    study.json), write the page to `out`; returns its rows."""
     if isinstance(study_paths, str):
         raise TypeError("study_paths: a list of paths")
 
@@ -259,6 +271,10 @@ def write(out, study_paths, kool_path=None, precision_path=None, tests_path=None
             return json.load(fh)
     rows = merged_router_rows([load(path) for path in study_paths])
     sources = {"router study": ", ".join(study_paths)}
+    for path in claim_study_paths:
+        rows += claim_study_rows(load(path))
+    if claim_study_paths:
+        sources["claim studies"] = ", ".join(claim_study_paths)
     rows += proof_rows(read_junit(tests_path) if tests_path else {})
     sources["test outcomes"] = tests_path or (f"not given (`python -m pytest {UNBIASED_TEST} --junitxml "
                                               f"tests.xml`, then `--tests tests.xml`)")

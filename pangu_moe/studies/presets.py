@@ -25,7 +25,8 @@ end at the common evaluation capacity (`moe.eval_capacity_factor`).
   rank's local experts when every rank sees the same data), better balance than mu = 0, val bpb within 3%.
 
 Resume: OUT/<arm>/seed<i>/figures.json marks a finished run; rerun with the same --out to skip them. An
-unfinished run's folder (no figures.json) is removed and that run starts again.
+unfinished run's folder (no figures.json) is removed and that run starts again. OUT/plan.json records the
+arms' configs (seed 0) and steps: an OUT planned otherwise is refused rather than mixed in.
 """
 import dataclasses
 import json
@@ -186,6 +187,7 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
         raise ConfigError(f"--seeds = {seeds}, --steps = {steps}: both must be >= 1")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     configs = [preset_configs(preset, config_path, steps, SEED + i, overrides) for i in range(seeds)]
+    _check_plan(out, {"study": name, "steps": steps, "arms": {a: c.to_dict() for a, c in configs[0].items()}})
     jobs = [(arm, i) for i in range(seeds) for arm in preset.arms]
     began, trained, runs = time.perf_counter(), 0, {arm: [None] * seeds for arm in preset.arms}
     for k, (arm, i) in enumerate(jobs):
@@ -213,6 +215,22 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
     with open(os.path.join(out, "study.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)
     return result
+
+
+def _check_plan(out, plan):
+    """Record what OUT holds (OUT/plan.json); refuse to resume into an OUT planned otherwise, whose finished
+    runs would be mixed into this study."""
+    path = os.path.join(out, "plan.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            held = json.load(fh)
+        if held != json.loads(json.dumps(plan)):
+            raise ConfigError(f"--out {out}: holds a {held.get('study')} study of {held.get('steps')} steps with other "
+                              f"settings; rerun it as it was started, or choose another --out")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(plan, fh)
 
 
 def summarise(preset, runs, steps, seeds):

@@ -166,3 +166,18 @@ def test_the_capacity_claim_is_judged_against_0_4_of_the_factor_1_1_capacity():
             study["arms"]["locmoe_plus_hybrid"]["capacity_ratio"] = _x(ratio, 0.02)
         (row,) = [r for r in claims.router_rows(study) if r[1].startswith("At least 60% fewer")]
         assert row[4] == verdict, (ratio, row)
+
+
+def test_a_claim_studys_verdicts_become_rows(tmp_path):
+    result = {"study": "capacity", "steps": 160, "seeds": 5, "verdicts": [
+        {"claim": "ecr_0.4 keeps quality", "figure": "val bpb +0.100 ± 0.020", "verdict": "not reproduced"}]}
+    (tmp_path / "capacity").mkdir()
+    (tmp_path / "capacity" / "study.json").write_text(json.dumps(result))
+    (tmp_path / "study.json").write_text(json.dumps(STUDY))
+    out = tmp_path / "claims.md"
+    assert cli.main(["claims", "--study", str(tmp_path), "--claim-study", str(tmp_path / "capacity"),
+                     "--out", str(out)]) == 0
+    page = out.read_text()
+    assert ("| LocMoE+ | ecr_0.4 keeps quality | val bpb +0.100 ± 0.020 | capacity study: 160 steps x 5 seeds, demo "
+            "model, 2 nodes x 2 devices, E = 8, iid data, no z-loss (pangu_moe/studies/presets.py) | not reproduced |"
+            ) in page

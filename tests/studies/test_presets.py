@@ -4,19 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from pangu_moe import cli
 from pangu_moe.config import ConfigError
 from pangu_moe.studies import presets
-from tests.conftest import TINY
-
-
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return str(path)
 
 
 def test_the_capacity_arms_cut_the_factor_1_1_capacity_and_share_everything_else(tiny_yaml):
@@ -150,3 +141,5 @@ def test_the_estimator_study_resumes_from_the_runs_already_finished(tiny_yaml, t
     assert [line for line in lines if line.startswith("==")] == ["== [2/2] estimator: ecr seed 1 (10 steps)"]
     assert again["runs"]["ecr"][0] == first["runs"]["ecr"][0]
     assert again["runs"]["ecr"][1]["val_bpb"] == pytest.approx(first["runs"]["ecr"][1]["val_bpb"], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"--out .*: holds a estimator study of 10 steps with other settings"):
+        presets.run("estimator", tiny_yaml, str(out), seeds=2, steps=12)  # a different study into the same --out

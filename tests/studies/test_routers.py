@@ -1,18 +1,9 @@
 import json
 
 import pytest
-import yaml
 
 from pangu_moe.studies import routers as study_routers
 from pangu_moe.config import ConfigError
-from tests.conftest import TINY
-
-
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return str(path)
 
 
 def test_study_configs_share_data_steps_and_topology(tiny_yaml):
