@@ -71,8 +71,8 @@ def router_rows(study):
                      direction(a["inter_node_vs_switch"], lower_is_claimed=True)))
         rows.append(("LocMoE", "... without hurting quality (val bpb within 3% of Switch's)",
                      f"val bpb LocMoE − Switch {interval(a['val_bpb_vs_switch'])} (3% of Switch's: "
-                     f"{0.03 * arms['topk']['val_bpb']['mean']:.3f})", setting, within(a["val_bpb_vs_switch"],
-                                                                                     0.03 * arms["topk"]["val_bpb"]["mean"])))
+                     f"{QUALITY_MARGIN * arms['topk']['val_bpb']['mean']:.3f})", setting,
+                     within(a["val_bpb_vs_switch"], QUALITY_MARGIN * arms["topk"]["val_bpb"]["mean"])))
         rows.append(("ours", "The price of locality: LocMoE drops no more choices than Switch",
                      f"dropped fraction LocMoE − Switch {interval(a['dropped_vs_switch'])}", setting,
                      direction(a["dropped_vs_switch"], lower_is_claimed=True)))
@@ -88,7 +88,7 @@ def router_rows(study):
         rows.append(("LocMoE+", "At least 60% fewer tokens per expert than the capacity-factor capacity",
                      f"{name}: capacity in force / factor-1.1 capacity {interval(ratio, '{:.3f}')} "
                      f"({abs(1 - ratio['mean']):.1%} {'fewer' if ratio['mean'] <= 1 else 'more'}){kept}",
-                     plus_setting, below(ratio, 0.4)))
+                     plus_setting, within(ratio, 0.4)))
         first, last = a["capacity_first"], a["capacity_last"]
         rows.append(("LocMoE+", "The required capacity decreases progressively during training",
                      f"{name}: capacity in force {interval(first, '{:.1f}')} at the first logged step, "
@@ -97,7 +97,7 @@ def router_rows(study):
                      REPRODUCED if last["mean"] < first["mean"] else NOT_REPRODUCED))
         rows.append(("LocMoE+", "... at quality comparable to the baseline (val bpb within 3% of Switch's)",
                      f"val bpb {name} − Switch {interval(a['val_bpb_vs_switch'])}", plus_setting,
-                     within(a["val_bpb_vs_switch"], 0.03 * switch["val_bpb"]["mean"])))
+                     within(a["val_bpb_vs_switch"], QUALITY_MARGIN * switch["val_bpb"]["mean"])))
     if "topk_k2" in arms:
         a, switch = arms["topk_k2"], arms["topk"]
         rows.append(("Switch", "Top-1 routing keeps quality against top-2 at half the expert compute",
@@ -110,23 +110,14 @@ def router_rows(study):
 
 
 def within(diff, margin):
-    """Reproduced if the whole interval of `diff` lies at or below `margin`; not reproduced if it lies above;
-    not resolved if it straddles `margin` or has no interval."""
+    """A figure claimed to be at most `margin` (a difference within a margin, a ratio under a threshold):
+    reproduced if its whole interval is, not reproduced if its whole interval is above, not resolved if it
+    straddles `margin` or has no interval."""
     if diff["ci95"] is None:
         return NOT_RESOLVED
     if diff["mean"] + diff["ci95"] <= margin:
         return REPRODUCED
     return NOT_REPRODUCED if diff["mean"] - diff["ci95"] > margin else NOT_RESOLVED
-
-
-def below(x, threshold):
-    """A figure claimed to be at most `threshold`: reproduced if its whole interval is, not reproduced if its
-    whole interval is above, else (or without an interval) not resolved."""
-    if x["ci95"] is None:
-        return NOT_RESOLVED
-    if x["mean"] + x["ci95"] <= threshold:
-        return REPRODUCED
-    return NOT_REPRODUCED if x["mean"] - x["ci95"] > threshold else NOT_RESOLVED
 
 
 def non_inferior(diff, margin, higher_is_better, of_baseline=False):
@@ -194,7 +185,7 @@ def precision_rows(precision):
     if not isinstance(ratio, dict):
         ratio = {"mean": ratio, "ci95": None, "n": 1}
     scaled = precision.get("loss_scale_backoffs", 0) > 0 and precision.get("loss_scale_growths", 0) > 0
-    verdict = below(ratio, 1.02) if ratio["n"] >= PRECISION_SEEDS and scaled else NOT_RESOLVED
+    verdict = within(ratio, 1.02) if ratio["n"] >= PRECISION_SEEDS and scaled else NOT_RESOLVED
     missing = [] if ratio["n"] >= PRECISION_SEEDS else [f"{ratio['n']} seed(s) of {PRECISION_SEEDS}"]
     missing += [] if scaled else ["no fp16 run whose loss scale both backed off and grew"]
     return [("Switch", "Selective precision (low-precision compute, fp32 router) trains as well as fp32",

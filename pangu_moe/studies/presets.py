@@ -39,12 +39,12 @@ import time
 import numpy as np
 
 from pangu_moe.config import ConfigError, RunConfig
-from pangu_moe.studies.claims import (NOT_REPRODUCED, NOT_RESOLVED, REPRODUCED, direction, interval, within)
+from pangu_moe.studies.claims import (NOT_REPRODUCED, NOT_RESOLVED, QUALITY_MARGIN, REPRODUCED, direction, interval,
+                                      within)
 from pangu_moe.studies.routers import SEED
 from pangu_moe.studies.stats import mean_ci95, paired_difference
 
 SEEDS = 5
-QUALITY_MARGIN = 0.03        # "keeps quality": at most 3% of the baseline's figure worse
 LOCALITY_NULL_MARGIN = 0.05  # "no locality": inter-node fraction within 0.05 of Switch's
 LATE = 0.2                   # "late training": the last 20% of the logged steps
 COMMON = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=uniform",
