@@ -123,3 +123,34 @@ def test_without_binding_capacity_nothing_drops_and_token_order_does_not_matter(
     y_perm = layer(Tensor(x[perm]), zeros, zeros, 24, False)[0]
     assert (demand.asnumpy() == kept.asnumpy()).all()
     np.testing.assert_allclose(y_perm.asnumpy(), y.asnumpy()[perm], rtol=1e-5, atol=1e-6)
+
+
+def _aux_oracle(probs, choice, num_experts):
+    """alpha = 1: E * sum_i f_i P_i with f the share of the choices and P the mean probability (numpy)."""
+    f = np.bincount(choice, minlength=num_experts) / len(choice)
+    return num_experts * float(np.sum(f * probs.mean(0)))
+
+
+@pytest.mark.parametrize("scope", ["rank", "global"])
+def test_aux_scope_takes_f_and_p_over_each_rank_or_all_ranks(scope):
+    # 2 ranks of 16 tokens, 4 experts, K = 1; rank 0's tokens lean to expert 0, rank 1's to expert 1, so each rank
+    # alone is unbalanced while the two together are half as concentrated
+    e, h, ranks, n = 4, 8, 2, 16
+    ms.set_seed(3)
+    router = TopKRouter(h, e, 1, 1, 1.0, 0.0)
+    layer = MoELayer(router, Dispatcher(e, ranks, ranks), GroupedExperts(e, h, 16, 0.3), ranks, aux_scope=scope)
+    weight = router.weight.asnumpy()[0]  # (H, E)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((ranks * n, h)).astype(np.float32)
+    for r in range(ranks):
+        x[r * n:(r + 1) * n] += 3.0 * weight[:, r] / np.linalg.norm(weight[:, r]) ** 2 * 0.1
+    zeros = Tensor(np.zeros(ranks * n, np.int32))
+    losses = layer(Tensor(x), zeros, zeros, n, True)[1].asnumpy()
+    logits = x @ weight
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    choice = probs.argmax(1)
+    per_rank = np.mean([_aux_oracle(probs[r * n:(r + 1) * n], choice[r * n:(r + 1) * n], e) for r in range(ranks)])
+    whole = _aux_oracle(probs, choice, e)
+    assert abs(per_rank - whole) > 0.05  # the case tells the scopes apart
+    np.testing.assert_allclose(losses[0], per_rank if scope == "rank" else whole, rtol=1e-5)

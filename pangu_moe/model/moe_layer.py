@@ -27,6 +27,7 @@ class MoELayer(nn.Cell):
             over all ranks' slots, no exchange.
         first_rank: world rank of the first rank held here.
         world_size: W (= R unless the backend runs one rank per process).
+        aux_scope: "rank" or "global" (`route`; global only where the process holds every rank).
 
     Precision (`PanguModel.use_precision`): the dispatch buffers, the experts and the exchange run in
     `compute_dtype`; the router sees its input in `router_dtype` (fp32 unless the router-precision ablation)
@@ -36,8 +37,10 @@ class MoELayer(nn.Cell):
     compute_dtype = ms.float32
     router_dtype = ms.float32
 
-    def __init__(self, router, dispatcher, experts, num_ranks=1, exchange=None, first_rank=0, world_size=None):
+    def __init__(self, router, dispatcher, experts, num_ranks=1, exchange=None, first_rank=0, world_size=None,
+                 aux_scope="rank"):
         super().__init__()
+        self.global_losses = aux_scope == "global" and num_ranks > 1
         self.router = router
         self.dispatcher = dispatcher
         self.experts = experts
@@ -48,7 +51,8 @@ class MoELayer(nn.Cell):
         self.world_size = world_size or num_ranks
 
     def route(self, x, token_ids, group_ids, capacity, training):
-        """Route each rank's tokens as its own group; the router losses are the mean over the R groups.
+        """Route each rank's tokens as its own group; the router losses are the mean over the R groups
+        (`aux_scope` rank) or those of all R groups' tokens at once (global).
 
         Returns the router outputs of `routing.base.Router.construct` concatenated over ranks ([T, K]).
         """
@@ -66,6 +70,12 @@ class MoELayer(nn.Cell):
             for part in parts:
                 column += (part[i],)
             fields += (ops.stack(column).mean(0) if i == LOSSES_FIELD else ops.concat(column, 0),)
+        if self.global_losses:
+            # moe.aux_scope = global: the losses of all R ranks' tokens routed as one group. The aux loss then
+            # takes f and P over every token; the z and locality losses equal the per-rank mean (T/R tokens a
+            # rank). The slots of that call are not used: routing stays per rank group.
+            everything = self.router(x, token_ids, group_ids, capacity, training, None)
+            fields = fields[:LOSSES_FIELD] + (everything[LOSSES_FIELD],) + fields[LOSSES_FIELD + 1:]
         return fields
 
     def run_experts(self, buffer):

@@ -205,7 +205,7 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `RunConfig.validate`)
     dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes) if kernels == "ascend_builtin" else \
         Dispatcher(num_experts, held, world, topology.nodes, kernels)
-    return MoELayer(router, dispatcher, experts, held, ep, first, world)
+    return MoELayer(router, dispatcher, experts, held, ep, first, world, moe_cfg.aux_scope)
 
 
 def build_model(cfg, rank=0):

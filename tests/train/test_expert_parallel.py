@@ -49,6 +49,18 @@ def test_simulated_equals_local(local_run, tmp_path, exchange):
     assert summary["val_loss"] == pytest.approx(local_run[2]["val_loss"], rel=1e-5)
 
 
+def test_global_aux_scope_simulated_equals_local_and_differs_from_per_rank(local_run, tmp_path):
+    # aux loss over all ranks' tokens: the same on both in-process backends, in graph mode, losses and gradients
+    local = _run(tmp_path / "local", "moe.aux_scope=global")
+    simulated = _run(tmp_path / "simulated", "moe.aux_scope=global", "parallel.dispatch=simulated")
+    np.testing.assert_allclose(simulated[0], local[0], rtol=1e-5)
+    for name, g in simulated[1].items():
+        np.testing.assert_allclose(g, local[1][name], rtol=1e-5, atol=1e-8, err_msg=name)
+    assert local[0][0] != local_run[0][0]  # the same first step under the per-rank aux loss
+    with pytest.raises(ConfigError, match="moe.aux_scope = 'global': must be rank with parallel.dispatch=msrun_cpu"):
+        tiny_config(*EP, "moe.aux_scope=global", "parallel.dispatch=msrun_cpu")
+
+
 def _ours(pattern):
     """PIDs of live processes whose command line contains `pattern`."""
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
