@@ -193,13 +193,14 @@ def precision_rows(precision):
              f"bench precision: demo model, {precision.get('steps', '?')} steps", verdict)]
 
 
-CLAIM_STUDY_PAPERS = {"capacity": "LocMoE+", "estimator": "LocMoE+", "locality-null": "LocMoE"}
+CLAIM_STUDY_PAPERS = {"capacity": "LocMoE+", "estimator": "LocMoE+", "locality-null": "LocMoE", "locality": "LocMoE"}
 
 
 def claim_study_rows(result):
     """Rows of a claim study (`studies.presets.run`'s result): its verdicts as the preset computed them."""
+    data = "domains by node" if result["study"] == "locality" else "iid data"
     setting = (f"{result['study']} study: {result['steps']} steps x {result['seeds']} seeds, demo model, 2 nodes x "
-               f"2 devices, E = 8, iid data, no z-loss (pangu_moe/studies/presets.py)")
+               f"2 devices, E = 8, {data}, no z-loss (pangu_moe/studies/presets.py)")
     return [(CLAIM_STUDY_PAPERS.get(result["study"], "ours"), v["claim"], v["figure"], setting, v["verdict"])
             for v in result["verdicts"]]
 

@@ -23,6 +23,13 @@ end at the common evaluation capacity (`moe.eval_capacity_factor`).
 - `locality-null`: LocMoE on iid data at mu straddling the break-even (about 0.003 at smoothing 1e-3): expect
   an inter-node fraction within 0.05 of Switch's for every mu (a router shared by every rank cannot prefer a
   rank's local experts when every rank sees the same data), better balance than mu = 0, val bpb within 3%.
+- `locality`: domains placed by node (`data.mixture=by_node`: prose on node 0, code on node 1) and capacity
+  factor 2.5 for every arm, so locality is learnable and not turned into drops; Switch and LocMoE at mu 0.001
+  and 0.01 (either side of the break-even), each with the aux loss per rank and over all ranks
+  (`moe.aux_scope`), and a positive control (Switch with the two domain groups, whose experts live on their
+  domain's node: inter-node 0 by construction). Verdicts: the control keeps every choice on its node; each
+  LocMoE arm requests fewer inter-node choices than the Switch arm of its aux scope, moves at most half its
+  inter-node choices, and keeps val bpb within 3%.
 
 Resume: OUT/<arm>/seed<i>/figures.json marks a finished run; rerun with the same --out to skip them. An
 unfinished run's folder (no figures.json) is removed and that run starts again. OUT/plan.json records the
@@ -148,7 +155,38 @@ def _keeps_quality_bpb(result, arm):
             "verdict": within(diff, QUALITY_MARGIN * result["arms"][result["baseline"]]["val_bpb"]["mean"])}
 
 
+def locality_verdicts(result):
+    runs = result["runs"]
+
+    def paired(arm, other, field):
+        return paired_difference([r[field] for r in runs[arm]], [r[field] for r in runs[other]])
+    control = result["arms"]["control_groups_by_node"]["inter_node_kept"]
+    rows = [{"claim": "Positive control: domain groups placed by node keep every choice on its node",
+             "figure": f"inter-node share of kept choices {interval(control, '{:.3f}')}",
+             "verdict": within(control, 0.01)}]
+    for mu in LOCALITY_STUDY_MUS:
+        for scope, switch in (("", "switch"), ("_global", "switch_global")):
+            arm = f"locmoe_mu{mu:g}{scope}"
+            asked = paired(arm, switch, "inter_node_requested")
+            rows.append({"claim": f"{arm} requests fewer inter-node choices than {switch}",
+                         "figure": f"inter-node share of requested choices {arm} - {switch} {interval(asked)}",
+                         "verdict": direction(asked, lower_is_claimed=True)})
+            share = mean_ci95([a["inter_node_kept"] / max(b["inter_node_kept"], 1e-12)
+                               for a, b in zip(runs[arm], runs[switch])])
+            rows.append({"claim": f"{arm} moves at most half of {switch}'s inter-node choices",
+                         "figure": f"inter-node kept share {arm} / {switch} {interval(share, '{:.3f}')}",
+                         "verdict": within(share, 0.5)})
+            bpb = paired(arm, switch, "val_bpb")
+            rows.append({"claim": f"{arm} keeps quality (val bpb within {QUALITY_MARGIN:.0%} of {switch}'s)",
+                         "figure": f"val bpb {arm} - {switch} {interval(bpb)}",
+                         "verdict": within(bpb, QUALITY_MARGIN * result["arms"][switch]["val_bpb"]["mean"])})
+    return rows
+
+
 LOCALITY_MUS = (0.0, 0.001, 0.003, 0.01, 0.03)
+LOCALITY_STUDY_MUS = (0.001, 0.01)  # either side of the KL variant's break-even (about 0.003 at eps 1e-3)
+BY_NODE = tuple(c for c in COMMON if not c.startswith("data.mixture")) + ("data.mixture=by_node",
+                                                                         "moe.capacity_factor=2.5")
 PRESETS = {p.name: p for p in (
     Preset("capacity", "LocMoE+: at least 60% fewer tokens per expert than the capacity-factor capacity, at "
                        "comparable quality", tuple(COMMON),
@@ -165,6 +203,14 @@ PRESETS = {p.name: p for p in (
            {"switch": _switch(1.25), **{f"locmoe_mu{mu:g}": ["moe.router=locmoe", f"moe.locmoe.locality_coeff={mu}",
                                                             "moe.capacity_factor=1.25"] for mu in LOCALITY_MUS}},
            120, "switch", locality_null_verdicts),
+    Preset("locality", "LocMoE where locality is learnable (domains placed by node) and capacity does not punish "
+                       "it: fewer inter-node choices at Switch's quality", BY_NODE,
+           {"switch": ["moe.router=topk"], "switch_global": ["moe.router=topk", "moe.aux_scope=global"],
+            **{f"locmoe_mu{mu:g}{scope}": ["moe.router=locmoe", f"moe.locmoe.locality_coeff={mu}",
+                                          f"moe.aux_scope={'global' if scope else 'rank'}"]
+               for mu in LOCALITY_STUDY_MUS for scope in ("", "_global")},
+            "control_groups_by_node": ["moe.router=topk", "moe.num_groups=2"]},
+           120, "switch", locality_verdicts),
 )}
 
 
@@ -267,19 +313,28 @@ def train_figures(config, run_dir, probes=False):
         figures.update({f"{k}_end": v for k, v in direction_probes(trainer).items()})
     records = read(os.path.join(run_dir, "metrics.jsonl"))
     return {**{f: summary[f] for f in SUMMARY_FIELDS}, **figures,
-            **late_figures(records, trainer.topology.world_size)}
+            **late_figures(records, trainer.topology)}
 
 
-def late_figures(records, world_size):
+def late_figures(records, topology):
     """From metrics.jsonl records: `late_lm_loss` (mean LM loss, nats, over the last `LATE` of the logged
     steps), `kept_per_expert` (kept choices per expert per routing group, mean over those steps, layers and
-    experts) and, where the routers re-estimated, the raw need: `need_first`, `need_last` (mean over layers)
-    and `need_slope` (least squares, slots per 100 steps), `q_max_last`."""
+    experts), the inter-node share over those steps of the requested choices (`inter_node_requested`, what
+    the router asked for) and of the kept ones (`inter_node_kept`) and, where the routers re-estimated, the
+    raw need: `need_first`, `need_last` (mean over layers) and `need_slope` (least squares, slots per 100
+    steps), `q_max_last`. `topology`: the run's `Topology`."""
+    from pangu_moe.accounting.traffic import route_classes
     train = [r for r in records if "layers" in r]
     late = train[-max(1, math.ceil(LATE * len(train))):]
+    layers = [layer for r in late for layer in r["layers"]]
+    requested = sum(sum(map(sum, layer["tokens_per_rank_expert"])) for layer in layers)
+    kept = sum(sum(layer["kept_per_expert"]) for layer in layers)
     out = {"late_lm_loss": float(np.mean([r["lm_loss"] for r in late])),
-           "kept_per_expert": float(np.mean([np.mean(layer["kept_per_expert"]) / world_size
-                                             for r in late for layer in r["layers"]]))}
+           "kept_per_expert": float(np.mean([np.mean(layer["kept_per_expert"]) / topology.world_size
+                                             for layer in layers])),
+           "inter_node_requested": sum(route_classes(layer["tokens_per_rank_expert"], topology)["inter"]
+                                       for layer in layers) / max(1, requested),
+           "inter_node_kept": sum(layer["tokens_inter"] for layer in layers) / max(1, kept)}
     estimates = [e for r in records for e in r.get("estimates", ())]
     if estimates:
         steps = sorted({e["step"] for e in estimates})

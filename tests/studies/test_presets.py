@@ -77,6 +77,34 @@ def test_locality_null_verdicts():
     assert balance == ["reproduced"] * 4
 
 
+def test_the_locality_arms_place_domains_by_node_and_the_control_groups_by_node(tiny_yaml):
+    configs = presets.preset_configs(presets.PRESETS["locality"], tiny_yaml, 7, 3)
+    assert list(configs) == ["switch", "switch_global", "locmoe_mu0.001", "locmoe_mu0.001_global", "locmoe_mu0.01",
+                             "locmoe_mu0.01_global", "control_groups_by_node"]
+    for arm, c in configs.items():
+        assert c.data.mixture == "by_node" and c.moe.capacity_factor == 2.5 and c.moe.z_loss_coeff == 0.0
+        assert c.moe.aux_scope == ("global" if arm.endswith("_global") else "rank")
+        assert c.moe.num_groups == (2 if arm.startswith("control") else 1)
+    assert configs["locmoe_mu0.01_global"].moe.locmoe.locality_coeff == 0.01
+
+
+def test_locality_verdicts():
+    def arm(inter_asked, inter_kept, bpb=3.0):
+        return _seeds(BASE, 0.002, inter_node_requested=inter_asked, inter_node_kept=inter_kept, val_bpb=bpb)
+    per_arm = {"switch": arm(0.5, 0.5), "switch_global": arm(0.5, 0.5),
+               "locmoe_mu0.001": arm(0.49, 0.49), "locmoe_mu0.001_global": arm(0.3, 0.3),
+               "locmoe_mu0.01": arm(0.2, 0.2, 3.2), "locmoe_mu0.01_global": arm(0.1, 0.1, 3.05),
+               "control_groups_by_node": arm(0.0, 0.0)}
+    per_arm["control_groups_by_node"] = [{**r, "inter_node_kept": 0.0} for r in per_arm["control_groups_by_node"]]
+    rows = {r["claim"]: r["verdict"] for r in _result("locality", per_arm)["verdicts"]}
+    assert rows["Positive control: domain groups placed by node keep every choice on its node"] == "reproduced"
+    assert rows["locmoe_mu0.001 requests fewer inter-node choices than switch"] == "reproduced"  # -0.01 exactly
+    assert rows["locmoe_mu0.001 moves at most half of switch's inter-node choices"] == "not reproduced"
+    assert rows["locmoe_mu0.01_global moves at most half of switch_global's inter-node choices"] == "reproduced"
+    assert rows["locmoe_mu0.01 keeps quality (val bpb within 3% of switch's)"] == "not reproduced"
+    assert rows["locmoe_mu0.01_global keeps quality (val bpb within 3% of switch_global's)"] == "reproduced"
+
+
 def test_direction_probes_on_hand_made_inputs():
     same = np.ones((2, 3, 4))
     assert presets.token_correlation(same) == pytest.approx(1.0)
@@ -90,15 +118,21 @@ def test_direction_probes_on_hand_made_inputs():
 
 
 def test_late_figures_from_records():
-    records = [{"step": s, "lm_loss": float(s), "layers": [{"kept_per_expert": [8, 4]}, {"kept_per_expert": [4, 4]}]}
-               for s in range(1, 11)]
+    from pangu_moe.dispatch.topology import Topology
+    # 2 nodes x 1 device, 2 experts: expert 0 on node 0, expert 1 on node 1; layer 0's rank 0 asks 6 of expert 0
+    # and 2 of expert 1 (inter), rank 1 asks 2 of expert 0 (inter) and 2 of expert 1
+    layer0 = {"kept_per_expert": [8, 4], "tokens_per_rank_expert": [[6, 2], [2, 2]], "tokens_inter": 3}
+    layer1 = {"kept_per_expert": [4, 4], "tokens_per_rank_expert": [[4, 0], [0, 4]], "tokens_inter": 0}
+    records = [{"step": s, "lm_loss": float(s), "layers": [layer0, layer1]} for s in range(1, 11)]
     records[0]["estimates"] = [{"step": 0, "layer": 0, "need": 20, "q_max": 0.5},
                                {"step": 0, "layer": 1, "need": 30, "q_max": 0.5}]
     records[5]["estimates"] = [{"step": 5, "layer": 0, "need": 10, "q_max": 0.1},
                                {"step": 5, "layer": 1, "need": 20, "q_max": 0.3}]
-    got = presets.late_figures(records, world_size=2)
+    got = presets.late_figures(records, Topology(2, 1, 2))
     # last 20% of 10 records: steps 9, 10 -> lm 9.5; kept per expert per routing group (6 + 4) / 2 / 2 = 2.5
     assert got["late_lm_loss"] == 9.5 and got["kept_per_expert"] == 2.5
+    # requested: 4 of 20 choices a step cross nodes; kept: 3 of 20
+    assert got["inter_node_requested"] == 0.2 and got["inter_node_kept"] == 0.15
     # needs 25 at step 0, 15 at step 5: slope -2 per step = -200 per 100 steps
     assert got["need_first"] == 25 and got["need_last"] == 15 and got["need_slope"] == pytest.approx(-200.0)
     assert got["q_max_last"] == pytest.approx(0.2)
@@ -109,7 +143,7 @@ def test_an_unknown_study_is_refused():
         presets.run("speed", "x.yaml", "out")
 
 
-@pytest.mark.parametrize("name", ["capacity", "locality-null"])
+@pytest.mark.parametrize("name", ["capacity", "locality-null", "locality"])
 def test_each_study_runs_tiny_through_the_cli(name, tiny_yaml, tmp_path, capsys):
     out = tmp_path / name
     assert cli.main(["study", name, "--config", tiny_yaml, "--seeds", "1", "--steps", "10", "--out", str(out),
