@@ -228,7 +228,7 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
     if name not in PRESETS:
         raise ConfigError(f"study {name!r}: choose from {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    steps = steps or preset.steps
+    steps = preset.steps if steps is None else steps
     if seeds < 1 or steps < 1:
         raise ConfigError(f"--seeds = {seeds}, --steps = {steps}: both must be >= 1")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))

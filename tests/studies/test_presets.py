@@ -138,9 +138,12 @@ def test_late_figures_from_records():
     assert got["q_max_last"] == pytest.approx(0.2)
 
 
-def test_an_unknown_study_is_refused():
-    with pytest.raises(ConfigError, match="study 'speed': choose from capacity, estimator, locality-null"):
+def test_an_unknown_study_and_empty_runs_are_refused(tiny_yaml, tmp_path):
+    with pytest.raises(ConfigError, match="study 'speed': choose from capacity, estimator, locality-null, locality"):
         presets.run("speed", "x.yaml", "out")
+    for seeds, steps in ((0, 10), (1, 0)):
+        with pytest.raises(ConfigError, match=f"--seeds = {seeds}, --steps = {steps}: both must be >= 1"):
+            presets.run("estimator", tiny_yaml, str(tmp_path / "x"), seeds=seeds, steps=steps)
 
 
 @pytest.mark.parametrize("name", ["capacity", "locality-null", "locality"])
