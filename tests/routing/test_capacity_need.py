@@ -92,3 +92,10 @@ def test_calibration_need_falls_as_planted_clusters_separate_and_keeps_the_discr
 def test_calibration_when_every_token_is_discriminative_nothing_is_cut_below_its_load():
     capacity, accuracy, kept = _planted(6.0, 1.0, 0)
     assert accuracy > 0.99 and capacity >= 0.85 * CEILING and kept >= 0.95
+
+
+def test_the_top_pivot_is_the_top_against_the_others_mean_and_std():
+    # [3, 0, 2, 1]: top 3 against the others 0, 1, 2 (mean 1, sample std 1) -> 2;
+    # [0, 10, 4, 2]: top 10 against 0, 2, 4 (mean 2, sample std 2) -> 4
+    from pangu_moe.capacity_need import top_pivots
+    np.testing.assert_allclose(top_pivots(np.array([[3.0, 0.0, 2.0, 1.0], [0.0, 10.0, 4.0, 2.0]])), [2.0, 4.0])
