@@ -81,6 +81,8 @@ def router_rows(study):
                  NOT_TESTABLE))
     plus = [name for name in ("locmoe_plus_hybrid", "locmoe_plus_ecr", "locmoe_plus_tcr") if name in arms]
     plus_setting = setting + (f"; LocMoE+ trained at mu = {study['mu']:g}" if study.get("mu") is not None else "")
+    if "capacity_estimator" not in study:
+        plus_setting += "; capacity from the quantile estimator replaced on 2026-12-07 (docs/architecture.md)"
     for name in plus[:1]:
         a, switch = arms[name], arms["topk"]
         ratio = a["capacity_ratio"]  # capacity in force over the factor-1.1 capacity, the paper's baseline

@@ -55,6 +55,7 @@ ARMS = {"dense": ["moe.num_experts=1"], "rre": ["moe.router=rre"], "topk": ["moe
         **{f"locmoe_plus_{rule}": ["moe.router=locmoe_plus", f"moe.locmoe_plus.keep_rule={rule}",
                                    "moe.locmoe_plus.switch_ratio=0"] for rule in ("tcr", "ecr", "hybrid")}}
 SWITCH = "topk"
+CAPACITY_ESTIMATOR = "capacity_need.corollary6_need"  # LocMoE+'s re-estimate; studies without it used the old one
 SETTING = ["moe.num_groups=1", "parallel.nodes=2", "parallel.devices_per_node=2", "data.mixture=by_node"]
 SEED = 1234  # the first seed; seed i of the study is SEED + i
 # Default seeds: at 200 steps, dense - Switch val bpb is resolved from 4 seeds on (+0.090 +- 0.060) and
@@ -160,6 +161,7 @@ def run(config_path, steps, out, seeds=SEEDS, overrides=(), log=None, arms=None)
             if name.startswith("locmoe_plus"):
                 train(name, i, configs[name])
     result = {"steps": steps, "seeds": seeds, "seconds": time.perf_counter() - began, "mu": mu, "mu_why": why,
+              "capacity_estimator": CAPACITY_ESTIMATOR,
               "arms": aggregate({n: per_arm[n] for n in names}), "runs": {n: per_arm[n] for n in names}}
     with open(os.path.join(out, "study.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)

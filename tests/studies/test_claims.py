@@ -181,3 +181,10 @@ def test_a_claim_studys_verdicts_become_rows(tmp_path):
     assert ("| LocMoE+ | ecr_0.4 keeps quality | val bpb +0.100 ± 0.020 | capacity study: 160 steps x 5 seeds, demo "
             "model, 2 nodes x 2 devices, E = 8, iid data, no z-loss (pangu_moe/studies/presets.py) | not reproduced |"
             ) in page
+
+
+def test_locmoe_plus_rows_of_a_study_before_the_corollary6_estimator_say_so():
+    (old,) = [r for r in claims.router_rows(STUDY) if r[1].startswith("At least 60% fewer")]
+    (new,) = [r for r in claims.router_rows({**STUDY, "capacity_estimator": "capacity_need.corollary6_need"})
+              if r[1].startswith("At least 60% fewer")]
+    assert "quantile estimator replaced on 2026-12-07" in old[3] and "replaced" not in new[3]
