@@ -250,8 +250,9 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
         eta = f", ETA {elapsed / trained * (len(jobs) - k) / 60:.0f} min" if trained else ""
         log(f"== [{k + 1}/{len(jobs)}] {name}: {arm} seed {i} ({steps} steps{eta})")
         runs[arm][i] = _run_isolated(configs[i][arm], run_dir, preset.probes)
-        with open(done, "w", encoding="utf-8") as fh:
+        with open(done + ".tmp", "w", encoding="utf-8") as fh:  # renamed whole: a killed study leaves no half file
             json.dump(runs[arm][i], fh)
+        os.replace(done + ".tmp", done)
         trained += 1
     result = summarise(preset, runs, steps, seeds)
     result.update(setting=list(preset.setting) + list(overrides), seconds=time.perf_counter() - began)
