@@ -234,10 +234,9 @@ def _claims(args):
     from pangu_moe.studies import claims
     studies = [os.path.join(path, "study.json") if os.path.isdir(path) else path for path in args.study]
     claim_studies = [os.path.join(path, "study.json") if os.path.isdir(path) else path for path in args.claim_study]
-    for name, path in [("--study", study) for study in studies] + [("--claim-study", p) for p in claim_studies] + [
-            ("--kool", args.kool),
-                                                                    ("--precision", args.precision),
-                                                                    ("--tests", args.tests)]:
+    inputs = [("--study", path) for path in studies] + [("--claim-study", path) for path in claim_studies]
+    inputs += [("--kool", args.kool), ("--precision", args.precision), ("--tests", args.tests)]
+    for name, path in inputs:
         if path and not os.path.isfile(path):
             raise ConfigError(f"{name} {path}: no such file (a study's --out folder, or the JSON its --json printed)")
     rows = claims.write(args.out, studies, args.kool, args.precision, args.tests, claim_studies)
@@ -386,7 +385,7 @@ def build_parser():
     p.add_argument("--tests", default=None, help="a pytest --junitxml file: rows shown by an exact test take "
                    "that test's recorded outcome")
     p.add_argument("--claim-study", action="append", default=[], help="a claim study's --out folder (or its "
-                   "study.json: `pangu-moe study capacity|estimator|locality-null`); repeatable; its verdicts "
+                   "study.json: `pangu-moe study capacity|estimator|locality-null|locality`); repeatable; its verdicts "
                    "become rows")
     p.add_argument("--out", default=os.path.join("docs", "results", "claims.md"), help="the page to write")
     p.set_defaults(func=_claims)
