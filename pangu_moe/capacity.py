@@ -172,7 +172,8 @@ def dynamic_capacity(need, floor, ceiling, previous=None, ema=0.0, non_increasin
     The floor wins over everything: C_t >= floor always, and C_t <= ceiling when floor <= ceiling.
 
     Args:
-        need: int from `capacity_need.corollary6_need`; floor: LocMoE's lower bound (already rounded up) or min capacity;
+        need: int from `capacity_need.corollary6_need`; floor: LocMoE's lower bound (already rounded up) or min
+            capacity;
         ceiling: the capacity-factor capacity (static buffer size); previous: C_{t-1} or None.
     Returns:
         int C_t.

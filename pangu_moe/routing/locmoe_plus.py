@@ -185,23 +185,23 @@ class LocMoEPlusRouter(Router):
             x: [T, H] this layer's router input; token_ids, group_ids: [T] int32; step: the training step.
         Returns:
             dict: capacity (the new live C_t), need (the raw Corollary 6 need), q_max (the largest
-            false-positive rate q_i, nan if no expert had candidates), floor, delta_hat, ecr (bool, the keep rule now in force).
+            false-positive rate q_i, nan if no expert had candidates), floor, delta_hat, ecr (bool, the keep
+            rule now in force).
         """
         expert_index = self(x, token_ids, group_ids, self.ceiling, False)[0].asnumpy()
         groups = group_ids.asnumpy()
         cosines = grap_cosines(x, self.experts_per_group).asnumpy()  # (T, E_g)
         first = expert_index[:, 0] - groups * self.experts_per_group  # (T,) local first choices
         found = corollary6_need(cosines, first, groups, self.experts_per_group, self.num_ranks, self.keep_share)
-        need = found["need"]
         delta_hat = capacity_lib.estimate_delta(cosines[np.arange(len(first)), first])
         bound = capacity_lib.capacity_lower_bound(delta_hat, self.hidden, self.experts_per_group)
         floor = min(self.ceiling, max(self.min_capacity, math.ceil(bound)))
         live = int(self.capacity_limit.asnumpy())
         previous = live if live < NO_LIMIT else None
-        c = capacity_lib.dynamic_capacity(need, floor, self.ceiling, previous, self.ema, self.non_increasing)
+        c = capacity_lib.dynamic_capacity(found["need"], floor, self.ceiling, previous, self.ema, self.non_increasing)
         ops.assign(self.capacity_limit, Tensor(c, ms.int32))
         self._switch_if_due(step, c)
-        return {"capacity": c, "need": need, "q_max": found["q_max"], "floor": floor, "delta_hat": delta_hat,
+        return {"capacity": c, "need": found["need"], "q_max": found["q_max"], "floor": floor, "delta_hat": delta_hat,
                 "ecr": self.ecr_active()}
 
     def before_step(self, step, layer_input):

@@ -99,11 +99,23 @@ def _keeps_quality(result, arm):
                       f"{interval(base['kept_per_expert'], '{:.1f}')}", "verdict": verdict}
 
 
+def _paired(result, arm, other, field):
+    """The per-seed differences arm - other of `field` as `mean_ci95` (any two arms, not only the baseline)."""
+    return paired_difference([r[field] for r in result["runs"][arm]], [r[field] for r in result["runs"][other]])
+
+
 def _better(result, arm, other):
-    diff = paired_difference([r["val_bpb"] for r in result["runs"][arm]],
-                             [r["val_bpb"] for r in result["runs"][other]])
+    diff = _paired(result, arm, other, "val_bpb")
     return {"claim": f"{arm} trains better than {other} at the same capacity (lower val bpb)",
             "figure": f"val bpb {arm} - {other} {interval(diff)}", "verdict": direction(diff, lower_is_claimed=True)}
+
+
+def _keeps_bpb(result, arm, other):
+    """val bpb of `arm` within `QUALITY_MARGIN` of `other`'s (paired)."""
+    diff = _paired(result, arm, other, "val_bpb")
+    return {"claim": f"{arm} keeps quality (val bpb within {QUALITY_MARGIN:.0%} of {other}'s)",
+            "figure": f"val bpb {arm} - {other} {interval(diff)}",
+            "verdict": within(diff, QUALITY_MARGIN * result["arms"][other]["val_bpb"]["mean"])}
 
 
 def capacity_verdicts(result):
@@ -139,27 +151,16 @@ def locality_null_verdicts(result):
         rows.append({"claim": f"{arm}: no locality on iid data (inter-node within {LOCALITY_NULL_MARGIN} of "
                               f"Switch's)", "figure": f"inter-node {arm} - Switch {interval(inter)}", "verdict": null})
         if arm != "locmoe_mu0":
-            balance = paired_difference([r["max_over_mean_load"] for r in result["runs"][arm]],
-                                        [r["max_over_mean_load"] for r in result["runs"]["locmoe_mu0"]])
+            balance = _paired(result, arm, "locmoe_mu0", "max_over_mean_load")
             rows.append({"claim": f"{arm} balances the experts better than mu = 0 (max/mean load)",
                          "figure": f"max/mean load {arm} - mu0 {interval(balance)}",
                          "verdict": direction(balance, lower_is_claimed=True)})
-        rows.append(_keeps_quality_bpb(result, arm))
+        rows.append(_keeps_bpb(result, arm, result["baseline"]))
     return rows
-
-
-def _keeps_quality_bpb(result, arm):
-    diff = result["paired"][arm]["val_bpb_vs_baseline"]
-    return {"claim": f"{arm} keeps quality (val bpb within {QUALITY_MARGIN:.0%} of Switch's)",
-            "figure": f"val bpb {arm} - Switch {interval(diff)}",
-            "verdict": within(diff, QUALITY_MARGIN * result["arms"][result["baseline"]]["val_bpb"]["mean"])}
 
 
 def locality_verdicts(result):
     runs = result["runs"]
-
-    def paired(arm, other, field):
-        return paired_difference([r[field] for r in runs[arm]], [r[field] for r in runs[other]])
     control = result["arms"]["control_groups_by_node"]["inter_node_kept"]
     rows = [{"claim": "Positive control: domain groups placed by node keep every choice on its node",
              "figure": f"inter-node share of kept choices {interval(control, '{:.3f}')}",
@@ -167,7 +168,7 @@ def locality_verdicts(result):
     for mu in LOCALITY_STUDY_MUS:
         for scope, switch in (("", "switch"), ("_global", "switch_global")):
             arm = f"locmoe_mu{mu:g}{scope}"
-            asked = paired(arm, switch, "inter_node_requested")
+            asked = _paired(result, arm, switch, "inter_node_requested")
             rows.append({"claim": f"{arm} requests fewer inter-node choices than {switch}",
                          "figure": f"inter-node share of requested choices {arm} - {switch} {interval(asked)}",
                          "verdict": direction(asked, lower_is_claimed=True)})
@@ -176,10 +177,7 @@ def locality_verdicts(result):
             rows.append({"claim": f"{arm} moves at most half of {switch}'s inter-node choices",
                          "figure": f"inter-node kept share {arm} / {switch} {interval(share, '{:.3f}')}",
                          "verdict": within(share, 0.5)})
-            bpb = paired(arm, switch, "val_bpb")
-            rows.append({"claim": f"{arm} keeps quality (val bpb within {QUALITY_MARGIN:.0%} of {switch}'s)",
-                         "figure": f"val bpb {arm} - {switch} {interval(bpb)}",
-                         "verdict": within(bpb, QUALITY_MARGIN * result["arms"][switch]["val_bpb"]["mean"])})
+            rows.append(_keeps_bpb(result, arm, switch))
     return rows
 
 
