@@ -162,8 +162,8 @@ class MoEConfig:
     aux_loss_coeff: float = _f(0.01, "alpha of the Switch load-balancing loss alpha*E*sum(f_i*P_i)", lo=0.0)
     aux_scope: str = _f("rank", "over which tokens the router losses take f and P: rank (each routing group's "
                         "own, averaged over ranks: a rank that localises pays up to E_g/E_node times alpha) or "
-                        "global (all ranks' tokens: balance of the whole layer, as one big batch); global needs "
-                        "the ranks in one process (parallel.dispatch local or simulated) in this version",
+                        "global (all ranks' tokens: balance of the whole layer, as one big batch; with one rank per "
+                        "process the expert counts are all-reduced each step, one [G, E_g+1] vector a layer)",
                         choices=("rank", "global"))
     z_loss_coeff: float = _f(0.001, "coefficient of the router z-loss mean(logsumexp(logits)^2)", lo=0.0)
     topk: TopKSection = field(default_factory=TopKSection)
@@ -319,9 +319,6 @@ class RunConfig:
         _require(not one_rank or moe.capacity_mode == "factor", "moe.capacity_mode", moe.capacity_mode,
                  f"factor with parallel.dispatch={p.dispatch} (the routers' capacity proposals run the whole model "
                  f"in one process; use simulated)")
-        _require(not one_rank or moe.aux_scope == "rank", "moe.aux_scope", moe.aux_scope,
-                 f"rank with parallel.dispatch={p.dispatch} (global needs every rank's tokens in one process in "
-                 f"this version; use local or simulated)")
         # The routers own their rules (`Router.check`). Imported here: routing sits above config in the
         # dependency order, and a registered router needs the config's types.
         from pangu_moe.routing.registry import router_class

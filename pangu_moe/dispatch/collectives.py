@@ -162,6 +162,19 @@ class HcclAllToAll(nn.Cell):
         return self.all_gather(x)
 
 
+class SumOverRanks(nn.Cell):
+    """A count summed over the W ranks, one rank per process (`msrun_cpu`, `hccl`): AllReduce(sum) in the
+    world group. Counts carry no gradient, so none is sent back."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+
+    def construct(self, x):
+        """x [...] fp32 -> [...] the sum of every rank's x."""
+        return ops.stop_gradient(self.all_reduce(ops.stop_gradient(x)))
+
+
 def make_all_to_all(backend, kind, rank, nodes, devices_per_node, mp=1):
     """The primitive of `backend` ("simulated", "msrun_cpu", "hccl") for groups of `kind` (one rank per process
     for the `tp` and `ep` kinds, whose simulated form is `dispatch.group_wise`)."""

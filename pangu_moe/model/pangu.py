@@ -8,6 +8,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
+from pangu_moe.dispatch.collectives import SumOverRanks
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.exchange import Exchange
 from pangu_moe.dispatch.topology import Topology
@@ -198,6 +199,8 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
         router.enable_fed_noise(topology.world_size, noise_tokens)
     num_experts, world = moe_cfg.num_experts, topology.world_size
     one_rank = backend in MULTI_PROCESS_BACKENDS
+    if one_rank and moe_cfg.aux_scope == "global" and world > 1:
+        router.sum_counts_over_ranks(SumOverRanks())
     held, first = (1, rank) if one_rank else (world, 0)
     shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)

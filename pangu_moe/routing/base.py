@@ -189,6 +189,14 @@ class Router(nn.Cell):
         self.gating = None
         self.score_dtype = exact_dtype()  # the softmax's and the locality loss's (`precision.exact_dtype`)
         self.fed_noise = ()  # names of the noise buffers the trainer fills each step
+        self.sum_over_ranks = None  # moe.aux_scope = global, one rank per process (`sum_counts_over_ranks`)
+
+    def sum_counts_over_ranks(self, cell):
+        """moe.aux_scope = global on a backend with one rank per process: the load-balancing loss takes its
+        counts f over all ranks through `cell` (counts [G, E_g + 1] fp32 -> summed over ranks), see
+        `losses.load_balancing_loss`. The in-process backends route all ranks' tokens at once instead
+        (`model.moe_layer.MoELayer.route`)."""
+        self.sum_over_ranks = cell
 
     def noise_shapes(self, tokens):
         """{name: shape} of the U[0, 1) noise this router draws in training, per routing group of `tokens`."""

@@ -120,7 +120,8 @@ class LocMoERouter(Router):
         return grap_logits(x, self.experts_per_group) + ops.gather(self.bias, group_ids, 0)
 
     def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
-        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff,
+                                          self.sum_over_ranks)
         locality = ops.zeros((), ms.float32)
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)

@@ -153,7 +153,8 @@ class LocMoEPlusRouter(Router):
                 requested = threshold_requests(gate, self.score_threshold)
                 gate = gate * requested.astype(ms.float32)
             gate = gate / gate.sum(-1, keepdims=True)
-        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff,
+                                          self.sum_over_ranks)
         locality = ops.zeros((), ms.float32)
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)

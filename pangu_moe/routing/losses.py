@@ -3,7 +3,7 @@ import mindspore as ms
 from mindspore import ops
 
 
-def load_balancing_loss(scores, local_index, group_ids, num_groups, coeff):
+def load_balancing_loss(scores, local_index, group_ids, num_groups, coeff, sum_over_ranks=None):
     """Switch/GShard load-balancing loss, per level-1 group, weighted by the group's token share.
 
     For one group (G = 1) this is exactly alpha * E * sum_i f_i * P_i with
@@ -12,12 +12,18 @@ def load_balancing_loss(scores, local_index, group_ids, num_groups, coeff):
     taken over the group's own T_g tokens, so a balanced group scores alpha whatever the domain mix.
     Gradients flow through P only (f is a count).
 
+    `sum_over_ranks` (moe.aux_scope = global with one rank per process) sums a count tensor over the W ranks.
+    f then counts every rank's choices while P stays this rank's: the rank's loss is the per-rank surrogate
+    alpha * E_g * sum_i f_i^all * P_i^rank, whose mean over ranks (the data-parallel mean of the trainer) is
+    the loss of all ranks' tokens at once in value and gradient, because P^all is the mean of the P^rank.
+
     Args:
         scores: [T, E_g] fp32, the score function's output over the token's own group.
         local_index: [T, K] int32 expert ids inside the token's group (pre-drop choices).
         group_ids: [T] int32.
         num_groups: G (python int).
         coeff: alpha (python float).
+        sum_over_ranks: None, or a cell [G, E_g + 1] fp32 -> the same summed over ranks.
     Returns:
         fp32 scalar: alpha at perfect balance, alpha * E_g when each group collapses onto one expert.
     """
@@ -29,7 +35,11 @@ def load_balancing_loss(scores, local_index, group_ids, num_groups, coeff):
     prob_sum = ops.matmul(group_onehot.T, scores)  # (G, E_g): sum of scores per expert over the group's tokens
     chosen = ops.one_hot(local_index, experts_per_group, one, zero).sum(1)  # (T, E_g) <- (T, K, E_g)
     choices = ops.matmul(group_onehot.T, chosen)  # (G, E_g)
-    group_tokens = ops.maximum(group_onehot.sum(0), one).reshape(num_groups, 1)  # (G, 1)
+    group_tokens = group_onehot.sum(0).reshape(num_groups, 1)  # (G, 1)
+    if sum_over_ranks is not None:
+        counts = sum_over_ranks(ops.concat((choices, group_tokens), 1))  # (G, E_g + 1), one collective
+        choices, group_tokens = counts[:, :experts_per_group], counts[:, experts_per_group:]
+    group_tokens = ops.maximum(group_tokens, one)
     per_group = (choices * prob_sum).sum(1, keepdims=True) / (group_tokens * top_k)
     return coeff * experts_per_group * per_group.sum() / num_tokens
 

@@ -132,7 +132,8 @@ class TopKRouter(LearnedRouter):
         return self.logits(x, group_ids)
 
     def gating_losses(self, x, logits, scores, local_index, group_ids, rank):
-        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff)
+        aux = losses.load_balancing_loss(scores, local_index, group_ids, self.num_groups, self.aux_loss_coeff,
+                                          self.sum_over_ranks)
         return stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff), ops.zeros((), ms.float32))
 
     def score(self, x, token_ids, group_ids, training, rank=None):

@@ -55,6 +55,42 @@ def test_aux_gradient_is_alpha_e_f_over_t():
     np.testing.assert_allclose(grad, np.tile(0.01 * 4 * f / 10, (10, 1)), rtol=1e-6)
 
 
+def test_per_rank_surrogate_with_summed_counts_is_the_global_loss_in_mean_value_and_gradient():
+    # moe.aux_scope = global, one rank per process: each of W = 4 ranks takes f over all ranks' choices
+    # (here the sum is handed in, as the AllReduce would return it) and P over its own tokens; the mean of
+    # the 4 rank losses is the loss of the 24 tokens at once, value and gradient, with 2 groups of unequal size.
+    rng = np.random.default_rng(3)
+    w, n, e, g = 4, 6, 4, 2
+    scores = rng.random((w * n, e // g)).astype(np.float32)
+    index = rng.integers(0, e // g, (w * n, 2)).astype(np.int32)
+    groups = rng.integers(0, g, w * n).astype(np.int32)
+    everything = lambda s: load_balancing_loss(s, Tensor(index), Tensor(groups), g, 0.01)
+    want, want_grad = ms.value_and_grad(everything)(Tensor(scores))
+
+    def counts(rows):  # [G, E_g + 1]: choices per (group, expert), then the group's tokens
+        out = np.zeros((g, e // g + 1), np.float32)
+        for t in rows:
+            np.add.at(out[groups[t]], index[t], 1.0)
+            out[groups[t], -1] += 1
+        return out
+
+    total = Tensor(counts(range(w * n)))
+    summed = lambda local_counts: total
+    got, got_grad = 0.0, []
+    for r in range(w):
+        rows = slice(r * n, (r + 1) * n)
+        assert not np.allclose(counts(range(r * n, (r + 1) * n)), total.asnumpy())
+        rank_loss = lambda s: load_balancing_loss(s, Tensor(index[rows]), Tensor(groups[rows]), g, 0.01, summed)
+        value, grad = ms.value_and_grad(rank_loss)(Tensor(scores[rows]))
+        got += float(value.asnumpy()) / w
+        got_grad.append(grad.asnumpy() / w)
+    assert abs(got - float(want.asnumpy())) < 1e-8
+    np.testing.assert_allclose(np.concatenate(got_grad), want_grad.asnumpy(), rtol=1e-6)
+    per_rank = np.mean([_aux(scores[r * n:(r + 1) * n], index[r * n:(r + 1) * n], groups[r * n:(r + 1) * n], g)
+                        for r in range(w)])
+    assert abs(per_rank - got) > 1e-4  # the per-rank scope is a different loss on this batch
+
+
 def test_z_loss_formula_and_shift_sensitivity():
     logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], np.float32)
     lse = np.log(np.exp(logits).sum(1))

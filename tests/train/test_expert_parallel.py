@@ -49,16 +49,19 @@ def test_simulated_equals_local(local_run, tmp_path, exchange):
     assert summary["val_loss"] == pytest.approx(local_run[2]["val_loss"], rel=1e-5)
 
 
-def test_global_aux_scope_simulated_equals_local_and_differs_from_per_rank(local_run, tmp_path):
+@pytest.fixture(scope="module")
+def local_global_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("local_global"), "moe.aux_scope=global")
+
+
+def test_global_aux_scope_simulated_equals_local_and_differs_from_per_rank(local_run, local_global_run, tmp_path):
     # aux loss over all ranks' tokens: the same on both in-process backends, in graph mode, losses and gradients
-    local = _run(tmp_path / "local", "moe.aux_scope=global")
+    local = local_global_run
     simulated = _run(tmp_path / "simulated", "moe.aux_scope=global", "parallel.dispatch=simulated")
     np.testing.assert_allclose(simulated[0], local[0], rtol=1e-5)
     for name, g in simulated[1].items():
         np.testing.assert_allclose(g, local[1][name], rtol=1e-5, atol=1e-8, err_msg=name)
     assert local[0][0] != local_run[0][0]  # the same first step under the per-rank aux loss
-    with pytest.raises(ConfigError, match="moe.aux_scope = 'global': must be rank with parallel.dispatch=msrun_cpu"):
-        tiny_config(*EP, "moe.aux_scope=global", "parallel.dispatch=msrun_cpu")
 
 
 def _ours(pattern):
@@ -76,17 +79,21 @@ def _launch(tmp_path, *args, timeout=600):
 
 
 @pytest.mark.msrun
-@pytest.mark.parametrize("exchange,kernels,bucket_mb", [("flat", "custom", 25.0), ("hierarchical", "reference", 0.01)])
-def test_msrun_cpu_equals_local_and_leaves_no_process(local_run, tmp_path, exchange, kernels, bucket_mb):
+@pytest.mark.parametrize("exchange,kernels,bucket_mb,aux_scope", [("flat", "custom", 25.0, "rank"),
+                                                                  ("hierarchical", "reference", 0.01, "global")])
+def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchange, kernels, bucket_mb, aux_scope):
     """Four msrun processes against the one-process `local` run (reference kernels); the flat case runs the
     custom CPU kernels in every worker (built once, shared through the cache); the hierarchical case all-reduces
-    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`)."""
+    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`) and takes the aux
+    loss over all ranks' tokens (`moe.aux_scope=global`: the choice counts all-reduced, `SumOverRanks`)."""
+    local_run = request.getfixturevalue("local_run" if aux_scope == "rank" else "local_global_run")
     config = tmp_path / "tiny.yaml"
     with open(config, "w") as fh:
         yaml.safe_dump(TINY, fh)
     run_dir = tmp_path / "run"
     sets = [a for o in EP + ("parallel.dispatch=msrun_cpu", f"parallel.exchange={exchange}",
-                             f"runtime.kernels={kernels}", f"parallel.grad_bucket_mb={bucket_mb}")
+                             f"runtime.kernels={kernels}", f"parallel.grad_bucket_mb={bucket_mb}",
+                             f"moe.aux_scope={aux_scope}")
             for a in ("--set", o)]
     done, _ = _launch(tmp_path, "--script", os.path.join(REPO, "tests", "train", "ep_worker.py"), "--", str(config),
                       str(run_dir), *sets)
