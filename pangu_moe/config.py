@@ -189,6 +189,10 @@ class ParallelConfig:
     exchange: str = _f("flat", "flat (one world all-to-all) or hierarchical (inter-node stage among same-local-rank "
                        "peers, then intra-node; the same result, fewer inter-node messages); not for local",
                        choices=("flat", "hierarchical"))
+    exchange_layout: str = _f("ragged", "ragged (only the kept rows travel: each (source, destination) block's "
+                              "occupancy first, then its occupied rows on an uneven all-to-all, AlltoAllV on hccl) or "
+                              "padded (every slot of the [W, E_loc, C, H] send buffer travels); not for local",
+                              choices=("ragged", "padded"))
     nodes: int = _f(1, "nodes N", lo=1)
     devices_per_node: int = _f(1, "devices per node D", lo=1)
     grad_bucket_mb: float = _f(25.0, "multi-process backends: the shared gradients are all-reduced in buckets of at "
@@ -300,6 +304,11 @@ class RunConfig:
                  f"parallelism shards E / W experts per rank)")
         _require(p.dispatch != "local" or p.exchange == "flat", "parallel.exchange", p.exchange,
                  "flat with parallel.dispatch=local (it has no exchange)")
+        _require(p.dispatch != "local" or p.exchange_layout == "ragged", "parallel.exchange_layout", p.exchange_layout,
+                 "ragged (the default) with parallel.dispatch=local (it has no exchange)")
+        _require(p.dispatch != "hccl" or p.exchange == "flat" or p.exchange_layout == "padded",
+                 "parallel.exchange_layout", p.exchange_layout, "padded with parallel.exchange=hierarchical on hccl "
+                 "(the ragged hierarchical exchange has no AlltoAllV stages there yet; use parallel.exchange=flat)")
         _require(p.dispatch != "hccl" or self.runtime.device == "Ascend", "runtime.device", self.runtime.device,
                  "Ascend for parallel.dispatch=hccl")
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,

@@ -47,6 +47,31 @@ def inter_node_messages(kept_per_expert, topology):
     return flat, hierarchical
 
 
+def exchange_bytes(kept_per_expert, capacity, topology, hidden, bytes_per_value):
+    """Bytes one step of one layer's expert-parallel exchange sends between ranks, dispatch and combine.
+
+    Ragged (`dispatch.ragged`, what the exchange sends on simulated, msrun_cpu and hccl): each kept choice's
+    H-vector both ways, plus each remote block's occupancy (E_loc * C values, dispatch only). Padded
+    (`dispatch.exchange.Exchange`): every slot of each remote block [E_loc, C, H], both ways, whatever was kept.
+    Blocks between the ranks of one node count as intra-node, others as inter-node; a rank's own block
+    does not leave it.
+
+    Args: kept_per_expert [W, E] int; capacity C; topology: `Topology` (E % W == 0 for the padded figures);
+        hidden H; bytes_per_value b.
+    Returns: {"ragged": {"intra": int, "inter": int}, "padded": {"intra": int, "inter": int}}.
+    """
+    kept = np.asarray(kept_per_expert, np.int64)
+    w, d = topology.world_size, topology.devices_per_node
+    rows = np.zeros((w, w), np.int64)  # (source rank, destination rank)
+    np.add.at(rows.T, topology.expert_rank(), kept.T)
+    node = np.arange(w) // d
+    tiers = {"intra": (node[:, None] == node[None, :]) & ~np.eye(w, dtype=bool), "inter": node[:, None] != node[None, :]}
+    block = max(topology.num_experts // w, 1) * int(capacity)  # slots of one (source, destination) block
+    return {"ragged": {t: int((2 * rows[m].sum() * hidden + m.sum() * block) * bytes_per_value)
+                       for t, m in tiers.items()},
+            "padded": {t: int(2 * m.sum() * block * hidden * bytes_per_value) for t, m in tiers.items()}}
+
+
 def load_stats(tokens_per_expert):
     """Load balance of one layer's demand.
 
@@ -72,13 +97,14 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
     Returns:
         dict: tokens_per_expert, kept_per_expert (summed over ranks), tokens_per_rank_expert [W][E] and
         kept_per_rank [W] (what capacity sees: it binds per rank), dropped, capacity, tokens_local/intra/inter,
-        bytes_intra/inter, messages_inter_flat / _hierarchical (one direction), max_over_mean_load, dead_experts.
+        bytes_intra/inter (the ragged exchange's, `exchange_bytes`), padded_bytes_intra/inter (the padded
+        exchange's), messages_inter_flat / _hierarchical (one direction), max_over_mean_load, dead_experts.
     """
     demand = np.asarray(tokens_per_expert, np.int64)
     kept = np.asarray(kept_per_expert, np.int64)
     places = route_classes(kept, topology)
     flat, hierarchical = inter_node_messages(kept, topology)
-    token_bytes = 2 * hidden * bytes_per_value
+    moved = exchange_bytes(kept, capacity, topology, hidden, bytes_per_value)
     return {
         "tokens_per_expert": [int(v) for v in demand.sum(0)],
         "kept_per_expert": [int(v) for v in kept.sum(0)],
@@ -86,7 +112,8 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
         "dropped": int(demand.sum() - kept.sum()),
         "capacity": int(capacity),
         "tokens_local": places["local"], "tokens_intra": places["intra"], "tokens_inter": places["inter"],
-        "bytes_intra": places["intra"] * token_bytes, "bytes_inter": places["inter"] * token_bytes,
+        "bytes_intra": moved["ragged"]["intra"], "bytes_inter": moved["ragged"]["inter"],
+        "padded_bytes_intra": moved["padded"]["intra"], "padded_bytes_inter": moved["padded"]["inter"],
         "messages_inter_flat": flat, "messages_inter_hierarchical": hierarchical,
         **load_stats(demand),
     }

@@ -36,6 +36,17 @@ class Exchange(nn.Cell):
         else:
             self.world = make_all_to_all(backend, "world", rank, nodes, devices_per_node)
 
+    ragged = False  # moves every slot; `dispatch.ragged.RaggedExchange` moves the kept rows only
+
+    def dispatch(self, send, occupancy):
+        """The expert-parallel interface shared with `RaggedExchange`: send [R, W, S, H] -> (received
+        [R, W, S, H], state for `combine`); the occupancy is not needed (every slot travels)."""
+        return self.construct(send), None
+
+    def combine(self, expert_out, state):
+        """expert_out [R, W, S, H] -> back at the sources [R, W, S, H]: the same transpose."""
+        return self.construct(expert_out)
+
     def construct(self, send):
         """send [R, W, ...]: send[r, q] goes from rank r to rank q -> received [R, W, ...]: from rank q."""
         if not self.hierarchical:

@@ -78,18 +78,26 @@ class MoELayer(nn.Cell):
             fields = fields[:LOSSES_FIELD] + (everything[LOSSES_FIELD],) + fields[LOSSES_FIELD + 1:]
         return fields
 
-    def run_experts(self, buffer):
-        """buffer [R, E, C, H] (rank r's tokens for expert e) -> expert outputs in the same layout."""
+    def run_experts(self, buffer, flat_index):
+        """buffer [R, E, C, H] (rank r's tokens for expert e), flat_index [T*K] int32 (`Dispatcher.layout`) ->
+        expert outputs in the same layout (zero in empty slots after a ragged exchange)."""
         r, e, c, h = buffer.shape
         if self.exchange is None:
             expert_in = ops.swapaxes(buffer, 0, 1).reshape(e, r * c, h)  # (E, R*C, H) <- (E, R, C, H)
             return ops.swapaxes(self.experts(expert_in).reshape(e, r, c, h), 0, 1)  # (R, E, C, H)
         w = self.world_size
         e_loc = e // w
-        received = self.exchange(buffer.reshape(r, w, e_loc, c, h))  # (R, W sources, E_loc, C, H)
+        occupancy = None
+        if self.exchange.ragged:  # which slots hold a kept choice: flat_index is R*E*C for a dropped one
+            hits = ops.ones(flat_index.shape, ms.int32)
+            occupancy = ops.scatter_nd(flat_index.reshape(-1, 1), hits, (r * e * c + 1,))[:-1]
+            occupancy = occupancy.reshape(r, w, e_loc * c)  # (R, W, E_loc*C): destination-major blocks
+        received, state = self.exchange.dispatch(buffer.reshape(r, w, e_loc * c, h), occupancy)  # (R, W src, S, H)
+        received = received.reshape(r, w, e_loc, c, h)  # (R, W sources, E_loc, C, H)
         expert_in = ops.swapaxes(received, 1, 2).reshape(r * e_loc, w * c, h)  # (R*E_loc, W*C, H)
         expert_out = ops.swapaxes(self.experts(expert_in).reshape(r, e_loc, w, c, h), 1, 2)  # (R, W, E_loc, C, H)
-        return self.exchange(expert_out).reshape(r, e, c, h)  # back at the sources: (R, E, C, H)
+        back = self.exchange.combine(expert_out.reshape(r, w, e_loc * c, h), state)  # at the sources: (R, W, S, H)
+        return back.reshape(r, e, c, h)
 
     def construct(self, x, token_ids, group_ids, capacity, training):
         """Apply the layer to the R ranks' tokens: `route`, then `apply`.
@@ -128,7 +136,7 @@ class MoELayer(nn.Cell):
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
             return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
         buffer = self.dispatcher.dispatch(x.astype(self.compute_dtype), flat_index, capacity)  # (R*E, C, H)
-        expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden))
+        expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden), flat_index)
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
         y, policy_term = self.router.combine(self.dispatcher, expert_out, flat_index, gate, keep, log_prob)
         return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term

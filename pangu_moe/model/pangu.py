@@ -11,6 +11,7 @@ from pangu_moe.config import MULTI_PROCESS_BACKENDS
 from pangu_moe.dispatch.collectives import SumOverRanks
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.exchange import Exchange
+from pangu_moe.dispatch.ragged import RaggedExchange
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.attention import Attention, causal_mask
@@ -34,6 +35,7 @@ class PanguModel(nn.Cell):
         topology: `dispatch.topology.Topology` read by locality-aware routers (default: one device).
         backend: `parallel.dispatch`; exchange: `parallel.exchange`; rank: this process's world rank
             (multi-process backends hold only that rank's experts and tokens).
+        exchange_layout: `parallel.exchange_layout` (ragged or padded).
         kernels: an `ops.KERNEL_BACKENDS` name (`ops.run_kernel_backend` of the run's config).
         noise_tokens: tokens of one routing group in training: routers then take their training noise from
             buffers that `feed_noise` fills each step (`Router.enable_fed_noise`); None keeps MindSpore's
@@ -41,7 +43,7 @@ class PanguModel(nn.Cell):
     """
 
     def __init__(self, model_cfg, moe_cfg, topology=None, backend="local", exchange="flat", rank=0,
-                 kernels="reference", noise_tokens=None):
+                 kernels="reference", noise_tokens=None, exchange_layout="ragged"):
         super().__init__()
         m = model_cfg
         topology = topology or Topology(1, 1, moe_cfg.num_experts)
@@ -60,7 +62,7 @@ class PanguModel(nn.Cell):
         self.moe_blocks = nn.CellList([
             MoEBlock(m.hidden, m.num_heads,
                      build_moe_layer(m, moe_cfg, layer, out_std, topology, backend, exchange, rank, kernels,
-                                     noise_tokens),
+                                     noise_tokens, exchange_layout),
                      m.init_std,
                      out_std)
             for layer in range(m.num_moe_layers)])
@@ -186,7 +188,7 @@ class PanguModel(nn.Cell):
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local", exchange="flat", rank=0,
-                    kernels="reference", noise_tokens=None):
+                    kernels="reference", noise_tokens=None, exchange_layout="ragged"):
     """One MoE layer from the config (router by name, see `routing.registry`).
 
     `local` and `simulated` hold all W ranks in this process; `msrun_cpu` and `hccl` hold rank `rank`
@@ -204,7 +206,8 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     held, first = (1, rank) if one_rank else (world, 0)
     shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
-    ep = None if backend == "local" else Exchange(backend, exchange, first, topology.nodes, topology.devices_per_node)
+    ep = None if backend == "local" else (RaggedExchange if exchange_layout == "ragged" else Exchange)(
+        backend, exchange, first, topology.nodes, topology.devices_per_node)
     # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `RunConfig.validate`)
     dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes) if kernels == "ascend_builtin" else \
         Dispatcher(num_experts, held, world, topology.nodes, kernels)
@@ -220,7 +223,7 @@ def build_model(cfg, rank=0):
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
     model = PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
-                       run_kernel_backend(cfg), group_tokens)
+                       run_kernel_backend(cfg), group_tokens, p.exchange_layout)
     model.use_precision(cfg.train.precision, cfg.moe.router_dtype)
     return model
 

@@ -24,7 +24,10 @@ def test_hand_built_routing_counts_and_bytes():
     demand = kept + np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2], [0, 0, 0, 0]])
     record = layer_record(demand, kept, 6, TOPO, hidden=16)
     assert record["dropped"] == 3 and record["tokens_per_expert"] == [5, 6, 8, 4]
-    assert record["bytes_intra"] == 7 * 2 * 16 * 4 and record["bytes_inter"] == 5 * 2 * 16 * 4
+    # ragged: the kept rows both ways plus each remote block's occupancy (1 expert x C = 6 slots), 4 intra-node
+    # blocks (0<->1, 2<->3) and 8 inter-node ones; padded: every slot of those blocks both ways
+    assert record["bytes_intra"] == (7 * 2 * 16 + 4 * 6) * 4 and record["bytes_inter"] == (5 * 2 * 16 + 8 * 6) * 4
+    assert record["padded_bytes_intra"] == 4 * 2 * 6 * 16 * 4 and record["padded_bytes_inter"] == 8 * 2 * 6 * 16 * 4
     assert record["tokens_local"] + record["tokens_intra"] + record["tokens_inter"] == kept.sum()
 
 

@@ -39,9 +39,10 @@ def local_run(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("local"))
 
 
-@pytest.mark.parametrize("exchange", ["flat", "hierarchical"])
-def test_simulated_equals_local(local_run, tmp_path, exchange):
-    losses, grads, summary = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}")
+@pytest.mark.parametrize("exchange,layout", [("flat", "ragged"), ("hierarchical", "ragged"), ("flat", "padded")])
+def test_simulated_equals_local(local_run, tmp_path, exchange, layout):
+    losses, grads, summary = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}",
+                                  f"parallel.exchange_layout={layout}")
     np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
     assert grads.keys() == local_run[1].keys()
     for name, g in grads.items():

@@ -126,9 +126,10 @@ def test_fp16_resume_on_simulated_ranks_reproduces_an_uninterrupted_run(tmp_path
     records = read(tmp_path / "a" / "metrics.jsonl")
     assert records[-1]["loss"] < records[0]["loss"]
     assert [r["loss_scale"] for r in records] == [1024.0, 1024.0, 2048.0, 2048.0, 2048.0, 4096.0, 4096.0, 4096.0]
-    for r in records:  # the exchange carries fp16: 2 bytes a value, both directions
+    for r in records:  # the exchange carries fp16: 2 bytes a value, rows both directions, 2 blocks' occupancy
         for layer in r["layers"]:
-            assert layer["bytes_intra"] == layer["tokens_intra"] * 2 * 32 * 2 > 0
+            block = len(layer["tokens_per_expert"]) // 2 * layer["capacity"]
+            assert layer["bytes_intra"] == (layer["tokens_intra"] * 2 * 32 + 2 * block) * 2 > 0
     resumed = tmp_path / "b"
     shutil.copytree(tmp_path / "a", resumed)
     remove(str(resumed / "checkpoints" / "step_000008"))  # as if killed after the step-4 checkpoint

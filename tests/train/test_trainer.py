@@ -28,8 +28,8 @@ SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
                "layers", "skipped_steps", "capacity_bucket", "reruns", "loss_scale"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "tokens_per_rank_expert", "kept_per_rank", "dropped",
-              "capacity", "tokens_local", "tokens_intra",
-              "tokens_inter", "bytes_intra", "bytes_inter", "max_over_mean_load", "dead_experts"}
+              "capacity", "tokens_local", "tokens_intra", "tokens_inter", "bytes_intra", "bytes_inter",
+              "padded_bytes_intra", "padded_bytes_inter", "max_over_mean_load", "dead_experts"}
 
 
 def _train(run_dir, *overrides, resume=False):
