@@ -2,7 +2,8 @@ from pangu_moe.bench import all as bench_all
 from pangu_moe.bench import dispatch_style
 
 RESULTS = {"moe_layer": {"moe_over_dense": 1.1}, "dispatch_style": {"onehot_over_gather": 3.0},
-           "kernels": {"kernel_speedup": 9.0, "permute_bw_fraction": 0.8}, "ep": {"simulated_over_local": 1.01}}
+           "kernels": {"kernel_speedup": 9.0, "permute_bw_fraction": 0.8}, "ep": {"simulated_over_local": 1.01,
+                                                                                  "ragged_over_padded_bytes": 0.6}}
 
 
 def test_all_collects_every_ratio_from_its_benchmark():
@@ -16,9 +17,9 @@ def test_all_collects_every_ratio_from_its_benchmark():
     result = bench_all.run(repeats=3, benches={name: bench(name) for name in RESULTS}, log=lambda line: None)
     assert calls == [(name, 3) for name in RESULTS]
     assert {k: result[k] for k in ("moe_over_dense", "onehot_over_gather", "kernel_speedup", "permute_bw_fraction",
-                                   "simulated_over_local")} == {"moe_over_dense": 1.1, "onehot_over_gather": 3.0,
-                                                               "kernel_speedup": 9.0, "permute_bw_fraction": 0.8,
-                                                               "simulated_over_local": 1.01}
+                                   "simulated_over_local", "ragged_over_padded_bytes")} == {
+        "moe_over_dense": 1.1, "onehot_over_gather": 3.0, "kernel_speedup": 9.0, "permute_bw_fraction": 0.8,
+        "simulated_over_local": 1.01, "ragged_over_padded_bytes": 0.6}
     assert result["results"] == RESULTS and "cores" in result["machine"]
     assert "onehot_over_gather        3.000" in bench_all.table(result)
 
