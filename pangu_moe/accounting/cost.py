@@ -29,6 +29,8 @@ Model (our assumptions, stated so they can be argued with):
 """
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -49,6 +51,70 @@ PRESETS = {
                "one 100 Gb/s RoCE port per NPU between servers (Atlas 300T/800 documentation: 100G "
                "Ethernet per training card), i.e. 12.5 GB/s; latencies are placeholders"),
 }
+
+
+@dataclass(frozen=True)
+class Links:
+    """A simulated cluster's per-device links (`parallel.intra_node_gbps`, ...): one-direction bandwidth in GB/s
+    (1e9 bytes) and latency in seconds, inside a node and across nodes."""
+    intra_gbps: float
+    inter_gbps: float
+    intra_latency: float
+    inter_latency: float
+
+    @classmethod
+    def from_config(cls, parallel):
+        """From a `config.ParallelConfig` (latencies there in microseconds)."""
+        return cls(parallel.intra_node_gbps, parallel.inter_node_gbps, parallel.intra_node_latency_us * 1e-6,
+                   parallel.inter_node_latency_us * 1e-6)
+
+
+def modelled_exchange_seconds(kept_per_expert, capacity, topology, hidden, bytes_per_value, links, layout="ragged",
+                              hierarchical=False):
+    """Modelled time of one MoE layer's exchange (dispatch and combine) from one step's measured routing.
+
+    Each rank sends, both ways, what the exchange moves (`accounting.traffic.exchange_bytes`: the kept rows and
+    each remote block's occupancy when ragged, every slot when padded); a rank's time is the larger of its
+    intra-node and inter-node bytes over the tier's bandwidth (the links work in parallel) plus one latency per
+    message; the layer waits for the slowest rank. Hierarchical: a rank's inter-node rows go once to its
+    same-local-rank peer on each other node, which forwards them inside its node (extra intra-node bytes
+    there); messages per collective are (N - 1) inter + (D - 1) intra, against (W - D) inter + (D - 1) intra
+    flat. Collectives a layer: 2 padded (dispatch, combine), 3 ragged (occupancy first).
+
+    Args: kept_per_expert [W, E] int; capacity C; topology; hidden H; bytes_per_value b; links: `Links`;
+        layout: "ragged" or "padded"; hierarchical: bool.
+    Returns: seconds (float, modelled).
+    """
+    from pangu_moe.accounting.traffic import block_slots, pair_rows, tier_masks
+    w, d = topology.world_size, topology.devices_per_node
+    tiers, block = tier_masks(topology), block_slots(capacity, topology)
+    if layout == "ragged":
+        rows = pair_rows(kept_per_expert, topology).astype(np.float64)
+        vectors = rows + rows.T  # (r, q): rows r sends q in the dispatch and q's back to r in the combine
+        control = block  # the occupancy of each remote block, dispatch only
+    else:
+        vectors = np.full((w, w), 2.0 * block)
+        control = 0
+    sent = {t: (vectors * m).sum(1) * hidden * bytes_per_value + m.sum(1) * control * bytes_per_value
+            for t, m in tiers.items()}  # (W,) bytes a rank sends per tier
+    if hierarchical and topology.nodes > 1 and d > 1:
+        local = np.arange(w) % d
+        node = np.arange(w) // d
+        # rows for rank q arriving from other nodes land on q's node at the peer with the sender's local rank
+        forwarded = np.zeros(w)
+        for q in range(w):
+            for s in np.nonzero(tiers["inter"][:, q])[0]:
+                peer = node[q] * d + local[s]
+                if peer != q:
+                    forwarded[peer] += vectors[s, q] * hidden * bytes_per_value
+        sent["intra"] = sent["intra"] + forwarded
+        messages = {"intra": d - 1, "inter": topology.nodes - 1}
+    else:
+        messages = {"intra": d - 1, "inter": w - d}
+    collectives = 3 if layout == "ragged" else 2
+    transfer = np.maximum(sent["intra"] / (links.intra_gbps * 1e9), sent["inter"] / (links.inter_gbps * 1e9))
+    latency = collectives * (messages["intra"] * links.intra_latency + messages["inter"] * links.inter_latency)
+    return float(transfer.max() + latency)
 
 
 def locality_preference(inter_fraction, nodes):

@@ -47,6 +47,28 @@ def inter_node_messages(kept_per_expert, topology):
     return flat, hierarchical
 
 
+def pair_rows(kept_per_expert, topology):
+    """Kept choices per (source rank, destination rank): int64 [W, W] from kept_per_expert [W, E] (an expert
+    spanning several ranks counts at its first rank)."""
+    kept = np.asarray(kept_per_expert, np.int64)
+    w = topology.world_size
+    rows = np.zeros((w, w), np.int64)
+    np.add.at(rows.T, topology.expert_rank(), kept.T)
+    return rows
+
+
+def tier_masks(topology):
+    """{"intra": bool [W, W] (another rank of the node), "inter": bool [W, W] (a rank of another node)}."""
+    w = topology.world_size
+    node = np.arange(w) // topology.devices_per_node
+    return {"intra": (node[:, None] == node[None, :]) & ~np.eye(w, dtype=bool), "inter": node[:, None] != node[None, :]}
+
+
+def block_slots(capacity, topology):
+    """Slots S = E_loc * C of one (source, destination) block of the exchange."""
+    return max(topology.num_experts // topology.world_size, 1) * int(capacity)
+
+
 def exchange_bytes(kept_per_expert, capacity, topology, hidden, bytes_per_value):
     """Bytes one step of one layer's expert-parallel exchange sends between ranks, dispatch and combine.
 
@@ -60,13 +82,7 @@ def exchange_bytes(kept_per_expert, capacity, topology, hidden, bytes_per_value)
         hidden H; bytes_per_value b.
     Returns: {"ragged": {"intra": int, "inter": int}, "padded": {"intra": int, "inter": int}}.
     """
-    kept = np.asarray(kept_per_expert, np.int64)
-    w, d = topology.world_size, topology.devices_per_node
-    rows = np.zeros((w, w), np.int64)  # (source rank, destination rank)
-    np.add.at(rows.T, topology.expert_rank(), kept.T)
-    node = np.arange(w) // d
-    tiers = {"intra": (node[:, None] == node[None, :]) & ~np.eye(w, dtype=bool), "inter": node[:, None] != node[None, :]}
-    block = max(topology.num_experts // w, 1) * int(capacity)  # slots of one (source, destination) block
+    rows, tiers, block = pair_rows(kept_per_expert, topology), tier_masks(topology), block_slots(capacity, topology)
     return {"ragged": {t: int((2 * rows[m].sum() * hidden + m.sum() * block) * bytes_per_value)
                        for t, m in tiers.items()},
             "padded": {t: int(2 * m.sum() * block * hidden * bytes_per_value) for t, m in tiers.items()}}
@@ -88,12 +104,13 @@ def load_stats(tokens_per_expert):
             "dead_experts": int((demand == 0).sum())}
 
 
-def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden, bytes_per_value=4):
+def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden, bytes_per_value=4, slots=None):
     """The per-layer metrics.jsonl record for one step (docs/outputs.md).
 
     Args:
         tokens_per_expert, kept_per_expert: int arrays [W, E]; capacity: C of the step;
-        hidden: H; bytes_per_value: of the exchanged activations (4 for fp32).
+        hidden: H; bytes_per_value: of the exchanged activations (4 for fp32); slots: the buffers' slots per expert
+        (the step's capacity bucket, >= C; default C).
     Returns:
         dict: tokens_per_expert, kept_per_expert (summed over ranks), tokens_per_rank_expert [W][E] and
         kept_per_rank [W] (what capacity sees: it binds per rank), dropped, capacity, tokens_local/intra/inter,
@@ -104,7 +121,7 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
     kept = np.asarray(kept_per_expert, np.int64)
     places = route_classes(kept, topology)
     flat, hierarchical = inter_node_messages(kept, topology)
-    moved = exchange_bytes(kept, capacity, topology, hidden, bytes_per_value)
+    moved = exchange_bytes(kept, capacity if slots is None else slots, topology, hidden, bytes_per_value)
     return {
         "tokens_per_expert": [int(v) for v in demand.sum(0)],
         "kept_per_expert": [int(v) for v in kept.sum(0)],

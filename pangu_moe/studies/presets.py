@@ -321,7 +321,8 @@ def late_figures(records, topology):
     experts), the inter-node share over those steps of the requested choices (`inter_node_requested`, what
     the router asked for) and of the kept ones (`inter_node_kept`) and, where the routers re-estimated, the
     raw need: `need_first`, `need_last` (mean over layers) and `need_slope` (least squares, slots per 100
-    steps), `q_max_last`. `topology`: the run's `Topology`."""
+    steps), `q_max_last`; `modelled_exchange_ms` (modelled, mean over those steps) where the records have it.
+    `topology`: the run's `Topology`."""
     from pangu_moe.accounting.traffic import route_classes
     train = [r for r in records if "layers" in r]
     late = train[-max(1, math.ceil(LATE * len(train))):]
@@ -334,6 +335,9 @@ def late_figures(records, topology):
            "inter_node_requested": sum(route_classes(layer["tokens_per_rank_expert"], topology)["inter"]
                                        for layer in layers) / max(1, requested),
            "inter_node_kept": sum(layer["tokens_inter"] for layer in layers) / max(1, kept)}
+    modelled = [r["modelled_exchange_ms"] for r in late if "modelled_exchange_ms" in r]
+    if modelled:  # modelled (accounting.cost.modelled_exchange_seconds): the step's routing on the config's links
+        out["modelled_exchange_ms"] = float(np.mean(modelled))
     estimates = [e for r in records for e in r.get("estimates", ())]
     if estimates:
         steps = sorted({e["step"] for e in estimates})

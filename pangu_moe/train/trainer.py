@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pangu_moe import runtime
+from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
 from pangu_moe.accounting.traffic import PLACES, layer_record, rank_balance, route_classes, window_load_stats
 from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
@@ -140,6 +141,14 @@ class Trainer:
             bucket = min(limit, capacity_bucket(demand, self.capacity))
             self.reruns += 1
 
+    def _exchange_seconds(self, kept, slots):
+        """Modelled exchange time of one layer at this step's routing (`accounting.cost.modelled_exchange_seconds`
+        with the run's links, layout and algorithm): kept [W, E]; slots: the buffers' slots per expert."""
+        p = self.cfg.parallel
+        return modelled_exchange_seconds(kept, slots, self.topology, self.cfg.model.hidden,
+                                         BYTES[self.cfg.train.precision], Links.from_config(p), p.exchange_layout,
+                                         p.exchange == "hierarchical")
+
     def _step0_inputs(self):
         """Every MoE layer's router input on the step-0 batch, routed without dropping, for the routers' capacity
         proposals: always that batch under the seeded initial weights, so a resumed run plans the same
@@ -258,7 +267,8 @@ class Trainer:
                           "loss_scale": float(loss_scale),
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
                           "capacity_bucket": bucket, "reruns": self.reruns,
-                          "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden, BYTES[t.precision])
+                          "modelled_exchange_ms": 1e3 * sum(self._exchange_seconds(k, bucket) for k in kept),
+                          "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden, BYTES[t.precision], bucket)
                                      for d, k, c in zip(demand, kept, capacities)]}
                 if self.estimates:
                     record["estimates"] = self.estimates
@@ -403,6 +413,12 @@ class Trainer:
             "capacity_mode": cfg.moe.capacity_mode, **self.capacity_proposals, "skipped_steps": state["skipped_steps"],
             "params_total": total, "params_active": active,
         }
+        # modelled (parallel.*_gbps / _latency_us): the measured step time on this machine plus the exchange time
+        # the step's routing would take on the configured links
+        exchange = [r["modelled_exchange_ms"] / 1e3 for r in records if "modelled_exchange_ms" in r]
+        summary["modelled_exchange_s_per_step"] = float(np.mean(exchange)) if exchange else 0.0
+        summary["modelled_step_s"] = (self.tokens_per_step / summary["tokens_per_s"] if summary["tokens_per_s"] else
+                                      0.0) + summary["modelled_exchange_s_per_step"]
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
         self.log(f"done: val_bpb {val['val_bpb']:.3f} = {val['val_bpb'] / unigram:.3f} x token unigram ({unigram:.3f}) "

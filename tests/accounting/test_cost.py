@@ -1,6 +1,9 @@
+import numpy as np
 import pytest
 
-from pangu_moe.accounting.cost import Cluster, LayoutError, exchange_seconds, expert_layout, locality_preference
+from pangu_moe.accounting.cost import (Cluster, LayoutError, Links, exchange_seconds, expert_layout, locality_preference,
+                                       modelled_exchange_seconds)
+from pangu_moe.dispatch.topology import Topology
 
 TOY = Cluster("toy", 4, intra_bandwidth=1.0, inter_bandwidth=0.5, intra_latency=1e-6, inter_latency=2e-6, source="test")
 
@@ -56,3 +59,44 @@ def test_group_wise_exchange_sends_one_mp_th_across_the_all_to_all():
     all_gather = 2 * 1000 * (1 / 2) * 200
     assert grouped["intra_bytes"] == pytest.approx(all_to_all_intra + all_gather)  # 37,500 + 200,000
     assert grouped["messages"] == (4 // 2 - 1) + (2 - 1) + (8 - 4) // 2
+
+
+# 2 nodes x 2 devices, expert q on rank q; rank r keeps kept[r, q] choices for expert q.
+KEPT = np.array([[3, 1, 2, 0], [0, 4, 0, 1], [1, 1, 1, 1], [0, 0, 5, 0]])
+LINKS = Links(intra_gbps=1.0, inter_gbps=0.5, intra_latency=1e-6, inter_latency=2e-6)
+
+
+def test_modelled_exchange_seconds_hand_computed_flat():
+    topology = Topology(2, 2, 4)
+    # ragged, H = 10, b = 2, C = 6 (blocks of 6 slots). Rank 0 sends: intra to rank 1 rows 1 + back 0 = 1 row,
+    # inter to ranks 2, 3: rows (2 + 1) + (0 + 0) = 3; rank 2: intra (1 + 5) = 6, inter (1 + 2) + (1 + 0) = 4;
+    # rank 3: intra (0 + 1) = 1, inter (0 + 0) + (0 + 1) = 1; rank 1: intra (0 + 1) = 1, inter (0 + 1) + (1 + 1) = 3.
+    # Each remote block adds 6 occupancy values: 1 intra block, 2 inter blocks a rank.
+    intra = np.array([1, 1, 6, 1]) * 20 + 6 * 2
+    inter = np.array([3, 3, 4, 1]) * 20 + 12 * 2
+    transfer = max(max(intra / 1e9), max(inter / 0.5e9))
+    latency = 3 * (1 * 1e-6 + 2 * 2e-6)  # 3 collectives, (D - 1) intra and (W - D) inter messages each
+    got = modelled_exchange_seconds(KEPT, 6, topology, 10, 2, LINKS)
+    assert got == pytest.approx(transfer + latency, rel=1e-12)
+    padded = modelled_exchange_seconds(KEPT, 6, topology, 10, 2, LINKS, layout="padded")
+    assert padded == pytest.approx(2 * 2 * 6 * 20 / 0.5e9 + 2 * (1e-6 + 2 * 2e-6), rel=1e-12)
+    assert modelled_exchange_seconds(np.zeros((4, 4)), 6, topology, 10, 2, LINKS, layout="padded") == padded
+
+
+def test_modelled_hierarchical_exchange_forwards_inside_the_node_and_sends_fewer_messages():
+    topology = Topology(2, 2, 4)
+    kept = np.zeros((4, 4), int)
+    kept[0, 3] = 7  # rank 0 (node 0, local 0) -> rank 3 (node 1, local 1): lands on rank 2, forwarded to rank 3
+    flat = modelled_exchange_seconds(kept, 8, topology, 10, 1, LINKS)
+    hier = modelled_exchange_seconds(kept, 8, topology, 10, 1, LINKS, hierarchical=True)
+    # inter bytes of rank 0 and 3 are alike (7 rows each way: 70 + 2 blocks' occupancy 16); rank 2 forwards
+    # 7 rows (70 bytes) inside node 1 on top of its 8 occupancy values to rank 3
+    assert flat == pytest.approx((70 + 16) / 0.5e9 + 3 * (1e-6 + 2 * 2e-6), rel=1e-12)
+    assert hier == pytest.approx((70 + 16) / 0.5e9 + 3 * (1e-6 + 1 * 2e-6), rel=1e-12)
+    # with slow intra-node links the forwarding decides: rank 2 (and rank 1, the combine's way back) send
+    # 70 forwarded bytes plus 8 occupancy values inside their node
+    slow = Links(intra_gbps=0.1, inter_gbps=0.5, intra_latency=1e-6, inter_latency=2e-6)
+    assert modelled_exchange_seconds(kept, 8, topology, 10, 1, slow, hierarchical=True) == pytest.approx(
+        78 / 0.1e9 + 3 * (1e-6 + 1 * 2e-6), rel=1e-12)
+    assert modelled_exchange_seconds(kept, 8, topology, 10, 1, slow) == pytest.approx(
+        (70 + 16) / 0.5e9 + 3 * (1e-6 + 2 * 2e-6), rel=1e-12)

@@ -24,9 +24,9 @@ SUMMARY_KEYS = {"steps", "val_loss", "val_bpb", "unigram_bpb", "bpb_over_unigram
                 "inter_node_fraction", "tokens_local", "tokens_intra", "tokens_inter", "max_over_mean_load",
                 "dead_experts", "max_over_mean_load_per_layer", "dead_experts_per_layer", "capacity",
                 "capacity_ratio", "capacity_mode", "params_total", "params_active", "skipped_steps", "rank_balance",
-                "rank_balance_last"}
+                "rank_balance_last", "modelled_exchange_s_per_step", "modelled_step_s"}
 RECORD_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "locality_loss", "lr", "grad_norm", "tokens_per_s",
-               "layers", "skipped_steps", "capacity_bucket", "reruns", "loss_scale"}
+               "layers", "skipped_steps", "capacity_bucket", "reruns", "loss_scale", "modelled_exchange_ms"}
 LAYER_KEYS = {"tokens_per_expert", "kept_per_expert", "tokens_per_rank_expert", "kept_per_rank", "dropped",
               "capacity", "tokens_local", "tokens_intra", "tokens_inter", "bytes_intra", "bytes_inter",
               "padded_bytes_intra", "padded_bytes_inter", "max_over_mean_load", "dead_experts"}
