@@ -4,7 +4,8 @@ and `msrun_cpu` (W processes).
 The model is the demo's (configs/demo_cpu.yaml: Switch top-1 routing, capacity factor 1.25) on 2 nodes x 2
 devices, the same global batch for every backend. The `local`, `simulated` (ragged exchange, the default)
 and `simulated_padded` train steps alternate after two warmup steps each, so machine drift hits all alike;
-each figure is a median. `ragged_over_padded_bytes` is measured routing: the bytes the ragged exchange sent
+each figure is a median. The exchange times are modelled (`accounting.cost.modelled_exchange_seconds` on
+the config's links) from the ragged run's routing. `ragged_over_padded_bytes` is measured routing: the bytes the ragged exchange sent
 over the timed steps of the ragged run (the kept choices' rows both ways plus each remote block's occupancy,
 `accounting.traffic.exchange_bytes`, the rows `dispatch.ragged.pack` sends) over the padded exchange's
 buffers at the same capacity. The simulated exchange runs in one process, so its time says what the extra
@@ -28,6 +29,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
 from pangu_moe.accounting.traffic import exchange_bytes
 from pangu_moe.configs import DEMO_CONFIG
 from pangu_moe.config import RunConfig
@@ -56,6 +58,7 @@ def _step(trainer, batch, step):
 def run(repeats=10, msrun_steps=12, config=DEMO_CONFIG, log=print):
     """Returns {local_step_s, simulated_step_s, simulated_padded_step_s, simulated_over_local,
     ragged_over_padded_step, ragged_bytes_per_step, padded_bytes_per_step, ragged_over_padded_bytes,
+    ragged_exchange_ms_modelled, padded_exchange_ms_modelled (per step, all MoE layers),
     msrun_cpu_step_s, msrun_cpu_over_local (None when msrun_steps is 0), world_size, tokens_per_step}."""
     from pangu_moe.train.trainer import Trainer
     scratch = tempfile.mkdtemp(prefix="bench_ep_")
@@ -66,6 +69,8 @@ def run(repeats=10, msrun_steps=12, config=DEMO_CONFIG, log=print):
         cfg, topology = ragged.cfg, ragged.topology
         times = {name: [] for name in trainers}
         moved = {"ragged": 0, "padded": 0}
+        modelled = {"ragged": 0.0, "padded": 0.0}  # seconds of exchange on the config's links, summed over steps
+        links = Links.from_config(cfg.parallel)
         for step, batch in zip(range(repeats + 2), ragged.batches(0)):
             for name, trainer in trainers.items():
                 seconds, kept = _step(trainer, batch, step)
@@ -78,6 +83,9 @@ def run(repeats=10, msrun_steps=12, config=DEMO_CONFIG, log=print):
                                               BYTES[cfg.train.precision])
                         for layout in moved:
                             moved[layout] += sum(sent[layout].values())
+                            modelled[layout] += modelled_exchange_seconds(
+                                layer, trainer.capacity, topology, cfg.model.hidden, BYTES[cfg.train.precision],
+                                links, layout)
         step_s = {name: float(np.median(t)) for name, t in times.items()}
         log(", ".join(f"{name} {s:.3f} s/step" for name, s in step_s.items()) +
             (f"; msrun_cpu: {msrun_steps} steps on 4 processes" if msrun_steps else ""))
@@ -90,6 +98,8 @@ def run(repeats=10, msrun_steps=12, config=DEMO_CONFIG, log=print):
             "ragged_over_padded_step": step_s["simulated"] / step_s["simulated_padded"],
             "ragged_bytes_per_step": moved["ragged"] / repeats, "padded_bytes_per_step": moved["padded"] / repeats,
             "ragged_over_padded_bytes": moved["ragged"] / moved["padded"],
+            "ragged_exchange_ms_modelled": 1e3 * modelled["ragged"] / repeats,
+            "padded_exchange_ms_modelled": 1e3 * modelled["padded"] / repeats,
             "msrun_cpu_step_s": msrun, "msrun_cpu_over_local": None if msrun is None else msrun / local,
             "world_size": topology.world_size, "tokens_per_step": cfg.train.batch_size * cfg.model.seq_len}
 
@@ -120,7 +130,9 @@ def table(result):
         f"ragged_over_padded_step {result['ragged_over_padded_step']:.3f}  (measured, one process)",
         f"exchange bytes    ragged {result['ragged_bytes_per_step'] / 1e6:.2f} MB/step, padded "
         f"{result['padded_bytes_per_step'] / 1e6:.2f} MB/step   ragged_over_padded_bytes "
-        f"{result['ragged_over_padded_bytes']:.3f}  (measured routing)"]
+        f"{result['ragged_over_padded_bytes']:.3f}  (measured routing)",
+        f"exchange time     ragged {result['ragged_exchange_ms_modelled']:.3f} ms/step, padded "
+        f"{result['padded_exchange_ms_modelled']:.3f} ms/step  (modelled on parallel.*_gbps / *_latency_us links)"]
     if result["msrun_cpu_step_s"] is not None:
         lines.append(f"msrun_cpu         {result['msrun_cpu_step_s']:.3f} s/step   msrun_cpu_over_local "
                      f"{result['msrun_cpu_over_local']:.3f}  (4 processes on this machine's cores; the CPU exchange "

@@ -9,10 +9,12 @@
 #       [--log-dir DIR] [--cluster-time-out S] [--exchange flat|hierarchical] [--hccl-connect-timeout S]
 #       [--hccl-exec-timeout S] [--hccl-buffsize MB] [--timeout S] [--python PY] [--dry-run]
 #       -- PANGU_MOE_ARGS...
-# Example, 2 nodes x 8 NPUs, hierarchical exchange; on node 0 (10.0.0.1), then on node 1 with --node-rank 1:
+# Example, 2 nodes x 8 NPUs, hierarchical exchange (padded buffers: the ragged exchange is flat-only on hccl);
+# on node 0 (10.0.0.1), then on node 1 with --node-rank 1:
 #   run_scripts/run_ascend_cluster.sh --nodes 2 --devices-per-node 8 --node-rank 0 --master-addr 10.0.0.1 \
 #       --log-dir logs/ep16 --exchange hierarchical \
-#       -- train --config configs/demo_cpu.yaml --out runs/ep16 --set moe.num_experts=16 --set train.batch_size=64
+#       -- train --config configs/demo_cpu.yaml --out runs/ep16 --set moe.num_experts=16 --set train.batch_size=64 \
+#       --set parallel.exchange_layout=padded
 #
 # --hostfile FILE: one host per line, node 0 first (# comments and blank lines skipped); its first host is the
 # master address and its host count must equal --nodes. --rank-table FILE: an HCCL rank table, passed to msrun
