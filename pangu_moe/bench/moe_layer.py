@@ -74,6 +74,99 @@ def moe_layers_seconds(model, layer_inputs, capacity, repeats=5):
     return total
 
 
+PHASES = ("route", "dispatch", "experts", "combine")
+
+
+def moe_layer_phases(layer, x, token_ids, group_ids, capacity):
+    """The training-mode MoE layer cut into its four phases, each one compiled forward + backward step
+    (`MoELayer.route`; `layout` + `Dispatcher.dispatch` of the routing found; `run_experts`, the exchange
+    included; `Router.combine`),
+    fed with what the previous phase produced on `x`, with the loss sum(output * a fixed random cotangent)
+    (plus the router losses for route) and its gradients with respect to the phase's float input and weights.
+
+    Args: layer: `MoELayer` (not the compact `ascend_builtin` dispatch); x [T, H] fp32; token_ids, group_ids [T]
+        int32; capacity: python int.
+    Returns: ({phase: step() -> None, run once to time it}, y [T, H]: the layer's output recomposed from the
+        phases' forward outputs).
+    """
+    rng = np.random.default_rng(0)
+
+    def noise(shape):
+        return Tensor(rng.standard_normal(shape).astype(np.float32))
+
+    routing = layer.route(x, token_ids, group_ids, capacity, True)
+    expert_index, gate, keep, _, _, _, log_prob = routing
+    flat_index = layer.layout(routing, capacity)[0]
+    r, e, h = layer.num_ranks, layer.num_experts, x.shape[1]
+    dtype = layer.compute_dtype
+    buffer = layer.dispatcher.dispatch(x.astype(dtype), flat_index, capacity).reshape(r, e, capacity, h)
+    expert_out = layer.run_experts(buffer, flat_index).reshape(r * e, capacity, h)  # (R*E, C, H)
+    y = layer.router.combine(layer.dispatcher, expert_out, flat_index, gate, keep, log_prob)[0]
+    gate_cot, buffer_cot, out_cot, y_cot = noise(gate.shape), noise(buffer.shape), noise(expert_out.shape), noise(y.shape)
+
+    def route(x):
+        fields = layer.route(x, token_ids, group_ids, capacity, True)
+        return (fields[1] * gate_cot).sum() + fields[5].sum()
+
+    def dispatch(x):
+        rows = layer.layout(routing, capacity)[0]
+        return (layer.dispatcher.dispatch(x.astype(dtype), rows, capacity).reshape(buffer.shape) * buffer_cot).sum()
+
+    def experts(buffer):
+        return (layer.run_experts(buffer, flat_index).reshape(expert_out.shape) * out_cot).sum()
+
+    def combine(expert_out, gate):
+        return (layer.router.combine(layer.dispatcher, expert_out, flat_index, gate, keep, log_prob)[0] * y_cot).sum()
+
+    cells = {"route": layer.router, "dispatch": layer.dispatcher, "experts": layer.experts, "combine": layer.router}
+    forwards = {"route": (route, (x,)), "dispatch": (dispatch, (x,)), "experts": (experts, (buffer,)),
+                "combine": (combine, (expert_out, gate))}
+    steps = {}
+    for phase, (forward, inputs) in forwards.items():
+        grad_fn = ms.value_and_grad(forward, tuple(range(len(inputs))), cells[phase].trainable_params())
+        steps[phase] = _phase_step(ms.jit(grad_fn), inputs)
+    return steps, y
+
+
+def _phase_step(step, inputs):
+    def run():
+        loss, (input_grads, weight_grads) = step(*inputs)
+        loss.asnumpy()
+        for g in tuple(input_grads) + tuple(weight_grads):
+            g.asnumpy()
+    return run
+
+
+def moe_layer_phase_seconds(layer, x, token_ids, group_ids, capacity, repeats=5):
+    """{phase: [seconds of `repeats` timed runs]} of `moe_layer_phases`, the phases run in turn each round after
+    one warmup round."""
+    steps = moe_layer_phases(layer, x, token_ids, group_ids, capacity)[0]
+    times = {phase: [] for phase in PHASES}
+    for round_ in range(repeats + 1):
+        for phase in PHASES:
+            began = time.perf_counter()
+            steps[phase]()
+            if round_:
+                times[phase].append(time.perf_counter() - began)
+    return times
+
+
+def moe_layers_split(model, layer_inputs, capacity, repeats=5):
+    """The MoE layers of a trained `model` at `capacity`, whole and by phase: {"layer": figure, "route": figure,
+    ...} with figure = {"median_ms", "min_ms", "max_ms"} over `repeats` rounds of each round's sum over the
+    layers (the whole layer as `moe_layers_seconds` times it; the phases as `moe_layer_phase_seconds`)."""
+    rounds = {name: np.zeros(repeats) for name in ("layer",) + PHASES}
+    rng = np.random.default_rng(0)
+    for block, (x, token_ids, group_ids) in zip(model.moe_blocks, layer_inputs):
+        step = _grad_step(block.moe, _layer_loss(block.moe, token_ids, group_ids, capacity))
+        cotangent = Tensor(rng.standard_normal(x.shape).astype(np.float32))
+        rounds["layer"] += [_time(step, x, cotangent) for _ in range(repeats + 1)][1:]
+        for phase, times in moe_layer_phase_seconds(block.moe, x, token_ids, group_ids, capacity, repeats).items():
+            rounds[phase] += times
+    return {name: {"median_ms": 1e3 * float(np.median(v)), "min_ms": 1e3 * float(v.min()),
+                   "max_ms": 1e3 * float(v.max())} for name, v in rounds.items()}
+
+
 def _moe_layer(shapes, top_k, kernels, seed, shrink=False):
     """A top-k MoE layer of `shapes` whose gating and dispatch run on `kernels` ("reference" | "custom"); with
     `shrink`, its buffers at the smallest capacity bucket holding half the capacity-factor capacity

@@ -109,6 +109,16 @@ class MoELayer(nn.Cell):
         """
         return self.apply(x, self.route(x, token_ids, group_ids, capacity, training), capacity)
 
+    def layout(self, routing, capacity):
+        """The buffer row of every choice and the token accounting (`Dispatcher.layout`) for a routing of the R
+        ranks' T tokens: (flat_index [T*K] int32, tokens_per_expert [R, E], kept_per_expert [R, E], send and
+        node counts)."""
+        expert_index, _, keep, slot, requested = routing[:5]
+        num_tokens = expert_index.shape[0]
+        rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
+        pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
+        return self.dispatcher.layout(pair_index, slot, keep, requested, capacity)
+
     def apply(self, x, routing, capacity):
         """Dispatch, run the experts and combine, for a routing `route` computed.
 
@@ -122,11 +132,8 @@ class MoELayer(nn.Cell):
             policy_term [T] fp32: the router's per-token input to its `objective` (`Router.combine`).
         """
         expert_index, gate, keep, slot, requested, losses, log_prob = routing
-        num_tokens, hidden = x.shape
-        rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
-        pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
-        flat_index, tokens_per_expert, kept_per_expert, _, _ = self.dispatcher.layout(pair_index, slot, keep, requested,
-                                                                                     capacity)
+        hidden = x.shape[1]
+        flat_index, tokens_per_expert, kept_per_expert, _, _ = self.layout(routing, capacity)
         if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
             rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), expert_index, keep,
                                                                  kept_per_expert)

@@ -30,7 +30,10 @@ trained with (`capacity_bucket` in metrics.jsonl): `layer_ms`, the forward + bac
 bucket); `step_ms`, the whole training step (from tokens_per_s); `expert_rows_per_step`, the buffer rows the
 experts multiply (L x W x E x C: empty slots cost a row); `exchange_bytes_per_step`, what a padded
 all-to-all of those buffers moves between the W ranks, there and back (2 x L x (W - 1) x E x C x H values
-of `precision.BYTES` bytes each: 4 in fp32); `capacity_ratio`, the mean capacity in force over the factor-1.1 capacity.
+of `precision.BYTES` bytes each: 4 in fp32); `capacity_ratio`, the mean capacity in force over the factor-1.1 capacity;
+`layer_split_ms`, at the bucket most steps trained with, the whole layer and each phase (route, dispatch,
+experts with the exchange, combine; `bench.moe_layer.moe_layers_split`) as median, min and max of `repeats`
+rounds, summed over the layers: where a router's layer time goes.
 """
 import json
 import os
@@ -120,6 +123,9 @@ def aggregate(per_arm):
             for figure in RANK_FIELDS:
                 for summary in ("worst_rank", "mean_over_ranks"):
                     row[f"{window}_{figure}_{summary}"] = mean_ci95([r[window][figure][summary] for r in runs])
+        if all("layer_split_ms" in r for r in runs):  # runs of an earlier version have no split
+            row["layer_split_ms"] = {part: mean_ci95([r["layer_split_ms"][part]["median_ms"] for r in runs])
+                                     for part in ("layer", "route", "dispatch", "experts", "combine")}
         out[arm] = row
     return out
 
@@ -220,7 +226,7 @@ def budget_steps(minutes, runs, step_seconds, overhead_seconds):
 def cost_figures(trainer, summary, repeats=5):
     """`COST_FIELDS` and `CAPACITY_FIELDS` of a trained run (see the module docstring)."""
     from mindspore import Tensor
-    from pangu_moe.bench.moe_layer import moe_layers_seconds
+    from pangu_moe.bench.moe_layer import moe_layers_seconds, moe_layers_split
     from pangu_moe.precision import BYTES
     from pangu_moe.train.metrics import read
     cfg = trainer.cfg
@@ -230,6 +236,7 @@ def cost_figures(trainer, summary, repeats=5):
     input_ids, _, domain_ids = next(trainer.batches(0))
     inputs = trainer.model.moe_inputs(Tensor(input_ids), Tensor(domain_ids), trainer.capacity)
     seconds = {c: moe_layers_seconds(trainer.model, inputs, c, repeats) for c in sorted(set(buckets))}
+    common = max(set(buckets), key=buckets.count)  # the bucket most steps trained with
     layers, world, experts = cfg.model.num_moe_layers, trainer.topology.world_size, cfg.moe.num_experts
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     mean = sum(buckets) / len(buckets)
@@ -238,7 +245,8 @@ def cost_figures(trainer, summary, repeats=5):
             "expert_rows_per_step": layers * world * experts * mean,
             "exchange_bytes_per_step": 2 * layers * (world - 1) * experts * mean * cfg.model.hidden
                                        * BYTES[cfg.train.precision],
-            "capacity_first": in_force[0], "capacity_last": in_force[-1]}
+            "capacity_first": in_force[0], "capacity_last": in_force[-1],
+            "layer_split_ms": {"capacity_bucket": common, **moe_layers_split(trainer.model, inputs, common, repeats)}}
 
 
 def table(result):
