@@ -60,26 +60,22 @@ class _AlltoAllVTable:
 
 
 def test_hccl_path_equals_the_emulation_with_alltoallv_emulated():
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        rng = np.random.default_rng(0)
-        w, block, h = 4, 3, 2
-        counts = rng.integers(0, block + 1, (w, w)).astype(np.int32)
-        x = np.zeros((w, w * block, h), np.float32)
-        for r in range(w):
-            x[r, :counts[r].sum()] = rng.normal(size=(counts[r].sum(), h))
-        want = EmulatedAlltoAllV(SimulatedAllToAll("world", 1, w))(Tensor(x), Tensor(counts),
-                                                                    Tensor(counts.T.copy())).asnumpy()
-        hccl = HcclAlltoAllV()
-        table = _AlltoAllVTable([x[r].reshape(-1) for r in range(w)], counts)
-        table.h = h
-        object.__setattr__(hccl, "all_to_all_v", table)
-        for r in range(w):
-            table.rank = r
-            got = hccl(Tensor(x[r:r + 1]), Tensor(counts[r:r + 1]), Tensor(counts[:, r].reshape(1, w).copy()))
-            np.testing.assert_array_equal(got.asnumpy()[0], want[r])
-    finally:
-        ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(0)
+    w, block, h = 4, 3, 2
+    counts = rng.integers(0, block + 1, (w, w)).astype(np.int32)
+    x = np.zeros((w, w * block, h), np.float32)
+    for r in range(w):
+        x[r, :counts[r].sum()] = rng.normal(size=(counts[r].sum(), h))
+    want = EmulatedAlltoAllV(SimulatedAllToAll("world", 1, w))(Tensor(x), Tensor(counts),
+                                                                Tensor(counts.T.copy())).asnumpy()
+    hccl = HcclAlltoAllV()
+    table = _AlltoAllVTable([x[r].reshape(-1) for r in range(w)], counts)
+    table.h = h
+    object.__setattr__(hccl, "all_to_all_v", table)
+    for r in range(w):
+        table.rank = r
+        got = hccl(Tensor(x[r:r + 1]), Tensor(counts[r:r + 1]), Tensor(counts[:, r].reshape(1, w).copy()))
+        np.testing.assert_array_equal(got.asnumpy()[0], want[r])
 
 
 @pytest.mark.parametrize("algorithm", ["flat", "hierarchical"])
