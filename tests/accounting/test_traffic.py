@@ -29,6 +29,10 @@ def test_hand_built_routing_counts_and_bytes():
     assert record["bytes_intra"] == (7 * 2 * 16 + 4 * 6) * 4 and record["bytes_inter"] == (5 * 2 * 16 + 8 * 6) * 4
     assert record["padded_bytes_intra"] == 4 * 2 * 6 * 16 * 4 and record["padded_bytes_inter"] == 8 * 2 * 6 * 16 * 4
     assert record["tokens_local"] + record["tokens_intra"] + record["tokens_inter"] == kept.sum()
+    # a step whose buffers hold 8 slots (its capacity bucket) while C = 6 is in force: the blocks are 8 slots
+    bucketed = layer_record(demand, kept, 6, TOPO, hidden=16, slots=8)
+    assert bucketed["capacity"] == 6 and bucketed["padded_bytes_inter"] == 8 * 2 * 8 * 16 * 4
+    assert bucketed["bytes_inter"] == (5 * 2 * 16 + 8 * 8) * 4
 
 
 def test_load_stats():
