@@ -234,7 +234,7 @@ class Trainer:
         steps of `runtime.profile_steps` with `profiler`; after a SIGINT/SIGTERM (`stopper`) the step in flight
         ends, a checkpoint is written and `TrainingStopped` raised."""
         cfg, t = self.cfg, self.cfg.train
-        window_tokens, window_seconds = 0, 0.0
+        window_tokens, window_seconds, compiling, compiled = 0, 0.0, 0.0, 0
         scale_before = float(self.optimizer.loss_scaler.scale.asnumpy())
         for input_ids, labels, domain_ids in batches:
             profiler.before_step(state["step"])
@@ -259,6 +259,8 @@ class Trainer:
                 state["train_tokens"] += self.tokens_per_step
                 window_tokens += self.tokens_per_step
                 window_seconds += seconds
+            else:
+                compiling, compiled = compiling + seconds, compiled + 1
             do_eval = step % t.eval_every == 0 or step == t.steps
             if step % t.log_every == 0 or do_eval:
                 record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss),
@@ -266,7 +268,8 @@ class Trainer:
                           "lr": lr, "grad_norm": float(grad_norm), "skipped_steps": state["skipped_steps"],
                           "loss_scale": float(loss_scale),
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
-                          "capacity_bucket": bucket, "reruns": self.reruns,
+                          "capacity_bucket": bucket, "reruns": self.reruns, "compile_seconds": compiling,
+                          "compiled_steps": compiled,
                           "modelled_exchange_ms": 1e3 * sum(self._exchange_seconds(k, bucket) for k in kept),
                           "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden, BYTES[t.precision], bucket)
                                      for d, k, c in zip(demand, kept, capacities)]}
@@ -280,7 +283,7 @@ class Trainer:
                     sink.write(record)
                 per_step = state["train_seconds"] * self.tokens_per_step / max(1, state["train_tokens"])
                 self.log(progress_line(record, t.steps, per_step))
-                window_tokens, window_seconds, self.reruns = 0, 0.0, 0
+                window_tokens, window_seconds, compiling, compiled, self.reruns = 0, 0.0, 0.0, 0, 0
             if step % t.checkpoint_every == 0 or step == t.steps:
                 self._save(state)
             signum = self._agreed_stop(stopper.signum)
@@ -417,6 +420,11 @@ class Trainer:
         # the step's routing would take on the configured links
         exchange = [r["modelled_exchange_ms"] / 1e3 for r in records if "modelled_exchange_ms" in r]
         summary["modelled_exchange_s_per_step"] = float(np.mean(exchange)) if exchange else 0.0
+        # what the buckets' compilations cost (metrics.jsonl survives a resume, the steps' own time is inside)
+        summary["compile_seconds"] = float(sum(r.get("compile_seconds", 0.0) for r in records))
+        wall = state["train_seconds"] + summary["compile_seconds"]
+        compiled = sum(r.get("compiled_steps", 0) for r in records)
+        summary["wall_tokens_per_s"] = (state["train_tokens"] + self.tokens_per_step * compiled) / wall if wall else 0.0
         summary["modelled_step_s"] = (self.tokens_per_step / summary["tokens_per_s"] if summary["tokens_per_s"] else
                                       0.0) + summary["modelled_exchange_s_per_step"]
         with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as fh:
