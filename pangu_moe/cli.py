@@ -16,8 +16,9 @@ def _add_config_args(p, required=True):
 
 
 def _train(args):
+    from pangu_moe.checks import check
     from pangu_moe.train.trainer import Trainer, check_run_dir
-    cfg = RunConfig.from_yaml(args.config, args.overrides)
+    cfg = check(RunConfig.from_yaml(args.config, args.overrides))
     run_dir = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     check_run_dir(cfg, run_dir, args.resume)  # fail before the corpus and model are built
     trainer = Trainer(cfg, run_dir, log=_stderr)  # progress on stderr; stdout keeps the summary path
@@ -58,7 +59,8 @@ def _config(args):
         return
     if not args.show:
         raise ConfigError("config: pass --show FILE or --fields")
-    print(RunConfig.from_yaml(args.show, args.overrides).to_yaml(), end="")
+    from pangu_moe.checks import check
+    print(check(RunConfig.from_yaml(args.show, args.overrides)).to_yaml(), end="")
 
 
 def _bench_moe_layer(repeats, steps):

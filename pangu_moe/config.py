@@ -322,10 +322,6 @@ class RunConfig:
                  "Ascend for parallel.dispatch=hccl")
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
                  "CPU for parallel.dispatch=msrun_cpu")
-        if self.runtime.kernels == "ascend_builtin":
-            from pangu_moe.ops.shipped import unfit  # ops sit above config in the dependency order
-            reason = unfit(self)
-            _require(reason is None, "runtime.kernels", self.runtime.kernels, f"reference, custom or auto with {reason}")
         profile = self.runtime.profile_steps
         _require(not profile or (len(profile) == 2 and 0 <= profile[0] < profile[1] <= self.train.steps),
                  "runtime.profile_steps", profile, f"[] or [start, end] with 0 <= start < end <= train.steps="
@@ -337,10 +333,7 @@ class RunConfig:
         _require(not one_rank or moe.capacity_mode == "factor", "moe.capacity_mode", moe.capacity_mode,
                  f"factor with parallel.dispatch={p.dispatch} (the routers' capacity proposals run the whole model "
                  f"in one process; use simulated)")
-        # The routers own their rules (`Router.check`). Imported here: routing sits above config in the
-        # dependency order, and a registered router needs the config's types.
-        from pangu_moe.routing.registry import router_class
-        router_class(moe.router).check(self)
+        # The routers' own rules and the kernels' are checked above the config (pangu_moe/checks.py).
         _require(moe.capacity_mode == "factor" or moe.slot_policy != "none", "moe.capacity_mode", moe.capacity_mode,
                  "factor with moe.slot_policy = none (dropless sets C = T)")
         _require(len(data.domains) > 0 and len(set(data.domains)) == len(data.domains), "data.domains",

@@ -5,6 +5,7 @@ import os
 import mindspore as ms
 import pytest
 
+from pangu_moe.checks import check
 from pangu_moe.config import RunConfig
 
 ms.set_device("CPU")
@@ -31,8 +32,9 @@ TINY = {
 
 
 def tiny_config(*overrides):
-    """A tiny RunConfig (H=32, E=4 in 2 groups, S=32, B=4) with "section.key=value" overrides."""
-    return RunConfig.from_dict(TINY, overrides)
+    """A tiny RunConfig (H=32, E=4 in 2 groups, S=32, B=4) with "section.key=value" overrides, checked as a run's
+    config is (its fields, then the routers' and kernels' rules: pangu_moe/checks.py)."""
+    return check(RunConfig.from_dict(TINY, overrides))
 
 
 @pytest.fixture

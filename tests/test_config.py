@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from pangu_moe.checks import check
 from pangu_moe.config import ConfigError, RunConfig, describe
 from tests.conftest import TINY, tiny_config
 
@@ -87,7 +88,7 @@ BAD = [
 @pytest.mark.parametrize("raw, message", BAD, ids=[m.split(":")[0] for _, m in BAD])
 def test_bad_config_names_path_value_and_allowed(raw, message):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_dict(raw)
+        check(RunConfig.from_dict(raw))  # the config's own rules, then the routers' (pangu_moe/checks.py)
     text = str(err.value)
     assert text.startswith(message)
     assert "\n" not in text

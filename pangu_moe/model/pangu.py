@@ -7,6 +7,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_moe.checks import check
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
 from pangu_moe.dispatch.collectives import SumOverRanks
 from pangu_moe.dispatch.dispatcher import Dispatcher
@@ -219,6 +220,7 @@ def build_model(cfg, rank=0):
 
     Its routers take their training noise from buffers the trainer fills each step (`feed_noise`).
     """
+    check(cfg)
     p = cfg.parallel
     topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size

@@ -216,7 +216,8 @@ def preset_configs(preset, config_path, steps, seed, overrides=()):
     """{arm: RunConfig} of one seed (validated)."""
     schedule = [f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
                 f"train.warmup_steps={min(30, steps)}", f"runtime.seed={seed}"]
-    return {arm: RunConfig.from_yaml(config_path, [*preset.setting, *schedule, *extra, *overrides])
+    from pangu_moe.checks import check
+    return {arm: check(RunConfig.from_yaml(config_path, [*preset.setting, *schedule, *extra, *overrides]))
             for arm, extra in preset.arms.items()}
 
 

@@ -81,8 +81,10 @@ def study_configs(config_path, steps, seed=SEED, mu=None, overrides=()):
                 f"train.warmup_steps={min(30, steps)}", f"runtime.seed={seed}",
                 f"moe.locmoe_plus.switch_step={max(1, steps // 2)}"]
     plus = [] if mu is None else [f"moe.locmoe_plus.locality_coeff={mu}"]
-    return {name: RunConfig.from_yaml(config_path, [*SETTING, *schedule, *extra,
-                                                    *(plus if name.startswith("locmoe_plus") else []), *overrides])
+    from pangu_moe.checks import check
+    return {name: check(RunConfig.from_yaml(config_path, [*SETTING, *schedule, *extra,
+                                                          *(plus if name.startswith("locmoe_plus") else []),
+                                                          *overrides]))
             for name, extra in ARMS.items()}
 
 

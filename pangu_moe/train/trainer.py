@@ -12,6 +12,7 @@ from mindspore import Tensor
 
 from pangu_moe import runtime
 from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
+from pangu_moe.checks import check
 from pangu_moe.accounting.traffic import PLACES, layer_record, rank_balance, route_classes, window_load_stats
 from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
@@ -56,7 +57,7 @@ class Trainer:
     """
 
     def __init__(self, cfg, run_dir, log=print):
-        self.cfg, self.run_dir = cfg, run_dir
+        self.cfg, self.run_dir = check(cfg), run_dir  # before the corpus and the model are built
         self.rank = runtime.setup(cfg.runtime, cfg.parallel)
         self.log = log if self.rank == 0 else _silent  # rank 0 writes logs and outputs for the whole world
         m, moe, t = cfg.model, cfg.moe, cfg.train
