@@ -195,11 +195,12 @@ class ParallelConfig:
                               choices=("ragged", "padded"))
     nodes: int = _f(1, "nodes N", lo=1)
     devices_per_node: int = _f(1, "devices per node D", lo=1)
-    intra_node_gbps: float = _f(18.3, "modelled exchange time (metrics modelled_exchange_ms): one-direction bandwidth of a "
-                                "device's intra-node links, GB/s (default: HCCL's internal figure for Ascend 910B HCCS, "
-                                "docs/architecture.md)", lo=0.0, lo_open=True)
-    inter_node_gbps: float = _f(20.0, "modelled exchange time: one-direction bandwidth of a device's inter-node link, GB/s "
-                                "(default: HCCL's internal figure for 910B RoCE, 25 GB/s x 0.8)", lo=0.0, lo_open=True)
+    intra_node_gbps: float = _f(18.3, "modelled exchange time (metrics modelled_exchange_ms): one-direction "
+                                "bandwidth of a device's intra-node links, GB/s (default: HCCL's internal figure for "
+                                "Ascend 910B HCCS, docs/architecture.md)", lo=0.0, lo_open=True)
+    inter_node_gbps: float = _f(20.0, "modelled exchange time: one-direction bandwidth of a device's inter-node "
+                                "link, GB/s (default: HCCL's internal figure for 910B RoCE, 25 GB/s x 0.8)", lo=0.0,
+                                lo_open=True)
     intra_node_latency_us: float = _f(10.0, "modelled exchange time: latency of one intra-node message, microseconds "
                                       "(assumed: no published figure)", lo=0.0)
     inter_node_latency_us: float = _f(60.0, "modelled exchange time: latency of one inter-node message, microseconds "

@@ -15,7 +15,8 @@ RATIOS = (("moe_over_dense", "moe_layer", "MoE layer / dense FFN, forward+backwa
           ("kernel_speedup", "kernels", "reference / custom kernels, geometric mean over 8 shapes", "> 1"),
           ("permute_bw_fraction", "kernels", "custom permute+unpermute bandwidth / plain copy, worst shape", ">= 0.4"),
           ("simulated_over_local", "ep", "simulated 2x2 expert parallelism / local, train step", "~ 1"),
-          ("ragged_over_padded_bytes", "ep", "ragged / padded exchange bytes, Switch at capacity factor 1.25", "<= 0.75"))
+          ("ragged_over_padded_bytes", "ep", "ragged / padded exchange bytes, Switch at capacity factor 1.25",
+           "<= 0.75"))
 
 
 def machine():

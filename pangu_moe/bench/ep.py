@@ -5,7 +5,8 @@ The model is the demo's (configs/demo_cpu.yaml: Switch top-1 routing, capacity f
 devices, the same global batch for every backend. The `local`, `simulated` (ragged exchange, the default)
 and `simulated_padded` train steps alternate after two warmup steps each, so machine drift hits all alike;
 each figure is a median. The exchange times are modelled (`accounting.cost.modelled_exchange_seconds` on
-the config's links) from the ragged run's routing. `ragged_over_padded_bytes` is measured routing: the bytes the ragged exchange sent
+the config's links) from the ragged run's routing. `ragged_over_padded_bytes` is measured routing: the bytes the
+ragged exchange sent
 over the timed steps of the ragged run (the kept choices' rows both ways plus each remote block's occupancy,
 `accounting.traffic.exchange_bytes`, the rows `dispatch.ragged.pack` sends) over the padded exchange's
 buffers at the same capacity. The simulated exchange runs in one process, so its time says what the extra

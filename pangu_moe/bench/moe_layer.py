@@ -102,7 +102,8 @@ def moe_layer_phases(layer, x, token_ids, group_ids, capacity):
     buffer = layer.dispatcher.dispatch(x.astype(dtype), flat_index, capacity).reshape(r, e, capacity, h)
     expert_out = layer.run_experts(buffer, flat_index).reshape(r * e, capacity, h)  # (R*E, C, H)
     y = layer.router.combine(layer.dispatcher, expert_out, flat_index, gate, keep, log_prob)[0]
-    gate_cot, buffer_cot, out_cot, y_cot = noise(gate.shape), noise(buffer.shape), noise(expert_out.shape), noise(y.shape)
+    gate_cot, buffer_cot = noise(gate.shape), noise(buffer.shape)
+    out_cot, y_cot = noise(expert_out.shape), noise(y.shape)
 
     def route(x):
         fields = layer.route(x, token_ids, group_ids, capacity, True)

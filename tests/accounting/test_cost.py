@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pangu_moe.accounting.cost import (Cluster, LayoutError, Links, exchange_seconds, expert_layout, locality_preference,
-                                       modelled_exchange_seconds)
+from pangu_moe.accounting.cost import (Cluster, LayoutError, Links, exchange_seconds, expert_layout,
+                                       locality_preference, modelled_exchange_seconds)
 from pangu_moe.dispatch.topology import Topology
 
 TOY = Cluster("toy", 4, intra_bandwidth=1.0, inter_bandwidth=0.5, intra_latency=1e-6, inter_latency=2e-6, source="test")
