@@ -77,10 +77,12 @@ class RRESection:
 @dataclass
 class LocMoESection:
     locality_coeff: float = _f(0.001, "mu of the locality loss. The default came from the router study's sweep "
-                               "of 0, 1e-3, 1e-2, 0.1 under a rule revised after that run (the rule as first "
-                               "written picked 0); at this mu that study (by_node data, 200 steps x 3 seeds) "
-                               "measured no locality: inter-node -0.024 +- 0.050 against Switch "
-                               "(docs/results/2026-12-05-evidence.md)", lo=0.0)
+                               "under a rule revised after that run, not from a pre-registered rule. At this mu the "
+                               "locality study (domains by node, capacity factor 2.5, 120 steps x 5 seeds) measured "
+                               "0.90x Switch's inter-node choices (aux per rank; 0.75x with moe.aux_scope=global): "
+                               "little locality. mu = 0.01, above the break-even of about 0.003 at smoothing 1e-3, "
+                               "moved 0.26x (0.16x global), quality not resolved "
+                               "(docs/results/2026-12-07-locality-study.md)", lo=0.0)
     locality_variant: str = _f("kl", "kl (KL to uniform over the node's experts, smoothed) or mass "
                                "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
     locality_smoothing: float = _f(1e-3, "kl variant: eps of the smoothed target (1 - eps) D_l + eps / E; it sets "
