@@ -102,8 +102,7 @@ class EmulatedAlltoAllV(nn.Cell):
         self.all_to_all = all_to_all
 
     def construct(self, x, send_counts, recv_counts):
-        r, w = send_counts.shape
-        block = x.shape[1] // w
+        block = x.shape[1] // send_counts.shape[1]
         blocks = unpack(x, first_rows(send_counts, block), True)  # (R, W destinations, S, H)
         received = self.all_to_all(blocks)  # (R, W sources, S, H)
         return pack(received, first_rows(recv_counts, block), True)

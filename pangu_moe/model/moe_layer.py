@@ -23,8 +23,8 @@ class MoELayer(nn.Cell):
             (kernels ascend_builtin, no exchange): compact rows [T*K, H] grouped by expert instead of buffers.
         experts: `experts.GroupedExperts` with the experts of the ranks held here (all E, or E_loc).
         num_ranks: R ranks held by this process.
-        exchange: `dispatch.exchange.Exchange`, or None for the `local` backend: one buffer [E, R*C, H]
-            over all ranks' slots, no exchange.
+        exchange: `dispatch.ragged.RaggedExchange` (kept rows only) or `dispatch.exchange.Exchange` (every slot),
+            or None for the `local` backend: one buffer [E, R*C, H] over all ranks' slots, no exchange.
         first_rank: world rank of the first rank held here.
         world_size: W (= R unless the backend runs one rank per process).
         aux_scope: "rank" or "global" (`route`; global only where the process holds every rank).
@@ -131,7 +131,7 @@ class MoELayer(nn.Cell):
             kept_per_expert [R, E] int32,
             policy_term [T] fp32: the router's per-token input to its `objective` (`Router.combine`).
         """
-        expert_index, gate, keep, slot, requested, losses, log_prob = routing
+        expert_index, gate, keep, _, _, losses, log_prob = routing
         hidden = x.shape[1]
         flat_index, tokens_per_expert, kept_per_expert, _, _ = self.layout(routing, capacity)
         if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
