@@ -29,7 +29,8 @@ end at the common evaluation capacity (`moe.eval_capacity_factor`).
   (`moe.aux_scope`), and a positive control (Switch with the two domain groups, whose experts live on their
   domain's node: inter-node 0 by construction). Verdicts: the control keeps every choice on its node; each
   LocMoE arm requests fewer inter-node choices than the Switch arm of its aux scope, moves at most half its
-  inter-node choices, and keeps val bpb within 3%.
+  inter-node choices, and keeps val bpb within 3%. The study's JSON also carries `default_mu`, LocMoE's default
+  mu as `default_mu` picks it from these verdicts (a rule written after the first locality run, for the next).
 
 Resume: OUT/<arm>/seed<i>/figures.json marks a finished run; rerun with the same --out to skip them. An
 unfinished run's folder (no figures.json) is removed and that run starts again. OUT/plan.json records the
@@ -181,6 +182,23 @@ def locality_verdicts(result):
     return rows
 
 
+def default_mu(result):
+    """LocMoE's default mu as a `locality` study picks it (written 2026-12-07, after the first locality run and
+    before the next; that first run is not to be read through it): the smallest mu in `LOCALITY_STUDY_MUS`
+    whose per-rank arm (the default aux scope) reproduces "moves at most half of Switch's inter-node choices"
+    and whose val-bpb verdict is not "not reproduced"; None if no mu qualifies (the default then stays and
+    the study says so). Returns {"mu": float or None, "why": one line}."""
+    verdicts = {row["claim"]: row["verdict"] for row in result["verdicts"]}
+    for mu in sorted(LOCALITY_STUDY_MUS):
+        arm = f"locmoe_mu{mu:g}"
+        halves = verdicts.get(f"{arm} moves at most half of switch's inter-node choices")
+        quality = verdicts.get(f"{arm} keeps quality (val bpb within 3% of switch's)")
+        if halves == REPRODUCED and quality not in (None, NOT_REPRODUCED):
+            return {"mu": mu, "why": f"{arm}: moves at most half of Switch's inter-node choices, val bpb {quality}"}
+    return {"mu": None, "why": f"no mu of {list(LOCALITY_STUDY_MUS)} halves Switch's inter-node choices without a "
+                               f"'not reproduced' quality verdict"}
+
+
 LOCALITY_MUS = (0.0, 0.001, 0.003, 0.01, 0.03)
 LOCALITY_STUDY_MUS = (0.001, 0.01)  # either side of the KL variant's break-even (about 0.003 at eps 1e-3)
 BY_NODE = tuple(c for c in COMMON if not c.startswith("data.mixture")) + ("data.mixture=by_node",
@@ -257,6 +275,8 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
     result.update(setting=list(preset.setting) + list(overrides), seconds=time.perf_counter() - began)
     if preset.name == "estimator":
         result["calibration"] = calibration()
+    if preset.name == "locality":
+        result["default_mu"] = default_mu(result)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "study.json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=2)

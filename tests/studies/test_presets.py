@@ -103,6 +103,14 @@ def test_locality_verdicts():
     assert rows["locmoe_mu0.01_global moves at most half of switch_global's inter-node choices"] == "reproduced"
     assert rows["locmoe_mu0.01 keeps quality (val bpb within 3% of switch's)"] == "not reproduced"
     assert rows["locmoe_mu0.01_global keeps quality (val bpb within 3% of switch_global's)"] == "reproduced"
+    # the default-mu rule reads the per-rank arms only: mu 0.01 halves Switch's inter-node choices but its
+    # quality is "not reproduced", mu 0.001 does not halve: no mu qualifies
+    assert presets.default_mu(_result("locality", per_arm))["mu"] is None
+    per_arm["locmoe_mu0.01"] = arm(0.2, 0.2, 3.05)  # within 3%: reproduced
+    assert presets.default_mu(_result("locality", per_arm)) == {
+        "mu": 0.01, "why": "locmoe_mu0.01: moves at most half of Switch's inter-node choices, val bpb reproduced"}
+    per_arm["locmoe_mu0.001"] = arm(0.2, 0.2, 3.0)  # the smaller mu qualifies too and is picked
+    assert presets.default_mu(_result("locality", per_arm))["mu"] == 0.001
 
 
 def test_direction_probes_on_hand_made_inputs():
