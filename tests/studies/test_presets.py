@@ -109,6 +109,9 @@ def test_locality_verdicts():
     per_arm["locmoe_mu0.01"] = arm(0.2, 0.2, 3.05)  # within 3%: reproduced
     assert presets.default_mu(_result("locality", per_arm)) == {
         "mu": 0.01, "why": "locmoe_mu0.01: moves at most half of Switch's inter-node choices, val bpb reproduced"}
+    per_arm["locmoe_mu0.01"] = arm(0.2, 0.2, 3.09)  # exactly at the 3% margin: not resolved, still qualifies
+    assert presets.default_mu(_result("locality", per_arm)) == {
+        "mu": 0.01, "why": "locmoe_mu0.01: moves at most half of Switch's inter-node choices, val bpb not resolved"}
     per_arm["locmoe_mu0.001"] = arm(0.2, 0.2, 3.0)  # the smaller mu qualifies too and is picked
     assert presets.default_mu(_result("locality", per_arm))["mu"] == 0.001
 
