@@ -32,15 +32,21 @@ def run_profile(run_dir):
 def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, bytes_per_value=2, hierarchical=False,
         experts=None, tensor_parallel=1):
     """Returns {"cluster": ..., "rows": [{router, devices, ms, inter_fraction}], "impossible": [{devices, why}],
-    "reductions": {...}}. `experts` E (default: a multiple of every device count) and `tensor_parallel` mp (the
+    "reductions": {...}, "own_scale": [{router, modelled_step_s, modelled_exchange_s_per_step}]} (own_scale: each
+    run's measured step time plus its modelled exchange on its own links, from its summary, where it has them). `experts` E (default: a multiple of every device count) and `tensor_parallel` mp (the
     group-wise exchange) shape the layout; a device count whose layout cannot be built is listed under
     "impossible" instead of being modelled."""
     if cluster not in PRESETS:
         raise ConfigError(f"plan: --cluster {cluster!r}: must be one of {', '.join(PRESETS)}")
     spec = PRESETS[cluster]
-    rows, impossible = [], {}
+    rows, impossible, own_scale = [], {}, []
     for name, run_dir in find_runs(paths, SUMMARY, "plan").items():
         preference, measured_tokens, measured_hidden = run_profile(run_dir)
+        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as fh:
+            summary = json.load(fh)
+        if "modelled_step_s" in summary:  # runs before the modelled exchange time have none
+            own_scale.append({"router": name, "modelled_step_s": summary["modelled_step_s"],
+                              "modelled_exchange_s_per_step": summary["modelled_exchange_s_per_step"]})
         for w in devices:
             try:
                 est = exchange_seconds(tokens or measured_tokens, hidden or measured_hidden, bytes_per_value,
@@ -56,7 +62,7 @@ def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, by
                   if (a, w) in times and (b, w) in times}
     return {"cluster": spec.name, "assumptions": spec.source, "experts": experts, "tensor_parallel": tensor_parallel,
             "rows": rows, "impossible": [{"devices": w, "why": why} for w, why in sorted(impossible.items())],
-            "reductions": reductions}
+            "reductions": reductions, "own_scale": own_scale}
 
 
 def table(result):
@@ -65,4 +71,7 @@ def table(result):
     lines += [f"{r['router']:12s} {r['devices']:7d} {r['ms']:9.3f} {r['inter_fraction']:6.3f}" for r in result["rows"]]
     lines += [f"{key}: exchange time {-value:+.1%}" for key, value in result["reductions"].items()]
     lines += [f"{r['devices']} devices: {r['why']}" for r in result["impossible"]]
+    lines += [f"{r['router']} at its own scale: step {r['modelled_step_s']:.3f} s = measured compute + "
+              f"{r['modelled_exchange_s_per_step'] * 1e3:.3f} ms of exchange on the run's links (modelled)"
+              for r in result["own_scale"]]
     return "\n".join(lines)

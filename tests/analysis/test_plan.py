@@ -24,6 +24,17 @@ def test_plan_reads_a_study_folder_and_reports_reductions(tmp_path):
     ms = {r["router"]: r["ms"] for r in result["rows"]}
     assert result["reductions"]["locmoe_vs_topk@64"] == pytest.approx(1 - ms["locmoe"] / ms["topk"])
     assert ms["locmoe"] < ms["topk"]
+    assert result["own_scale"] == []  # these summaries predate the modelled step time
+
+
+def test_plan_reports_each_runs_modelled_step_at_its_own_scale(tmp_path):
+    _fake_run(tmp_path / "topk", 0.5)
+    summary = json.loads((tmp_path / "topk" / "summary.json").read_text())
+    summary.update(modelled_step_s=0.5, modelled_exchange_s_per_step=0.002)
+    (tmp_path / "topk" / "summary.json").write_text(json.dumps(summary))
+    result = plan.run([str(tmp_path)], devices=(64,))
+    assert result["own_scale"] == [{"router": "topk", "modelled_step_s": 0.5, "modelled_exchange_s_per_step": 0.002}]
+    assert "topk at its own scale: step 0.500 s = measured compute + 2.000 ms of exchange" in plan.table(result)
 
 
 def test_plan_refuses_runs_without_locality_information(tmp_path):
