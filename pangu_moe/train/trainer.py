@@ -12,9 +12,9 @@ from mindspore import Tensor
 
 from pangu_moe import runtime
 from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
-from pangu_moe.checks import check
 from pangu_moe.accounting.traffic import PLACES, layer_record, rank_balance, route_classes, window_load_stats
 from pangu_moe.capacity import capacity_bucket, capacity_ladder, expert_capacity, once, plan_capacities
+from pangu_moe.checks import check
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data import pipeline
 from pangu_moe.data.source import RunData, check_tokenizer, record_tokenizer
