@@ -24,6 +24,8 @@ class Exchange(nn.Cell):
     """Args: backend ("simulated", "msrun_cpu", "hccl"); algorithm: an EXCHANGES name; rank: this process's
     first world rank (0 for `simulated`, which holds all W); nodes N, devices_per_node D."""
 
+    ragged = False  # moves every slot; `dispatch.ragged.RaggedExchange` moves the kept rows only
+
     def __init__(self, backend, algorithm, rank, nodes, devices_per_node):
         super().__init__()
         if algorithm not in EXCHANGES:
@@ -35,8 +37,6 @@ class Exchange(nn.Cell):
             self.intra = make_all_to_all(backend, "intra", rank, nodes, devices_per_node)
         else:
             self.world = make_all_to_all(backend, "world", rank, nodes, devices_per_node)
-
-    ragged = False  # moves every slot; `dispatch.ragged.RaggedExchange` moves the kept rows only
 
     def dispatch(self, send, occupancy):
         """The expert-parallel interface shared with `RaggedExchange`: send [R, W, S, H] -> (received

@@ -209,7 +209,7 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
     ep = None if backend == "local" else (RaggedExchange if exchange_layout == "ragged" else Exchange)(
         backend, exchange, first, topology.nodes, topology.devices_per_node)
-    # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `RunConfig.validate`)
+    # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `checks.check`)
     dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes) if kernels == "ascend_builtin" else \
         Dispatcher(num_experts, held, world, topology.nodes, kernels)
     return MoELayer(router, dispatcher, experts, held, ep, first, world, moe_cfg.aux_scope)
