@@ -33,7 +33,8 @@ def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, by
         experts=None, tensor_parallel=1):
     """Returns {"cluster": ..., "rows": [{router, devices, ms, inter_fraction}], "impossible": [{devices, why}],
     "reductions": {...}, "own_scale": [{router, modelled_step_s, modelled_exchange_s_per_step}]} (own_scale: each
-    run's measured step time plus its modelled exchange on its own links, from its summary, where it has them). `experts` E (default: a multiple of every device count) and `tensor_parallel` mp (the
+    run's measured step time plus its modelled exchange on its own links, from its summary, where it has them).
+    `experts` E (default: a multiple of every device count) and `tensor_parallel` mp (the
     group-wise exchange) shape the layout; a device count whose layout cannot be built is listed under
     "impossible" instead of being modelled."""
     if cluster not in PRESETS:

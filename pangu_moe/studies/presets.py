@@ -111,10 +111,18 @@ def _better(result, arm, other):
             "figure": f"val bpb {arm} - {other} {interval(diff)}", "verdict": direction(diff, lower_is_claimed=True)}
 
 
+def _quality_claim(arm, other):
+    return f"{arm} keeps quality (val bpb within {QUALITY_MARGIN:.0%} of {other}'s)"
+
+
+def _halves_claim(arm, switch):
+    return f"{arm} moves at most half of {switch}'s inter-node choices"
+
+
 def _keeps_bpb(result, arm, other):
     """val bpb of `arm` within `QUALITY_MARGIN` of `other`'s (paired)."""
     diff = _paired(result, arm, other, "val_bpb")
-    return {"claim": f"{arm} keeps quality (val bpb within {QUALITY_MARGIN:.0%} of {other}'s)",
+    return {"claim": _quality_claim(arm, other),
             "figure": f"val bpb {arm} - {other} {interval(diff)}",
             "verdict": within(diff, QUALITY_MARGIN * result["arms"][other]["val_bpb"]["mean"])}
 
@@ -175,7 +183,7 @@ def locality_verdicts(result):
                          "verdict": direction(asked, lower_is_claimed=True)})
             share = mean_ci95([a["inter_node_kept"] / max(b["inter_node_kept"], 1e-12)
                                for a, b in zip(runs[arm], runs[switch])])
-            rows.append({"claim": f"{arm} moves at most half of {switch}'s inter-node choices",
+            rows.append({"claim": _halves_claim(arm, switch),
                          "figure": f"inter-node kept share {arm} / {switch} {interval(share, '{:.3f}')}",
                          "verdict": within(share, 0.5)})
             rows.append(_keeps_bpb(result, arm, switch))
@@ -191,8 +199,8 @@ def default_mu(result):
     verdicts = {row["claim"]: row["verdict"] for row in result["verdicts"]}
     for mu in sorted(LOCALITY_STUDY_MUS):
         arm = f"locmoe_mu{mu:g}"
-        halves = verdicts.get(f"{arm} moves at most half of switch's inter-node choices")
-        quality = verdicts.get(f"{arm} keeps quality (val bpb within 3% of switch's)")
+        halves = verdicts.get(_halves_claim(arm, "switch"))
+        quality = verdicts.get(_quality_claim(arm, "switch"))
         if halves == REPRODUCED and quality not in (None, NOT_REPRODUCED):
             return {"mu": mu, "why": f"{arm}: moves at most half of Switch's inter-node choices, val bpb {quality}"}
     return {"mu": None, "why": f"no mu of {list(LOCALITY_STUDY_MUS)} halves Switch's inter-node choices without a "
