@@ -131,9 +131,12 @@ def _study(args):
         out = args.out or os.path.join("runs", f"study_{args.name}")
         result = presets.run(args.name, args.config or DEMO_CONFIG, out,
                              presets.SEEDS if args.seeds is None else args.seeds, args.steps,
-                             args.overrides, log=_stderr)
+                             args.overrides, log=_stderr,
+                             first_seed=presets.SEED if args.first_seed is None else args.first_seed)
         print(json.dumps(result) if args.json else presets.table(result))
         return
+    if args.first_seed is not None:
+        raise ConfigError(f"--first-seed: only for the claim studies ({', '.join(presets.PRESETS)}), not {args.name}")
     steps = args.steps if args.steps is not None else {"routers": 200, "kool": 3000}[args.name]
     if steps < 1:
         raise ConfigError(f"--steps = {steps}: must be >= 1")
@@ -327,6 +330,9 @@ def build_parser():
                    "capacity 160, estimator 400, locality-null and locality 120)")
     p.add_argument("--seeds", type=int, default=None, help="seeds: routers and the claim studies 5 (each arm on "
                    "each), kool 100 (per method, regime and capacity factor)")
+    p.add_argument("--first-seed", type=int, default=None, help="capacity, estimator, locality-null, "
+                   "locality: seed i of every arm is run seed FIRST_SEED + i (default 1234, "
+                   "pangu_moe/studies/routers.py SEED); a replication passes seeds no earlier run used")
     p.add_argument("--budget", type=float, default=None, metavar="MINUTES", help="routers: size --steps so the "
                    "study fits this wall time (a short timed probe first)")
     p.add_argument("--arms", nargs="+", default=None, help="routers: train only these arms (names in "

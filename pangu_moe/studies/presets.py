@@ -247,9 +247,11 @@ def preset_configs(preset, config_path, steps, seed, overrides=()):
             for arm, extra in preset.arms.items()}
 
 
-def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None):
+def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None, first_seed=SEED):
     """Train every arm of preset `name` for each seed into OUT/<arm>/seed<i> (skipping finished runs), write
-    OUT/study.json and return the result (see the module docstring)."""
+    OUT/study.json and return the result (see the module docstring). Seed i is run seed `first_seed` + i: a
+    replication passes a `first_seed` whose seeds no earlier run used, so a rule written after one run meets
+    data it has not seen."""
     if name not in PRESETS:
         raise ConfigError(f"study {name!r}: choose from {', '.join(PRESETS)}")
     preset = PRESETS[name]
@@ -257,7 +259,7 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
     if seeds < 1 or steps < 1:
         raise ConfigError(f"--seeds = {seeds}, --steps = {steps}: both must be >= 1")
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    configs = [preset_configs(preset, config_path, steps, SEED + i, overrides) for i in range(seeds)]
+    configs = [preset_configs(preset, config_path, steps, first_seed + i, overrides) for i in range(seeds)]
     _check_plan(out, {"study": name, "steps": steps, "arms": {a: c.to_dict() for a, c in configs[0].items()}})
     jobs = [(arm, i) for i in range(seeds) for arm in preset.arms]
     began, trained, runs = time.perf_counter(), 0, {arm: [None] * seeds for arm in preset.arms}
@@ -280,7 +282,8 @@ def run(name, config_path, out, seeds=SEEDS, steps=None, overrides=(), log=None)
         os.replace(done + ".tmp", done)
         trained += 1
     result = summarise(preset, runs, steps, seeds)
-    result.update(setting=list(preset.setting) + list(overrides), seconds=time.perf_counter() - began)
+    result.update(setting=list(preset.setting) + list(overrides), seconds=time.perf_counter() - began,
+                  first_seed=first_seed)
     if preset.name == "estimator":
         result["calibration"] = calibration()
     if preset.name == "locality":

@@ -151,7 +151,10 @@ def test_late_figures_from_records():
     assert got["q_max_last"] == pytest.approx(0.2)
 
 
-def test_an_unknown_study_and_empty_runs_are_refused(tiny_yaml, tmp_path):
+def test_an_unknown_study_and_empty_runs_are_refused(tiny_yaml, tmp_path, capsys):
+    assert cli.main(["study", "routers", "--first-seed", "3"]) == 2
+    assert capsys.readouterr().err == ("pangu-moe study: error: --first-seed: only for the claim studies (capacity, "
+                                       "estimator, locality-null, locality), not routers\n")
     with pytest.raises(ConfigError, match="study 'speed': choose from capacity, estimator, locality-null, locality"):
         presets.run("speed", "x.yaml", "out")
     for seeds, steps in ((0, 10), (1, 0)):
@@ -163,10 +166,12 @@ def test_an_unknown_study_and_empty_runs_are_refused(tiny_yaml, tmp_path):
 def test_each_study_runs_tiny_through_the_cli(name, tiny_yaml, tmp_path, capsys):
     out = tmp_path / name
     assert cli.main(["study", name, "--config", tiny_yaml, "--seeds", "1", "--steps", "10", "--out", str(out),
-                     "--json"]) == 0
+                     "--first-seed", "77", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     preset = presets.PRESETS[name]
     assert list(result["arms"]) == list(preset.arms) and result["seeds"] == 1 and result["steps"] == 10
+    plan = json.loads((out / "plan.json").read_text())
+    assert result["first_seed"] == 77 and {a["runtime"]["seed"] for a in plan["arms"].values()} == {77}
     for arm in preset.arms:
         assert set(result["arms"][arm]["val_bpb"]) == {"mean", "ci95", "n"}
         assert result["paired"][arm]["val_bpb_vs_baseline"]["mean"] == pytest.approx(
@@ -193,3 +198,5 @@ def test_the_estimator_study_resumes_from_the_runs_already_finished(tiny_yaml, t
     assert again["runs"]["ecr"][1]["val_bpb"] == pytest.approx(first["runs"]["ecr"][1]["val_bpb"], rel=1e-6)
     with pytest.raises(ConfigError, match=r"--out .*: holds a estimator study of 10 steps with other settings"):
         presets.run("estimator", tiny_yaml, str(out), seeds=2, steps=12)  # a different study into the same --out
+    with pytest.raises(ConfigError, match=r"--out .*: holds a estimator study of 10 steps with other settings"):
+        presets.run("estimator", tiny_yaml, str(out), seeds=2, steps=10, first_seed=presets.SEED + 5)  # new seeds
