@@ -38,9 +38,9 @@ class Exchange(nn.Cell):
         else:
             self.world = make_all_to_all(backend, "world", rank, nodes, devices_per_node)
 
-    def dispatch(self, send, occupancy):
+    def dispatch(self, send, slot_token, tokens):
         """The expert-parallel interface shared with `RaggedExchange`: send [R, W, S, H] -> (received
-        [R, W, S, H], state for `combine`); the occupancy is not needed (every slot travels)."""
+        [R, W, S, H], state for `combine`); every slot travels, so slot_token and tokens are not read."""
         return self.construct(send), None
 
     def combine(self, expert_out, state):

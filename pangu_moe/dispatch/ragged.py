@@ -23,8 +23,14 @@ The uneven all-to-all per backend (`make_rows_exchange`):
   documented contract on top of the padded world all-to-all: each destination's rows are spread into a
   block of S, the blocks exchanged, the received rows packed again. The rows that count as sent are
   the n[r, q] of the contract.
-- hierarchical (`parallel.exchange=hierarchical`, simulated and msrun_cpu only): the packed blocks
-  [W, S, H] go through the padded two-stage exchange; the counted rows are the same n[r, q].
+- hierarchical (`parallel.exchange=hierarchical`, simulated and msrun_cpu only), deduplicated as DeepEP's
+  internode dispatch is: stage 1 sends each token once to every node holding one of its kept choices (to
+  the peer of the same local rank there) with a map from each of that node's slots to a row of the message
+  (`node_rows`); the peer copies the row into every slot that chose it, and stage 2 forwards the slots
+  inside the node. A token whose K choices land on one remote node crosses the boundary once, not K times.
+  The combine sends each slot's expert output back through both stages (a deduplicated combine would weight
+  by the gate at the peer before summing; not built). Rows that count: the (token, node) pairs of
+  `node_rows` (stage 1) and the occupied slots (stage 2).
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -128,6 +134,32 @@ class HcclAlltoAllV(nn.Cell):
         return ops.gather(_with_zero_row(received), index, 0).reshape(1, rows, h)
 
 
+def node_rows(slot_token, tokens_per_rank, nodes, devices_per_node):
+    """The deduplicated stage-1 messages of the hierarchical exchange: one row per (token, destination node).
+
+    Args: slot_token [R, W, S] int32: 1 + the source rank's token index held in each slot of the block for
+        destination rank q (W = N * D, node-major), 0 in an empty slot; tokens_per_rank n; nodes N, D.
+    Returns: (slot_row [R, N, D * S] int32: 1 + the row of node m's message feeding the slot, 0 if empty;
+        message [R, N, n] int32: 1 + the token carried in each row, rows packed to the front in token order,
+        0 past them; rows [R, N] int32: the rows of each message, i.e. its distinct tokens).
+    """
+    r, n = slot_token.shape[0], tokens_per_rank
+    by_node = slot_token.reshape(r, nodes, -1)  # (R, N, D*S): the slots of node m's D ranks
+    m = by_node.shape[2]
+    cell = (ops.arange(r * nodes, dtype=ms.int32) * (n + 1)).reshape(r, nodes, 1) + by_node  # into [R*N, n+1]
+    hits = ops.scatter_nd(cell.reshape(-1, 1), ops.ones((r * nodes * m,), ms.int32), (r * nodes * (n + 1),))
+    present = (hits.reshape(r, nodes, n + 1)[:, :, 1:] > 0).astype(ms.int32)  # (R, N, n): token t goes to node m
+    row = ops.cumsum(present, 2) * present  # (R, N, n): 1-based row of token t in node m's message
+    with_empty = ops.concat((ops.zeros((r, nodes, 1), ms.int32), row), 2)  # (R, N, 1+n): slot token 0 -> row 0
+    slot_row = ops.gather_elements(with_empty, 2, by_node)
+    # inverse map: message row -> 1-based token; absent tokens write into a spare last row
+    target = ops.where(present > 0, row - 1, ops.full_like(row, n)) + (
+        ops.arange(r * nodes, dtype=ms.int32) * (n + 1)).reshape(r, nodes, 1)
+    token = ops.broadcast_to(ops.arange(1, n + 1, dtype=ms.int32).reshape(1, 1, n), (r, nodes, n)) * present
+    message = ops.scatter_nd(target.reshape(-1, 1), token.reshape(-1), (r * nodes * (n + 1),))
+    return slot_row, message.reshape(r, nodes, n + 1)[:, :, :n], present.sum(2)
+
+
 class RaggedExchange(nn.Cell):
     """The exchange of `dispatch.exchange.Exchange`'s interface (`dispatch`, `combine`) moving kept rows only.
 
@@ -154,11 +186,36 @@ class RaggedExchange(nn.Cell):
             moved = self.blocks(packed.reshape(r, w, s, h)).reshape(r, w * s, h)
         return unpack(moved, received_occupancy, self.contiguous)
 
-    def dispatch(self, send, occupancy):
-        """send [R, W, S, H] (block q for rank q), occupancy [R, W, S] int32 -> (received [R, W sources, S, H],
-        the state `combine` needs: both occupancies)."""
-        received_occupancy = ops.stop_gradient(self.blocks(occupancy.astype(send.dtype)).astype(ms.int32))
+    def dispatch(self, send, slot_token, tokens):
+        """send [R, W, S, H] (block q for rank q), slot_token [R, W, S] int32 (1 + the token in each slot, 0 if
+        empty), tokens [R, n, H] (each rank's tokens; read by the hierarchical exchange instead of `send`) ->
+        (received [R, W sources, S, H], the state `combine` needs: both occupancies)."""
+        occupancy = (slot_token > 0).astype(ms.int32)
+        if self.blocks.hierarchical:
+            received, received_occupancy = self._dispatch_by_node(slot_token, tokens)
+            return received, (occupancy, received_occupancy)
+        received_occupancy = ops.stop_gradient(self.blocks(occupancy.astype(ms.float32)).astype(ms.int32))
         return self._send(send, occupancy, received_occupancy), (occupancy, received_occupancy)
+
+    def _dispatch_by_node(self, slot_token, tokens):
+        """The deduplicated two-stage dispatch (module docstring): -> (received [R, W, S, H], received
+        occupancy [R, W, S] int32)."""
+        r, w, s = slot_token.shape
+        n, h = tokens.shape[1], tokens.shape[2]
+        nodes, d = self.blocks.nodes, self.blocks.devices
+        slot_row, message, _ = ops.stop_gradient(node_rows(slot_token, n, nodes, d))
+        rank_base = (ops.arange(r, dtype=ms.int32) * n).reshape(r, 1, 1)
+        rows = ops.gather(_with_zero_row(tokens), ops.where(message > 0, message + rank_base, message), 0)
+        rows = self.blocks.inter(rows.reshape(r, nodes, n, h))  # (R, N source nodes, n, H) at the peer
+        # the int map travels as fp32 (exact below 2^24 rows)
+        slot_row = self.blocks.inter(slot_row.astype(ms.float32)).astype(ms.int32)  # (R, N sources, D*S)
+        message_base = (ops.arange(r * nodes, dtype=ms.int32) * n).reshape(r, nodes, 1)
+        slots = ops.gather(_with_zero_row(rows), ops.where(slot_row > 0, slot_row + message_base, slot_row), 0)
+        slots = slots.reshape(r, nodes, d, s, h)  # (R, N source nodes, D destination local ranks, S, H)
+        occupancy = (slot_row > 0).astype(ms.float32).reshape(r, nodes, d, s)
+        received = ops.swapaxes(self.blocks.intra(ops.swapaxes(slots, 1, 2)), 1, 2)  # (R, N, D sources, S, H)
+        occupancy = ops.swapaxes(self.blocks.intra(ops.swapaxes(occupancy, 1, 2)), 1, 2)
+        return received.reshape(r, w, s, h), ops.stop_gradient(occupancy.reshape(r, w, s).astype(ms.int32))
 
     def combine(self, expert_out, state):
         """expert_out [R, W sources, S, H] -> at the sources [R, W, S, H] (rows of empty slots are zero)."""

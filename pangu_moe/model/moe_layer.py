@@ -78,21 +78,24 @@ class MoELayer(nn.Cell):
             fields = fields[:LOSSES_FIELD] + (everything[LOSSES_FIELD],) + fields[LOSSES_FIELD + 1:]
         return fields
 
-    def run_experts(self, buffer, flat_index):
-        """buffer [R, E, C, H] (rank r's tokens for expert e), flat_index [T*K] int32 (`Dispatcher.layout`) ->
-        expert outputs in the same layout (zero in empty slots after a ragged exchange)."""
+    def run_experts(self, buffer, flat_index, tokens):
+        """buffer [R, E, C, H] (rank r's tokens for expert e), flat_index [T*K] int32 (`Dispatcher.layout`),
+        tokens [T, H] (what the buffer was gathered from; the hierarchical ragged exchange sends these rows
+        once per node instead of the buffer's slots) -> expert outputs in the buffer's layout (zero in empty
+        slots after a ragged exchange)."""
         r, e, c, h = buffer.shape
         if self.exchange is None:
             expert_in = ops.swapaxes(buffer, 0, 1).reshape(e, r * c, h)  # (E, R*C, H) <- (E, R, C, H)
             return ops.swapaxes(self.experts(expert_in).reshape(e, r, c, h), 0, 1)  # (R, E, C, H)
         w = self.world_size
         e_loc = e // w
-        occupancy = None
-        if self.exchange.ragged:  # which slots hold a kept choice: flat_index is R*E*C for a dropped one
-            hits = ops.ones(flat_index.shape, ms.int32)
-            occupancy = ops.scatter_nd(flat_index.reshape(-1, 1), hits, (r * e * c + 1,))[:-1]
-            occupancy = occupancy.reshape(r, w, e_loc * c)  # (R, W, E_loc*C): destination-major blocks
-        received, state = self.exchange.dispatch(buffer.reshape(r, w, e_loc * c, h), occupancy)  # (R, W src, S, H)
+        # which token each slot holds (1-based within its rank, 0 empty): flat_index is R*E*C for a dropped choice
+        n = tokens.shape[0] // r
+        token = (ops.arange(flat_index.shape[0], dtype=ms.int32) // (flat_index.shape[0] // tokens.shape[0])) % n + 1
+        slot_token = ops.scatter_nd(flat_index.reshape(-1, 1), token, (r * e * c + 1,))[:-1]
+        slot_token = slot_token.reshape(r, w, e_loc * c)  # (R, W, E_loc*C): destination-major blocks
+        received, state = self.exchange.dispatch(buffer.reshape(r, w, e_loc * c, h), slot_token,
+                                                 tokens.reshape(r, n, h))  # (R, W sources, S, H)
         received = received.reshape(r, w, e_loc, c, h)  # (R, W sources, E_loc, C, H)
         expert_in = ops.swapaxes(received, 1, 2).reshape(r * e_loc, w * c, h)  # (R*E_loc, W*C, H)
         expert_out = ops.swapaxes(self.experts(expert_in).reshape(r, e_loc, w, c, h), 1, 2)  # (R, W, E_loc, C, H)
@@ -142,8 +145,10 @@ class MoELayer(nn.Cell):
                                                       self.experts.w_out.astype(dt))  # (T*K, H)
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
             return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
-        buffer = self.dispatcher.dispatch(x.astype(self.compute_dtype), flat_index, capacity)  # (R*E, C, H)
-        expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden), flat_index)
+        tokens = x.astype(self.compute_dtype)
+        buffer = self.dispatcher.dispatch(tokens, flat_index, capacity)  # (R*E, C, H)
+        expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden), flat_index,
+                                      tokens)
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
         y, policy_term = self.router.combine(self.dispatcher, expert_out, flat_index, gate, keep, log_prob)
         return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term

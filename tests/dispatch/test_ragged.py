@@ -8,7 +8,8 @@ from mindspore import Tensor, nn
 
 from pangu_moe.accounting.traffic import exchange_bytes
 from pangu_moe.dispatch.collectives import SimulatedAllToAll
-from pangu_moe.dispatch.ragged import EmulatedAlltoAllV, HcclAlltoAllV, RaggedExchange, pack, positions, unpack
+from pangu_moe.dispatch.ragged import (EmulatedAlltoAllV, HcclAlltoAllV, RaggedExchange, node_rows, pack, positions,
+                                      unpack)
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_moe_layer
 from tests.conftest import tiny_config
@@ -78,25 +79,38 @@ def test_hccl_path_equals_the_emulation_with_alltoallv_emulated():
         np.testing.assert_array_equal(got.asnumpy()[0], want[r])
 
 
+def _slots(slot_token, tokens):
+    """send [R, W, S, H]: each slot holds the row of its token (slot_token [R, W, S], 1-based, 0 empty)."""
+    r = np.arange(slot_token.shape[0]).reshape(-1, 1, 1)
+    with_zero = np.concatenate((np.zeros_like(tokens[:, :1]), tokens), 1)
+    return with_zero[r, slot_token]
+
+
 @pytest.mark.parametrize("algorithm", ["flat", "hierarchical"])
 def test_the_rows_that_travel_are_the_kept_choices(algorithm):
     # 2 nodes x 2 devices, E = 4 (expert q on rank q), C = 3: rank r keeps kept[r, q] choices for expert q, in
-    # scattered slots. The packed send buffer holds exactly those rows, and the exchange delivers each to its slot.
+    # scattered slots, each a different token. The packed send buffer holds exactly those rows, and the exchange
+    # delivers each to its slot.
     topology = Topology(2, 2, 4)
     kept = np.array([[3, 1, 2, 0], [0, 2, 0, 1], [1, 1, 1, 1], [0, 0, 3, 0]])
-    occ = np.zeros((4, 4, 3), np.int32)
+    slot_token = np.zeros((4, 4, 3), np.int32)
     rng = np.random.default_rng(1)
     for r in range(4):
+        token = iter(rng.permutation(12) + 1)
         for q in range(4):
-            occ[r, q, rng.choice(3, kept[r, q], replace=False)] = 1
-    send = rng.normal(size=(4, 4, 3, 5)).astype(np.float32) * occ[..., None]
+            for slot in rng.choice(3, kept[r, q], replace=False):
+                slot_token[r, q, slot] = next(token)
+    tokens = rng.normal(size=(4, 12, 5)).astype(np.float32)
+    send = _slots(slot_token, tokens)
     exchange = RaggedExchange("simulated", algorithm, 0, 2, 2)
+    occ = (slot_token > 0).astype(np.int32)
     packed = pack(Tensor(send), Tensor(occ), exchange.contiguous).asnumpy()
     rows_sent = (np.abs(packed).sum(-1) > 0).sum(1)  # (R,) rows a rank packs
     np.testing.assert_array_equal(rows_sent, kept.sum(1))
     assert positions(Tensor(occ))[1].asnumpy().tolist() == kept.tolist()
-    received, _ = exchange.dispatch(Tensor(send), Tensor(occ))
+    received, (_, received_occ) = exchange.dispatch(Tensor(send), Tensor(slot_token), Tensor(tokens))
     np.testing.assert_array_equal(received.asnumpy(), send.transpose(1, 0, 2, 3))
+    np.testing.assert_array_equal(received_occ.asnumpy(), occ.transpose(1, 0, 2))
     # the bytes the metrics report: rows both ways by tier plus each remote block's occupancy
     moved = exchange_bytes(kept, 3, topology, 5, 4)["ragged"]
     intra = kept[0, 1] + kept[1, 0] + kept[2, 3] + kept[3, 2]
@@ -104,16 +118,39 @@ def test_the_rows_that_travel_are_the_kept_choices(algorithm):
                                                                     + 8 * 3) * 4}
 
 
+def test_the_hierarchical_exchange_sends_each_token_once_per_node():
+    # 2 nodes x 2 devices, 3 tokens a rank, K = 2, S = 2 slots a block (E_loc = 2 experts of C = 1). Rank 0's
+    # token 1 chose ranks 2 and 3 (both on node 1), token 2 ranks 1 and 3, token 3 ranks 0 and 2; rank 3's token 1
+    # chose both experts of rank 2.
+    slot_token = np.zeros((4, 4, 2), np.int32)
+    slot_token[0] = [[3, 0], [2, 0], [1, 3], [2, 1]]
+    slot_token[3] = [[0, 0], [0, 0], [1, 1], [0, 0]]  # rank 3: token 1 twice on rank 2
+    slot_row, message, rows = node_rows(Tensor(slot_token), 3, 2, 2)
+    # node 1 gets tokens 1, 2, 3 from rank 0 (3 rows for its 4 slots), node 0 tokens 2, 3; rank 3 sends 1 row
+    assert rows.asnumpy().tolist() == [[2, 3], [0, 0], [0, 0], [0, 1]]
+    assert message.asnumpy()[0].tolist() == [[2, 3, 0], [1, 2, 3]]
+    assert slot_row.asnumpy()[0].tolist() == [[2, 0, 1, 0], [1, 3, 2, 1]]  # node 1's slots: tokens 1, 3, 2, 1
+    rng = np.random.default_rng(2)
+    tokens = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    send = _slots(slot_token, tokens)
+    received, (_, received_occ) = RaggedExchange("simulated", "hierarchical", 0, 2, 2).dispatch(
+        Tensor(send * 0), Tensor(slot_token), Tensor(tokens))  # the send buffer is not read
+    np.testing.assert_array_equal(received.asnumpy(), send.transpose(1, 0, 2, 3))
+    np.testing.assert_array_equal(received_occ.asnumpy(), (slot_token > 0).transpose(1, 0, 2))
+
+
 @pytest.fixture(scope="module")
 def layers():
-    """Two simulated MoE layers, ragged and padded, with the same weights: K = 2, W = 4 (2 x 2), E = 4."""
-    cfg = tiny_config("moe.top_k=2", "moe.num_groups=1", "model.hidden=16", "parallel.nodes=2",
+    """Simulated MoE layers with the same weights, K = 2, W = 4 (2 x 2), E = 8 (two experts a rank, so a token's
+    two choices can share a rank or a node): ragged flat, ragged hierarchical (deduplicated) and padded."""
+    cfg = tiny_config("moe.top_k=2", "moe.num_groups=1", "moe.num_experts=8", "model.hidden=16", "parallel.nodes=2",
                       "parallel.devices_per_node=2")
     built = {}
-    for layout in ("ragged", "padded"):
+    for name, exchange, layout in (("ragged", "flat", "ragged"), ("ragged_hierarchical", "hierarchical", "ragged"),
+                                   ("padded", "flat", "padded")):
         ms.set_seed(5)
-        built[layout] = build_moe_layer(cfg.model, cfg.moe, 0, 0.02, Topology(2, 2, 4), "simulated",
-                                        exchange_layout=layout)
+        built[name] = build_moe_layer(cfg.model, cfg.moe, 0, 0.02, Topology(2, 2, 8), "simulated", exchange,
+                                      exchange_layout=layout)
     return built
 
 
@@ -127,21 +164,27 @@ class _Loss(nn.Cell):
         return (y * y).sum() + losses.sum()
 
 
-@pytest.mark.parametrize("capacity", [3, 32])  # 3 drops most choices; 32 = T holds every one
-def test_ragged_layer_equals_padded_in_output_and_gradients(layers, capacity):
+@pytest.mark.parametrize("capacity", [1, 16])  # 1 drops most choices; 16 = a rank's 8 tokens x K holds every one
+def test_ragged_layers_equal_padded_in_output_and_gradients(layers, capacity):
     rng = np.random.default_rng(capacity)
     x = Tensor(rng.normal(size=(32, 16)).astype(np.float32))
     ids = Tensor(np.zeros(32, np.int32))
     results = {}
-    for layout, layer in layers.items():
+    for name, layer in layers.items():
         loss = _Loss(layer, capacity)
         grad = ms.grad(loss, grad_position=0, weights=layer.trainable_params())
         out = layer(x, ids, ids, capacity, True)
-        results[layout] = (out[0].asnumpy(), out[3].asnumpy(), grad(x, ids))
-    (y_r, kept_r, (gx_r, gw_r)), (y_p, kept_p, (gx_p, gw_p)) = results["ragged"], results["padded"]
-    assert kept_r.sum() == kept_p.sum() and (kept_r.sum() < 64) == (capacity == 3)
-    np.testing.assert_allclose(y_r, y_p, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(gx_r.asnumpy(), gx_p.asnumpy(), rtol=1e-5, atol=1e-8)
-    for a, b in zip(gw_r, gw_p):
-        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-8)
-    assert np.abs(y_r).sum() > 0
+        results[name] = (out[0].asnumpy(), out[3].asnumpy(), grad(x, ids))
+    # some token sends both choices to one node (expert e lives on node e // 4): the hierarchical exchange
+    # then carries it once
+    experts = layers["padded"].route(x, ids, ids, capacity, True)[0].asnumpy()
+    assert ((experts[:, 0] // 4) == (experts[:, 1] // 4)).any()
+    y_p, kept_p, (gx_p, gw_p) = results["padded"]
+    for name in ("ragged", "ragged_hierarchical"):
+        y_r, kept_r, (gx_r, gw_r) = results[name]
+        assert kept_r.sum() == kept_p.sum() and (kept_r.sum() < 64) == (capacity == 1)
+        np.testing.assert_allclose(y_r, y_p, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(gx_r.asnumpy(), gx_p.asnumpy(), rtol=1e-5, atol=1e-8)
+        for a, b in zip(gw_r, gw_p):
+            np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-8)
+    assert np.abs(y_p).sum() > 0

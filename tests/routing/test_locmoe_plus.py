@@ -144,7 +144,7 @@ def test_a_smaller_capacity_bucket_shrinks_the_buffers_and_trains_the_kept_token
     ops.assign(layer.router.capacity_limit, Tensor(5, layer.router.capacity_limit.dtype))
     shapes = []
     run_experts = layer.run_experts
-    object.__setattr__(layer, "run_experts", lambda b, rows: shapes.append(b.shape) or run_experts(b, rows))
+    object.__setattr__(layer, "run_experts", lambda b, rows, x: shapes.append(b.shape) or run_experts(b, rows, x))
     x, ids = _x(7, t=64), Tensor(np.zeros(64, np.int32))
     bucket = capacity_bucket(5, 20)
     small, _, _, small_kept, _ = layer(x, ids, ids, bucket, True)
