@@ -16,9 +16,10 @@ end at the common evaluation capacity (`moe.eval_capacity_factor`).
   (`moe.locmoe_plus.gate=learned`), so the cosine gate's cap does not decide quality. Quality: paired val bpb
   and late-training LM loss (mean over the last 20% of logged steps) within 3% of Switch at 1.1.
 - `estimator`: LocMoE+ ECR at factor 1.1 re-estimating its capacity every 10 steps for 400 steps, the raw need
-  logged at each re-estimate; the paper's direction checks on layer 0's router inputs of the first batch at
-  the start and the end (mean within-sequence cosine between tokens; Calinski-Harabasz index of the inputs
-  labelled by their expert). Verdict on the sign of the need's least-squares slope over the seeds. The
+  and the capacity in force logged at each re-estimate; the paper's direction checks on layer 0's router
+  inputs of the first batch at the start and the end (mean within-sequence cosine between tokens;
+  Calinski-Harabasz index of the inputs labelled by their expert). Verdict on the sign of the least-squares
+  slope of the capacity in force over the seeds (`estimator_verdicts`). The
   calibration of the estimator on planted features at these shapes is reported beside it.
 - `locality-null`: LocMoE on iid data at mu straddling the break-even (about 0.003 at smoothing 1e-3): expect
   an inter-node fraction within 0.05 of Switch's for every mu (a router shared by every rank cannot prefer a
@@ -132,12 +133,29 @@ def capacity_verdicts(result):
             _better(result, "ecr_0.4", "tcr_0.4"), _better(result, "ecr_0.4", "switch_0.4")]
 
 
+def _decreases(slope):
+    """"Decreases", judged on a slope's {mean, ci95}: reproduced if the whole interval is below 0, not reproduced
+    if none of it is (a slope of exactly 0 on every seed is no decrease), otherwise, or with one seed, not
+    resolved."""
+    if slope["ci95"] is None:
+        return NOT_RESOLVED
+    if slope["mean"] + slope["ci95"] < 0:
+        return REPRODUCED
+    return NOT_REPRODUCED if slope["mean"] - slope["ci95"] >= 0 else NOT_RESOLVED
+
+
 def estimator_verdicts(result):
+    """The capacity claim is judged on the capacity in force (the raw need clipped to [floor, ceiling], what the
+    experts get), not on the raw need. Rule changed 2026-12-07 after the first estimator run
+    (docs/results/2026-12-07-estimator-study.md: the raw need fell while the capacity in force stayed at the
+    ceiling) and before its replication at new seeds; the raw need stays in the figure."""
     arm = result["arms"]["ecr"]
-    rows = [{"claim": "LocMoE+'s required capacity decreases during training (need slope < 0)",
-             "figure": f"need slope {interval(arm['need_slope'], '{:+.2f}')} slots per 100 steps "
+    rows = [{"claim": "LocMoE+'s required capacity decreases during training (slope of the capacity in force < 0)",
+             "figure": f"capacity in force slope {interval(arm['capacity_slope'], '{:+.2f}')} slots per 100 steps "
+                       f"({interval(arm['capacity_first'], '{:.1f}')} -> {interval(arm['capacity_last'], '{:.1f}')})"
+                       f"; raw need slope {interval(arm['need_slope'], '{:+.2f}')} "
                        f"({interval(arm['need_first'], '{:.1f}')} -> {interval(arm['need_last'], '{:.1f}')})",
-             "verdict": direction(arm["need_slope"], lower_is_claimed=True)}]
+             "verdict": _decreases(arm["capacity_slope"])}]
     for field, what in (("token_correlation", "within-sequence token correlation"),
                         ("ch_index", "Calinski-Harabasz index of router inputs by expert")):
         change = paired_difference([r[f"{field}_end"] for r in result["runs"]["ecr"]],
@@ -352,8 +370,8 @@ def late_figures(records, topology):
     steps), `kept_per_expert` (kept choices per expert per routing group, mean over those steps, layers and
     experts), the inter-node share over those steps of the requested choices (`inter_node_requested`, what
     the router asked for) and of the kept ones (`inter_node_kept`) and, where the routers re-estimated, the
-    raw need: `need_first`, `need_last` (mean over layers) and `need_slope` (least squares, slots per 100
-    steps), `q_max_last`; `modelled_exchange_ms` (modelled, mean over those steps) where the records have it.
+    raw need and the capacity in force: `need_first`, `need_last` (mean over layers), `need_slope` (least
+    squares, slots per 100 steps) and the same three `capacity_*`, `q_max_last`; `modelled_exchange_ms` (modelled, mean over those steps) where the records have it.
     `topology`: the run's `Topology`."""
     from pangu_moe.accounting.traffic import route_classes
     train = [r for r in records if "layers" in r]
@@ -373,10 +391,11 @@ def late_figures(records, topology):
     estimates = [e for r in records for e in r.get("estimates", ())]
     if estimates:
         steps = sorted({e["step"] for e in estimates})
-        need = [np.mean([e["need"] for e in estimates if e["step"] == s]) for s in steps]
-        slope = float(np.polyfit(steps, need, 1)[0]) * 100 if len(steps) > 1 else 0.0
-        out.update(need_first=float(need[0]), need_last=float(need[-1]), need_slope=slope,
-                   q_max_last=float(np.mean([e["q_max"] for e in estimates if e["step"] == steps[-1]])))
+        for field in ("need", "capacity"):
+            series = [np.mean([e[field] for e in estimates if e["step"] == s]) for s in steps]
+            out.update({f"{field}_first": float(series[0]), f"{field}_last": float(series[-1]),
+                        f"{field}_slope": float(np.polyfit(steps, series, 1)[0]) * 100 if len(steps) > 1 else 0.0})
+        out["q_max_last"] = float(np.mean([e["q_max"] for e in estimates if e["step"] == steps[-1]]))
     return out
 
 

@@ -55,12 +55,18 @@ def test_capacity_verdicts_follow_the_margins():
 
 
 def test_estimator_verdicts_read_the_slope_and_the_probes():
-    runs = [{**BASE, "need_slope": s, "need_first": 140.0, "need_last": 100.0, "token_correlation_start": 0.0,
+    runs = [{**BASE, "capacity_slope": s, "capacity_first": 141.0, "capacity_last": 100.0, "need_slope": -90.0,
+             "need_first": 350.0, "need_last": 320.0, "token_correlation_start": 0.0,
              "token_correlation_end": 0.5 + 0.01 * i, "ch_index_start": 10.0, "ch_index_end": 10.0 + (i - 2)}
             for i, s in enumerate([-10.0, -12.0, -9.0, -11.0, -10.5])]
     rows = _result("estimator", {"ecr": runs})["verdicts"]
     assert [r["verdict"] for r in rows] == ["reproduced", "reproduced", "not resolved"]
-    assert "need slope -10.50" in rows[0]["figure"]
+    assert "capacity in force slope -10.50" in rows[0]["figure"] and "raw need slope -90.00" in rows[0]["figure"]
+    # the raw need falls but the capacity in force stays at the ceiling: no decrease
+    flat = [{**r, "capacity_slope": 0.0, "capacity_last": 141.0} for r in runs]
+    assert _result("estimator", {"ecr": flat})["verdicts"][0]["verdict"] == "not reproduced"
+    mixed = [{**r, "capacity_slope": s} for r, s in zip(runs, [-3.0, 1.0, -2.0, 2.0, -1.0])]  # -0.6 +- 2.8
+    assert _result("estimator", {"ecr": mixed})["verdicts"][0]["verdict"] == "not resolved"
 
 
 def test_locality_null_verdicts():
@@ -137,10 +143,10 @@ def test_late_figures_from_records():
     layer0 = {"kept_per_expert": [8, 4], "tokens_per_rank_expert": [[6, 2], [2, 2]], "tokens_inter": 3}
     layer1 = {"kept_per_expert": [4, 4], "tokens_per_rank_expert": [[4, 0], [0, 4]], "tokens_inter": 0}
     records = [{"step": s, "lm_loss": float(s), "layers": [layer0, layer1]} for s in range(1, 11)]
-    records[0]["estimates"] = [{"step": 0, "layer": 0, "need": 20, "q_max": 0.5},
-                               {"step": 0, "layer": 1, "need": 30, "q_max": 0.5}]
-    records[5]["estimates"] = [{"step": 5, "layer": 0, "need": 10, "q_max": 0.1},
-                               {"step": 5, "layer": 1, "need": 20, "q_max": 0.3}]
+    records[0]["estimates"] = [{"step": 0, "layer": 0, "need": 20, "capacity": 16, "q_max": 0.5},
+                               {"step": 0, "layer": 1, "need": 30, "capacity": 16, "q_max": 0.5}]
+    records[5]["estimates"] = [{"step": 5, "layer": 0, "need": 10, "capacity": 10, "q_max": 0.1},
+                               {"step": 5, "layer": 1, "need": 20, "capacity": 16, "q_max": 0.3}]
     got = presets.late_figures(records, Topology(2, 1, 2))
     # last 20% of 10 records: steps 9, 10 -> lm 9.5; kept per expert per routing group (6 + 4) / 2 / 2 = 2.5
     assert got["late_lm_loss"] == 9.5 and got["kept_per_expert"] == 2.5
@@ -148,6 +154,8 @@ def test_late_figures_from_records():
     assert got["inter_node_requested"] == 0.2 and got["inter_node_kept"] == 0.15
     # needs 25 at step 0, 15 at step 5: slope -2 per step = -200 per 100 steps
     assert got["need_first"] == 25 and got["need_last"] == 15 and got["need_slope"] == pytest.approx(-200.0)
+    # capacity in force (clipped to the ceiling 16): 16 at step 0, 13 at step 5: -60 per 100 steps
+    assert got["capacity_first"] == 16 and got["capacity_last"] == 13 and got["capacity_slope"] == pytest.approx(-60.0)
     assert got["q_max_last"] == pytest.approx(0.2)
 
 
