@@ -139,7 +139,7 @@ class MoELayer(nn.Cell):
         flat_index, tokens_per_expert, kept_per_expert, _, _ = self.layout(routing, capacity)
         if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
             rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), expert_index, keep,
-                                                                 kept_per_expert)
+                                                                 kept_per_expert, capacity)
             dt = rows.dtype
             expert_rows = self.dispatcher.run_experts(rows, ends, self.experts.w_in.astype(dt),
                                                       self.experts.w_out.astype(dt))  # (T*K, H)

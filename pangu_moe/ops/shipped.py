@@ -3,16 +3,19 @@ MindSpore ships for Ascend (kernels/README.md, "ascend_builtin").
 
 The mapping keeps tokens compact instead of padding them into [E, C, H] buffers:
 
-1. permute: `ops.moe_token_permute(x, key, T*K)` groups the T*K choices by key, where the key of a kept choice is
-   its expert and the key of a dropped one is E, so dropped choices sort after every expert. It returns the rows
-   [T*K, H] and `order` [T*K] int32, the row each choice went to (flat choice n*K + k).
+1. permute: `ops.moe_token_permute(x, key, M)` groups the T*K choices by key, where the key of a kept choice is
+   its expert and the key of a dropped one is E, so dropped choices sort after every expert, and keeps the first
+   M = min(T*K, R*E*C) rows (`num_out_tokens`, "the tokens not dropped" in its documentation): no expert keeps
+   more than C choices of a rank, so every kept row is among them. It returns the rows [M, H] and `order`
+   [T*K] int32, the row each choice went to (flat choice n*K + k; M or more for a choice cut off).
 2. experts: `GroupedMatmul(split_item=3, group_type=0)` over those rows with `group_list` = cumulative kept counts
-   per expert [E] int64 (the form MindFormers' training FFN passes), except that the last end is T*K, as the op's
-   documentation requires: the dropped choices' rows join the last expert's group. Their outputs weigh 0 in
-   the combine, so they add nothing and send no gradient back. The experts multiply T*K rows, against the E*C
-   of the padded buffers (fewer whenever the capacity factor is at least 1).
-3. combine: `ops.moe_token_unpermute(rows, order, weight)` gives y[n] = sum_k weight[n, k] * rows[order[n*K + k]]
-   with weight = gate * keep.
+   per expert [E] int64 (the form MindFormers' training FFN passes), except that the last end is M, as the op's
+   documentation requires: the dropped choices' rows left among the M join the last expert's group. Their
+   outputs weigh 0 in the combine, so they add nothing and send no gradient back. The experts multiply M rows,
+   never more than the R*E*C of the padded buffers, and fewer as the capacity bucket shrinks.
+3. combine: the rows are padded with zeros to T*K (`ops.moe_token_unpermute` documents permuted_tokens as
+   [T*K, H]), then `ops.moe_token_unpermute(rows, order, weight)` gives y[n] = sum_k weight[n, k] *
+   rows[order[n*K + k]] with weight = gate * keep.
 
 Which choices are kept is decided by the router (its slot policy, under capacity), exactly as on the other
 backends; the order of rows inside an expert's group is whatever the op's sort gives and nothing depends on it.
@@ -142,21 +145,25 @@ class CompactDispatcher(ReferenceLayout):
         """As `dispatch.dispatcher.Dispatcher.layout`."""
         return self.construct(pair_index, slot, keep, requested, capacity)
 
-    def dispatch_compact(self, x, expert_index, keep, kept_per_expert):
-        """x [T, H], expert_index [T, K] int32, keep [T, K] bool, kept_per_expert [R, E] int32 ->
-        rows [T*K, H] (x's dtype) grouped by expert, dropped choices last; order [T*K] int32, the row of choice
-        n*K + k; ends [E] int64 (`group_ends`)."""
+    def dispatch_compact(self, x, expert_index, keep, kept_per_expert, capacity):
+        """x [T, H], expert_index [T, K] int32, keep [T, K] bool, kept_per_expert [R, E] int32, capacity: python
+        int C -> rows [M, H] (x's dtype, M = min(T*K, R*E*C)) grouped by expert, dropped choices last; order
+        [T*K] int32, the row of choice n*K + k; ends [E] int64 (`group_ends`)."""
         num_tokens, top_k = expert_index.shape
+        num_rows = min(num_tokens * top_k, self.num_ranks * self.num_experts * capacity)
         key = ops.select(keep, expert_index, ops.full_like(expert_index, self.num_experts))  # (T, K): dropped last
-        rows, order = self.token_permute(x, key, num_tokens * top_k, False)
-        return rows, order, group_ends(kept_per_expert, num_tokens * top_k)
+        rows, order = self.token_permute(x, key, num_rows, False)
+        return rows, order, group_ends(kept_per_expert, num_rows)
 
     def run_experts(self, rows, ends, w_in, w_out):
         """rows [M, H], ends [E] int64, w_in [E, H, F], w_out [E, F, H] in rows' dtype -> [M, H] (`grouped_ffn`)."""
         return grouped_ffn(rows, ends, w_in, w_out, self.grouped_matmul)
 
     def combine(self, expert_rows, order, gate, keep):
-        """expert_rows [T*K, H], order [T*K] int32, gate [T, K] fp32, keep [T, K] bool -> y [T, H] in the rows'
-        dtype; dropped choices weigh 0."""
+        """expert_rows [M, H] (`dispatch_compact`), order [T*K] int32, gate [T, K] fp32, keep [T, K] bool -> y [T, H]
+        in the rows' dtype; dropped choices weigh 0."""
         weight = (gate * keep.astype(gate.dtype)).astype(expert_rows.dtype)
+        cut = order.shape[0] - expert_rows.shape[0]
+        if cut:  # the choices cut off by num_out_tokens read zero rows
+            expert_rows = ops.concat((expert_rows, ops.zeros((cut, expert_rows.shape[1]), expert_rows.dtype)), 0)
         return self.token_unpermute(expert_rows, order, weight, False, None)

@@ -36,7 +36,9 @@ def emulated_permute(tokens, indices, num_out_tokens=None, padded_mode=False, se
 
 
 def emulated_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
-    """ops.moe_token_unpermute: out[n] = sum_k probs[n, k] * permuted_tokens[sorted_indices[n*K + k]]."""
+    """ops.moe_token_unpermute: out[n] = sum_k probs[n, k] * permuted_tokens[sorted_indices[n*K + k]]; the
+    documentation gives permuted_tokens as [N*K, H], one row per index, and that is required here."""
+    assert permuted_tokens.shape[0] == sorted_indices.shape[0], "permuted_tokens must have N*K rows"
     picked = ops.gather(permuted_tokens, sorted_indices, 0)  # (N*K, H)
     if probs is None:
         return picked
@@ -84,18 +86,27 @@ def test_installed_mindspore_has_the_signatures_the_adapter_calls(monkeypatch):
     assert problem.startswith("ops.moe_token_permute: MindSpore") and "padded_mode" in problem
 
 
-def _layers(k, num_ranks=1, e=4, h=8, f=16):
-    """The reference layer and the same router and experts behind the adapter with the emulated ops."""
+def _layers(k, num_ranks=1, e=4, h=8, f=16, multiplied=None):
+    """The reference layer and the same router and experts behind the adapter with the emulated ops (`multiplied`,
+    a list, collects the rows of each GroupedMatmul call)."""
     ms.set_seed(5)
     router, experts = TopKRouter(h, e, 1, k, 0.01, 0.001), GroupedExperts(e, h, f, 0.3)
     reference = MoELayer(router, Dispatcher(e, num_ranks, num_ranks), experts, num_ranks)
-    builtin = MoELayer(router, CompactDispatcher(e, num_ranks, num_ranks, shipped=EMULATED), experts, num_ranks)
+
+    def grouped_matmul(x, *rest):
+        if multiplied is not None:
+            multiplied.append(x[0].shape[0])
+        return emulated_grouped_matmul(x, *rest)
+
+    shipped_ops = ShippedOps(emulated_permute, emulated_unpermute, grouped_matmul)
+    builtin = MoELayer(router, CompactDispatcher(e, num_ranks, num_ranks, shipped=shipped_ops), experts, num_ranks)
     return reference, builtin
 
 
 @pytest.mark.parametrize("k, capacity, num_ranks", [(1, 3, 1), (1, 40, 1), (2, 4, 1), (2, 80, 1), (2, 3, 2)])
 def test_adapter_equals_the_reference_layer_in_output_and_gradients(k, capacity, num_ranks):
-    reference, builtin = _layers(k, num_ranks)
+    multiplied = []
+    reference, builtin = _layers(k, num_ranks, multiplied=multiplied)
     x = Tensor(np.random.default_rng(k * 100 + capacity).standard_normal((40, 8)).astype(np.float32))
     zeros = Tensor(np.zeros(40, np.int32))
     weights = reference.trainable_params()
@@ -118,6 +129,9 @@ def test_adapter_equals_the_reference_layer_in_output_and_gradients(k, capacity,
     for got, want, param in zip(dw, ref_dw, weights):
         assert np.isfinite(got.asnumpy()).all(), param.name
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-6, err_msg=param.name)
+    # the experts multiply min(T*K, R*E*C) rows: 40 tokens, E = 4
+    assert set(multiplied) == {{(1, 3, 1): 12, (1, 40, 1): 40, (2, 4, 1): 16, (2, 80, 1): 80,
+                                (2, 3, 2): 24}[(k, capacity, num_ranks)]}
 
 
 def test_ascend_builtin_is_refused_where_it_cannot_run():
