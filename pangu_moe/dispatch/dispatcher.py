@@ -46,7 +46,7 @@ class Dispatcher(nn.Cell):
     def combine(self, expert_out, flat_index, gate, keep):
         """Un-permute and weight by the gate; dropped choices contribute exactly 0.
 
-        Args: expert_out [R*E, C, H]; flat_index [T*K] int32; gate [T, K] fp32; keep [T, K] bool.
-        Returns: y [T, H] in expert_out's dtype.
+        Args: expert_out [R*E, C, H] (the compute dtype); flat_index [T*K] int32; gate [T, K] fp32; keep [T, K] bool.
+        Returns: y [T, H] fp32 (the gate multiplies the rows in fp32).
         """
         return self.unpermute(expert_out, flat_index, gate * keep.astype(gate.dtype))

@@ -24,13 +24,15 @@ def reference_permute(x, flat_index, num_buffers, capacity):
 
 
 def reference_unpermute(buffer, flat_index, weight):
-    """buffer [B, C, H], flat_index [T*K] int32, weight [T, K] fp32 -> y [T, H]: sum_k weight * row (sink adds 0)."""
+    """buffer [B, C, H] (any float dtype), flat_index [T*K] int32, weight [T, K] fp32 -> y [T, H] fp32:
+    sum_k weight * row (the sink adds 0). The rows are widened to fp32 and the gate never narrowed, so the
+    router's gradient through the combine stays fp32 under a low-precision compute dtype."""
     num_tokens, top_k = weight.shape
     hidden = buffer.shape[-1]
     rows = buffer.reshape(-1, hidden)  # (B*C, H) <- (B, C, H)
     padded = ops.concat((rows, ops.zeros((1, hidden), rows.dtype)), 0)  # (B*C+1, H): the sink row reads 0
     picked = ops.gather(padded, flat_index, 0).reshape(num_tokens, top_k, hidden)  # (T, K, H)
-    return (picked * weight.astype(rows.dtype).reshape(num_tokens, top_k, 1)).sum(1)
+    return (picked.astype(ms.float32) * weight.astype(ms.float32).reshape(num_tokens, top_k, 1)).sum(1)
 
 
 class ReferencePermute(nn.Cell):
@@ -49,7 +51,7 @@ class ReferenceUnpermute(nn.Cell):
     """`reference_unpermute` as a cell."""
 
     def construct(self, buffer, flat_index, weight):
-        """buffer [B, C, H] fp32, flat_index [T*K] int32, weight [T, K] fp32 -> y [T, H] fp32."""
+        """buffer [B, C, H], flat_index [T*K] int32, weight [T, K] fp32 -> y [T, H] fp32."""
         return reference_unpermute(buffer, flat_index, weight)
 
 
@@ -88,9 +90,8 @@ class CustomUnpermute(nn.Cell):
         self.unpermute, self.unpermute_grad = _unpermute_ops(backend)
 
     def construct(self, buffer, flat_index, weight):
-        """As `ReferenceUnpermute.construct`; the kernel is f32, so other dtypes are cast there and back."""
-        y = self.unpermute(buffer.astype(ms.float32), flat_index, weight.astype(ms.float32))
-        return y.astype(buffer.dtype)
+        """As `ReferenceUnpermute.construct` (fp32 out); the kernel is f32, so other dtypes are cast there."""
+        return self.unpermute(buffer.astype(ms.float32), flat_index, weight.astype(ms.float32))
 
 
 class CustomPermute(nn.Cell):

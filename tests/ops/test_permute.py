@@ -86,6 +86,22 @@ def test_exact_unpermute():
         np.testing.assert_array_equal(make_op("moe_unpermute", backend)(buffer, flat_index, weight).asnumpy(), expected)
 
 
+def test_the_gate_weights_fp16_rows_in_fp32():
+    # fp16 rows (exact in fp16) times a gate fp16 cannot hold (1/3): y and the gate's gradient are fp32 products
+    import mindspore as ms
+    rows = np.array([[[3.0, 1.5], [6.0, 0.75]]], np.float16)  # (B=1, C=2, H=2)
+    gate = np.array([[1 / 3], [0.1]], np.float32)  # (T=2, K=1)
+    flat_index = Tensor(np.array([0, 1], np.int32))
+    for backend in ("reference", "cpu"):
+        op = make_op("moe_unpermute", backend)
+        y = op(Tensor(rows), flat_index, Tensor(gate))
+        assert y.dtype == ms.float32
+        np.testing.assert_array_equal(y.asnumpy(), rows[0].astype(np.float32) * gate)
+        d_gate = ms.grad(lambda g: op(Tensor(rows), flat_index, g).sum())(Tensor(gate))
+        assert d_gate.dtype == ms.float32
+        np.testing.assert_array_equal(d_gate.asnumpy(), rows[0].astype(np.float32).sum(1, keepdims=True))
+
+
 def test_index_beyond_the_sink_is_an_error():
     op = make_op("moe_permute", "cpu", 2)
     with pytest.raises(RuntimeError, match="MoePermute"):
