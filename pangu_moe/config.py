@@ -235,9 +235,10 @@ class TrainConfig:
     max_skipped_steps: int = _f(5, "a step with a non-finite loss or gradient norm is skipped (no update, counted "
                                 "as skipped_steps in metrics.jsonl); this many in a row abort the run (fp16 steps "
                                 "whose loss scale overflowed count only once the scale is down to 1)", lo=1)
-    precision: str = _f("fp32", "compute dtype of matmuls, dispatch buffers and the exchange: fp32, fp16 (runs on "
-                        "CPU, with dynamic loss scaling) or bf16 (Ascend only). Weights, optimizer state, layer "
-                        "norms, the residual stream, routers and losses stay fp32", choices=PRECISIONS)
+    precision: str = _f("fp32", "compute dtype of matmuls, dispatch buffers and the exchange: fp32, fp16 (with "
+                        "dynamic loss scaling) or bf16 (no loss scaling; on CPU, which has no bf16 matmul, fp32 "
+                        "matmuls whose operands are rounded to bf16: bf16's rounding, not its speed or memory). "
+                        "Weights, optimizer state, layer norms, the residual stream, routers and losses stay fp32", choices=PRECISIONS)
     loss_scale: float = _f(65536.0, "fp16: initial loss scale (a power of 2)", lo=1.0)
     loss_scale_window: int = _f(1000, "fp16: applied steps in a row (no overflow) before the loss scale doubles, up "
                                 "to 2^24", lo=1)
@@ -355,9 +356,6 @@ class RunConfig:
                  f">= {bpe}, the vocabulary of data.tokenizer={data.tokenizer}")
         _require(self.train.min_lr <= self.train.lr, "train.min_lr", self.train.min_lr,
                  f"<= train.lr={self.train.lr}")
-        _require(self.train.precision != "bf16" or self.runtime.device == "Ascend", "train.precision",
-                 self.train.precision, "fp32 or fp16 on runtime.device=CPU (bf16 matmul needs Ascend; fp16 is the "
-                 "CPU choice)")
         _require(moe.router_dtype == "fp32" or self.train.precision != "fp32", "moe.router_dtype", moe.router_dtype,
                  "fp32 with train.precision=fp32 (low means the fp16 or bf16 of train.precision)")
         _require(math.log2(self.train.loss_scale).is_integer(), "train.loss_scale", self.train.loss_scale,

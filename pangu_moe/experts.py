@@ -5,6 +5,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.activations import fast_gelu
+from pangu_moe.precision import operand
 
 
 class GroupedExperts(nn.Cell):
@@ -22,6 +23,8 @@ class GroupedExperts(nn.Cell):
             at build time; a model too large for that needs a per-shard initializer).
     """
 
+    bf16_operands = False  # set by `PanguModel.use_precision` (the CPU bf16 form)
+
     def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None, shard=None):
         super().__init__()
         out_std = init_std if out_std is None else out_std
@@ -35,6 +38,8 @@ class GroupedExperts(nn.Cell):
             self.w_out = Parameter(Tensor(self.w_out.asnumpy()[first:first + count]), name="w_out")  # (E_loc, F, H)
 
     def construct(self, expert_in):
-        """expert_in [E, C, H] -> expert_out [E, C, H], both in expert_in's dtype (the weights are cast to it)."""
-        dt = expert_in.dtype
-        return ops.bmm(fast_gelu(ops.bmm(expert_in, self.w_in.astype(dt))), self.w_out.astype(dt))
+        """expert_in [E, C, H] -> expert_out [E, C, H], both in expert_in's dtype (the weights are cast to it; under
+        the CPU bf16 form every operand is rounded to bf16, `precision.compute_form`)."""
+        dt, bf16 = expert_in.dtype, self.bf16_operands
+        hidden = fast_gelu(ops.bmm(operand(expert_in, dt, bf16), operand(self.w_in, dt, bf16)))
+        return ops.bmm(operand(hidden, dt, bf16), operand(self.w_out, dt, bf16))

@@ -22,9 +22,25 @@ def exact_dtype():
     return ms.float64 if ms.get_context("device_target") == "CPU" else ms.float32
 
 
-def compute_dtype(precision):
-    """`train.precision` ("fp32" | "fp16" | "bf16") -> the MindSpore dtype of matmuls and dispatch buffers."""
-    return COMPUTE_DTYPES[precision]
+def compute_form(precision, device):
+    """`train.precision` ("fp32" | "fp16" | "bf16") and `runtime.device` ("CPU" | "Ascend") -> (dtype,
+    bf16_operands): the dtype of matmuls, dispatch buffers and the exchange, and whether each matmul's operands
+    are first rounded to bf16.
+
+    bf16 on CPU, whose MindSpore has no bf16 matmul, is held in fp32 with every matmul operand (and the dispatch
+    buffers) rounded to bf16: the Ascend cube's operand rounding with fp32 accumulation, but fp32 outputs where
+    the cube rounds them to bf16 too. It reproduces bf16's rounding of what is multiplied, for measuring its
+    effect on training; it is no faster and no smaller than fp32.
+    """
+    if precision == "bf16" and device == "CPU":
+        return ms.float32, True
+    return COMPUTE_DTYPES[precision], False
+
+
+def operand(x, dtype, bf16_operands):
+    """x cast to the compute dtype for a matmul; rounded to bf16 too under the CPU bf16 form (`compute_form`)."""
+    x = x.astype(dtype)
+    return x.astype(ms.bfloat16).astype(dtype) if bf16_operands else x
 
 
 class LossScaler(nn.Cell):

@@ -10,6 +10,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from pangu_moe.precision import operand
+
 
 def causal_mask(seq_len):
     """Additive mask [S, S] fp32: 0 on and below the diagonal, -1e9 above."""
@@ -24,7 +26,7 @@ class Attention(nn.Cell):
         hidden: H; num_heads: heads (H % heads == 0); init_std / out_std: normal init stds.
     """
 
-    compute_dtype = ms.float32  # set by `PanguModel.use_precision`
+    compute_dtype, bf16_operands = ms.float32, False  # set by `PanguModel.use_precision`
 
     def __init__(self, hidden, num_heads, init_std=0.02, out_std=None):
         super().__init__()
@@ -48,8 +50,8 @@ class Attention(nn.Cell):
     def keys_values(self, kv_in):
         """kv_in [B, S, H] -> keys, values [B, nh, S, hd] in `compute_dtype` (what a KV cache holds)."""
         h = kv_in.shape[-1]
-        dt = self.compute_dtype
-        k, v = ops.split(ops.matmul(kv_in.astype(dt), self.w_kv.astype(dt)), h, axis=-1)
+        dt, bf16 = self.compute_dtype, self.bf16_operands
+        k, v = ops.split(ops.matmul(operand(kv_in, dt, bf16), operand(self.w_kv, dt, bf16)), h, axis=-1)
         return self._heads(k), self._heads(v)
 
     def attend(self, query_in, k, v, mask):
@@ -57,15 +59,15 @@ class Attention(nn.Cell):
         mask [Sq, Sk] additive -> [B, Sq, H] fp32."""
         b, _, sk, _ = k.shape
         sq, h = query_in.shape[-2], query_in.shape[-1]
-        dt = self.compute_dtype
-        q = ops.matmul(query_in.astype(dt), self.w_q.astype(dt))
+        dt, bf16 = self.compute_dtype, self.bf16_operands
+        q = ops.matmul(operand(query_in, dt, bf16), operand(self.w_q, dt, bf16))
         if q.ndim == 2:
             q = ops.broadcast_to(q.reshape(1, sq, h), (b, sq, h))  # (B, Sq, H) <- (Sq, H)
-        q = self._heads(q)
+        q, k, v = operand(self._heads(q), dt, bf16), operand(k, dt, bf16), operand(v, dt, bf16)
         if dt == ms.float32:
             att = ops.bmm(q, k.transpose(0, 1, 3, 2)) * self.scale + mask  # (B, nh, Sq, Sk)
         else:  # scaled before the product, which could overflow fp16; the mask and softmax in fp32 (-1e9, exp)
             att = ops.bmm(q * self.scale, k.transpose(0, 1, 3, 2)).astype(ms.float32) + mask  # (B, nh, Sq, Sk)
-        out = ops.bmm(ops.softmax(att, axis=-1).astype(dt), v)  # (B, nh, Sq, hd)
+        out = ops.bmm(operand(ops.softmax(att, axis=-1), dt, bf16), v)  # (B, nh, Sq, hd)
         out = out.transpose(0, 2, 1, 3).reshape(b, sq, h)  # (B, Sq, H) <- (B, Sq, nh, hd)
-        return ops.matmul(out, self.w_o.astype(dt)).astype(ms.float32)
+        return ops.matmul(operand(out, dt, bf16), operand(self.w_o, dt, bf16)).astype(ms.float32)

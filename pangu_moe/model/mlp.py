@@ -4,12 +4,13 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.activations import fast_gelu
+from pangu_moe.precision import operand
 
 
 class DenseMLP(nn.Cell):
     """Two-layer GeLU FFN without biases: [..., H] -> [..., H] fp32 through F, computed in `compute_dtype`."""
 
-    compute_dtype = ms.float32  # set by `PanguModel.use_precision`
+    compute_dtype, bf16_operands = ms.float32, False  # set by `PanguModel.use_precision`
 
     def __init__(self, hidden, ffn_hidden, init_std=0.02, out_std=None):
         super().__init__()
@@ -19,6 +20,6 @@ class DenseMLP(nn.Cell):
 
     def construct(self, x):
         """x [..., H] -> [..., H]."""
-        dt = self.compute_dtype
-        return ops.matmul(fast_gelu(ops.matmul(x.astype(dt), self.w_in.astype(dt))), self.w_out.astype(dt)).astype(
-            ms.float32)
+        dt, bf16 = self.compute_dtype, self.bf16_operands
+        hidden = fast_gelu(ops.matmul(operand(x, dt, bf16), operand(self.w_in, dt, bf16)))
+        return ops.matmul(operand(hidden, dt, bf16), operand(self.w_out, dt, bf16)).astype(ms.float32)

@@ -2,6 +2,7 @@
 import mindspore as ms
 from mindspore import nn, ops
 
+from pangu_moe.precision import operand
 from pangu_moe.routing.base import Routing
 
 ROUTING_FIELDS = len(Routing._fields)
@@ -34,7 +35,7 @@ class MoELayer(nn.Cell):
     and routes in fp32; the output is fp32.
     """
 
-    compute_dtype = ms.float32
+    compute_dtype, bf16_operands = ms.float32, False
     router_dtype = ms.float32
 
     def __init__(self, router, dispatcher, experts, num_ranks=1, exchange=None, first_rank=0, world_size=None,
@@ -145,7 +146,7 @@ class MoELayer(nn.Cell):
                                                       self.experts.w_out.astype(dt))  # (T*K, H)
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
             return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
-        tokens = x.astype(self.compute_dtype)
+        tokens = operand(x, self.compute_dtype, self.bf16_operands)  # the buffers and the exchange hold these
         buffer = self.dispatcher.dispatch(tokens, flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden), flat_index,
                                       tokens)

@@ -21,7 +21,7 @@ from pangu_moe.model.mlp import DenseMLP
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.ops import run_kernel_backend
 from pangu_moe.ops.shipped import CompactDispatcher
-from pangu_moe.precision import compute_dtype
+from pangu_moe.precision import compute_form, operand
 from pangu_moe.routing.registry import build_router
 
 
@@ -70,22 +70,24 @@ class PanguModel(nn.Cell):
         self.query_layer = QueryLayer(m.hidden, m.num_heads, m.ffn_hidden, m.init_std, out_std)
         self.ln_f = nn.LayerNorm((m.hidden,))
         self.mask = causal_mask(m.seq_len)
-        self.compute_dtype = ms.float32
-        self.precision = ("fp32", "fp32")  # the arguments of `use_precision`
+        self.compute_dtype, self.bf16_operands = ms.float32, False
+        self.precision = ("fp32", "fp32", "CPU")  # the arguments of `use_precision`
 
-    def use_precision(self, precision, router_dtype="fp32"):
-        """Run matmuls, dispatch buffers and the exchange in `precision`'s dtype (`train.precision`), and the
-        routers' input and linear logits in it too if `router_dtype` is "low" (`moe.router_dtype`). Weights,
-        layer norms, the residual stream and every loss stay fp32. Call before the first (compiled) step.
+    def use_precision(self, precision, router_dtype="fp32", device="CPU"):
+        """Run matmuls, dispatch buffers and the exchange in `precision`'s form on `device` (`train.precision`,
+        `precision.compute_form`), and the routers' input and linear logits in it too if `router_dtype` is "low"
+        (`moe.router_dtype`). Weights, layer norms, the residual stream and every loss stay fp32. Call before the
+        first (compiled) step.
         """
-        dtype = compute_dtype(precision)
-        self.compute_dtype, self.precision = dtype, (precision, router_dtype)
+        dtype, bf16_operands = compute_form(precision, device)
+        self.compute_dtype, self.bf16_operands = dtype, bf16_operands
+        self.precision = (precision, router_dtype, device)
         for _, cell in self.cells_and_names():
-            if isinstance(cell, (Attention, DenseMLP, MoELayer)):
-                cell.compute_dtype = dtype
+            if isinstance(cell, (Attention, DenseMLP, MoELayer, GroupedExperts)):
+                cell.compute_dtype, cell.bf16_operands = dtype, bf16_operands
             if isinstance(cell, MoELayer) and router_dtype == "low":
                 cell.router_dtype = dtype
-                cell.router.logits_dtype = dtype
+                cell.router.logits_dtype, cell.router.bf16_operands = dtype, bf16_operands
 
     def construct(self, token_ids, domain_ids, capacity, training=False):
         """Forward pass.
@@ -139,8 +141,9 @@ class PanguModel(nn.Cell):
 
     def logits(self, h):
         """The final LayerNorm and the tied LM head: h [B, S, H] -> logits [B, S, V] fp32."""
-        dt = self.compute_dtype
-        return ops.matmul(self.ln_f(h).astype(dt), self.embedding.T.astype(dt)).astype(ms.float32)  # (B, S, V)
+        dt, bf16 = self.compute_dtype, self.bf16_operands
+        return ops.matmul(operand(self.ln_f(h), dt, bf16), operand(self.embedding.T, dt, bf16)).astype(
+            ms.float32)  # (B, S, V)
 
     def feed_noise(self, rng):
         """Refill every router's training-noise buffers from numpy Generator `rng` (before a training step)."""
@@ -226,7 +229,7 @@ def build_model(cfg, rank=0):
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
     model = PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
                        run_kernel_backend(cfg), group_tokens, p.exchange_layout)
-    model.use_precision(cfg.train.precision, cfg.moe.router_dtype)
+    model.use_precision(cfg.train.precision, cfg.moe.router_dtype, cfg.runtime.device)
     return model
 
 

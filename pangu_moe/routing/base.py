@@ -39,7 +39,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.config import ConfigError
 from pangu_moe.ops import make_op
-from pangu_moe.precision import exact_dtype
+from pangu_moe.precision import exact_dtype, operand
 from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
@@ -95,6 +95,7 @@ class Router(nn.Cell):
     loss_terms = ("aux", "z")  # which of moe.aux_loss_coeff / moe.z_loss_coeff it honours (`LOSS_COEFFS`)
     gating_mode = None  # an `ops.gating` mode if `score` is moe_gating's score function (see `use_kernels`)
     logits_dtype = ms.float32  # dtype of the linear logits matmul (`logits`)
+    bf16_operands = False  # its operands rounded to bf16 (the CPU bf16 form, `precision.compute_form`)
 
     @classmethod
     def from_config(cls, model_cfg, moe_cfg, layer, topology):
@@ -320,8 +321,8 @@ class LearnedRouter(Router):
         The matmul runs in `logits_dtype`: fp32, or the low dtype of the router-precision ablation
         (`moe.router_dtype: low`, set by `PanguModel.use_precision`).
         """
-        dt = self.logits_dtype
-        logits_all = ops.matmul(x.astype(dt), self.weight.astype(dt))  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
+        dt, bf16 = self.logits_dtype, self.bf16_operands
+        logits_all = ops.matmul(operand(x, dt, bf16), operand(self.weight, dt, bf16))  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
         return group_logits(logits_all.astype(ms.float32), group_ids, self.experts_per_group)
 
 
