@@ -181,18 +181,39 @@ def proof_rows(outcomes):
 
 
 def precision_rows(precision):
-    """Claims rows from `pangu-moe bench precision --json`: the ratio needs `PRECISION_SEEDS` seeds with an
-    interval and fp16 runs whose loss scale both backed off and grew; a one-seed ratio is not resolved."""
-    ratio = precision["fp16_over_fp32_bpb"]
-    if not isinstance(ratio, dict):
-        ratio = {"mean": ratio, "ci95": None, "n": 1}
+    """Claims rows from `pangu-moe bench precision --json`: each ratio needs `PRECISION_SEEDS` seeds with an
+    interval, and the fp16 one fp16 runs whose loss scale both backed off and grew; a one-seed ratio is not
+    resolved. A figure the bench did not measure (its runs before bf16 and the low-precision router arm) is a
+    row marked not measured."""
+    setting = f"bench precision: demo model, {precision.get('steps', '?')} steps"
+
+    def ratio_of(name):
+        ratio = precision.get(name)
+        return ratio if isinstance(ratio, dict) or ratio is None else {"mean": ratio, "ci95": None, "n": 1}
+
+    def seeds_missing(ratio):
+        return [] if ratio["n"] >= PRECISION_SEEDS else [f"{ratio['n']} seed(s) of {PRECISION_SEEDS}"]
+
+    fp16, bf16 = ratio_of("fp16_over_fp32_bpb"), ratio_of("bf16_over_fp32_bpb")
     scaled = precision.get("loss_scale_backoffs", 0) > 0 and precision.get("loss_scale_growths", 0) > 0
-    verdict = within(ratio, 1.02) if ratio["n"] >= PRECISION_SEEDS and scaled else NOT_RESOLVED
-    missing = [] if ratio["n"] >= PRECISION_SEEDS else [f"{ratio['n']} seed(s) of {PRECISION_SEEDS}"]
-    missing += [] if scaled else ["no fp16 run whose loss scale both backed off and grew"]
-    return [("Switch", "Selective precision (low-precision compute, fp32 router) trains as well as fp32",
-             f"val bpb fp16 / fp32 = {interval(ratio, '{:.3f}')}" + (f" ({'; '.join(missing)})" if missing else ""),
-             f"bench precision: demo model, {precision.get('steps', '?')} steps", verdict)]
+    missing = seeds_missing(fp16) + ([] if scaled else ["no fp16 run whose loss scale both backed off and grew"])
+    rows = [("Switch", "Selective precision (low-precision compute, fp32 router) trains as well as fp32",
+             f"val bpb fp16 / fp32 = {interval(fp16, '{:.3f}')}" + (f" ({'; '.join(missing)})" if missing else ""),
+             setting, within(fp16, 1.02) if not missing else NOT_RESOLVED)]
+    if bf16 is None:
+        rows.append(("ours", "bf16 (operands rounded to bf16, fp32 accumulation) trains as well as fp32",
+                     "not measured", setting, NOT_RESOLVED))
+    else:
+        missing = seeds_missing(bf16)
+        rows.append(("ours", "bf16 (operands rounded to bf16, fp32 accumulation) trains as well as fp32",
+                     f"val bpb bf16 / fp32 = {interval(bf16, '{:.3f}')}" + (f" ({missing[0]})" if missing else ""),
+                     setting + " (bf16 in its CPU form)", within(bf16, 1.02) if not missing else NOT_RESOLVED))
+    router = precision.get("fp16_router_low_minus_fp16_bpb")
+    rows.append(("Switch", "A router in the low precision trains worse than one kept in fp32",
+                 "not measured" if router is None else f"val bpb, router fp16 - router fp32 (fp16 compute) "
+                                                       f"{interval(router)}",
+                 setting, NOT_RESOLVED if router is None else direction(router, lower_is_claimed=False)))
+    return rows
 
 
 CLAIM_STUDY_PAPERS = {"capacity": "LocMoE+", "estimator": "LocMoE+", "locality-null": "LocMoE", "locality": "LocMoE"}

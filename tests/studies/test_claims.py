@@ -106,6 +106,8 @@ def test_no_unresolved_figure_yields_reproduced():
         rows = claims.router_rows({**STUDY, "arms": arms})
         rows += claims.kool_rows({**KOOL, "paired": [{**p, "purity": figure} for p in KOOL["paired"]]})
         rows += claims.precision_rows({"fp16_over_fp32_bpb": {**figure, "mean": 1.0 + figure["mean"] / 10},
+                                       "bf16_over_fp32_bpb": {**figure, "mean": 1.0 + figure["mean"] / 10},
+                                       "fp16_router_low_minus_fp16_bpb": figure,
                                        "loss_scale_backoffs": 2, "loss_scale_growths": 2})
         rows += claims.proof_rows({})
         assert len(rows) >= 12
@@ -132,6 +134,17 @@ def test_the_precision_row_needs_three_seeds_and_a_loss_scale_that_moved():
                                   "loss_scale_growths": 1})[0][4] == "not resolved"
     assert claims.precision_rows({"fp16_over_fp32_bpb": {**ratio, "mean": 1.03}, "loss_scale_backoffs": 1,
                                   "loss_scale_growths": 1})[0][4] == "not reproduced"
+    # the bf16 ratio and the router contrast: not measured by an older bench, judged when present
+    old = claims.precision_rows({"fp16_over_fp32_bpb": 1.008, "steps": 500})
+    assert [(r[2], r[4]) for r in old[1:]] == [("not measured", "not resolved")] * 2
+    rows = claims.precision_rows({"fp16_over_fp32_bpb": ratio, "bf16_over_fp32_bpb": {**ratio, "mean": 1.012},
+                                  "fp16_router_low_minus_fp16_bpb": {"mean": 0.02, "ci95": 0.01, "n": 3},
+                                  "loss_scale_backoffs": 0, "loss_scale_growths": 0})
+    assert [r[4] for r in rows] == ["not resolved", "reproduced", "reproduced"]
+    assert rows[1][2] == "val bpb bf16 / fp32 = 1.012 ± 0.004" and rows[2][2].endswith("+0.020 ± 0.010")
+    rows = claims.precision_rows({"fp16_over_fp32_bpb": ratio, "bf16_over_fp32_bpb": {**ratio, "n": 1},
+                                  "fp16_router_low_minus_fp16_bpb": {"mean": 0.0, "ci95": 0.01, "n": 3}})
+    assert [r[4] for r in rows[1:]] == ["not resolved", "not resolved"]
 
 
 def test_a_row_shown_by_a_test_reads_the_recorded_outcome(tmp_path):
