@@ -275,7 +275,7 @@ class RuntimeConfig:
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
     kernels: str = _f("auto", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
                       "CPU, Ascend C on Ascend), ascend_builtin (MindSpore's shipped Ascend MoE ops; Ascend, "
-                      "parallel.dispatch=local, fp32 or fp16, not expert_choice) or auto (ascend_builtin where it can "
+                      "parallel.dispatch=local, train.precision=bf16, not expert_choice) or auto (ascend_builtin where it can "
                       "run, else reference, the faster on CPU); kernels/README.md", choices=KERNELS)
     checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
     profile_steps: List[int] = _f([], "[start, end]: MindSpore's profiler around training steps start..end-1 (0-based), "

@@ -141,9 +141,7 @@ class MoELayer(nn.Cell):
         if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
             rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), expert_index, keep,
                                                                  kept_per_expert, capacity)
-            dt = rows.dtype
-            expert_rows = self.dispatcher.run_experts(rows, ends, self.experts.w_in.astype(dt),
-                                                      self.experts.w_out.astype(dt))  # (T*K, H)
+            expert_rows = self.dispatcher.run_experts(rows, ends, self.experts.w_in, self.experts.w_out)  # (M, H)
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
             return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
         tokens = operand(x, self.compute_dtype, self.bf16_operands)  # the buffers and the exchange hold these

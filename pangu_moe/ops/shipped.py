@@ -17,6 +17,14 @@ The mapping keeps tokens compact instead of padding them into [E, C, H] buffers:
    [T*K, H]), then `ops.moe_token_unpermute(rows, order, weight)` gives y[n] = sum_k weight[n, k] *
    rows[order[n*K + k]] with weight = gate * keep.
 
+Dtypes: the three ops run in bf16 (`OPS_DTYPE`), cast to around them as MindFormers does. bf16 is the one dtype
+every documentation read lists for all three: MindSpore 2.6's pages give moe_token_permute and moe_token_unpermute
+bf16 only, later ones list bf16, fp16 and fp32 for permute and no dtype for unpermute, and CANN's GroupedMatmul
+pages list fp16 and bf16 (fp32 only in newer ones). So the adapter runs only under `train.precision=bf16`
+(`unfit`), where the casts are no-ops and nothing changes precision behind the user's back; `auto` picks the
+reference dispatch for fp32 and fp16 runs. The gate is weighted inside moe_token_unpermute, in bf16 (the
+reference combine weights in fp32).
+
 Which choices are kept is decided by the router (its slot policy, under capacity), exactly as on the other
 backends; the order of rows inside an expert's group is whatever the op's sort gives and nothing depends on it.
 The shipped ops run on Ascend only. On CPU the adapter is tested against emulations of each op's documented
@@ -32,6 +40,7 @@ from pangu_moe.activations import fast_gelu
 from pangu_moe.ops.layout import ReferenceLayout
 
 MAX_GROUPS = 128  # CANN's GroupedMatmul: group_list holds at most 128 groups
+OPS_DTYPE = ms.bfloat16  # the dtype the shipped ops run in (module docstring)
 
 # The signatures this adapter calls (MindSpore 2.10). `check_signatures` compares them with the installed ones.
 SIGNATURES = {
@@ -102,7 +111,8 @@ def grouped_ffn(rows, ends, w_in, w_out, grouped_matmul):
     nothing to y and send no gradient back.
     """
     hidden = grouped_matmul([rows], [w_in], None, None, None, None, None, ends)[0]  # (M, F)
-    return grouped_matmul([fast_gelu(hidden)], [w_out], None, None, None, None, None, ends)[0]  # (M, H)
+    hidden = fast_gelu(hidden.astype(ms.float32)).astype(rows.dtype)  # GeLU in fp32 (CPU has no bf16 sigmoid)
+    return grouped_matmul([hidden], [w_out], None, None, None, None, None, ends)[0]  # (M, H)
 
 
 def unfit(cfg):
@@ -112,8 +122,9 @@ def unfit(cfg):
     if cfg.parallel.dispatch != "local":
         return (f"parallel.dispatch={cfg.parallel.dispatch}: the compact layout needs the local dispatch (the "
                 f"expert-parallel exchange sends fixed-size buffers)")
-    if cfg.train.precision == "bf16":
-        return "train.precision=bf16: MindSpore 2.10 documents GroupedMatmul for fp16 and fp32 inputs only"
+    if cfg.train.precision != "bf16":
+        return (f"train.precision={cfg.train.precision}: the shipped MoE ops run in bf16, the one dtype every "
+                f"documented version of all three accepts (docs/ascend.md); use train.precision=bf16")
     if cfg.moe.num_experts > MAX_GROUPS:
         return f"moe.num_experts={cfg.moe.num_experts}: GroupedMatmul takes at most {MAX_GROUPS} groups (CANN)"
     if cfg.moe.router == "expert_choice":
@@ -147,17 +158,18 @@ class CompactDispatcher(ReferenceLayout):
 
     def dispatch_compact(self, x, expert_index, keep, kept_per_expert, capacity):
         """x [T, H], expert_index [T, K] int32, keep [T, K] bool, kept_per_expert [R, E] int32, capacity: python
-        int C -> rows [M, H] (x's dtype, M = min(T*K, R*E*C)) grouped by expert, dropped choices last; order
+        int C -> rows [M, H] bf16 (M = min(T*K, R*E*C)) grouped by expert, dropped choices last; order
         [T*K] int32, the row of choice n*K + k; ends [E] int64 (`group_ends`)."""
         num_tokens, top_k = expert_index.shape
         num_rows = min(num_tokens * top_k, self.num_ranks * self.num_experts * capacity)
         key = ops.select(keep, expert_index, ops.full_like(expert_index, self.num_experts))  # (T, K): dropped last
-        rows, order = self.token_permute(x, key, num_rows, False)
+        rows, order = self.token_permute(x.astype(OPS_DTYPE), key, num_rows, False)
         return rows, order, group_ends(kept_per_expert, num_rows)
 
     def run_experts(self, rows, ends, w_in, w_out):
-        """rows [M, H], ends [E] int64, w_in [E, H, F], w_out [E, F, H] in rows' dtype -> [M, H] (`grouped_ffn`)."""
-        return grouped_ffn(rows, ends, w_in, w_out, self.grouped_matmul)
+        """rows [M, H] bf16, ends [E] int64, w_in [E, H, F], w_out [E, F, H] fp32 (cast here) -> [M, H] bf16
+        (`grouped_ffn`)."""
+        return grouped_ffn(rows, ends, w_in.astype(rows.dtype), w_out.astype(rows.dtype), self.grouped_matmul)
 
     def combine(self, expert_rows, order, gate, keep):
         """expert_rows [M, H] (`dispatch_compact`), order [T*K] int32, gate [T, K] fp32, keep [T, K] bool -> y [T, H]

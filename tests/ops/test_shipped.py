@@ -22,9 +22,17 @@ from pangu_moe.routing.topk import TopKRouter
 from tests.conftest import tiny_config
 
 
+def _bf16_in(*tensors):
+    """The shipped ops run in bf16 here (ops/shipped.py OPS_DTYPE): an adapter that passes another dtype fails."""
+    for t in tensors:
+        assert t.dtype == ms.bfloat16, f"a shipped op got {t.dtype}, the adapter must pass bf16"
+    return [t.astype(ms.float32) for t in tensors]  # CPU MindSpore cannot gather or multiply bf16
+
+
 def emulated_permute(tokens, indices, num_out_tokens=None, padded_mode=False, seed=0):
     """ops.moe_token_permute: the N*K choices (flat n*K + k) grouped by index value; returns the rows and, per
     choice, the row it went to. Ties are broken at random: the documentation promises grouping, not order."""
+    tokens, = _bf16_in(tokens)
     flat = indices.reshape(-1).astype(ms.float32)
     top_k = flat.shape[0] // tokens.shape[0]
     jitter = Tensor(np.random.default_rng(seed).random(flat.shape[0]) * 0.5, ms.float32)
@@ -32,51 +40,65 @@ def emulated_permute(tokens, indices, num_out_tokens=None, padded_mode=False, se
     source = source.astype(ms.int32)
     rows = ops.gather(tokens, source // top_k, 0)
     row_of_choice = ops.argsort(source.astype(ms.float32)).astype(ms.int32)  # the inverse permutation
-    return rows[:num_out_tokens or flat.shape[0]], row_of_choice
+    return rows[:num_out_tokens or flat.shape[0]].astype(ms.bfloat16), row_of_choice
 
 
 def emulated_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
     """ops.moe_token_unpermute: out[n] = sum_k probs[n, k] * permuted_tokens[sorted_indices[n*K + k]]; the
     documentation gives permuted_tokens as [N*K, H], one row per index, and that is required here."""
     assert permuted_tokens.shape[0] == sorted_indices.shape[0], "permuted_tokens must have N*K rows"
+    permuted_tokens, = _bf16_in(permuted_tokens)
     picked = ops.gather(permuted_tokens, sorted_indices, 0)  # (N*K, H)
     if probs is None:
-        return picked
+        return picked.astype(ms.bfloat16)
+    probs, = _bf16_in(probs)
     n, k = probs.shape
-    return (picked.reshape(n, k, -1) * probs.reshape(n, k, 1)).sum(1)
+    return (picked.reshape(n, k, -1) * probs.reshape(n, k, 1)).sum(1).astype(ms.bfloat16)
 
 
 def emulated_grouped_matmul(x, weight, bias, scale, offset, antiquant_scale, antiquant_offset, group_list):
     """GroupedMatmul(split_item=3, group_type=0): row m of x[0] [M, A] times weight[0][e] [E, A, B], e the group
-    with group_list[e-1] <= m < group_list[e] (cumulative ends, int64). The documentation requires the last end
-    to be M; rows past it would not be written, NaN here, so an adapter that breaks the rule fails."""
-    rows, experts = x[0], weight[0]
+    with group_list[e-1] <= m < group_list[e] (cumulative ends, int64); bf16 in, fp32 accumulation, bf16 out (the
+    cube's). The documentation requires the last end to be M; rows past it would not be written, NaN here, so an
+    adapter that breaks the rule fails."""
+    rows, experts = _bf16_in(x[0], weight[0])
     group = (ops.arange(rows.shape[0], dtype=ms.int64).reshape(-1, 1) >= group_list.reshape(1, -1)).astype(
         ms.int32).sum(1)  # (M,)
     written = (group < experts.shape[0]).reshape(-1, 1)
     w = ops.gather(experts, ops.minimum(group, experts.shape[0] - 1), 0)  # (M, A, B)
     out = ops.bmm(rows.reshape(rows.shape[0], 1, -1), w).reshape(rows.shape[0], -1)  # (M, B)
-    return [ops.select(ops.broadcast_to(written, out.shape), out, ops.full_like(out, float("nan")))]
+    return [ops.select(ops.broadcast_to(written, out.shape), out, ops.full_like(out, float("nan"))).astype(
+        ms.bfloat16)]
 
 
 EMULATED = ShippedOps(emulated_permute, emulated_unpermute, emulated_grouped_matmul)
 
 
+def _bf16(values):
+    return Tensor(np.asarray(values, np.float32)).astype(ms.bfloat16)
+
+
+def _numpy(t):
+    return t.astype(ms.float32).asnumpy()
+
+
 def test_emulations_reproduce_the_documented_examples():
-    tokens = Tensor(np.array([[1] * 3, [7] * 3, [2] * 3, [1] * 3, [2] * 3, [3] * 3], np.float32))
+    tokens = _bf16([[1] * 3, [7] * 3, [2] * 3, [1] * 3, [2] * 3, [3] * 3])
     rows, row_of_choice = emulated_permute(tokens, Tensor(np.array([5, 0, 3, 1, 2, 4], np.int32)))
-    np.testing.assert_array_equal(rows.asnumpy()[:, 0], [7, 1, 2, 2, 3, 1])  # ops.moe_token_permute's example
+    np.testing.assert_array_equal(_numpy(rows)[:, 0], [7, 1, 2, 2, 3, 1])  # ops.moe_token_permute's example
     np.testing.assert_array_equal(row_of_choice.asnumpy(), [5, 0, 3, 1, 2, 4])
-    permuted = Tensor(np.array([[1] * 3, [0] * 3, [0] * 3, [3] * 3, [2] * 3, [1] * 3, [2] * 3, [3] * 3], np.float32))
+    permuted = _bf16([[1] * 3, [0] * 3, [0] * 3, [3] * 3, [2] * 3, [1] * 3, [2] * 3, [3] * 3])
     out = emulated_unpermute(permuted, Tensor(np.array([0, 6, 7, 5, 3, 1, 2, 4], np.int32)))
     assert out.shape == (8, 3)  # ops.moe_token_unpermute's example (its values are not printed)
-    np.testing.assert_array_equal(out.asnumpy()[:, 0], [1, 2, 3, 1, 3, 0, 0, 2])  # the formula, by hand
+    np.testing.assert_array_equal(_numpy(out)[:, 0], [1, 2, 3, 1, 3, 0, 0, 2])  # the formula, by hand
     # CANN's GroupedMatmul: "group_list[0] = 10: the first 10 rows of x take part in the first group's matmul".
-    x = Tensor(np.ones((12, 2), np.float32))
-    w = Tensor(np.stack([np.eye(2), 2 * np.eye(2)]).astype(np.float32))
+    x = _bf16(np.ones((12, 2)))
+    w = _bf16(np.stack([np.eye(2), 2 * np.eye(2)]))
     out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array([10, 11], np.int64)))[0]
-    np.testing.assert_array_equal(out.asnumpy()[:11, 0], [1] * 10 + [2])
-    assert np.isnan(out.asnumpy()[11]).all()
+    np.testing.assert_array_equal(_numpy(out)[:11, 0], [1] * 10 + [2])
+    assert np.isnan(_numpy(out)[11]).all()
+    with pytest.raises(AssertionError, match="a shipped op got Float32"):  # the emulations take bf16 only
+        emulated_permute(Tensor(np.ones((2, 3), np.float32)), Tensor(np.array([1, 0], np.int32)))
 
 
 def test_installed_mindspore_has_the_signatures_the_adapter_calls(monkeypatch):
@@ -87,11 +109,15 @@ def test_installed_mindspore_has_the_signatures_the_adapter_calls(monkeypatch):
 
 
 def _layers(k, num_ranks=1, e=4, h=8, f=16, multiplied=None):
-    """The reference layer and the same router and experts behind the adapter with the emulated ops (`multiplied`,
-    a list, collects the rows of each GroupedMatmul call)."""
+    """The reference layer in the CPU bf16 form (bf16-rounded matmul operands, `precision.compute_form`) and the
+    same router and experts behind the adapter with the emulated ops (`multiplied`, a list, collects the rows of
+    each GroupedMatmul call). The adapter runs in bf16 and the cube rounds its outputs to bf16 too, so the two
+    agree to bf16's precision, not bit for bit."""
     ms.set_seed(5)
     router, experts = TopKRouter(h, e, 1, k, 0.01, 0.001), GroupedExperts(e, h, f, 0.3)
+    experts.bf16_operands = True  # read by the reference layer only: the adapter has its own expert FFN
     reference = MoELayer(router, Dispatcher(e, num_ranks, num_ranks), experts, num_ranks)
+    reference.bf16_operands = True
 
     def grouped_matmul(x, *rest):
         if multiplied is not None:
@@ -101,6 +127,13 @@ def _layers(k, num_ranks=1, e=4, h=8, f=16, multiplied=None):
     shipped_ops = ShippedOps(emulated_permute, emulated_unpermute, grouped_matmul)
     builtin = MoELayer(router, CompactDispatcher(e, num_ranks, num_ranks, shipped=shipped_ops), experts, num_ranks)
     return reference, builtin
+
+
+def _agree(got, want):
+    """Equal to bf16's precision: within 2% of the largest magnitude (one bf16 rounding is 0.4%; the rows are rounded
+    at each of the ops' outputs), where an index error would be off by the whole value."""
+    got, want = got.asnumpy(), want.asnumpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("k, capacity, num_ranks", [(1, 3, 1), (1, 40, 1), (2, 4, 1), (2, 80, 1), (2, 3, 2)])
@@ -119,16 +152,16 @@ def test_adapter_equals_the_reference_layer_in_output_and_gradients(k, capacity,
 
     (ref_value, (ref_dx, ref_dw)), (value, (dx, dw)) = loss(reference)(x), loss(builtin)(x)
     out_ref, out = reference(x, zeros, zeros, capacity, False), builtin(x, zeros, zeros, capacity, False)
-    np.testing.assert_allclose(out[0].asnumpy(), out_ref[0].asnumpy(), rtol=1e-5, atol=1e-6)
+    _agree(out[0], out_ref[0])
     for got, want in zip(out[1:4], out_ref[1:4]):  # losses, requested and kept counts
         np.testing.assert_array_equal(got.asnumpy(), want.asnumpy())
     kept, requested = out[3].asnumpy().sum(), out[2].asnumpy().sum()
     assert (kept < requested) == (capacity < 40 * k // 4), "the small capacities must drop, the large ones not"
-    np.testing.assert_allclose(value.asnumpy(), ref_value.asnumpy(), rtol=1e-5)
-    np.testing.assert_allclose(dx.asnumpy(), ref_dx.asnumpy(), rtol=1e-4, atol=1e-6)
+    _agree(value, ref_value)
+    _agree(dx, ref_dx)
     for got, want, param in zip(dw, ref_dw, weights):
         assert np.isfinite(got.asnumpy()).all(), param.name
-        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-6, err_msg=param.name)
+        _agree(got, want)
     # the experts multiply min(T*K, R*E*C) rows: 40 tokens, E = 4
     assert set(multiplied) == {{(1, 3, 1): 12, (1, 40, 1): 40, (2, 4, 1): 16, (2, 80, 1): 80,
                                 (2, 3, 2): 24}[(k, capacity, num_ranks)]}
@@ -140,20 +173,21 @@ def test_ascend_builtin_is_refused_where_it_cannot_run():
     ascend = ("runtime.kernels=ascend_builtin", "runtime.device=Ascend")
     with pytest.raises(ConfigError, match="parallel.dispatch=simulated: the compact layout needs the local"):
         tiny_config(*ascend, "parallel.dispatch=simulated", "parallel.nodes=2").validate()
-    with pytest.raises(ConfigError, match="train.precision=bf16: MindSpore 2.10 documents GroupedMatmul"):
-        tiny_config(*ascend, "train.precision=bf16").validate()
+    with pytest.raises(ConfigError, match="train.precision=fp32: the shipped MoE ops run in bf16"):
+        tiny_config(*ascend).validate()
     with pytest.raises(ConfigError, match="moe.router=expert_choice: its K = E columns"):
-        tiny_config(*ascend, "moe.router=expert_choice").validate()
-    tiny_config(*ascend).validate()
+        tiny_config(*ascend, "train.precision=bf16", "moe.router=expert_choice").validate()
+    tiny_config(*ascend, "train.precision=bf16").validate()
 
 
 @pytest.mark.parametrize("settings, backend", [
-    (("runtime.device=Ascend",), "ascend_builtin"), (("runtime.device=CPU",), "reference"),
-    (("runtime.device=Ascend", "parallel.dispatch=simulated", "parallel.nodes=2"), "reference"),
-    (("runtime.device=Ascend", "train.precision=bf16"), "reference"),
-    (("runtime.device=Ascend", "moe.router=expert_choice"), "reference"),
-    (("runtime.device=Ascend", "moe.num_experts=256", "moe.num_groups=1"), "reference"),
-    (("runtime.device=Ascend", "runtime.kernels=ascend_builtin"), "ascend_builtin"),
+    (("runtime.device=Ascend", "train.precision=bf16"), "ascend_builtin"), (("runtime.device=CPU",), "reference"),
+    (("runtime.device=Ascend", "train.precision=bf16", "parallel.dispatch=simulated", "parallel.nodes=2"),
+     "reference"),
+    (("runtime.device=Ascend",), "reference"), (("runtime.device=Ascend", "train.precision=fp16"), "reference"),
+    (("runtime.device=Ascend", "train.precision=bf16", "moe.router=expert_choice"), "reference"),
+    (("runtime.device=Ascend", "train.precision=bf16", "moe.num_experts=256", "moe.num_groups=1"), "reference"),
+    (("runtime.device=Ascend", "train.precision=bf16", "runtime.kernels=ascend_builtin"), "ascend_builtin"),
     (("runtime.kernels=custom",), "cpu"), (("runtime.device=Ascend", "runtime.kernels=custom"), "ascend")])
 def test_kernel_backend_of_each_setting(settings, backend):
     assert run_kernel_backend(tiny_config(*settings)) == backend  # runtime.kernels is auto unless given
@@ -161,7 +195,7 @@ def test_kernel_backend_of_each_setting(settings, backend):
 
 def test_auto_falls_back_when_the_installed_signatures_differ(monkeypatch):
     monkeypatch.setitem(shipped.SIGNATURES, "ops.moe_token_unpermute", ("permuted_tokens",))
-    assert run_kernel_backend(tiny_config("runtime.device=Ascend")) == "reference"
+    assert run_kernel_backend(tiny_config("runtime.device=Ascend", "train.precision=bf16")) == "reference"
 
 
 def test_adapter_compiles_in_graph_mode_and_agrees():
@@ -178,10 +212,10 @@ def test_adapter_compiles_in_graph_mode_and_agrees():
         return ms.jit(ms.value_and_grad(f, 0, layer.trainable_params()))(x)
 
     (ref_value, (ref_dx, ref_dw)), (value, (dx, dw)) = compiled(reference), compiled(builtin)
-    np.testing.assert_allclose(value.asnumpy(), ref_value.asnumpy(), rtol=1e-6)
-    np.testing.assert_allclose(dx.asnumpy(), ref_dx.asnumpy(), rtol=1e-5, atol=1e-7)
+    _agree(value, ref_value)
+    _agree(dx, ref_dx)
     for got, want in zip(dw, ref_dw):
-        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-6)
+        _agree(got, want)
 
 
 def test_auto_continues_the_run_of_the_kernels_it_picks():
@@ -192,6 +226,6 @@ def test_auto_continues_the_run_of_the_kernels_it_picks():
     assert tiny_config().runtime.kernels == "auto"
     assert auto == config_fingerprint(tiny_config("runtime.kernels=reference"))
     assert auto != config_fingerprint(tiny_config("runtime.kernels=custom"))
-    on_ascend = tiny_config("runtime.device=Ascend")
-    assert config_fingerprint(on_ascend) == config_fingerprint(tiny_config("runtime.device=Ascend",
+    on_ascend = tiny_config("runtime.device=Ascend", "train.precision=bf16")
+    assert config_fingerprint(on_ascend) == config_fingerprint(tiny_config("runtime.device=Ascend", "train.precision=bf16",
                                                                             "runtime.kernels=ascend_builtin"))
