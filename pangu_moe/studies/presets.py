@@ -393,8 +393,10 @@ def late_figures(records, topology):
         steps = sorted({e["step"] for e in estimates})
         for field in ("need", "capacity"):
             series = [np.mean([e[field] for e in estimates if e["step"] == s]) for s in steps]
+            # a constant series has slope 0 exactly (least squares leaves +-1e-14, which a sign rule would read)
+            slope = float(np.polyfit(steps, series, 1)[0]) * 100 if len(steps) > 1 and np.ptp(series) else 0.0
             out.update({f"{field}_first": float(series[0]), f"{field}_last": float(series[-1]),
-                        f"{field}_slope": float(np.polyfit(steps, series, 1)[0]) * 100 if len(steps) > 1 else 0.0})
+                        f"{field}_slope": slope})
         out["q_max_last"] = float(np.mean([e["q_max"] for e in estimates if e["step"] == steps[-1]]))
     return out
 

@@ -156,6 +156,11 @@ def test_late_figures_from_records():
     assert got["need_first"] == 25 and got["need_last"] == 15 and got["need_slope"] == pytest.approx(-200.0)
     # capacity in force (clipped to the ceiling 16): 16 at step 0, 13 at step 5: -60 per 100 steps
     assert got["capacity_first"] == 16 and got["capacity_last"] == 13 and got["capacity_slope"] == pytest.approx(-60.0)
+    for r in records:  # the capacity held at the ceiling: slope 0 exactly, not least squares' rounding residue
+        for e in r.get("estimates", ()):
+            e["capacity"] = 141
+    records.append({"step": 13, "estimates": [{"step": 13, "layer": 0, "need": 9, "capacity": 141, "q_max": 0.1}]})
+    assert presets.late_figures(records, Topology(2, 1, 2))["capacity_slope"] == 0.0
     assert got["q_max_last"] == pytest.approx(0.2)
 
 
