@@ -76,13 +76,14 @@ class RRESection:
 
 @dataclass
 class LocMoESection:
-    locality_coeff: float = _f(0.001, "mu of the locality loss. The default came from the router study's sweep "
-                               "under a rule revised after that run, not from a pre-registered rule. At this mu the "
-                               "locality study (domains by node, capacity factor 2.5, 120 steps x 5 seeds) measured "
-                               "0.90x Switch's inter-node choices (aux per rank; 0.75x with moe.aux_scope=global): "
-                               "little locality. mu = 0.01, above the break-even of about 0.003 at smoothing 1e-3, "
-                               "moved 0.26x (0.16x global), quality not resolved "
-                               "(docs/results/2026-12-07-locality-study.md)", lo=0.0)
+    locality_coeff: float = _f(0.01, "mu of the locality loss. The default is what the rule written before the "
+                               "locality study's replication picked (pangu_moe/studies/presets.py default_mu, seeds "
+                               "1239-1243): the smallest mu whose per-rank arm moves at most half of Switch's "
+                               "inter-node choices. There (domains by node, capacity factor 2.5, 120 steps x 5 seeds, "
+                               "demo model) mu = 0.01 kept 0.22x Switch's inter-node choices (0.15x with "
+                               "moe.aux_scope=global), with val bpb +0.045 +- 0.135: quality not resolved at this "
+                               "scale. mu = 0.001, below the break-even of about 0.003, kept 0.85x "
+                               "(docs/results/2026-12-07-locality-replication.md)", lo=0.0)
     locality_variant: str = _f("kl", "kl (KL to uniform over the node's experts, smoothed) or mass "
                                "(-log of the probability mass on the node's experts)", choices=("kl", "mass"))
     locality_smoothing: float = _f(1e-3, "kl variant: eps of the smoothed target (1 - eps) D_l + eps / E; it sets "
@@ -93,7 +94,7 @@ class LocMoESection:
 
 @dataclass
 class LocMoEPlusSection:
-    locality_coeff: float = _f(0.001, "mu of the locality loss (default as moe.locmoe.locality_coeff)", lo=0.0)
+    locality_coeff: float = _f(0.01, "mu of the locality loss (default as moe.locmoe.locality_coeff)", lo=0.0)
     locality_variant: str = _f("kl", "as moe.locmoe.locality_variant", choices=("kl", "mass"))
     locality_smoothing: float = _f(1e-3, "as moe.locmoe.locality_smoothing", lo=0.0, hi=1.0, lo_open=True)
     keep_rule: str = _f("hybrid", "which candidates an expert keeps: tcr (first C by position), ecr (top C by "

@@ -13,7 +13,7 @@ def test_bench_trains_every_arm_on_paired_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "FP16_WINDOW", 1)  # the fp16 scale doubles after every applied step
     config = tmp_path / "tiny.yaml"
     tiny_config().save(config)
-    result = precision.run(steps=3, config=str(config), log=lambda line: None, seeds=2)
+    result = precision.run(steps=3, config=str(config), log=lambda line: None, seeds=2, isolated=False)
     runs = result["runs"]
     assert result["steps"] == 3 and list(runs) == ["fp32", "fp16", "bf16", "fp16_router_low"]
     assert runs["fp32"][0]["val_bpb"] != runs["fp32"][1]["val_bpb"]  # two seeds, two runs
