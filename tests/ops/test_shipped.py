@@ -59,12 +59,12 @@ def emulated_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=
 def emulated_grouped_matmul(x, weight, bias, scale, offset, antiquant_scale, antiquant_offset, group_list):
     """GroupedMatmul(split_item=3, group_type=0): row m of x[0] [M, A] times weight[0][e] [E, A, B], e the group
     with group_list[e-1] <= m < group_list[e] (cumulative ends, int64); bf16 in, fp32 accumulation, bf16 out (the
-    cube's). The documentation requires the last end to be M; rows past it would not be written, NaN here, so an
-    adapter that breaks the rule fails."""
+    cube's). The documentation requires the last end to be M: rows past it would not be written, and a last end
+    past M is outside x; either way every row is NaN here, so an adapter that breaks the rule fails."""
     rows, experts = _bf16_in(x[0], weight[0])
     group = (ops.arange(rows.shape[0], dtype=ms.int64).reshape(-1, 1) >= group_list.reshape(1, -1)).astype(
         ms.int32).sum(1)  # (M,)
-    written = (group < experts.shape[0]).reshape(-1, 1)
+    written = ((group < experts.shape[0]) & (group_list[-1] == rows.shape[0])).reshape(-1, 1)
     w = ops.gather(experts, ops.minimum(group, experts.shape[0] - 1), 0)  # (M, A, B)
     out = ops.bmm(rows.reshape(rows.shape[0], 1, -1), w).reshape(rows.shape[0], -1)  # (M, B)
     return [ops.select(ops.broadcast_to(written, out.shape), out, ops.full_like(out, float("nan"))).astype(
@@ -94,9 +94,11 @@ def test_emulations_reproduce_the_documented_examples():
     # CANN's GroupedMatmul: "group_list[0] = 10: the first 10 rows of x take part in the first group's matmul".
     x = _bf16(np.ones((12, 2)))
     w = _bf16(np.stack([np.eye(2), 2 * np.eye(2)]))
-    out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array([10, 11], np.int64)))[0]
-    np.testing.assert_array_equal(_numpy(out)[:11, 0], [1] * 10 + [2])
-    assert np.isnan(_numpy(out)[11]).all()
+    out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array([10, 12], np.int64)))[0]
+    np.testing.assert_array_equal(_numpy(out)[:, 0], [1] * 10 + [2] * 2)
+    for ends in ([10, 11], [10, 13]):  # the last end short of M, or past it: the documentation's rule broken
+        out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array(ends, np.int64)))[0]
+        assert np.isnan(_numpy(out)).all()
     with pytest.raises(AssertionError, match="a shipped op got Float32"):  # the emulations take bf16 only
         emulated_permute(Tensor(np.ones((2, 3), np.float32)), Tensor(np.array([1, 0], np.int32)))
 
