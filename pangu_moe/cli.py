@@ -308,7 +308,8 @@ def build_parser():
                    "forward+backward; ep: train-step time of simulated over local (2 nodes x 2 devices) and of msrun_cpu "
                    "(4 processes); kernels: reference vs custom gating+layout, permute, unpermute at T=4096/16384, "
                    "H=1024, E=8/64, K=1/2; precision: the demo model trained in fp32, fp16, bf16 (on CPU its "
-                   "rounding form) and fp16 with a low-precision router, over 3 paired seeds; data: prepare-data and the "
+                   "rounding form) and fp16 with a low-precision router, over 3 paired seeds; data: prepare-data "
+                   "and the "
                    "prepared reader on 64 and 512 MB synthetic corpora; train-step: the demo's training step against a float32 "
                    "matmul, cpu_utilisation (precision, data and train-step are not part of all)")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations after two warmup runs")

@@ -239,7 +239,8 @@ class TrainConfig:
     precision: str = _f("fp32", "compute dtype of matmuls, dispatch buffers and the exchange: fp32, fp16 (with "
                         "dynamic loss scaling) or bf16 (no loss scaling; on CPU, which has no bf16 matmul, fp32 "
                         "matmuls whose operands are rounded to bf16: bf16's rounding, not its speed or memory). "
-                        "Weights, optimizer state, layer norms, the residual stream, routers and losses stay fp32", choices=PRECISIONS)
+                        "Weights, optimizer state, layer norms, the residual stream, routers and losses stay fp32",
+                        choices=PRECISIONS)
     loss_scale: float = _f(65536.0, "fp16: initial loss scale (a power of 2)", lo=1.0)
     loss_scale_window: int = _f(1000, "fp16: applied steps in a row (no overflow) before the loss scale doubles, up "
                                 "to 2^24", lo=1)
@@ -276,8 +277,8 @@ class RuntimeConfig:
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
     kernels: str = _f("auto", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
                       "CPU, Ascend C on Ascend), ascend_builtin (MindSpore's shipped Ascend MoE ops; Ascend, "
-                      "parallel.dispatch=local, train.precision=bf16, not expert_choice) or auto (ascend_builtin where it can "
-                      "run, else reference, the faster on CPU); kernels/README.md", choices=KERNELS)
+                      "parallel.dispatch=local, train.precision=bf16, not expert_choice) or auto (ascend_builtin "
+                      "where it can run, else reference, the faster on CPU); kernels/README.md", choices=KERNELS)
     checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
     profile_steps: List[int] = _f([], "[start, end]: MindSpore's profiler around training steps start..end-1 (0-based), "
                                   "output in RUN_DIR/profile; [] (default) profiles nothing")

@@ -322,7 +322,8 @@ class LearnedRouter(Router):
         (`moe.router_dtype: low`, set by `PanguModel.use_precision`).
         """
         dt, bf16 = self.logits_dtype, self.bf16_operands
-        logits_all = ops.matmul(operand(x, dt, bf16), operand(self.weight, dt, bf16))  # (G, T, E_g) <- (T, H) @ (G, H, E_g)
+        # (G, T, E_g) <- (T, H) @ (G, H, E_g)
+        logits_all = ops.matmul(operand(x, dt, bf16), operand(self.weight, dt, bf16))
         return group_logits(logits_all.astype(ms.float32), group_ids, self.experts_per_group)
 
 

@@ -371,7 +371,8 @@ def late_figures(records, topology):
     experts), the inter-node share over those steps of the requested choices (`inter_node_requested`, what
     the router asked for) and of the kept ones (`inter_node_kept`) and, where the routers re-estimated, the
     raw need and the capacity in force: `need_first`, `need_last` (mean over layers), `need_slope` (least
-    squares, slots per 100 steps) and the same three `capacity_*`, `q_max_last`; `modelled_exchange_ms` (modelled, mean over those steps) where the records have it.
+    squares, slots per 100 steps) and the same three `capacity_*`, `q_max_last`; `modelled_exchange_ms`
+    (modelled, mean over those steps) where the records have it.
     `topology`: the run's `Topology`."""
     from pangu_moe.accounting.traffic import route_classes
     train = [r for r in records if "layers" in r]

@@ -229,5 +229,5 @@ def test_auto_continues_the_run_of_the_kernels_it_picks():
     assert auto == config_fingerprint(tiny_config("runtime.kernels=reference"))
     assert auto != config_fingerprint(tiny_config("runtime.kernels=custom"))
     on_ascend = tiny_config("runtime.device=Ascend", "train.precision=bf16")
-    assert config_fingerprint(on_ascend) == config_fingerprint(tiny_config("runtime.device=Ascend", "train.precision=bf16",
-                                                                            "runtime.kernels=ascend_builtin"))
+    builtin = tiny_config("runtime.device=Ascend", "train.precision=bf16", "runtime.kernels=ascend_builtin")
+    assert config_fingerprint(on_ascend) == config_fingerprint(builtin)
