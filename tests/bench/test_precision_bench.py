@@ -6,6 +6,7 @@ from tests.conftest import tiny_config
 
 def test_scale_moves_counts_backoffs_and_growths():
     assert precision.scale_moves(16.0, [8.0, 8.0, 16.0, 32.0, 4.0]) == (2, 2)
+    assert precision.scale_moves(16.0, [8.0, 16.0, 32.0, 64.0]) == (1, 3)  # (backoffs, growths), in that order
     assert precision.scale_moves(1.0, [1.0, 1.0]) == (0, 0)
 
 

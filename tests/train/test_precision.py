@@ -153,6 +153,14 @@ def test_bf16_forward_on_cpu_rounds_the_experts_and_keeps_the_router_exact(monke
     bf16 = _forward(tiny_config("train.precision=bf16"), ids, domains)[0].asnumpy()
     bf16_in = seen.pop()
     assert bf16_in.dtype == np.float32 and np.array_equal(bf16_in, _bf16(bf16_in))  # the buffers hold bf16 values
+    # the experts round their weights and hidden activations too: one layer against the numpy oracle
+    from pangu_moe.activations import fast_gelu
+    ms.set_seed(7)
+    layer_experts = build_model(tiny_config("train.precision=bf16")).moe_blocks[0].moe.experts
+    w_in, w_out = layer_experts.w_in.asnumpy(), layer_experts.w_out.asnumpy()
+    hidden = fast_gelu(Tensor(np.matmul(bf16_in, _bf16(w_in)))).asnumpy()  # (E, C, F)
+    got = experts(layer_experts, Tensor(bf16_in)).asnumpy()  # the unpatched construct
+    np.testing.assert_allclose(got, np.matmul(_bf16(hidden), _bf16(w_out)), rtol=1e-5, atol=1e-6)
     assert not np.array_equal(fp32_in, _bf16(fp32_in))
     # bf16 keeps 8 bits (3.9e-3 relative); fp16's 11 bits gave 3.5e-4 on the same batch
     assert 0 < np.abs(full - bf16).max() <= 2e-2 * np.abs(full).max()
