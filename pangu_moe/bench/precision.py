@@ -72,13 +72,6 @@ def _train(config, run_dir):
             "loss_scale_growths": growths, "param_and_state_bytes": _state_bytes(trainer)}
 
 
-def _train_isolated(config, run_dir):
-    """`_train` in a fresh process (its compiled graphs go with it)."""
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_train, (config, run_dir))
-
-
 def run(steps=None, config=DEMO_CONFIG, log=print, seeds=SEEDS, isolated=True):
     """Train every arm on each seed; `steps` (default the config's) caps train.steps and the warmup with it.
     `isolated`: each run in a fresh process (False keeps them in this one: the tests' tiny runs).
@@ -89,6 +82,7 @@ def run(steps=None, config=DEMO_CONFIG, log=print, seeds=SEEDS, isolated=True):
     loss_scale_growths: summed over the `fp16` arm's runs, skipped_steps and param_and_state_bytes per arm
     (summed over seeds / of seed 0)}.
     """
+    from pangu_moe.studies.routers import in_fresh_process
     from pangu_moe.studies.stats import mean_ci95, paired_difference
     if seeds < 1:
         raise ConfigError(f"seeds = {seeds}: must be >= 1")
@@ -99,8 +93,8 @@ def run(steps=None, config=DEMO_CONFIG, log=print, seeds=SEEDS, isolated=True):
             for arm in ARMS:
                 cfg = _config(config, arm, seed, steps)
                 log(f"bench precision: {arm} seed {seed}, {cfg.train.steps} steps")
-                train = _train_isolated if isolated else _train
-                runs[arm].append(train(cfg.to_dict(), os.path.join(scratch, f"{arm}_seed{seed}")))
+                args = (cfg.to_dict(), os.path.join(scratch, f"{arm}_seed{seed}"))
+                runs[arm].append(in_fresh_process(_train, *args) if isolated else _train(*args))
                 log(f"bench precision: {arm} seed {seed}: val_bpb {runs[arm][-1]['val_bpb']:.4f}, "
                     f"{runs[arm][-1]['step_seconds'] * 1e3:.0f} ms/step")
     finally:

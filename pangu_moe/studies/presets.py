@@ -344,10 +344,9 @@ def summarise(preset, runs, steps, seeds):
 
 
 def _run_isolated(cfg, run_dir, probes):
-    """`train_figures` in a fresh process (each run's compiled graphs go with it; see `routers.run_isolated`)."""
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(train_figures, (cfg.to_dict(), run_dir, probes))
+    """`train_figures` in a fresh process (each run's compiled graphs go with it; `routers.in_fresh_process`)."""
+    from pangu_moe.studies.routers import in_fresh_process
+    return in_fresh_process(train_figures, cfg.to_dict(), run_dir, probes)
 
 
 def train_figures(config, run_dir, probes=False):

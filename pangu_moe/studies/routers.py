@@ -188,12 +188,18 @@ def train_one(config, run_dir):
             "rank_balance": summary["rank_balance"], "rank_balance_last": summary["rank_balance_last"]}
 
 
-def run_isolated(cfg, run_dir):
-    """`train_one` in a fresh process: a process that trained run after run kept every run's compiled graphs
-    and was killed for memory (exit 137) on its 7th demo-sized run beside a test session on this 24 GB machine."""
+def in_fresh_process(function, *args):
+    """function(*args) in a spawned process, its result returned: a process that trained run after run kept every
+    run's compiled graphs and was killed for memory (exit 137) on its 7th demo-sized run beside a test session on
+    this 24 GB machine. `function` must be importable at module level; args and result picklable."""
     import multiprocessing
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(train_one, (cfg.to_dict(), run_dir))
+        return pool.apply(function, args)
+
+
+def run_isolated(cfg, run_dir):
+    """`train_one` in a fresh process (`in_fresh_process`)."""
+    return in_fresh_process(train_one, cfg.to_dict(), run_dir)
 
 
 def steps_for_budget(config_path, minutes, seeds=SEEDS, overrides=(), arms=None, probe_steps=6, log=None):
