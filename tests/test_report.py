@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pangu_moe import cli, report
-from pangu_moe.report import runs as run_data
+from pangu_moe.report import plots, runs as run_data
 from pangu_moe.train.metrics import read
 from pangu_moe.train.trainer import Trainer
 from tests.conftest import tiny_config
@@ -28,6 +28,16 @@ RECORDS = [
     {"step": 4, "loss": 4.0, "lm_loss": 3.9, "val_bpb": 5.5, "val_loss": 3.8,
      "layers": [_layer([0, 0, 0, 0], [0, 0, 0, 0], 3, (0, 0, 0)), _layer([8, 0, 0, 0], [3, 0, 0, 0], 3, (0, 0, 3))]},
 ]
+
+
+@pytest.mark.parametrize("kinds, left", [(("bpe",), "bits per token"), (("bytes", "bpe"), "bits per token"),
+                                         ((None,), "bits per token"),
+                                         (("bytes", "bytes"), "bits per byte (byte tokenizer: a token is a byte)")])
+def test_loss_figure_labels_the_training_loss_with_the_runs_token(kinds, left, tmp_path):
+    runs = [run_data.Run(f"r{i}", "", None, RECORDS, None, None, kind) for i, kind in enumerate(kinds)]
+    fig = plots.loss_figure(runs, str(tmp_path / "loss.png"))
+    assert [ax.get_ylabel() for ax in fig.axes] == [left, "val bpb (bits per byte)"]
+    assert list(fig.axes[0].lines[0].get_ydata()) == [4.9 / np.log(2), 3.9 / np.log(2)]  # nats -> bits
 
 
 def test_series_of_hand_made_records():
@@ -83,10 +93,11 @@ def test_report_numbers_equal_the_metrics_they_came_from(tiny_run, tmp_path):
         assert row[key] == summary[key], key
     records = read(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 3, 4, 6]  # logged every 2 steps and at every evaluation
-    assert row["steps"] == 6 and row["final_loss"] == records[-1]["loss"] and row["router"] == "topk K=1"
+    assert row["steps"] == 6 and row["router"] == "topk K=1"
+    assert row["final_lm_bits"] == pytest.approx(records[-1]["lm_loss"] / np.log(2), rel=1e-12)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["rows"] == [row]
     text = (tmp_path / "out" / "report.md").read_text()
-    assert f"| tiny | topk K=1 | 6 | {records[-1]['loss']:.4f} | {summary['val_bpb']:.3f} |" in text
+    assert f"| tiny | topk K=1 | 6 | {records[-1]['lm_loss'] / np.log(2):.4f} | {summary['val_bpb']:.3f} |" in text
     # each series recomputed here from the raw records
     for got, r in zip(run_data.dropped_fraction(records), records):
         assert got == sum(layer["dropped"] for layer in r["layers"]) / (4 * 32 * 2)  # T*K requested per layer
@@ -112,6 +123,18 @@ def test_an_unfinished_run_is_reported_from_its_metrics(tiny_run, tmp_path):
     assert row["dropped_fraction"] == sum(layer["dropped"] for layer in layers) / requested
     assert row["val_bpb"] == records[-1]["val_bpb"] and row["max_over_mean_load"] is None
     assert "Runs without summary.json (partial)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_run_folders_tokenizer_sets_the_loss_unit(tiny_run, tmp_path):
+    run_dir = tmp_path / "bpe"
+    shutil.copytree(tiny_run[0], run_dir)
+    assert run_data.load_run("tiny", str(tiny_run[0])).tokenizer == "bytes"  # the demo trains on bytes
+    record = json.loads((run_dir / "tokenizer_identity.json").read_text())
+    (run_dir / "tokenizer_identity.json").write_text(json.dumps({**record, "kind": "bpe"}))
+    fig = plots.loss_figure(run_data.load_runs([str(run_dir)]), str(tmp_path / "loss.png"))
+    assert fig.axes[0].get_ylabel() == "bits per token"
+    (run_dir / "tokenizer_identity.json").unlink()  # an older run: its config says bytes
+    assert run_data.load_run("bpe", str(run_dir)).tokenizer == "bytes"
 
 
 def test_without_matplotlib_the_tables_are_still_written(tiny_run, tmp_path, monkeypatch):

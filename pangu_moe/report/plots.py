@@ -24,12 +24,15 @@ def pyplot():
 
 
 def _save(fig, path):
+    """Write `fig` to `path` and release it; returns `fig` (its axes and labels stay readable)."""
     fig.savefig(path, dpi=100, bbox_inches="tight")
     pyplot().close(fig)
+    return fig
 
 
 def loss_figure(runs, path):
-    """Training LM loss and validation loss, both in bits per byte, against the step, one line per run.
+    """Training LM loss in bits per token (per byte when every run uses the byte tokenizer: `runs.token_unit`)
+    and validation bits per byte, against the step, one line per run; returns the figure.
 
     The LM loss (not the total) so that routers with different auxiliary losses compare fairly.
     """
@@ -40,12 +43,14 @@ def loss_figure(runs, path):
         left.plot(steps, lm_loss / math.log(2), label=run.name)  # nats -> bits
         steps, bpb = run_data.curve(run.records, "val_bpb")
         right.plot(steps, bpb, marker="o", label=run.name)
-    left.set(title="training LM loss", xlabel="step", ylabel="bits per byte")
+    unit = run_data.token_unit(runs)
+    left.set(title="training LM loss", xlabel="step",
+             ylabel="bits per byte (byte tokenizer: a token is a byte)" if unit == "byte" else "bits per token")
     right.set(title="validation", xlabel="step", ylabel="val bpb (bits per byte)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    return _save(fig, path)
 
 
 ROUTING_PANELS = (("dropped choices", "dropped / requested (%)"),

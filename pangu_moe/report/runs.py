@@ -12,6 +12,7 @@ from typing import List, Optional
 import numpy as np
 
 from pangu_moe.config import ConfigError, RunConfig
+from pangu_moe.data.source import TOKENIZER_RECORD
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -49,6 +50,7 @@ class Run:
         records: metrics.jsonl records in file order (dicts with "step", "loss", "layers", ...).
         summary: summary.json as a dict, or None for a run that has not finished.
         trace: trace.json written by `pangu-moe generate --trace`, or None.
+        tokenizer: "bytes" or "bpe" (the run's tokenizer record, else its config), None when neither tells.
     """
     name: str
     path: str
@@ -56,6 +58,22 @@ class Run:
     records: List[dict]
     summary: Optional[dict]
     trace: Optional[dict]
+    tokenizer: Optional[str] = None
+
+
+def token_unit(runs):
+    """"byte" when every run of `runs` trains on the byte tokenizer (a token is a byte, so the LM loss per token
+    is per byte too), else "token": the training loss is always per token, and a BPE token spans several bytes."""
+    return "byte" if runs and all(run.tokenizer == "bytes" for run in runs) else "token"
+
+
+def _tokenizer_kind(path, config):
+    record = os.path.join(path, TOKENIZER_RECORD)
+    if os.path.isfile(record):
+        return _read_json(record, TOKENIZER_RECORD).get("kind")
+    if config is None or config.data.source == "prepared":  # a prepared corpus names its tokenizer, not the config
+        return None
+    return "bytes" if config.data.tokenizer == "bytes" else "bpe"
 
 
 def _read_json(path, what):
@@ -91,11 +109,11 @@ def load_run(name, path):
     config_path = os.path.join(path, "config.yaml")
     summary_path = os.path.join(path, SUMMARY)
     trace_path = os.path.join(path, "trace.json")
-    return Run(name, path,
-               RunConfig.from_yaml(config_path) if os.path.isfile(config_path) else None,
-               read_records(os.path.join(path, METRICS)),
+    config = RunConfig.from_yaml(config_path) if os.path.isfile(config_path) else None
+    return Run(name, path, config, read_records(os.path.join(path, METRICS)),
                _read_json(summary_path, SUMMARY) if os.path.isfile(summary_path) else None,
-               _read_json(trace_path, "trace") if os.path.isfile(trace_path) else None)
+               _read_json(trace_path, "trace") if os.path.isfile(trace_path) else None,
+               _tokenizer_kind(path, config))
 
 
 def load_runs(paths):

@@ -4,13 +4,14 @@ A finished run's row comes from its summary.json (whole-run token counts, final 
 validation batches). A run without one (still training, or killed) gets what its metrics.jsonl
 supports: counts over its logged steps and its last periodic evaluation; `source` says which.
 """
+import math
 
 from pangu_moe.report import runs as run_data
 
 # (key, header, format) in table order; None values print as "-".
 COLUMNS = (
     ("run", "run", "{}"), ("router", "router", "{}"), ("steps", "steps", "{:d}"),
-    ("final_loss", "final loss", "{:.4f}"), ("val_bpb", "val bpb", "{:.3f}"),
+    ("final_lm_bits", "final LM bits/token", "{:.4f}"), ("val_bpb", "val bpb", "{:.3f}"),
     ("bpb_over_unigram", "bpb / unigram", "{:.3f}"), ("dropped_fraction", "dropped", "{:.2%}"),
     ("inter_node_fraction", "inter-node", "{:.3f}"), ("max_over_mean_load", "max/mean load", "{:.2f}"),
     ("dead_experts", "dead experts", "{:d}"), ("capacity", "capacity", "{}"),
@@ -30,8 +31,9 @@ def _router(run):
 def summary_row(run):
     """{column key: value} for one `runs.Run`, plus "source": "summary.json" or "metrics.jsonl"."""
     records = run.records
+    lm_loss = records[-1]["lm_loss"]  # nats; None for a skipped (non-finite) step
     row = {"run": run.name, "router": _router(run), "steps": int(records[-1]["step"]),
-           "final_loss": records[-1]["loss"]}  # None for a skipped (non-finite) step
+           "final_lm_bits": None if lm_loss is None else lm_loss / math.log(2)}
     if run.summary is not None:
         row.update({key: run.summary.get(key) for key in SUMMARY_FIELDS})
         row["steps"] = int(run.summary.get("steps", row["steps"]))
