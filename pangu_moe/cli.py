@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from pangu_moe.config import ConfigError, RunConfig, describe, fields_markdown
+from pangu_moe.config import ConfigError, RunConfig, describe, fields_markdown, one_line
 
 
 def _add_config_args(p, required=True):
@@ -35,11 +35,9 @@ def _eval(args):
     from pangu_moe.train import checkpoint
     from pangu_moe.data.source import check_tokenizer
     from pangu_moe.train.trainer import Trainer
-    if not os.path.exists(args.checkpoint):
-        raise checkpoint.CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
     args.checkpoint = checkpoint.resolve(args.checkpoint, _stderr)
     run_dir = checkpoint.run_dir_of(args.checkpoint)
-    cfg = RunConfig.from_yaml(args.config or os.path.join(run_dir, "config.yaml"), args.overrides)
+    cfg = RunConfig.from_yaml(args.config or checkpoint.config_of(args.checkpoint), args.overrides)
     trainer = Trainer(cfg, run_dir)
     check_tokenizer(run_dir, trainer.data.tokenizer, "eval")
     state = trainer.load_checkpoint(args.checkpoint)
@@ -264,7 +262,9 @@ def _plan(args):
 def build_parser():
     from pangu_moe.data.corpus import BAD_UTF8
     from pangu_moe.data.prepare import INPUT_FORMATS
+    from pangu_moe import __version__
     parser = argparse.ArgumentParser(prog="pangu-moe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pangu-moe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints/,summary.json}")
     _add_config_args(p)
@@ -439,7 +439,7 @@ def main(argv=None):
         print(f"pangu-moe {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except (ConfigError, DataError, CheckpointError, KernelBuildError, FloatingPointError, OSError) as e:
-        print(f"pangu-moe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"pangu-moe {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -399,7 +399,10 @@ class RunConfig:
             raise ConfigError(f"config file {path}: not found (shipped configs, usable by name: "
                               f"{', '.join(configs.packaged_names())})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({_one_line(e)})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({one_line(e)})") from None
+        if d is None:  # an empty file would silently train the defaults, which the user did not choose
+            raise ConfigError(f"config file {path}: empty; write the settings to change (pangu-moe config --fields "
+                              f"lists them), or start from a shipped config: {', '.join(configs.packaged_names())}")
         return cls.from_dict(d, overrides)
 
     def save(self, path):
@@ -410,7 +413,8 @@ class RunConfig:
         os.replace(tmp, path)
 
 
-def _one_line(e):
+def one_line(e):
+    """An exception's message on one line, whole (a cut message once ended at "at", before the position)."""
     return " ".join(str(e).split())
 
 

@@ -13,7 +13,13 @@ def setup(runtime_cfg, parallel_cfg=None):
 
     Returns: this process's world rank (0 on single-process backends).
     """
-    ms.set_device(runtime_cfg.device)
+    try:
+        ms.set_device(runtime_cfg.device)
+    except RuntimeError as e:  # MindSpore names the targets this build supports: "... only supports one of the [...]"
+        found = str(e).split("supports one of the ")[-1].split(".")[0] if "supports one of" in str(e) else "?"
+        raise ConfigError(f"runtime.device = {runtime_cfg.device}: this MindSpore build cannot use it (it supports "
+                          f"{found}); run on a machine with the Ascend build of MindSpore and CANN, or use "
+                          f"--set runtime.device=CPU") from None
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ms.set_seed(runtime_cfg.seed)
     if parallel_cfg is None or parallel_cfg.dispatch not in MULTI_PROCESS_BACKENDS:

@@ -183,5 +183,6 @@ def test_generate_refuses_missing_checkpoints_and_non_causal_routers(tmp_path, c
     (run / "checkpoints").mkdir(parents=True)
     tiny_config("moe.router=expert_choice").save(str(run / "config.yaml"))
     (run / "checkpoints" / "step_000001").mkdir()
+    (run / "checkpoints" / "step_000001" / "manifest.json").write_text("{}")  # refused before it is read
     with pytest.raises(ConfigError, match="expert_choice routes each token by the whole sequence"):
         generate.load_model(str(run / "checkpoints" / "step_000001"))

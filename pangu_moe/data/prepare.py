@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from pangu_moe.data.corpus import DataError, ReadCounts, folder_files, iter_folders, iter_jsonl
+from pangu_moe.config import one_line
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
 MANIFEST = "manifest.json"
@@ -39,6 +40,33 @@ SPLITS = ("train", "val")
 SEPARATOR = "\n\n"
 WINDOWS_PER_RECORD = 64
 WRITE_BATCH = 4  # records per FileWriter.write_raw_data call
+
+
+def _power_of_two(need, low, high):
+    return min(max(1 << (need - 1).bit_length(), low), high)
+
+
+def page_bytes(seq_len):
+    """MindRecord page size for windows of `seq_len` + 1 int32 tokens: the power of two holding one write batch
+    of records, within MindRecord's bounds [32 KB, 256 MB].
+
+    MindRecord's defaults (a 16 MB header, 32 MB pages) left every shard file a sparse 48 MB or more by `ls -l`
+    however little it held, and copies and object stores expand sparse files."""
+    return _power_of_two(WRITE_BATCH * WINDOWS_PER_RECORD * (seq_len + 1) * 4, 1 << 15, 1 << 28)
+
+
+def header_bytes(max_windows):
+    """MindRecord header size for a shard of at most `max_windows` windows: its JSON page table takes about
+    10 bytes a record and 150 a page (measured: 8.4 KB for 1,024 records in 44 pages); 256 a record is the
+    margin. Within MindRecord's bounds [16 KB, 128 MB]."""
+    return _power_of_two(256 * -(-max_windows // WINDOWS_PER_RECORD), 1 << 16, 1 << 27)
+
+
+def manifest_digest(manifest):
+    """sha256 of a manifest's fields other than "manifest_sha256" itself (sorted-key JSON): an edited window count
+    or shard entry no longer matches, and the reader refuses the corpus before training starts."""
+    fields = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path):
@@ -86,6 +114,8 @@ class ShardWriter:
             from mindspore.mindrecord import FileWriter
             name = os.path.join(self.out, f"{self.prefix}-{len(self.entries):05d}.mindrecord")
             self.writer = FileWriter(name, shard_num=1, overwrite=False)
+            self.writer.set_header_size(header_bytes(self.max_windows))
+            self.writer.set_page_size(page_bytes(self.seq_len))
             self.writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}}, "windows")
             self.name = name
         self.writer.write_raw_data(self.records)
@@ -167,7 +197,7 @@ def make_tokenizer(spec, documents, log):
     try:
         return BpeTokenizer.load(spec)
     except Exception as e:  # the library's own error types
-        raise DataError(f"--tokenizer {spec}: cannot be used ({' '.join(str(e).split())[:160]})") from None
+        raise DataError(f"--tokenizer {spec}: cannot be used ({one_line(e)})") from None
 
 
 def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="bytes", text_field="text",
@@ -232,6 +262,7 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
                 "skipped": {"empty_documents": counts.empty_documents,
                             "replaced_utf8_documents": counts.replaced_utf8_documents},
                 "shards": shards}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     tmp = os.path.join(out, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)

@@ -21,11 +21,36 @@ import os
 import numpy as np
 
 from pangu_moe.data.corpus import DataError
+from pangu_moe.config import one_line
 from pangu_moe.data.pipeline import interleave, sample_domain
-from pangu_moe.data.prepare import FORMAT, MANIFEST, TOKENIZER_FILE, sha256_file
+from pangu_moe.data.prepare import FORMAT, MANIFEST, TOKENIZER_FILE, manifest_digest, sha256_file
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
 BLOCK = 256  # windows read at once; also the unit of the epoch shuffle
+MANIFEST_FIELDS = ("seq_len", "domains", "windows_per_record", "tokenizer", "counts", "shards")
+
+
+def _read_manifest(path, manifest_path):
+    """The manifest dict of prepared corpus `path`; DataError with one line when it is not JSON, another format,
+    or edited since prepare-data wrote it (its `manifest_sha256`; manifests written before it carried one are
+    checked for their fields only)."""
+    again = f"prepare the corpus again with pangu-moe prepare-data (it writes a new --out folder)"
+    try:
+        with open(manifest_path, encoding="utf-8") as fh:
+            m = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"data.path {path}: {MANIFEST} is not valid JSON ({one_line(e)}): truncated or "
+                        f"edited; {again}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise DataError(f"data.path {path}: {MANIFEST} has format {found!r}; this version reads format {FORMAT}")
+    if "manifest_sha256" in m and m["manifest_sha256"] != manifest_digest(m):
+        raise DataError(f"data.path {path}: {MANIFEST} was edited after prepare-data wrote it (its fields no longer "
+                        f"match its manifest_sha256); {again}")
+    missing = [key for key in MANIFEST_FIELDS if key not in m]
+    if missing:
+        raise DataError(f"data.path {path}: {MANIFEST} lacks {', '.join(missing)}; {again}")
+    return m
 
 
 class PreparedCorpus:
@@ -40,18 +65,14 @@ class PreparedCorpus:
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isfile(manifest_path):
             raise DataError(f"data.path {path}: no {MANIFEST} (not a prepare-data folder, or an interrupted one)")
-        with open(manifest_path, encoding="utf-8") as fh:
-            self.manifest = m = json.load(fh)
-        if m.get("format") != FORMAT:
-            raise DataError(f"data.path {path}: {MANIFEST} has format {m.get('format')!r}; this version reads "
-                            f"format {FORMAT}")
+        self.manifest = m = _read_manifest(path, manifest_path)
         self.path, self.seq_len, self.domains = path, m["seq_len"], m["domains"]
         tok = m["tokenizer"]
         try:
             self.tokenizer = ByteTokenizer() if tok["kind"] == BYTES else BpeTokenizer.load(
                 os.path.join(path, TOKENIZER_FILE))
         except Exception as e:  # the tokenizers library's own errors, or ours for a tokenizer that is not byte-level
-            raise DataError(f"data.path {path}: {TOKENIZER_FILE}: {' '.join(str(e).split())[:160]}") from None
+            raise DataError(f"data.path {path}: {TOKENIZER_FILE}: {one_line(e)}") from None
         if self.tokenizer.identity != tok["identity"]:
             raise DataError(f"data.path {path}: {TOKENIZER_FILE} is not the tokenizer the shards were written with "
                             f"(identity differs from the manifest's)")

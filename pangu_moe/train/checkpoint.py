@@ -27,6 +27,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from pangu_moe.config import one_line
 from pangu_moe.model.pangu import is_expert_parameter
 from pangu_moe.data.prepare import sha256_file
 from pangu_moe.routing.base import is_noise_buffer
@@ -256,7 +257,7 @@ def _read(path):
     try:
         return ms.load_checkpoint(path, format=_format_of(path))
     except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+        raise CheckpointError(f"checkpoint {path}: unreadable ({one_line(e)})") from None
 
 
 def read_shards(folder, manifest):
@@ -364,11 +365,37 @@ def newest_valid(run_dir, log=None, option="--resume"):
 
 
 def resolve(path, log=None):
-    """A `--checkpoint` argument: a run directory (one holding checkpoints/) stands for its newest valid
-    checkpoint folder; any other path is returned unchanged."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return newest_valid(path, log, "--checkpoint")[1]
-    return path
+    """A `--checkpoint` argument as a checkpoint: a run directory (one holding checkpoints/), or its checkpoints/
+    folder, stands for the run's newest valid checkpoint; a checkpoint folder (it holds a manifest) or a
+    checkpoint file is returned unchanged. CheckpointError with one line for anything else, naming what to pass
+    (a folder of run directories: the runs in it)."""
+    kinds = "a run directory (it holds checkpoints/), one of its checkpoints/step_N folders, or a checkpoint file"
+    if not os.path.exists(path):
+        raise CheckpointError(f"--checkpoint {path}: no such file or folder; pass {kinds}")
+    for run_dir in (path, os.path.dirname(os.path.abspath(path.rstrip("/")))):
+        if os.path.isdir(os.path.join(run_dir, "checkpoints")) and (
+                run_dir == path or os.path.basename(path.rstrip("/")) == "checkpoints"):
+            return newest_valid(run_dir, log, "--checkpoint")[1]
+    if os.path.isfile(os.path.join(path, MANIFEST)) or (
+            os.path.isfile(path) and path.endswith(tuple(EXTENSIONS.values()))):
+        return path
+    runs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d, "checkpoints"))) \
+        if os.path.isdir(path) else []
+    if runs:
+        raise CheckpointError(f"--checkpoint {path}: a folder of run directories ({', '.join(runs)}); pass one "
+                              f"of them")
+    raise CheckpointError(f"--checkpoint {path}: not a checkpoint; pass {kinds}")
+
+
+def config_of(checkpoint_path):
+    """The config.yaml of a checkpoint's run (`run_dir_of`); CheckpointError with one line when there is none
+    (a checkpoint file copied out of its run)."""
+    run_dir = run_dir_of(checkpoint_path)
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"checkpoint {checkpoint_path}: no config.yaml in its run directory {run_dir} (a "
+                              f"checkpoint file needs its run's config.yaml beside it)")
+    return config_path
 
 
 def remove(path):

@@ -59,7 +59,7 @@ def reshard(path, out, ep=None, consolidate=False):
     Returns: the written checkpoint path. Raises ConfigError / CheckpointError with one line.
     """
     run_config(path)  # one-line errors for a missing checkpoint or config
-    source = RunConfig.from_yaml(os.path.join(checkpoint.run_dir_of(path), "config.yaml"))
+    source = RunConfig.from_yaml(checkpoint.config_of(path))
     experts_total = source.moe.num_experts
     if consolidate:
         nodes, devices = source.parallel.nodes, source.parallel.devices_per_node

@@ -1,6 +1,5 @@
 """A model and optimizer rebuilt from a checkpoint in one process, for commands that use a trained model
 (generate, ckpt extract-domain) rather than continue training it."""
-import os
 
 from pangu_moe import runtime
 from pangu_moe.config import RunConfig
@@ -16,12 +15,7 @@ def run_config(checkpoint_path, overrides=()):
     """The RunConfig of the run a checkpoint belongs to (`checkpoint.run_dir_of`), with every expert in
     one process (`parallel.dispatch=local`, whose exchange is flat: the hierarchical one gives the same
     result) and `overrides` applied."""
-    if not os.path.exists(checkpoint_path):
-        raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no such file or folder")
-    run_dir = checkpoint.run_dir_of(checkpoint_path)
-    config_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(config_path):
-        raise checkpoint.CheckpointError(f"checkpoint {checkpoint_path}: no config.yaml in its run directory {run_dir}")
+    config_path = checkpoint.config_of(checkpoint.resolve(checkpoint_path))
     return RunConfig.from_yaml(config_path, ["parallel.dispatch=local", "parallel.exchange=flat", *overrides])
 
 
