@@ -120,15 +120,19 @@ def test_every_field_has_help():
 
 
 def test_every_shipped_config_validates_and_keeps_the_pangu_shape():
-    """configs/*.yaml: a dense bottom, a MoE top, two domains with one expert group each."""
+    """configs/*.yaml: a dense bottom, a MoE top; the demo and smoke configs: two domains with one expert group each;
+    the own-corpus config: one group whatever the domains, sampled by their bytes (no tie to the domain count)."""
     import glob
     from pangu_moe.configs import DEMO_CONFIG
     paths = sorted(glob.glob(os.path.join(os.path.dirname(DEMO_CONFIG), "*.yaml")))
-    assert [os.path.basename(p) for p in paths] == ["demo_cpu.yaml", "smoke_cpu.yaml"]
+    assert [os.path.basename(p) for p in paths] == ["corpus_cpu.yaml", "demo_cpu.yaml", "smoke_cpu.yaml"]
     for path in paths:
         cfg = RunConfig.from_yaml(path)
         assert cfg.model.num_dense_layers >= 1 and cfg.model.num_moe_layers >= 1, path
-        assert len(cfg.data.domains) == cfg.moe.num_groups == 2, path
+        if "corpus" in path:
+            assert (cfg.moe.num_groups, cfg.data.mixture, cfg.data.source) == (1, "bytes", "prepared")
+        else:
+            assert len(cfg.data.domains) == cfg.moe.num_groups == 2, path
 
 
 def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
@@ -136,7 +140,7 @@ def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch
     for name in ("smoke_cpu", "smoke_cpu.yaml", "configs/smoke_cpu.yaml"):
         assert RunConfig.from_yaml(name).train.steps == 300
     with pytest.raises(ConfigError, match=r"config file nope.yaml: not found \(shipped configs, usable by name: "
-                                          r"demo_cpu, smoke_cpu\)"):
+                                          r"corpus_cpu, demo_cpu, smoke_cpu\)"):
         RunConfig.from_yaml("nope.yaml")
     (tmp_path / "smoke_cpu.yaml").write_text("train:\n  steps: 7\n  warmup_steps: 1\n")
     assert RunConfig.from_yaml("smoke_cpu.yaml").train.steps == 7  # a file of that name wins

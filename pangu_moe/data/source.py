@@ -2,7 +2,7 @@
 import json
 import os
 
-from pangu_moe.config import bpe_vocab_size
+from pangu_moe.config import bpe_vocab_size, fit_domains
 from pangu_moe.data import pipeline, prepared
 from pangu_moe.data.corpus import DataError, DomainText, load_corpus
 from pangu_moe.data.prepare import TOKENIZER_FILE
@@ -85,6 +85,11 @@ class RunData:
         self.cfg = cfg
         if cfg.data.source == "prepared":
             self.corpus = prepared.PreparedCorpus(cfg.data.path, verify)
+            if list(cfg.data.domains) != self.corpus.domains:
+                fit = fit_domains(cfg.to_dict(), self.corpus.domains)
+                raise DataError(f"data.domains = {list(cfg.data.domains)}: must be {self.corpus.domains}, the domains "
+                                f"of {cfg.data.path}" + (f"; with them these settings work together: {fit}" if fit
+                                                         else ""))
             self.corpus.check(cfg.model, cfg.data)
             self.tokenizer = self.corpus.tokenizer
         else:
