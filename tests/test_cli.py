@@ -82,3 +82,12 @@ def test_a_signalled_stop_exits_with_the_signals_code_and_prints_the_resume_line
     assert captured.out == ""
     assert captured.err == ("pangu-moe train: stopped by SIGINT after step 7: checkpoint RUN/checkpoints/step_000007; "
                             "resume with: HINT\n")
+
+
+def test_a_sigterm_stop_says_it_may_have_been_a_ctrl_c():
+    import signal
+    from pangu_moe.train.stop import TrainingStopped
+    stop = TrainingStopped(signal.SIGTERM, 3, "CKPT", "HINT")
+    assert stop.exit_code == 143
+    assert str(stop) == ("stopped by SIGTERM (or Ctrl-C, which MindSpore passes on as SIGTERM) after step 3: checkpoint "
+                         "CKPT; resume with: HINT")

@@ -12,8 +12,12 @@ class TrainingStopped(Exception):
     def __init__(self, signum, step, checkpoint_path, resume_hint):
         self.signum, self.step, self.checkpoint_path = signum, step, checkpoint_path
         self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {checkpoint_path}; "
-                         f"resume with: {resume_hint}")
+        # A Ctrl-C arrives here as SIGTERM once MindSpore has run a graph (StopOnSignal), so the name says so
+        # rather than tell a user who pressed Ctrl-C that something else stopped the run.
+        name = signal.Signals(signum).name + (" (or Ctrl-C, which MindSpore passes on as SIGTERM)"
+                                              if signum == signal.SIGTERM else "")
+        super().__init__(f"stopped by {name} after step {step}: checkpoint {checkpoint_path}; resume with: "
+                         f"{resume_hint}")
 
 
 class StopOnSignal:
