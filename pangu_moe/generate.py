@@ -94,14 +94,16 @@ def check_arguments(cfg, prompt_ids, domain, max_bytes, temperature, top_k, voca
 
 def generate(cfg, model, tok, prompt, domain=None, max_bytes=200, temperature=1.0, top_k=0, seed=0, progress=None,
              kv_cache=True):
-    """Sample `max_bytes` tokens after `prompt` and trace their routing.
+    """Sample tokens after `prompt` until they decode to at least `max_bytes` UTF-8 bytes (the last token may pass
+    it by the rest of its bytes; with the byte tokenizer exactly `max_bytes` tokens) and trace their routing.
 
     Args:
         cfg, model, tok: from `load_model`; prompt: str; domain: a `data.domains` name (default the first);
         progress: callable(done, total) after each token, or None; kv_cache: decode each token from the
             key/value cache (`model.decode`); False recomputes the whole window for every token (the reference
             the cache is tested against; the same tokens and trace).
-    With a BPE run "bytes" are the run tokenizer's tokens throughout.
+    In the trace "bytes" are the run tokenizer's tokens (bytes with the byte tokenizer) and "token_bytes" their
+    UTF-8 bytes.
 
     Returns:
         (generated token ids: list of ints, trace dict: `report.trace` format, covering prompt and generated tokens).
@@ -116,8 +118,10 @@ def generate(cfg, model, tok, prompt, domain=None, max_bytes=200, temperature=1.
     window = Window(model, group_id, seq_len // topology.world_size, cfg.runtime.mode == "graph")
     ids, start = list(prompt_ids), 0  # the window holds ids[start:]
     routed = window.prefill(ids, 0)  # per traced token: [(expert_index [K], keep [K]) per MoE layer]
-    for done in range(1, max_bytes + 1):
+    produced = 0  # UTF-8 bytes of the generated tokens; every token has at least one, so max_bytes tokens suffice
+    while produced < max_bytes:
         ids.append(sample_next(window.last_logits, rng, temperature, top_k, tok.vocab_size))
+        produced += max(1, len(tok.piece(ids[-1])))
         restart = len(ids) - start > seq_len
         if restart:
             start = len(ids) - seq_len // 2  # a full window restarts at its newest half
@@ -126,7 +130,7 @@ def generate(cfg, model, tok, prompt, domain=None, max_bytes=200, temperature=1.
         else:
             routed += window.prefill(ids[start:], len(ids) - 1 - start)
         if progress:
-            progress(done, max_bytes)
+            progress(min(produced, max_bytes), max_bytes)
     layers = len(model.moe_blocks)
     trace = {"router": cfg.moe.router, "top_k": cfg.moe.top_k, "num_experts": cfg.moe.num_experts,
              "num_groups": cfg.moe.num_groups,

@@ -25,3 +25,17 @@ def test_short_loops_are_silent_and_long_ones_throttled_with_a_final_line():
     assert lines == ["eval: 2/5 batches (40%), elapsed 3s, eta 4s",
                      "eval: 4/5 batches (80%), elapsed 6s, eta 2s",
                      "eval: 5/5 batches (100%), elapsed 8s, eta 0s"]
+
+
+def test_the_eta_leaves_out_the_first_units_cost():
+    """The first unit takes 30 s (compiling), the next ones 1 s each: the ETA counts 1 s a unit."""
+    clock, lines = Clock(), []
+    progress = Progress("generate", "bytes", every=2.0, log=lines.append, clock=clock)
+    clock.now += 30.0
+    progress.update(1, 10)
+    assert lines == ["generate: 1/10 bytes (10%), elapsed 30s, eta 270s"]  # no rate yet but the first unit's
+    for done in range(2, 6):
+        clock.now += 1.0
+        progress.update(done, 10)
+    assert lines[1:] == ["generate: 3/10 bytes (30%), elapsed 32s, eta 7s", "generate: 5/10 bytes (50%), elapsed 34s, "
+                                                                           "eta 5s"]
