@@ -37,6 +37,15 @@ FORMAT = 2
 EXTENSIONS = {"ckpt": ".ckpt", "safetensors": ".safetensors"}  # runtime.checkpoint_format -> file extension
 
 
+def _read_umask():
+    mask = os.umask(0)  # reading it means setting it: done once, at import, before any writer thread exists
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
@@ -97,6 +106,10 @@ def write_arrays(path, arrays, state):
     ms.save_checkpoint(items, tmp, append_dict=dict(state), format=file_format)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    # MindSpore writes checkpoints owner-read-only (0400): teammates on a shared cluster could not read them and
+    # copies kept the mode. They get the mode of every other file of the run (0666 less the umask); the manifest's
+    # sha256 is what guards them against change.
+    os.chmod(tmp, 0o666 & ~UMASK)
     _replace_durably(tmp, path)
     return file_entry(path)
 

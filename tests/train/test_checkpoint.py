@@ -27,6 +27,8 @@ def test_round_trip_is_exact_and_atomic(tmp_path):
     assert checkpoint.list_checkpoints(str(tmp_path)) == [(7, path)]
     manifest = checkpoint.verify(path)
     assert manifest["step"] == 7 and manifest["config_sha256"] == "c0ffee" and manifest["shards"] == []
+    mode = os.stat(os.path.join(path, "shared.ckpt")).st_mode & 0o777  # the run's other files' mode, not 0400
+    assert mode == os.stat(os.path.join(path, "manifest.json")).st_mode & 0o777 and mode & 0o600 == 0o600
 
 
 def test_truncated_or_bit_flipped_files_are_detected_and_resume_falls_back(tmp_path):
