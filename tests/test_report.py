@@ -40,6 +40,14 @@ def test_loss_figure_labels_the_training_loss_with_the_runs_token(kinds, left, t
     assert list(fig.axes[0].lines[0].get_ydata()) == [4.9 / np.log(2), 3.9 / np.log(2)]  # nats -> bits
 
 
+def test_the_trace_figure_draws_cjk_in_an_installed_cjk_font_else_a_box():
+    assert plots.cjk_font({"DejaVu Sans", "WenQuanYi Zen Hei", "Noto Sans CJK JP"}) == "Noto Sans CJK JP"
+    assert plots.cjk_font({"DejaVu Sans"}) is None
+    assert plots.figure_glyph("é") == plots.figure_glyph("é", "SimHei") == ("é", "monospace")
+    assert plots.figure_glyph("日", "SimHei") == ("日", "SimHei")
+    assert plots.figure_glyph("日") == ("\u25a1", "monospace")
+
+
 def test_series_of_hand_made_records():
     assert list(run_data.layer_steps(RECORDS)) == [2, 4]
     # step 2: dropped 2 of 16 requested; step 4: dropped 5 of 8

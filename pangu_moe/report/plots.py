@@ -139,13 +139,28 @@ def _expert_nodes(run):
     return Topology(p.nodes, p.devices_per_node, experts).expert_node()
 
 
-FIGURE_FALLBACK = "\u25a1"  # drawn for characters matplotlib's default font lacks (CJK, emoji)
+FIGURE_FALLBACK = "\u25a1"  # drawn for characters no installed font covers (CJK without a CJK font, emoji)
+# System fonts that cover the CJK blocks, first found wins (matplotlib bundles only DejaVu, which does not).
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans SC", "Source Han Sans SC",
+             "Source Han Sans CN", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei",
+             "PingFang SC", "Hiragino Sans GB", "AR PL UMing CN")
 
 
-def figure_glyph(glyph):
-    """The glyph as the figure draws it: itself if matplotlib's bundled DejaVu fonts cover it (scripts below the
-    CJK blocks), else `FIGURE_FALLBACK`; the terminal rendering (`report.trace.render`) shows every character."""
-    return glyph if ord(glyph[0]) < 0x2e80 else FIGURE_FALLBACK
+def cjk_font(names=None):
+    """The first of `CJK_FONTS` among `names` (default: the fonts matplotlib found on this machine), or None."""
+    if names is None:
+        from matplotlib import font_manager
+        names = {font.name for font in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in names), None)
+
+
+def figure_glyph(glyph, cjk=None):
+    """(text, font family) the figure draws for `glyph`: itself in monospace if matplotlib's bundled DejaVu fonts
+    cover it (scripts below the CJK blocks); from the block up, itself in the CJK font `cjk` when one is installed,
+    else `FIGURE_FALLBACK`. The terminal rendering (`report.trace.render`) shows every character."""
+    if ord(glyph[0]) < 0x2e80:
+        return glyph, "monospace"
+    return (glyph, cjk) if cjk else (FIGURE_FALLBACK, "monospace")
 
 
 def trace_figure(trace, title, path, width=WIDTH):
@@ -160,6 +175,7 @@ def trace_figure(trace, title, path, width=WIDTH):
     chunks = (len(cells) + width - 1) // width
     band = layers + 0.6  # one row per layer plus a gap between chunks
     fig, ax = plt.subplots(figsize=(0.2 * width + 1, 0.3 * band * chunks + 1.2))
+    cjk = cjk_font()
     for i, (glyph, token) in enumerate(cells):
         chunk, column = divmod(i, width)
         for layer in range(layers):
@@ -167,15 +183,16 @@ def trace_figure(trace, title, path, width=WIDTH):
             ax.add_patch(Rectangle((column, y), 1, 1, facecolor=colours[index[layer][token][0]],
                                    alpha=0.45 if token < trace["prompt_bytes"] else 1.0,
                                    hatch=None if keep[layer][token][0] else "xx", edgecolor="white", linewidth=0.3))
-            ax.text(column + 0.5, y + 0.5, figure_glyph(glyph), ha="center", va="center", fontsize=7,
-                    family="monospace")
+            text, family = figure_glyph(glyph, cjk)
+            ax.text(column + 0.5, y + 0.5, text, ha="center", va="center", fontsize=7, family=family)
     ax.set_xlim(0, width)
     ax.set_ylim(-((chunks - 1) * band + layers - 1), 1)  # from the last chunk's last layer row to the top
     ax.set_yticks([-(c * band + l) + 0.5 for c in range(chunks) for l in range(layers)],
                   [f"L{l}" for _ in range(chunks) for l in range(layers)], fontsize=7)
     ax.set_xticks([])
-    ax.set_title(f"{title}: first-choice expert of each character per MoE layer (faded: prompt, hatched: dropped, "
-                 f"{FIGURE_FALLBACK}: a character the font lacks)")
+    ax.set_title(f"{title}: first-choice expert of each character per MoE layer (faded: prompt, hatched: dropped"
+                 + ("" if cjk else f", {FIGURE_FALLBACK}: a character the fonts lack; a CJK font such as "
+                                   f"fonts-noto-cjk draws Chinese") + ")")
     handles = [Patch(facecolor=c, label=label) for c, label in zip(colours, expert_labels(trace))]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     _save(fig, path)
