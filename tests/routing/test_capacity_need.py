@@ -48,6 +48,15 @@ def test_the_need_is_per_routing_group_and_per_level1_group():
     assert corollary6_need(affinity, first, groups, 4, 1)["need"] == 32
 
 
+def test_with_two_experts_a_group_the_need_is_the_doubled_load_per_routing_group():
+    # E_g = 2: no pivot can tell a cluster from noise. Loads (group, expert): (0,0) 3, (0,1) 1, (1,1) 5.
+    first, groups = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1]), np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    affinity = np.zeros((9, 2))
+    assert corollary6_need(affinity, first, groups, 2, 1)["need"] == 10  # 2 x 5
+    assert corollary6_need(affinity, first, groups, 2, 4)["need"] == 3  # ceil(10 / 4)
+    assert corollary6_need(affinity, first, groups, 2, 5)["need"] == 2
+
+
 def test_null_survival_is_uniform_on_isotropic_affinities():
     p = null_survival(np.random.default_rng(7).standard_normal((20000, E)))
     assert abs(np.mean(p > 0.5) - 0.5) < 0.02 and abs(np.mean(p < 0.05) - 0.05) < 0.008
