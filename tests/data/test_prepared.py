@@ -115,6 +115,13 @@ def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir, monkeypatch):
         assert multiset(epoch) == multiset(everything[rank * share:(rank + 1) * share])
         again = np.stack([stream.next() for _ in range(share)])  # the next epoch: the same windows, another order
         assert multiset(again) == multiset(epoch) and not np.array_equal(again, epoch)
+        reads = []
+        monkeypatch.setattr(corpus, "read", lambda *args: reads.append(args[2]) or PreparedCorpus.read(corpus, *args))
+        order = RankStream(corpus, 0, rank, 2, seed=3)
+        for _ in range(2 * share):
+            order.next()
+        blocks = len(reads) // 2  # each block is read once an epoch, at its first window: the blocks' visiting order
+        assert blocks > 3 and sorted(reads[:blocks]) == sorted(reads[blocks:]) and reads[:blocks] != reads[blocks:]
         later = RankStream(corpus, 0, rank, 2, seed=3, consumed=share + 13)  # from a position inside epoch 1
         np.testing.assert_array_equal(np.stack([later.next() for _ in range(share - 13)]), again[13:])
     assert share % 8 and share > 3 * 8
@@ -221,6 +228,11 @@ def test_a_damaged_or_unfinished_folder_is_refused(bpe_dir, tmp_path):
         fh.seek(-1, os.SEEK_END)
         fh.write(b"\x00" if fh.read(1) != b"\x00" else b"\x01")
     with pytest.raises(DataError, match=f"shard {shard} does not match its sha256"):
+        PreparedCorpus(str(damaged))
+    shutil.copy(bpe_dir / "bpe" / shard, damaged / shard)
+    with open(damaged / (shard + ".db"), "ab") as fh:  # the index MindRecord reads the records' offsets from
+        fh.write(b"\x00")
+    with pytest.raises(DataError, match=f"shard {shard}.db does not match its sha256"):
         PreparedCorpus(str(damaged))
     os.remove(damaged / MANIFEST)
     with pytest.raises(DataError, match="no manifest.json"):
