@@ -31,6 +31,21 @@ def test_round_trip_is_exact_and_atomic(tmp_path):
     assert mode == os.stat(os.path.join(path, "manifest.json")).st_mode & 0o777 and mode & 0o600 == 0o600
 
 
+def test_a_safetensors_checkpoint_round_trips_and_a_flipped_bit_is_refused(tmp_path):
+    folder = checkpoint.step_path(str(tmp_path), 2)
+    checkpoint.save(folder, [_Shard(2, 3.0)], {"step": 2}, "x", file_format="safetensors")
+    assert sorted(os.listdir(folder)) == ["experts_rank0.safetensors", "manifest.json", "shared.safetensors"]
+    back = _Shard(2, 0.0)
+    assert checkpoint.load(folder, [back], ("step",)) == {"step": 2}
+    np.testing.assert_array_equal(back.layer.experts.w_in.asnumpy(), np.full((2, 2), 3.0))
+    shard = os.path.join(folder, "experts_rank0.safetensors")
+    data = bytearray(open(shard, "rb").read())
+    data[-3] ^= 0x01
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="experts_rank0.safetensors does not match its sha256"):
+        checkpoint.load(folder, [_Shard(2, 0.0)], ("step",))
+
+
 def test_truncated_or_bit_flipped_files_are_detected_and_resume_falls_back(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save(checkpoint.step_path(str(tmp_path), step), [_Shard(2, float(step))], {"step": step}, "x")
@@ -140,6 +155,14 @@ def test_sharded_checkpoint_loads_per_rank_or_joined(tmp_path):
     np.testing.assert_array_equal(joined.layer.experts.w_in.asnumpy(), [[0.0, 0.0], [1.0, 1.0]])
     with pytest.raises(CheckpointError, match="holds 2 expert shards, this run has 4 ranks"):
         checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=1, world_size=4)
+    shard1 = os.path.join(folder, "experts_rank1.ckpt")
+    intact = open(shard1, "rb").read()
+    with open(shard1, "ab") as fh:  # a rank's own shard, changed after the save: refused on the per-rank load too
+        fh.write(b"\x00")
+    with pytest.raises(CheckpointError, match="experts_rank1.ckpt"):
+        checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=1, world_size=2)
+    checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=0, world_size=2)  # rank 0 reads only its own shard
+    open(shard1, "wb").write(intact)
     os.remove(os.path.join(folder, "manifest.json"))  # an interrupted save: not listed, refused
     assert checkpoint.list_checkpoints(str(tmp_path)) == []
     with pytest.raises(CheckpointError, match="no manifest.json"):
