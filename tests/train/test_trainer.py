@@ -4,10 +4,11 @@ import os
 import shutil
 import signal
 
+import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import Tensor
 
-from pangu_moe.capacity import capacity_bucket
 from pangu_moe.config import ConfigError
 from pangu_moe.train import checkpoint
 from pangu_moe.train.checkpoint import list_checkpoints, remove
@@ -266,7 +267,8 @@ def test_locmoe_plus_live_capacity_and_node_accounting_survive_resume(tmp_path, 
     # Capacities change only at the re-estimates before steps 0, 4, 8 (records 1, 5, 9).
     assert all((capacities[i] == capacities[i - 1]).all() for i in range(1, len(records)) if i % 4)
     buckets = [r["capacity_bucket"] for r in records]  # the buffers follow the largest live capacity
-    assert buckets == [capacity_bucket(int(c.max()), 20) for c in capacities] and max(buckets) < 20
+    ladder = (8, 16, 20)  # C = 20: 20 / sqrt(2) and 20 / 2 round up to 16, then the floor 8
+    assert buckets == [min(b for b in ladder if b >= c.max()) for c in capacities] and max(buckets) < 20
     for r in records:
         for layer in r["layers"]:
             assert max(layer["kept_per_expert"]) <= 2 * layer["capacity"]  # summed over the 2 rank groups
@@ -317,3 +319,22 @@ def test_dropless_buffers_follow_the_demand_and_drop_nothing(tmp_path):
     assert [r["capacity_bucket"] for r in read(tmp_path / "full" / "metrics.jsonl")] == [128] * 6
     np.testing.assert_allclose(np.array(_losses(tmp_path / "sized"))[:, 1:], np.array(_losses(tmp_path / "full"))[:, 1:],
                                rtol=1e-5)
+
+
+def test_each_step_compiles_for_the_bucket_of_its_largest_live_capacity(tmp_path, monkeypatch):
+    """Static C = ceil(128 x 1.25 / 4) = 40, whose ladder is 8, 16, 24, 32, 40 (each 40 / sqrt(2)^k rounded up to a
+    multiple of 8): the step is built for the smallest rung holding the largest layer's capacity, and only then."""
+    from pangu_moe.train import trainer as trainer_module
+    built, real = [], trainer_module.make_train_step
+
+    def spy(model, optimizer, capacity, *args):
+        built.append(capacity)
+        return real(model, optimizer, capacity, *args)
+    monkeypatch.setattr(trainer_module, "make_train_step", spy)
+    trainer = Trainer(tiny_config("runtime.mode=pynative"), str(tmp_path), log=lambda line: None)
+    assert trainer.capacity == 40
+    input_ids, labels, domain_ids = next(trainer.batches(0))
+    inputs = (Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(1e-3, ms.float32))
+    buckets = [trainer.run_step(capacities, inputs)[1] for capacities in ([6, 13], [3, 5], [33, 2], [17, 24],
+                                                                            [13, 6])]
+    assert buckets == [16, 8, 40, 24, 16] and built == [16, 8, 40, 24]  # a bucket is compiled once
