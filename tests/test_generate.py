@@ -101,6 +101,23 @@ def test_kv_cache_decoding_equals_recomputing_the_window(router):
         assert cached == recomputed
 
 
+def test_each_cached_decoding_step_is_the_models_forward_pass_at_its_position():
+    """An independent oracle for the decoding step (the cached-vs-recomputed test runs the same cache code on both
+    sides): the initial-weights model's one-pass logits at every position after a 5-token prefill."""
+    cfg = tiny_config("parallel.nodes=2", "parallel.devices_per_node=2", "moe.num_experts=8", "moe.top_k=2")
+    runtime.setup(cfg.runtime)
+    model = build_model(cfg)
+    model.set_train(False)
+    ids = [ord(c) for c in "def f(x):\n"]
+    logits, _ = _one_pass(cfg, model, ids, 0)
+    window = generate.Window(model, 0, cfg.model.seq_len // 4, False)
+    window.prefill(ids[:5], 0)
+    np.testing.assert_allclose(window.last_logits, logits[4], rtol=1e-5, atol=1e-5)
+    for position in range(5, len(ids)):
+        window.step(ids[position], position)
+        np.testing.assert_allclose(window.last_logits, logits[position], rtol=1e-5, atol=1e-5)
+
+
 def test_the_cached_prefill_is_the_models_forward_pass(loaded):
     cfg, model, tok = loaded
     ids = [ord(c) for c in PROMPT * 3][:cfg.model.seq_len]
