@@ -3,19 +3,29 @@ import pytest
 from pangu_moe.bench import moe_layer
 
 
-def test_bench_reports_consistent_figures_on_tiny_shapes():
+def test_bench_figures_are_medians_of_the_timed_rounds_without_the_warmups(monkeypatch):
+    """Each variant's step is timed by a stand-in clock: base seconds x 100 in the two warmup rounds, then x 1, 3, 2
+    (median x 2). Bases: reference_k1 2, custom_k1 1, reference_k2 4, custom_k2 3, reference_k1_shrunk 1.5,
+    dense 0.5 (K = 1 in the shapes: the MoE layer is reference_k1)."""
+    base = {"reference_k1": 2.0, "custom_k1": 1.0, "reference_k2": 4.0, "custom_k2": 3.0, "reference_k1_shrunk": 1.5,
+            "dense": 0.5}
+    calls = []
+
+    def clock(step, x, cotangent):
+        calls.append(step)
+        round_, variant = divmod(len(calls) - 1, len(base))
+        return list(base.values())[variant] * (100, 100, 1, 3, 2)[round_]
+    monkeypatch.setattr(moe_layer, "_time", clock)
     shapes = {"T": 64, "H": 16, "F": 32, "E": 4, "K": 1, "capacity_factor": 1.25}
-    result = moe_layer.run(repeats=1, shapes=shapes)
-    assert result["shapes"]["C"] == 20
-    assert result["moe_over_dense"] == result["moe_seconds"] / result["dense_seconds"]
-    assert result["moe_tokens_per_s"] == 64 / result["moe_seconds"]
-    assert result["custom_over_reference_k2"] == result["seconds"]["custom_k2"] / result["seconds"]["reference_k2"]
-    assert set(result["seconds"]) == {"reference_k1", "custom_k1", "reference_k2", "custom_k2", "dense",
-                                      "reference_k1_shrunk"}
-    assert result["shrunk_capacity"] == 16 and result["shrunk_exchange_bytes_ratio"] == 16 / 20  # bucket of 10
-    shrunk, full = result["seconds"]["reference_k1_shrunk"], result["seconds"]["reference_k1"]
-    assert result["shrunk_over_full_k1"] == shrunk / full and "buffers at C=16 instead of 20" in moe_layer.table(result)
-    assert "moe_over_dense = " in moe_layer.table(result) and "custom kernels / reference ops" in moe_layer.table(result)
+    result = moe_layer.run(repeats=3, shapes=shapes)
+    assert len(calls) == 5 * 6 and len(set(map(id, calls[:6]))) == 6  # six distinct steps, five rounds
+    assert result["seconds"] == {name: 2 * b for name, b in base.items()}
+    assert result["shapes"]["C"] == 20 and result["shrunk_capacity"] == 16  # ceil(64 x 1.25 / 4); the bucket of 10
+    assert (result["moe_over_dense"], result["moe_tokens_per_s"], result["dense_tokens_per_s"]) == (4.0, 16.0, 64.0)
+    assert (result["custom_over_reference_k1"], result["custom_over_reference_k2"]) == (0.5, 0.75)
+    assert result["shrunk_over_full_k1"] == 0.75 and result["shrunk_exchange_bytes_ratio"] == 0.8  # 16 / 20
+    text = moe_layer.table(result)
+    assert "moe_over_dense = 4.00" in text and "buffers at C=16 instead of 20" in text
 
 
 @pytest.mark.parametrize("dispatch", ["local", "simulated"])
