@@ -4,6 +4,7 @@ import pytest
 
 from pangu_moe.studies import routers as study_routers
 from pangu_moe.config import ConfigError
+from pangu_moe.train.metrics import read
 
 
 def test_study_configs_share_data_steps_and_topology(tiny_yaml):
@@ -87,12 +88,20 @@ def test_the_study_trains_every_arm_per_seed_and_writes_its_report(tiny_yaml, tm
     assert result["arms"]["topk"]["val_bpb_vs_switch"] == {"mean": 0.0, "ci95": 0.0, "n": 2}
     rows = json.loads((out / "report" / "report.json").read_text())["rows"]
     assert [row["run"] for row in rows] == ["dense", "topk"]
-    # 2 MoE layers, W = 4 ranks of 32 tokens, E = 4, C = ceil(32 * 1.25 / 4) = 10 (no live capacity), H = 32;
-    # the dense arm's one expert has C = min(T, 40) = 32 slots, one per token.
+    # 2 MoE layers, W = 4 ranks of 32 tokens, E = 4, C = ceil(32 * 1.25 / 4) = 10 (no live capacity), H = 32:
+    # E x C = 40 expert rows a rank, 160 a layer (the dense arm's one expert: C = min(T, 40) = 32 rows a rank, 128 a
+    # layer).
+    # Switch's padded exchange against another count: each step's metrics (accounting/traffic.py, per pair of
+    # ranks, both directions), summed over the layers. The dense arm's one expert: the 3 other ranks' 32 rows of
+    # 128 bytes to its rank and back, in 2 layers.
     for arm, experts, capacity in (("topk", 4, 10), ("dense", 1, 32)):
-        for r in result["runs"][arm]:
-            assert r["expert_rows_per_step"] == 2 * 4 * experts * capacity
-            assert r["exchange_bytes_per_step"] == 2 * 2 * 3 * experts * capacity * 32 * 4
+        for seed, r in enumerate(result["runs"][arm]):
+            assert r["expert_rows_per_step"] == {"topk": 320, "dense": 256}[arm]
+            records = read(out / arm / f"seed{seed}" / "metrics.jsonl")
+            counted = {sum(layer["padded_bytes_intra"] + layer["padded_bytes_inter"] for layer in rec["layers"])
+                       for rec in records}
+            assert len(counted) == 1  # one capacity, one padded size at every step
+            assert r["exchange_bytes_per_step"] == (counted.pop() if arm == "topk" else 3 * 32 * 128 * 2 * 2) > 0
             assert r["layer_ms"] > 0 and r["step_ms"] == pytest.approx(1e3 * 128 / r["tokens_per_s"])
             assert r["capacity_first"] == r["capacity_last"] == capacity
     assert result["runs"]["dense"][0]["dropped_fraction"] == 0.0
