@@ -1,4 +1,5 @@
 """`bench train-step`: the FLOP count of a step from its shapes, and the utilisation arithmetic."""
+import numpy as np
 import pytest
 
 from pangu_moe.bench import train_step
@@ -6,17 +7,35 @@ from pangu_moe.cli import main
 from tests.conftest import tiny_config
 
 
-def test_model_flops_of_the_tiny_config_by_hand():
-    # T = B*S = 4*32 = 128 tokens, H = 32, S = 32, F = 64, E = 4, K = 1, V = 256; 1 dense + 2 MoE + query layer.
+def _flops_from_parameters(cfg):
+    """Forward FLOPs of a step counted from the built model's weights, as the model uses them: every token passes
+    each 2-D weight once (2 x T x its size; the router's [G, H, E_g] computes every group), K expert slices of
+    [E, a, b] expert weights, and the tied embedding as the LM head; the position embeddings are gathers. Plus the
+    attention scores, which hold no weight: QK^T and AV, 2 x B x S x S x H each, in every attention layer."""
+    from pangu_moe.model.pangu import build_model
+    t = cfg.train.batch_size * cfg.model.seq_len
+    total = 0
+    for p in build_model(cfg).trainable_params():
+        size = int(np.prod(p.shape))
+        if ".experts." in p.name:
+            total += 2 * t * cfg.moe.top_k * size // p.shape[0]
+        elif p.name == "embedding" or (len(p.shape) > 1 and "embedding" not in p.name):
+            total += 2 * t * size
+    layers = cfg.model.num_dense_layers + cfg.model.num_moe_layers + 1  # + the query layer
+    return total + layers * 2 * 2 * cfg.train.batch_size * cfg.model.seq_len ** 2 * cfg.model.hidden
+
+
+@pytest.mark.parametrize("overrides", [(), ("moe.top_k=2",), ("moe.num_experts=8", "model.ffn_hidden=48")])
+def test_model_flops_equal_a_count_over_the_built_models_weights(overrides):
+    cfg = tiny_config(*overrides)
+    assert sum(train_step.model_flops(cfg).values()) == _flops_from_parameters(cfg)
+
+
+def test_model_flops_by_part():
     flops = train_step.model_flops(tiny_config())
-    assert flops == {"attention_projections": 4 * 2 * 128 * 32 * 128,
-                     "attention_scores": 4 * 4 * 4 * 32 * 32 * 32,
-                     "dense_ffn": 2 * 4 * 128 * 32 * 64,
-                     "routers": 2 * 2 * 128 * 32 * 4,
-                     "experts": 2 * 4 * 128 * 1 * 32 * 64,
-                     "lm_head": 2 * 128 * 32 * 256}
     k2 = train_step.model_flops(tiny_config("moe.top_k=2"))
     assert k2["experts"] == 2 * flops["experts"] and k2["dense_ffn"] == flops["dense_ffn"]
+    assert flops["lm_head"] == 2 * 128 * 32 * 256  # T = 4 x 32 tokens, H = 32, V = 256
     assert train_step.model_flops(tiny_config("moe.num_experts=1", "moe.num_groups=1"))["routers"] == 0
 
 
