@@ -99,8 +99,26 @@ def test_emulations_reproduce_the_documented_examples():
     for ends in ([10, 11], [10, 13]):  # the last end short of M, or past it: the documentation's rule broken
         out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array(ends, np.int64)))[0]
         assert np.isnan(_numpy(out)).all()
+    # MindSpore's own GroupedMatmul example (ops/auto_generate/gen_ops_def.py, printed output), in bf16: every value
+    # is exact there.
+    x = _bf16([[0] * 4, [1] * 4, [2] * 4, [2] * 4, [1] * 4, [1] * 4])
+    w = _bf16(np.arange(32).reshape(4, 4, 2))
+    out = emulated_grouped_matmul([x], [w], None, None, None, None, None, Tensor(np.array([1, 3, 4, 6], np.int64)))[0]
+    np.testing.assert_array_equal(_numpy(out), [[0, 0], [44, 48], [88, 96], [152, 160], [108, 112], [108, 112]])
     with pytest.raises(AssertionError, match="a shipped op got Float32"):  # the emulations take bf16 only
         emulated_permute(Tensor(np.ones((2, 3), np.float32)), Tensor(np.array([1, 0], np.int32)))
+
+
+def test_unpermute_with_probs_against_the_documented_formula_in_numpy():
+    """out[n] = sum_k probs[n, k] * permuted[sorted_indices[n*K + k]] (the op's documentation), restated in numpy on
+    the bf16 values: N = 5 tokens, K = 2, H = 3."""
+    rng = np.random.default_rng(4)
+    permuted, probs = _bf16(rng.standard_normal((10, 3))), _bf16(rng.random((5, 2)))
+    order = rng.permutation(10).astype(np.int32)
+    got = _numpy(emulated_unpermute(permuted, Tensor(order), probs))
+    rows, weights = _numpy(permuted).astype(np.float64), _numpy(probs).astype(np.float64)
+    want = np.array([sum(weights[n, k] * rows[order[2 * n + k]] for k in range(2)) for n in range(5)])
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)  # the output is rounded to bf16 once
 
 
 def test_installed_mindspore_has_the_signatures_the_adapter_calls(monkeypatch):
