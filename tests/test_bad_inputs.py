@@ -105,3 +105,36 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out == f"pangu-moe {__version__}\n"
+
+
+def _damage(path, truncate):
+    """Truncate the file at `path` by 7 bytes, or flip one bit in its middle (the size unchanged)."""
+    data = bytearray(path.read_bytes())
+    if truncate:
+        data = data[:-7]
+    else:
+        data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("split, truncate", [("val", True), ("train", False)])
+def test_a_damaged_shard_stops_train_resume_and_eval_before_any_read(corpus, tmp_path, capsys, split, truncate,
+                                                                     monkeypatch):
+    """A run of 2 steps on a copy of the corpus, then one of the copy's shards truncated (val) or with a bit flipped
+    (train): a fresh run, its --resume and eval each stop with one line naming the shard, having read no window."""
+    import shutil
+    from pangu_moe.data import prepared
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(corpus / "data", data)
+    config = ["--config", str(corpus / "tiny.yaml"), "--set", f"data.path={data}", "--set", "train.warmup_steps=1",
+              "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2", "--set", "runtime.mode=pynative"]
+    assert main(["train", *config, "--set", "train.steps=2", "--out", str(run)]) == 0
+    (run / "summary.json").unlink()
+    shard = sorted(data.glob(f"code-{split}-*.mindrecord"))[0]
+    _damage(shard, truncate)
+    capsys.readouterr()
+    monkeypatch.setattr(prepared.PreparedCorpus, "read", lambda *args: pytest.fail("a window was read"))
+    expected = f"shard {shard.name} does not match its sha256 in manifest.json (damaged or truncated"
+    _one_line_error(capsys, ["train", *config, "--set", "train.steps=2", "--out", str(tmp_path / "fresh")], expected)
+    _one_line_error(capsys, ["train", *config, "--set", "train.steps=4", "--out", str(run), "--resume"], expected)
+    _one_line_error(capsys, ["eval", "--checkpoint", str(run)], expected)

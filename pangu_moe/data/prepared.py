@@ -89,14 +89,25 @@ class PreparedCorpus:
         if verify:
             self.verify()
 
-    def verify(self):
-        """Raise DataError if a shard file's sha256 differs from the manifest's (reads every shard once)."""
+    def verify(self, ranks=None, world=1):
+        """Raise DataError if a shard file's sha256 differs from the manifest's, reading each checked file once:
+        every validation shard, and the training shards holding the shares of `ranks` of `world` (`RankStream`;
+        None: every shard)."""
+        first = {}  # (domain, split) -> the first window of the next shard of it, in manifest order
         for shard in self.manifest["shards"]:
+            key = (shard["domain"], shard["split"])
+            start = first.get(key, 0)
+            first[key] = start + shard["windows"]
+            if ranks is not None and shard["split"] == "train":
+                share = self.windows[key] // world
+                if not any(start < (r + 1) * share and r * share < start + shard["windows"] for r in ranks):
+                    continue
             file = os.path.join(self.path, shard["file"])
             for name, digest in zip((file, file + ".db"), shard["sha256"]):
                 if sha256_file(name) != digest:
                     raise DataError(f"data.path {self.path}: shard {os.path.basename(name)} does not match its "
-                                    f"sha256 in {MANIFEST}")
+                                    f"sha256 in {MANIFEST} (damaged or truncated since prepare-data wrote it); copy "
+                                    f"the corpus folder again, or prepare it again")
 
     def check(self, model_cfg, data_cfg):
         """Raise DataError if a run's config cannot train on this corpus (seq_len, domains, vocabulary)."""

@@ -75,9 +75,10 @@ class RunData:
     """In-memory corpora (`demo`, `jsonl`, `folders`; bytes or a BPE, `data.tokenizer`) or a prepared corpus
     (`prepared`, streamed).
 
-    Args: cfg: the RunConfig; verify: check a prepared corpus's shard checksums now (reads every shard once;
-        training does it with `verify` before its first step); run_dir: a run directory holding the BPE of an
-        in-memory `bpe:<V>` run (`record_tokenizer`), used instead of training one (resume, eval).
+    Args: cfg: the RunConfig; verify: check every shard of a prepared corpus against its checksum now (the
+        trainer checks only the shards its process reads, with `verify`, before reading any); run_dir: a run
+        directory holding the BPE of an in-memory `bpe:<V>` run (`record_tokenizer`), used instead of training
+        one (resume, eval).
     Raises DataError with one line.
     """
 
@@ -102,10 +103,12 @@ class RunData:
                 self.tokenizer, self.domains = bpe_domains(self.domains, vocab_size, cfg.model.seq_len,
                                                            run_tokenizer(cfg, run_dir) if trained else None)
 
-    def verify(self):
-        """Check a prepared corpus's shards against their checksums (nothing to check for in-memory data)."""
+    def verify(self, ranks=None, world=1):
+        """Check a prepared corpus's shards against their checksums before they are read (nothing to check for
+        in-memory data): the validation shards and the training shards holding the shares of `ranks` of `world`
+        (None: every shard)."""
         if self.corpus is not None:
-            self.corpus.verify()
+            self.corpus.verify(ranks, world)
 
     def batches(self, start_step, world, devices_per_node, rows=None):
         """Batches (input_ids, labels, domain_ids) numpy int32 [b, S] of steps start_step..train.steps-1: the rows

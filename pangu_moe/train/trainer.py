@@ -68,6 +68,14 @@ class Trainer:
         # A run dir with checkpoints (resume, eval) holds the BPE its run trained; a fresh run trains its own.
         self.data = RunData(cfg, run_dir=run_dir if checkpoint.list_checkpoints(run_dir) else None)
         self.topology = Topology(cfg.parallel.nodes, cfg.parallel.devices_per_node, moe.num_experts)
+        world = self.topology.world_size
+        self.rows = slice(None)  # the rows of each global batch this process trains on
+        if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
+            per_rank = t.batch_size // world
+            self.rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        # Before any window is read (the capacity plan reads the first batch, the evaluator the validation set):
+        # each process checks the shards it will read, so a damaged copy on any node stops with one line.
+        self.data.verify(self._ranks_read(), world)
         self.model = build_model(cfg, self.rank)
         if self.rank:
             # Every rank drew the same weights from the seed. Training noise comes from the per-step buffers
@@ -77,13 +85,9 @@ class Trainer:
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay, scaler, t.fused_optimizer)
         self.data_parallel = None
-        self.rows = slice(None)  # the rows of each global batch this process trains on
         if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
-            world = self.topology.world_size
             self.data_parallel = DataParallel(self.optimizer.parameters, world,
                                               int(cfg.parallel.grad_bucket_mb * 2 ** 20))
-            per_rank = t.batch_size // world
-            self.rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         self.tokens_per_step = t.batch_size * m.seq_len
         # Each rank routes its own batch_size/W sequences as one group: capacities are per rank group.
         self.group_tokens = self.tokens_per_step // self.topology.world_size
@@ -154,6 +158,12 @@ class Trainer:
                                          BYTES[self.cfg.train.precision], Links.from_config(p), p.exchange_layout,
                                          p.exchange == "hierarchical")
 
+    def _ranks_read(self):
+        """The ranks whose training windows this process reads (those of its `rows`)."""
+        per_rank = self.cfg.train.batch_size // self.topology.world_size
+        rows = range(self.cfg.train.batch_size)[self.rows]
+        return range(rows.start // per_rank, rows.stop // per_rank)
+
     def _step0_inputs(self):
         """Every MoE layer's router input on the step-0 batch, routed without dropping, for the routers' capacity
         proposals: always that batch under the seeded initial weights, so a resumed run plans the same
@@ -200,8 +210,6 @@ class Trainer:
         resume_from = check_run_dir(cfg, self.run_dir, resume, self.log)
         if resume_from:
             check_tokenizer(self.run_dir, self.data.tokenizer, "--resume")
-        if self.rank == 0:
-            self.data.verify()  # one process reading every shard is enough
         state = {key: 0 for key in STATE_KEYS}
         state["train_seconds"] = 0.0
         if resume_from:

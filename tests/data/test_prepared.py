@@ -308,3 +308,22 @@ def test_cli_prepare_data_prints_the_manifest_summary(tmp_path, capsys):
     assert cli.main(["prepare-data", source, "--out", str(tmp_path / "out"), "--domains", "prose,code",
                      "--seq-len", "16"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_each_rank_checks_the_validation_shards_and_those_of_its_own_share(tmp_path):
+    """prose: 150 windows a training file; with 2 ranks the last file lies in rank 1's share only."""
+    docs = [{"text": r["text"], "domain": "prose"} for r in _corpus(400) if r["domain"] == "prose"]
+    prepare(_jsonl(tmp_path / "c.jsonl", docs), str(tmp_path / "out"), ["prose"], SEQ, val_fraction=0.1,
+            shard_records=150, log=lambda line: None)
+    corpus = PreparedCorpus(str(tmp_path / "out"))
+    last = sorted((tmp_path / "out").glob("prose-train-*.mindrecord"))[-1]
+    assert corpus.windows["prose", "train"] // 2 < corpus.windows["prose", "train"] - 150  # rank 1's share only
+    last.write_bytes(last.read_bytes()[:-1])
+    corpus.verify(ranks=[0], world=2)
+    for ranks in ([1], None):
+        with pytest.raises(DataError, match=f"shard {last.name} does not match its sha256"):
+            corpus.verify(ranks=ranks, world=2)
+    val = next((tmp_path / "out").glob("prose-val-*.mindrecord"))
+    val.write_bytes(val.read_bytes() + b"\x00")
+    with pytest.raises(DataError, match=f"shard {val.name} does not match"):
+        corpus.verify(ranks=[0], world=2)  # every rank reads the validation windows
