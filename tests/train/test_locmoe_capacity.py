@@ -5,22 +5,25 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from pangu_moe.capacity import capacity_lower_bound
 from pangu_moe.config import ConfigError
 from pangu_moe.routing.locmoe import routed_cosines
 from pangu_moe.train.trainer import Trainer
 from tests.conftest import tiny_config
 
 
-def test_probe_sets_capacity_from_the_bound_and_reports_it(tmp_path):
+@pytest.mark.parametrize("cosine, capacity", [(0.0, 1), (0.999, 128)])
+def test_probe_sets_capacity_from_the_bound_and_reports_it(tmp_path, monkeypatch, cosine, capacity):
+    """The bound grows with delta-hat (at d = 5120, n = 16: 1.97 slots at 0.03, 181.5 at 0.05): routed cosines all
+    0 give a bound below one slot, so C = moe.min_capacity = 1; all 0.999 give one far above the 128 tokens of a
+    rank, so C = 128."""
+    from pangu_moe.routing import locmoe
+    monkeypatch.setattr(locmoe, "routed_cosines", lambda router, x, *rest: np.full(x.shape[0], cosine))
     cfg = tiny_config("moe.router=locmoe", "moe.capacity_mode=locmoe_bound", "moe.min_capacity=1",
                       "runtime.mode=pynative")
     lines = []
     trainer = Trainer(cfg, str(tmp_path), log=lines.append)
     probe = trainer.capacity_proposals
-    assert len(probe["delta_hat"]) == 2 and all(0 <= d < 1 for d in probe["delta_hat"])
-    assert probe["capacity_lower_bound"] == [capacity_lower_bound(d, 32, 2) for d in probe["delta_hat"]]
-    assert trainer.capacity == min(128, max(1, math.ceil(max(probe["capacity_lower_bound"]))))
+    assert probe["delta_hat"] == [cosine, cosine] and trainer.capacity == capacity
     assert lines and lines[0].startswith("capacity proposed by the routers: delta_hat")
 
 
