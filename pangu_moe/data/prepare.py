@@ -69,6 +69,15 @@ def manifest_digest(manifest):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def _fsync(path):
+    """Flush a file's or a folder's (its entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -126,6 +135,8 @@ class ShardWriter:
     def _commit(self):
         self.writer.commit()
         files = [self.name, self.name + ".db"]
+        for name in files:  # on disk before the manifest that lists them
+            _fsync(name)
         self.entries.append({"file": os.path.basename(self.name), "domain": self.domain, "split": self.split,
                              "windows": self.in_file, "records": self.records_in_file,
                              "bytes": sum(os.path.getsize(f) for f in files),
@@ -209,6 +220,10 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
     Returns: the manifest dict. Raises DataError with one line.
     """
     if os.path.exists(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, MANIFEST)) and any(
+                name.endswith((".mindrecord", ".mindrecord.db", MANIFEST + ".tmp")) for name in os.listdir(out)):
+            raise DataError(f"--out {out}: holds an interrupted preparation (shard files, no {MANIFEST}); delete the "
+                            f"folder and run prepare-data again")
         raise DataError(f"--out {out}: exists and is not empty; prepare-data writes a new folder")
     if input_format not in INPUT_FORMATS:
         raise DataError(f"--format {input_format}: must be one of {', '.join(INPUT_FORMATS)}")
@@ -269,5 +284,6 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(out, MANIFEST))
+    _fsync(out)  # the rename itself
     log(f"prepare-data: {sum(seen.values()):,} documents, {tokens:,} tokens in {len(shards)} shards -> {out}")
     return manifest

@@ -64,7 +64,10 @@ class PreparedCorpus:
     def __init__(self, path, verify=True):
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isfile(manifest_path):
-            raise DataError(f"data.path {path}: no {MANIFEST} (not a prepare-data folder, or an interrupted one)")
+            shards = os.path.isdir(path) and any(name.endswith(".mindrecord") for name in os.listdir(path))
+            raise DataError(f"data.path {path}: no {MANIFEST}" + (
+                f": an interrupted preparation (shard files, no {MANIFEST}); delete the folder and run "
+                f"prepare-data again" if shards else " (not a prepare-data folder)"))
         self.manifest = m = _read_manifest(path, manifest_path)
         self.path, self.seq_len, self.domains = path, m["seq_len"], m["domains"]
         tok = m["tokenizer"]

@@ -234,11 +234,19 @@ def test_a_damaged_or_unfinished_folder_is_refused(bpe_dir, tmp_path):
         fh.write(b"\x00")
     with pytest.raises(DataError, match=f"shard {shard}.db does not match its sha256"):
         PreparedCorpus(str(damaged))
-    os.remove(damaged / MANIFEST)
-    with pytest.raises(DataError, match="no manifest.json"):
+    os.remove(damaged / MANIFEST)  # as a preparation killed before its manifest leaves it
+    with pytest.raises(DataError, match="no manifest.json: an interrupted preparation .*delete the folder and run "
+                                        "prepare-data again"):
         PreparedCorpus(str(damaged))
-    with pytest.raises(DataError, match="exists and is not empty"):
+    with pytest.raises(DataError, match="holds an interrupted preparation"):
         prepare(str(bpe_dir / "c.jsonl"), str(damaged), ["prose", "code"], SEQ, log=lambda line: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no manifest.json \\(not a prepare-data folder\\)"):
+        PreparedCorpus(str(other))
+    with pytest.raises(DataError, match="exists and is not empty"):
+        prepare(str(bpe_dir / "c.jsonl"), str(other), ["prose", "code"], SEQ, log=lambda line: None)
 
 
 @pytest.fixture(scope="module")
