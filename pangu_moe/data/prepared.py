@@ -138,13 +138,19 @@ class PreparedCorpus:
         return records_before + local, first_window + local * self.per_record
 
     def read(self, domain, split, start, count):
-        """Windows [start, start + count) of (domain name, split) in shard order: int32 [count, S + 1]."""
+        """Windows [start, start + count) of (domain name, split) in shard order: int32 [count, S + 1]. Only the
+        files holding them are opened, so a read costs the same however many files the split has."""
         import mindspore.dataset as ds
         key = (domain, split)
         first, base = self._record_of(key, start)
         last, _ = self._record_of(key, start + count - 1)
-        dataset = ds.MindDataset(self.files[key], columns_list=["input_ids"],
-                                 sampler=ds.SequentialSampler(start_index=first, num_samples=last - first + 1))
+        ends = np.cumsum(self.file_windows[key])
+        first_file = int(np.searchsorted(ends, start, side="right"))
+        last_file = int(np.searchsorted(ends, start + count - 1, side="right"))
+        skipped = self._record_of(key, int(ends[first_file - 1]))[0] if first_file else 0  # records of earlier files
+        dataset = ds.MindDataset(self.files[key][first_file:last_file + 1], columns_list=["input_ids"],
+                                 sampler=ds.SequentialSampler(start_index=first - skipped,
+                                                              num_samples=last - first + 1))
         records = [row[0] for row in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)]
         windows = np.concatenate(records).reshape(-1, self.seq_len + 1)  # (windows of the records, S+1)
         return windows[start - base:start - base + count].astype(np.int32)

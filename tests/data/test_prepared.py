@@ -78,7 +78,7 @@ def test_text_to_shards_to_windows_to_text(bpe_dir):
     np.testing.assert_array_equal(corpus.read("code", "train", 35, 10), windows[35:45])
 
 
-def test_reads_across_records_and_files_equal_windows_cut_from_the_text(tmp_path):
+def test_reads_across_records_and_files_equal_windows_cut_from_the_text(tmp_path, monkeypatch):
     """Bytes, 150 windows a file (records of 64, 64 and 22): any range read equals the windows cut by hand."""
     docs = [r["text"] for r in _corpus(400) if r["domain"] == "prose"]
     source = _jsonl(tmp_path / "c.jsonl", [{"text": d, "domain": "prose"} for d in docs])
@@ -97,6 +97,14 @@ def test_reads_across_records_and_files_equal_windows_cut_from_the_text(tmp_path
         np.testing.assert_array_equal(got, want)
     for shard in manifest["shards"]:  # 150 windows of 17 int32 (10 KB): MindRecord's defaults made each 48 MB by ls
         assert os.path.getsize(tmp_path / "out" / shard["file"]) < 256 * 1024
+    import mindspore.dataset as ds
+    opened, real = [], ds.MindDataset
+    monkeypatch.setattr(ds, "MindDataset", lambda files, **kw: opened.append([f[-20:] for f in files]) or real(
+        files, **kw))
+    files = sorted(s["file"][-20:] for s in manifest["shards"] if s["split"] == "train")
+    for start, count, want in ((0, 1, files[:1]), (149, 150, files[:2]), (300, 20, files[2:3]), (n - 5, 5, files[-1:])):
+        corpus.read("prose", "train", start, count)
+        assert opened.pop() == want, (start, count)  # only the files holding the windows are opened
 
 
 def test_rank_shares_are_disjoint_and_cover_the_data(bpe_dir, monkeypatch):
