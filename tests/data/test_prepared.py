@@ -343,3 +343,32 @@ def test_each_rank_checks_the_validation_shards_and_those_of_its_own_share(tmp_p
     val.write_bytes(val.read_bytes() + b"\x00")
     with pytest.raises(DataError, match=f"shard {val.name} does not match"):
         corpus.verify(ranks=[0], world=2)  # every rank reads the validation windows
+
+
+@pytest.mark.parametrize("mixture", ["uniform", "by_node", "bytes"])
+def test_stream_positions_equal_replaying_every_earlier_sample(mixture):
+    """4 ranks of 2 rows (B = 8, 2 devices a node), 3 domains, 37 steps; rows 2..5 (ranks 1 and 2)."""
+    weights, layout = np.array([0.5, 0.3, 0.2]), (8, 4, 2)
+
+    def domain_of(i):
+        return pipeline.sample_domain(i, mixture, 11, 3, weights, layout)
+    replayed = np.zeros((4, 3), np.int64)
+    for step in range(37):
+        for j in range(2, 6):
+            replayed[j // 2, domain_of(step * 8 + j)] += 1
+    got = prepared.stream_positions(37, range(2, 6), 8, 4, 3, mixture, domain_of)
+    np.testing.assert_array_equal(got, replayed)
+    assert got.sum() == 37 * 4 and not got[[0, 3]].any()
+
+
+def test_a_resume_at_step_100000_of_512_rows_positions_the_streams_without_replaying_them():
+    """8 ranks of 64 rows, 2 devices a node, 4 domains: by_node gives rank r's 6.4 M windows to domain r // 2;
+    uniform spreads each row evenly (B = 512 is a multiple of D = 4, so row j always draws domain j mod 4).
+    Replaying the 51.2 M samples one by one would take about half an hour."""
+    positions = {mixture: prepared.stream_positions(100_000, range(512), 512, 8, 4, mixture, lambda i, m=mixture:
+                                                    pipeline.sample_domain(i, m, 0, 4, None, (512, 8, 2)))
+                 for mixture in ("uniform", "by_node")}
+    by_node = np.zeros((8, 4), np.int64)
+    by_node[np.arange(8), np.arange(8) // 2] = 6_400_000
+    np.testing.assert_array_equal(positions["by_node"], by_node)
+    np.testing.assert_array_equal(positions["uniform"], np.full((8, 4), 1_600_000))
