@@ -157,9 +157,11 @@ def test_sharded_checkpoint_loads_per_rank_or_joined(tmp_path):
         checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=1, world_size=4)
     shard1 = os.path.join(folder, "experts_rank1.ckpt")
     intact = open(shard1, "rb").read()
-    with open(shard1, "ab") as fh:  # a rank's own shard, changed after the save: refused on the per-rank load too
-        fh.write(b"\x00")
-    with pytest.raises(CheckpointError, match="experts_rank1.ckpt"):
+    assert intact.count(b"\x00\x00\x80\x3f") == 2  # its two weights, 1.0 in float32
+    # a rank's own shard with a weight changed after the save (same size, still readable): refused on the per-rank
+    # load too
+    open(shard1, "wb").write(intact.replace(b"\x00\x00\x80\x3f", b"\x00\x00\x00\x40"))
+    with pytest.raises(CheckpointError, match="experts_rank1.ckpt does not match its sha256"):
         checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=1, world_size=2)
     checkpoint.load(folder, [_Shard(1, 0.0)], ("step",), rank=0, world_size=2)  # rank 0 reads only its own shard
     open(shard1, "wb").write(intact)
