@@ -357,7 +357,8 @@ def build_parser():
                    "RUN_DIR/checkpoints/step_NNNNNN, or a consolidated .ckpt file")
     p.add_argument("--prompt", required=True, help="text to continue (at most model.seq_len tokens)")
     p.add_argument("--domain", default=None, help="data domain of the text, for level-1 routing (default: the first)")
-    p.add_argument("--max-bytes", type=int, default=200, help="generate until the text holds this many UTF-8 bytes (the last token may add a few more)")
+    p.add_argument("--max-bytes", type=int, default=200,
+                   help="generate until the text holds this many UTF-8 bytes (the last token may add a few more)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
