@@ -178,7 +178,8 @@ def _prepare_data(args):
         raise ConfigError(f"--seq-len = {args.seq_len}, --shard-records = {args.shard_records}: both must be >= 1")
     manifest = prepare.prepare(args.input, args.out, args.domains.split(","), args.seq_len, args.format,
                                args.tokenizer, args.text_field, args.domain_field, args.val_fraction, args.bad_utf8,
-                               args.shard_records, log=lambda line: print(line, file=sys.stderr, flush=True))
+                               args.shard_records, log=lambda line: print(line, file=sys.stderr, flush=True),
+                               bpe_sample_mb=args.bpe_sample_mb, seed=args.seed)
     print(json.dumps({"out": args.out, "tokenizer": manifest["tokenizer"], "counts": manifest["counts"],
                       "skipped": manifest["skipped"], "shards": len(manifest["shards"])}))
 
@@ -261,7 +262,7 @@ def _plan(args):
 
 def build_parser():
     from pangu_moe.data.corpus import BAD_UTF8
-    from pangu_moe.data.prepare import INPUT_FORMATS
+    from pangu_moe.data.prepare import BPE_SAMPLE_MB, INPUT_FORMATS
     from pangu_moe import __version__
     parser = argparse.ArgumentParser(prog="pangu-moe", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pangu-moe {__version__}")
@@ -287,6 +288,11 @@ def build_parser():
     p.add_argument("--bad-utf8", default="error", choices=list(BAD_UTF8), help="bytes that are not UTF-8: "
                    "stop with the file and line, or decode them as U+FFFD and count the document")
     p.add_argument("--shard-records", type=int, default=65536, help="windows per shard file")
+    p.add_argument("--bpe-sample-mb", type=float, default=BPE_SAMPLE_MB,
+                   help="bpe:V trains on a sample of about this many MB of the input, each document drawn with the "
+                        f"same probability (default {BPE_SAMPLE_MB}; the whole corpus when smaller), so its "
+                        "memory does not grow with the corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the BPE's sample (default 0)")
     p.set_defaults(func=_prepare_data)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
     p.add_argument("--checkpoint", required=True, help="a run directory (its newest valid checkpoint), "

@@ -40,6 +40,9 @@ SPLITS = ("train", "val")
 SEPARATOR = "\n\n"
 WINDOWS_PER_RECORD = 64
 WRITE_BATCH = 4  # records per FileWriter.write_raw_data call
+# Input a bpe:V tokenizer trains on, by default. Merges come from the most frequent pairs, which a sample of this size
+# already ranks; the trainer's memory follows the distinct words of the sample (not measured at this size here).
+BPE_SAMPLE_MB = 100
 
 
 def _power_of_two(need, low, high):
@@ -192,6 +195,20 @@ def _input_bytes(input_path, input_format):
     return sum(os.path.getsize(f) for f in folder_files(input_path)) if os.path.isdir(input_path) else 0
 
 
+def bpe_sample(texts, share, seed):
+    """The texts a BPE trains on: each document kept with probability `share` (one uniform draw a document, in
+    order, from a generator seeded by `seed`), so the trainer's tables grow with the sample, not the corpus:
+    HF's BpeTrainer keeps a count per distinct pre-tokenised word, and their number keeps growing with the text
+    (Heaps' law)."""
+    if share >= 1.0:
+        yield from texts
+        return
+    rng = np.random.default_rng(seed)
+    for text in texts:
+        if rng.random() < share:
+            yield text
+
+
 def make_tokenizer(spec, documents, log):
     """`--tokenizer`: "bytes", "bpe:<vocab size>" (trained on `documents()`, a fresh stream of texts) or the path
     of a tokenizer.json."""
@@ -212,11 +229,14 @@ def make_tokenizer(spec, documents, log):
 
 
 def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="bytes", text_field="text",
-            domain_field="domain", val_fraction=0.05, bad_utf8="error", shard_records=65536, log=print):
+            domain_field="domain", val_fraction=0.05, bad_utf8="error", shard_records=65536, log=print,
+            bpe_sample_mb=BPE_SAMPLE_MB, seed=0):
     """Write the prepared corpus (module doc) of `input_path` into the new folder `out`.
 
     Args: domains: names (a domain's id is its position); seq_len: S; input_format: jsonl or folders;
-        tokenizer: see `make_tokenizer`; bad_utf8: error or replace; shard_records: windows per shard file.
+        tokenizer: see `make_tokenizer`; bad_utf8: error or replace; shard_records: windows per shard file;
+        bpe_sample_mb: MB of input a `bpe:V` tokenizer trains on (`bpe_sample`; the whole corpus when smaller);
+        seed: of that sample.
     Returns: the manifest dict. Raises DataError with one line.
     """
     if os.path.exists(out) and os.listdir(out):
@@ -229,12 +249,16 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
         raise DataError(f"--format {input_format}: must be one of {', '.join(INPUT_FORMATS)}")
     if not 0 < val_fraction <= 0.5:
         raise DataError(f"--val-fraction {val_fraction}: must be in (0, 0.5]")
+    if not bpe_sample_mb > 0:
+        raise DataError(f"--bpe-sample-mb {bpe_sample_mb}: must be > 0")
     counts = ReadCounts()
 
     def documents():
         return _documents(input_path, input_format, domains, text_field, domain_field, bad_utf8, counts)
 
-    tok = make_tokenizer(tokenizer, lambda: (text for _, text, _ in documents()), log)
+    total_bytes = _input_bytes(input_path, input_format)
+    share = min(1.0, bpe_sample_mb * 1e6 / total_bytes) if total_bytes else 1.0
+    tok = make_tokenizer(tokenizer, lambda: bpe_sample((text for _, text, _ in documents()), share, seed), log)
     os.makedirs(out, exist_ok=True)
     if tok.kind != BYTES:
         tok.save(os.path.join(out, TOKENIZER_FILE))
@@ -244,7 +268,7 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
                for d in domains for s in SPLITS}
     every = max(2, round(1 / val_fraction))
     seen = dict.fromkeys(domains, 0)
-    total_bytes, read_bytes, tokens = _input_bytes(input_path, input_format), 0, 0
+    read_bytes, tokens = 0, 0
     began = last = time.monotonic()
     for domain, text, _ in documents():
         split = "val" if seen[domain] % every == every // 2 else "train"
@@ -274,6 +298,8 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
                 "tokenizer": {"kind": tok.kind, "identity": tok.identity, "vocab_size": tok.vocab_size,
                               "file": TOKENIZER_FILE if tok.kind != BYTES else None},
                 "val_every": every, "counts": per_domain,
+                "bpe_sample": {"share": share, "seed": seed} if tok.kind != BYTES and tokenizer.startswith("bpe:")
+                else None,
                 "skipped": {"empty_documents": counts.empty_documents,
                             "replaced_utf8_documents": counts.replaced_utf8_documents},
                 "shards": shards}

@@ -372,3 +372,25 @@ def test_a_resume_at_step_100000_of_512_rows_positions_the_streams_without_repla
     by_node[np.arange(8), np.arange(8) // 2] = 6_400_000
     np.testing.assert_array_equal(positions["by_node"], by_node)
     np.testing.assert_array_equal(positions["uniform"], np.full((8, 4), 1_600_000))
+
+
+def test_the_bpe_trains_on_a_seeded_sample_of_the_documents(tmp_path, monkeypatch):
+    """A sample of 0.002 MB of a ~9 KB corpus: about a fifth of the documents reach the trainer, the same ones for
+    the same seed; a sample larger than the corpus is the whole corpus."""
+    source = _jsonl(tmp_path / "c.jsonl", _corpus(120))
+    size = os.path.getsize(source)
+    seen, train = [], BpeTokenizer.train
+
+    def spy(texts, vocab_size):
+        texts = list(texts)
+        seen.append(texts)
+        return train(iter(texts), vocab_size)
+    monkeypatch.setattr(BpeTokenizer, "train", staticmethod(spy))
+    runs = [prepare(source, str(tmp_path / f"out{i}"), ["prose", "code"], SEQ, tokenizer="bpe:280", val_fraction=0.2,
+                    log=lambda line: None, bpe_sample_mb=mb, seed=seed)
+            for i, (mb, seed) in enumerate(((0.002, 0), (0.002, 0), (0.002, 1), (1.0, 0)))]
+    sample, again, other, whole = seen
+    assert sample == again and sample != other and len(whole) == 120
+    assert 0.1 < len(sample) / 120 < 0.35 and 2000 / size == pytest.approx(runs[0]["bpe_sample"]["share"])
+    assert set(sample) <= set(whole) and runs[0]["tokenizer"]["identity"] == runs[1]["tokenizer"]["identity"]
+    assert runs[3]["bpe_sample"] == {"share": 1.0, "seed": 0}
