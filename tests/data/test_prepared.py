@@ -102,7 +102,8 @@ def test_reads_across_records_and_files_equal_windows_cut_from_the_text(tmp_path
     monkeypatch.setattr(ds, "MindDataset", lambda files, **kw: opened.append([f[-20:] for f in files]) or real(
         files, **kw))
     files = sorted(s["file"][-20:] for s in manifest["shards"] if s["split"] == "train")
-    for start, count, want in ((0, 1, files[:1]), (149, 150, files[:2]), (300, 20, files[2:3]), (n - 5, 5, files[-1:])):
+    for start, count, want in ((0, 1, files[:1]), (0, 150, files[:1]), (149, 150, files[:2]), (150, 150, files[1:2]),
+                               (300, 20, files[2:3]), (n - 5, 5, files[-1:])):
         corpus.read("prose", "train", start, count)
         assert opened.pop() == want, (start, count)  # only the files holding the windows are opened
 
@@ -327,22 +328,27 @@ def test_cli_prepare_data_prints_the_manifest_summary(tmp_path, capsys):
 
 
 def test_each_rank_checks_the_validation_shards_and_those_of_its_own_share(tmp_path):
-    """prose: 150 windows a training file; with 2 ranks the last file lies in rank 1's share only."""
+    """prose: 40 windows a file; with 2 ranks the last training file lies in rank 1's share only, and every rank
+    reads the first validation windows, so rank 1 checks the first validation file too."""
     docs = [{"text": r["text"], "domain": "prose"} for r in _corpus(400) if r["domain"] == "prose"]
     prepare(_jsonl(tmp_path / "c.jsonl", docs), str(tmp_path / "out"), ["prose"], SEQ, val_fraction=0.1,
-            shard_records=150, log=lambda line: None)
+            shard_records=40, log=lambda line: None)
     corpus = PreparedCorpus(str(tmp_path / "out"))
     last = sorted((tmp_path / "out").glob("prose-train-*.mindrecord"))[-1]
-    assert corpus.windows["prose", "train"] // 2 < corpus.windows["prose", "train"] - 150  # rank 1's share only
-    last.write_bytes(last.read_bytes()[:-1])
+    assert corpus.windows["prose", "train"] // 2 < corpus.windows["prose", "train"] - 40  # rank 1's share only
+    assert corpus.windows["prose", "val"] > 2 * 40  # the first validation file lies in rank 0's half
+    intact = last.read_bytes()
+    last.write_bytes(intact[:-1])
     corpus.verify(ranks=[0], world=2)
     for ranks in ([1], None):
         with pytest.raises(DataError, match=f"shard {last.name} does not match its sha256"):
             corpus.verify(ranks=ranks, world=2)
-    val = next((tmp_path / "out").glob("prose-val-*.mindrecord"))
+    last.write_bytes(intact)
+    val = sorted((tmp_path / "out").glob("prose-val-*.mindrecord"))[0]
     val.write_bytes(val.read_bytes() + b"\x00")
-    with pytest.raises(DataError, match=f"shard {val.name} does not match"):
-        corpus.verify(ranks=[0], world=2)  # every rank reads the validation windows
+    for ranks in ([0], [1]):  # every rank reads the validation windows
+        with pytest.raises(DataError, match=f"shard {val.name} does not match"):
+            corpus.verify(ranks=ranks, world=2)
 
 
 @pytest.mark.parametrize("mixture", ["uniform", "by_node", "bytes"])
