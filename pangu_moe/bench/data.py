@@ -69,7 +69,6 @@ def peak_rss_mb():
 
 def _demo_tokens_per_s(steps=4):
     """Tokens per second of the demo's compiled training step (median of `steps` after two warmups)."""
-    from mindspore import Tensor
     from pangu_moe.bench.ep import _step_seconds
     from pangu_moe.config import RunConfig
     from pangu_moe.configs import DEMO_CONFIG

@@ -119,6 +119,6 @@ def table(result):
         f"  step {result['step_gflop_per_s']:.1f} GFLOP/s; float32 matmul {m}x{k} @ {k}x{n} "
         f"{result['sgemm_gflop_per_s']:.1f} GFLOP/s",
         f"  cpu_utilisation = {result['cpu_utilisation']:.2f}  (target >= 0.6)"] +
-        ([f"  time by op type (profiled run): " + ", ".join(f"{op} {share:.0%}" for op, share in
+        (["  time by op type (profiled run): " + ", ".join(f"{op} {share:.0%}" for op, share in
                                                            result["op_type_share"].items())]
          if result.get("op_type_share") else []))

@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 
-from pangu_moe.data.corpus import DataError, ReadCounts, folder_files, iter_folders, iter_jsonl
 from pangu_moe.config import one_line
+from pangu_moe.data.corpus import DataError, ReadCounts, folder_files, iter_folders, iter_jsonl
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
 MANIFEST = "manifest.json"

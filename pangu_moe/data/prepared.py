@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from pangu_moe.data.corpus import DataError
 from pangu_moe.config import one_line
+from pangu_moe.data.corpus import DataError
 from pangu_moe.data.pipeline import interleave, sample_domain
 from pangu_moe.data.prepare import FORMAT, MANIFEST, TOKENIZER_FILE, manifest_digest, sha256_file
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
@@ -34,7 +34,7 @@ def _read_manifest(path, manifest_path):
     """The manifest dict of prepared corpus `path`; DataError with one line when it is not JSON, another format,
     or edited since prepare-data wrote it (its `manifest_sha256`; manifests written before it carried one are
     checked for their fields only)."""
-    again = f"prepare the corpus again with pangu-moe prepare-data (it writes a new --out folder)"
+    again = "prepare the corpus again with pangu-moe prepare-data (it writes a new --out folder)"
     try:
         with open(manifest_path, encoding="utf-8") as fh:
             m = json.load(fh)

@@ -229,7 +229,7 @@ def test_ascend_cluster_dry_run_prints_the_golden_msrun_line(tmp_path):
     table.write_text("{}")
     done = _ascend("--nodes", "2", "--devices-per-node", "2", "--node-rank", "0", "--master-addr", "h0", "--devices",
                    "4,5", "--rank-table", str(table), "--dry-run", "--", "train")
-    assert done.stdout.startswith(f"ASCEND_RT_VISIBLE_DEVICES=4,5 ") and f"RANK_TABLE_FILE={table} msrun" in done.stdout
+    assert done.stdout.startswith("ASCEND_RT_VISIBLE_DEVICES=4,5 ") and f"RANK_TABLE_FILE={table} msrun" in done.stdout
     assert f"--rank_table_file={table} " in done.stdout and not (tmp_path / "logs").exists()
 
 
