@@ -179,7 +179,7 @@ def _prepare_data(args):
     manifest = prepare.prepare(args.input, args.out, args.domains.split(","), args.seq_len, args.format,
                                args.tokenizer, args.text_field, args.domain_field, args.val_fraction, args.bad_utf8,
                                args.shard_records, log=lambda line: print(line, file=sys.stderr, flush=True),
-                               bpe_sample_mb=args.bpe_sample_mb, seed=args.seed)
+                               bpe_sample_mb=args.bpe_sample_mb, seed=args.seed, workers=args.workers)
     print(json.dumps({"out": args.out, "tokenizer": manifest["tokenizer"], "counts": manifest["counts"],
                       "skipped": manifest["skipped"], "shards": len(manifest["shards"])}))
 
@@ -293,6 +293,9 @@ def build_parser():
                         f"same probability (default {BPE_SAMPLE_MB}; the whole corpus when smaller), so its "
                         "memory does not grow with the corpus")
     p.add_argument("--seed", type=int, default=0, help="seed of the BPE's sample (default 0)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes that tokenize (default: the cores this process may use); the output is the same "
+                        "for any number")
     p.set_defaults(func=_prepare_data)
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint (prints one JSON line)")
     p.add_argument("--checkpoint", required=True, help="a run directory (its newest valid checkpoint), "

@@ -30,6 +30,7 @@ import numpy as np
 
 from pangu_moe.config import one_line
 from pangu_moe.data.corpus import DataError, ReadCounts, folder_files, iter_folders, iter_jsonl
+from pangu_moe.data.encode_workers import encoded
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
 MANIFEST = "manifest.json"
@@ -230,13 +231,13 @@ def make_tokenizer(spec, documents, log):
 
 def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="bytes", text_field="text",
             domain_field="domain", val_fraction=0.05, bad_utf8="error", shard_records=65536, log=print,
-            bpe_sample_mb=BPE_SAMPLE_MB, seed=0):
+            bpe_sample_mb=BPE_SAMPLE_MB, seed=0, workers=1):
     """Write the prepared corpus (module doc) of `input_path` into the new folder `out`.
 
     Args: domains: names (a domain's id is its position); seq_len: S; input_format: jsonl or folders;
         tokenizer: see `make_tokenizer`; bad_utf8: error or replace; shard_records: windows per shard file;
         bpe_sample_mb: MB of input a `bpe:V` tokenizer trains on (`bpe_sample`; the whole corpus when smaller);
-        seed: of that sample.
+        seed: of that sample; workers: processes that tokenize (`encode_workers`; the output is the same).
     Returns: the manifest dict. Raises DataError with one line.
     """
     if os.path.exists(out) and os.listdir(out):
@@ -251,6 +252,8 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
         raise DataError(f"--val-fraction {val_fraction}: must be in (0, 0.5]")
     if not bpe_sample_mb > 0:
         raise DataError(f"--bpe-sample-mb {bpe_sample_mb}: must be > 0")
+    if workers < 1:
+        raise DataError(f"--workers {workers}: must be >= 1")
     counts = ReadCounts()
 
     def documents():
@@ -270,10 +273,9 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
     seen = dict.fromkeys(domains, 0)
     read_bytes, tokens = 0, 0
     began = last = time.monotonic()
-    for domain, text, _ in documents():
+    for (domain, text, _), ids in encoded(documents(), tok, workers, os.path.join(out, TOKENIZER_FILE)):
         split = "val" if seen[domain] % every == every // 2 else "train"
         seen[domain] += 1
-        ids = tok.encode(text)
         num_bytes = len(text.encode("utf-8"))
         packers[domain, split].add(ids, num_bytes)
         read_bytes, tokens = read_bytes + num_bytes, tokens + len(ids)

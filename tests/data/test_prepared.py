@@ -400,3 +400,15 @@ def test_the_bpe_trains_on_a_seeded_sample_of_the_documents(tmp_path, monkeypatc
     assert 0.1 < len(sample) / 120 < 0.35 and 2000 / size == pytest.approx(runs[0]["bpe_sample"]["share"])
     assert set(sample) <= set(whole) and runs[0]["tokenizer"]["identity"] == runs[1]["tokenizer"]["identity"]
     assert runs[3]["bpe_sample"] == {"share": 1.0, "seed": 0}
+
+
+def test_two_workers_write_the_same_bytes_as_one(tmp_path):
+    """BPE, 3 files a split (60 windows each), 300 documents in chunks of 64: the manifests and every file agree."""
+    source = _jsonl(tmp_path / "c.jsonl", _corpus(300))
+    manifests = [prepare(source, str(tmp_path / f"w{n}"), ["prose", "code"], SEQ, tokenizer="bpe:300",
+                         val_fraction=0.2, shard_records=60, log=lambda line: None, workers=n) for n in (1, 2)]
+    assert manifests[0] == manifests[1] and len(manifests[0]["shards"]) > 4
+    names = sorted(os.listdir(tmp_path / "w1"))
+    assert names == sorted(os.listdir(tmp_path / "w2"))
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
