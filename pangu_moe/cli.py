@@ -293,7 +293,8 @@ def build_parser():
                         f"same probability (default {BPE_SAMPLE_MB}; the whole corpus when smaller), so its "
                         "memory does not grow with the corpus")
     p.add_argument("--seed", type=int, default=0, help="seed of the BPE's sample (default 0)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # affinity: Linux only
+    # the cores this process may use; the affinity call exists on Linux only
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     p.add_argument("--workers", type=int, default=cores,
                    help="processes that tokenize (default: the cores this process may use); the output is the same "
                         "for any number")
