@@ -380,7 +380,7 @@ class RunConfig:
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ConfigError(f"config: the top level must be a mapping, got {type(d).__name__}")
-        d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+        d = _sections_copy(d)
         for item in overrides:
             _apply_override(d, item)
         try:
@@ -434,7 +434,7 @@ def fit_domains(d, domains, tries=64):
     and each as little as it can: data.domains; moe.num_groups kept at 1, else one group per domain; the fewest
     experts at or above moe.num_experts that the groups and ranks divide; the smallest train.batch_size and
     parallel.nodes at or above the config's that the mixture accepts. "" when `tries` steps of each find none."""
-    base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    base = _sections_copy(d)
     base.setdefault("data", {})["domains"] = list(domains)
     current = _build(RunConfig, {k: v for k, v in d.items() if k in ("moe", "train", "parallel")}, "")
     groups = 1 if current.moe.num_groups == 1 else len(domains)
@@ -444,7 +444,7 @@ def fit_domains(d, domains, tries=64):
                       "train.batch_size": current.train.batch_size + batch_extra,
                       "parallel.nodes": _next_multiple(current.parallel.nodes, len(domains))
                       if d.get("data", {}).get("mixture") == "by_node" else current.parallel.nodes}
-            trial = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+            trial = _sections_copy(base)
             for path, value in fields.items():
                 section, key = path.split(".")
                 trial.setdefault(section, {})[key] = value
@@ -457,6 +457,11 @@ def fit_domains(d, domains, tries=64):
             return " ".join([f"--set 'data.domains=[{','.join(domains)}]'"] +
                             [f"--set {path}={value}" for path, value in changed.items()])
     return ""
+
+
+def _sections_copy(d):
+    """A copy of config dict `d` whose sections can be changed without touching `d`'s."""
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
 def _next_multiple(value, of):

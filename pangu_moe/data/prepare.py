@@ -73,7 +73,7 @@ def manifest_digest(manifest):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _fsync(path):
+def fsync_path(path):
     """Flush a file's or a folder's (its entries') writes to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -140,7 +140,7 @@ class ShardWriter:
         self.writer.commit()
         files = [self.name, self.name + ".db"]
         for name in files:  # on disk before the manifest that lists them
-            _fsync(name)
+            fsync_path(name)
         self.entries.append({"file": os.path.basename(self.name), "domain": self.domain, "split": self.split,
                              "windows": self.in_file, "records": self.records_in_file,
                              "bytes": sum(os.path.getsize(f) for f in files),
@@ -300,8 +300,7 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
                 "tokenizer": {"kind": tok.kind, "identity": tok.identity, "vocab_size": tok.vocab_size,
                               "file": TOKENIZER_FILE if tok.kind != BYTES else None},
                 "val_every": every, "counts": per_domain,
-                "bpe_sample": {"share": share, "seed": seed} if tok.kind != BYTES and tokenizer.startswith("bpe:")
-                else None,
+                "bpe_sample": {"share": share, "seed": seed} if tokenizer.startswith("bpe:") else None,
                 "skipped": {"empty_documents": counts.empty_documents,
                             "replaced_utf8_documents": counts.replaced_utf8_documents},
                 "shards": shards}
@@ -312,6 +311,6 @@ def prepare(input_path, out, domains, seq_len, input_format="jsonl", tokenizer="
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(out, MANIFEST))
-    _fsync(out)  # the rename itself
+    fsync_path(out)  # the rename itself
     log(f"prepare-data: {sum(seen.values()):,} documents, {tokens:,} tokens in {len(shards)} shards -> {out}")
     return manifest

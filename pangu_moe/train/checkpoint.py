@@ -29,7 +29,7 @@ from mindspore import Tensor
 
 from pangu_moe.config import one_line
 from pangu_moe.model.pangu import is_expert_parameter
-from pangu_moe.data.prepare import sha256_file
+from pangu_moe.data.prepare import fsync_path, sha256_file
 from pangu_moe.routing.base import is_noise_buffer
 
 MANIFEST = "manifest.json"
@@ -116,11 +116,7 @@ def write_arrays(path, arrays, state):
 
 def _replace_durably(tmp, path):
     os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # make the rename itself durable
-    finally:
-        os.close(folder)
+    fsync_path(os.path.dirname(os.path.abspath(path)))  # make the rename itself durable
 
 
 def file_entry(path):

@@ -38,9 +38,9 @@ from pangu_moe.train.steps import make_eval_step, make_train_step
 
 # Trajectory fields added after checkpoints began to carry a config fingerprint, with their defaults.
 ADDED_FIELDS = {"train.fused_optimizer": False}
-# What the start line adds to train.precision on a device (CPU fp16 matmuls are slower than fp32 ones: 1.93 against
-# 0.74 s a demo step, `pangu-moe bench precision` on 2026-12-07).
-PRECISION_NOTES = {("fp16", "CPU"): " (on CPU about 2.5x slower than fp32: for checking numerics, not for speed)",
+# What the start line adds to train.precision on a device (CPU fp16 matmuls are slower than fp32 ones: a demo step
+# took 2.69x as long, mean of 3 seeds, docs/results/2026-12-07-precision.md).
+PRECISION_NOTES = {("fp16", "CPU"): " (on CPU about 2.7x slower than fp32: for checking numerics, not for speed)",
                    ("bf16", "CPU"): " (on CPU: fp32 matmuls of bf16-rounded operands)"}
 LOAD_WINDOW = 0.2  # summary load statistics cover the final 20% of the steps
 REFERENCE_CAPACITY_FACTOR = 1.1  # capacity_ratio is reported against this (the LocMoE+ baseline)
