@@ -7,7 +7,7 @@ Training order. Rank r of W owns the contiguous share [r·n, (r+1)·n) of each d
 no rank reads) training windows, so the ranks' data are disjoint. It reads its share in epochs; epoch e
 visits the share's blocks of `BLOCK` windows in a permutation drawn from (seed, domain, rank, e), and
 each block's windows in a permutation drawn from (seed, domain, rank, e, block). Row j of the global
-batch of step s is sample i = s·B + j: its domain comes from the mixture (`pipeline.sample_domain`, as
+batch of step s is sample i = s·B + j: its domain comes from the mixture (`pipeline.sample_domains`, as
 for in-memory corpora) and its window is the next one of that domain in rank j // (B/W)'s order. The
 position of every (rank, domain) stream is a function of the step, so a resumed run reads exactly the
 windows of an uninterrupted one.
@@ -22,7 +22,7 @@ import numpy as np
 
 from pangu_moe.config import one_line
 from pangu_moe.data.corpus import DataError
-from pangu_moe.data.pipeline import interleave, sample_domain
+from pangu_moe.data.pipeline import interleave, sample_domains
 from pangu_moe.data.prepare import FORMAT, MANIFEST, TOKENIZER_FILE, manifest_digest, sha256_file
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 
@@ -198,23 +198,31 @@ class RankStream:
         return self.cached[2][offset]
 
 
-def stream_positions(start_step, rows, batch_size, world, num_domains, mixture, domain_of):
+def stream_positions(start_step, rows, batch_size, world, num_domains, mixture, domains_of, chunk=1 << 20):
     """int64 [W, D]: the windows each (rank, domain) stream gave to rows `rows` of the global batches of steps
-    0..start_step-1, i.e. where a resumed run's streams stand. Row j of step s is sample s·B + j (`sample_domain`):
-    with `by_node` its domain depends on j only, with `uniform` it is (s·B + j) mod D, so both are counted without
-    visiting the samples (100,000 steps of 512 rows in well under a second); `bytes` draws each sample's domain
-    from its own generator and replays them (about 40 µs a sample)."""
+    0..start_step-1, i.e. where a resumed run's streams stand. Row j of step s is sample s·B + j, and
+    `domains_of` maps int64 [n] sample indices to their domains (`pipeline.sample_domains`). With `by_node` a
+    row's domain depends on j only and with `uniform` it is (s·B + j) mod D, so both are counted in closed form;
+    `bytes` draws are counted `chunk` samples at a time in numpy (100,000 steps of 512 rows: `bench data`
+    prints the seconds as `resume_seconds`)."""
     consumed = np.zeros((world, num_domains), np.int64)
     per_rank = batch_size // world
+    rows = np.asarray(rows, np.int64)
+    if mixture == "bytes":
+        steps_a_chunk = max(1, chunk // max(1, len(rows)))
+        for rank in np.unique(rows // per_rank):
+            own = rows[rows // per_rank == rank]
+            for first in range(0, start_step, steps_a_chunk):
+                steps = np.arange(first, min(start_step, first + steps_a_chunk), dtype=np.int64)
+                indices = (steps[:, None] * batch_size + own[None, :]).ravel()  # (steps * rows,)
+                consumed[rank] += np.bincount(domains_of(indices), minlength=num_domains)
+        return consumed
     for j in rows:
         if mixture == "by_node":
-            consumed[j // per_rank, domain_of(j)] += start_step
-        elif mixture == "uniform":  # (j + s·B) mod D over s < start_step
+            consumed[j // per_rank, domains_of(np.array([j]))[0]] += start_step
+        else:  # uniform: (j + s·B) mod D over s < start_step
             consumed[j // per_rank] += np.bincount((j + batch_size * np.arange(start_step, dtype=np.int64))
                                                    % num_domains, minlength=num_domains)
-        else:
-            for step in range(start_step):
-                consumed[j // per_rank, domain_of(step * batch_size + j)] += 1
     return consumed
 
 
@@ -223,26 +231,26 @@ def train_batches(corpus, batch_size, seed, start_step, steps, mixture, world=1,
     rows `rows` (a slice of the global batch's B rows, default all) of each global batch, read from the streams
     of the ranks holding them only."""
     num_domains, per_rank = len(corpus.domains), batch_size // world
-    rows = range(batch_size)[rows or slice(None)]
+    rows = np.arange(batch_size)[rows or slice(None)]
     weights = np.asarray(corpus.train_bytes(), np.float64)
     weights = weights / weights.sum()
     layout = (batch_size, world, devices_per_node)
 
-    def domain_of(i):
-        return sample_domain(i, mixture, seed, num_domains, weights, layout)
+    def domains_of(indices):
+        return sample_domains(indices, mixture, seed, num_domains, weights, layout)
 
-    consumed = stream_positions(start_step, rows, batch_size, world, num_domains, mixture, domain_of)
+    consumed = stream_positions(start_step, rows, batch_size, world, num_domains, mixture, domains_of)
     streams = {}
     for step in range(start_step, steps):
-        windows, domains = [], []
-        for j in rows:
-            rank, domain = j // per_rank, domain_of(step * batch_size + j)
+        domains = domains_of(step * batch_size + rows)
+        windows = []
+        for j, domain in zip(rows.tolist(), domains.tolist()):
+            rank = j // per_rank
             if (rank, domain) not in streams:
                 streams[rank, domain] = RankStream(corpus, domain, rank, world, seed, int(consumed[rank, domain]))
             windows.append(streams[rank, domain].next())
-            domains.append(domain)
         windows = np.stack(windows)  # (b, S+1)
-        domain_ids = np.repeat(np.asarray(domains, np.int32)[:, None], windows.shape[1] - 1, 1)  # (b, S)
+        domain_ids = np.repeat(domains.astype(np.int32)[:, None], windows.shape[1] - 1, 1)  # (b, S)
         yield windows[:, :-1], windows[:, 1:], domain_ids
 
 

@@ -353,31 +353,48 @@ def test_each_rank_checks_the_validation_shards_and_those_of_its_own_share(tmp_p
 
 @pytest.mark.parametrize("mixture", ["uniform", "by_node", "bytes"])
 def test_stream_positions_equal_replaying_every_earlier_sample(mixture):
-    """4 ranks of 2 rows (B = 8, 2 devices a node), 3 domains, 37 steps; rows 2..5 (ranks 1 and 2)."""
+    """4 ranks of 2 rows (B = 8, 2 devices a node), 3 domains, 37 steps; rows 2..5 (ranks 1 and 2). The bytes
+    draws are counted in chunks of 3 steps (the last one partial)."""
     weights, layout = np.array([0.5, 0.3, 0.2]), (8, 4, 2)
-
-    def domain_of(i):
-        return pipeline.sample_domain(i, mixture, 11, 3, weights, layout)
     replayed = np.zeros((4, 3), np.int64)
     for step in range(37):
         for j in range(2, 6):
-            replayed[j // 2, domain_of(step * 8 + j)] += 1
-    got = prepared.stream_positions(37, range(2, 6), 8, 4, 3, mixture, domain_of)
+            replayed[j // 2, pipeline.sample_domain(step * 8 + j, mixture, 11, 3, weights, layout)] += 1
+    got = prepared.stream_positions(37, range(2, 6), 8, 4, 3, mixture, lambda indices: pipeline.sample_domains(
+        indices, mixture, 11, 3, weights, layout), chunk=7)
     np.testing.assert_array_equal(got, replayed)
-    assert got.sum() == 37 * 4 and not got[[0, 3]].any()
+    assert got.sum() == 37 * 4 and not got[[0, 3]].any() and (got > 0).sum() >= 2
 
 
 def test_a_resume_at_step_100000_of_512_rows_positions_the_streams_without_replaying_them():
     """8 ranks of 64 rows, 2 devices a node, 4 domains: by_node gives rank r's 6.4 M windows to domain r // 2;
-    uniform spreads each row evenly (B = 512 is a multiple of D = 4, so row j always draws domain j mod 4).
-    Replaying the 51.2 M samples one by one would take about half an hour."""
+    uniform spreads each row evenly (B = 512 is a multiple of D = 4, so row j always draws domain j mod 4);
+    bytes gives every rank 6.4 M windows in shares within 5 standard errors of the weights. Replaying the
+    51.2 M samples one generator at a time took about half an hour."""
+    weights = np.array([0.4, 0.3, 0.2, 0.1])
     positions = {mixture: prepared.stream_positions(100_000, range(512), 512, 8, 4, mixture, lambda i, m=mixture:
-                                                    pipeline.sample_domain(i, m, 0, 4, None, (512, 8, 2)))
-                 for mixture in ("uniform", "by_node")}
+                                                    pipeline.sample_domains(i, m, 0, 4, weights, (512, 8, 2)))
+                 for mixture in ("uniform", "by_node", "bytes")}
     by_node = np.zeros((8, 4), np.int64)
     by_node[np.arange(8), np.arange(8) // 2] = 6_400_000
     np.testing.assert_array_equal(positions["by_node"], by_node)
     np.testing.assert_array_equal(positions["uniform"], np.full((8, 4), 1_600_000))
+    drawn = positions["bytes"]
+    assert (drawn.sum(1) == 6_400_000).all()
+    np.testing.assert_allclose(drawn / 6_400_000, np.tile(weights, (8, 1)), atol=5 * 0.5 / 6_400_000 ** 0.5)
+
+
+def test_the_bytes_mixture_is_a_pure_function_of_seed_and_sample():
+    """One sample at a time or many at once, in any order, the same domains; another seed, other domains; a
+    domain of weight 0 is never drawn and the shares follow the weights."""
+    weights = np.array([0.25, 0.0, 0.75])
+    indices = np.arange(40_000, dtype=np.int64)
+    many = pipeline.sample_domains(indices, "bytes", 5, 3, weights)
+    shuffled = np.random.default_rng(0).permutation(indices)
+    np.testing.assert_array_equal(pipeline.sample_domains(shuffled, "bytes", 5, 3, weights), many[shuffled])
+    assert [pipeline.sample_domain(i, "bytes", 5, 3, weights) for i in range(50)] == many[:50].tolist()
+    assert (pipeline.sample_domains(indices, "bytes", 6, 3, weights) != many).mean() > 0.3
+    assert not (many == 1).any() and abs((many == 2).mean() - 0.75) < 0.01
 
 
 def test_the_bpe_trains_on_a_seeded_sample_of_the_documents(tmp_path, monkeypatch):
