@@ -6,6 +6,7 @@ The main process reads the documents, and packs and writes the windows; the work
 whatever the corpus size.
 """
 import multiprocessing
+import os
 from collections import deque
 
 from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
@@ -13,6 +14,11 @@ from pangu_moe.data.tokenizer import BYTES, BpeTokenizer, ByteTokenizer
 CHUNK_DOCUMENTS = 64
 IN_FLIGHT_PER_WORKER = 2
 _TOKENIZER = None  # a worker process's tokenizer (`_start`)
+
+
+def available_cores():
+    """The cores this process may use (its CPU affinity; the affinity call exists on Linux only)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _start(kind, path):
