@@ -177,16 +177,17 @@ def resume_seconds():
     return time.perf_counter() - began
 
 
-def _demo_tokens_per_s(steps=4):
-    """Tokens per second of the demo's compiled training step (median of `steps` after two warmups)."""
-    from pangu_moe.bench.ep import _step_seconds
+def train_tokens_per_s(config=None, steps=4):
+    """Tokens per second of a config's compiled training step (default the demo's; the median of `steps` after
+    two warmups)."""
+    from pangu_moe.bench.ep import _step
     from pangu_moe.config import RunConfig
     from pangu_moe.configs import DEMO_CONFIG
     from pangu_moe.train.trainer import Trainer
     scratch = tempfile.mkdtemp(prefix="bench_data_train_")
     try:
-        trainer = Trainer(RunConfig.from_yaml(DEMO_CONFIG), scratch, log=lambda line: None)
-        times = [_step_seconds(trainer, batch, step) for step, batch in zip(range(steps + 2), trainer.batches(0))]
+        trainer = Trainer(RunConfig.from_yaml(config or DEMO_CONFIG), scratch, log=lambda line: None)
+        times = [_step(trainer, batch, step)[0] for step, batch in zip(range(steps + 2), trainer.batches(0))]
         cfg = trainer.cfg
         return cfg.train.batch_size * cfg.model.seq_len / float(np.median(times[2:]))
     finally:
@@ -203,10 +204,9 @@ def verdicts(figures, workers):
     return met
 
 
-def run(sizes_mb=SIZES_MB, workers=None, log=print, train_tokens_per_s=None, block_mb=BLOCK_CORPUS_MB,
-        tokenizer=BPE):
-    """Measure (module doc). Returns {sizes: {mb: figures}, bytes_tokenizer: figures, workers, the five figures,
-    met: `verdicts`, train_tokens_per_s, read: the epoch's figures}."""
+def run(sizes_mb=SIZES_MB, workers=None, log=print, train_rate=None, block_mb=BLOCK_CORPUS_MB, tokenizer=BPE):
+    """Measure (module doc); `train_rate` (tokens/s) skips timing the demo's step. Returns {sizes: {mb: figures},
+    bytes_tokenizer, one_worker, read: figures, workers, the five figures, met: `verdicts`, train_tokens_per_s}."""
     workers = workers or available_cores()
     scratch = tempfile.mkdtemp(prefix="bench_data_")
     small, large = min(sizes_mb), max(sizes_mb)
@@ -245,7 +245,7 @@ def run(sizes_mb=SIZES_MB, workers=None, log=print, train_tokens_per_s=None, blo
         one_s, many_s, files = block_seconds(os.path.join(scratch, "one"), os.path.join(scratch, "many"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    train = train_tokens_per_s if train_tokens_per_s is not None else _demo_tokens_per_s()
+    train = train_rate if train_rate is not None else train_tokens_per_s()
     figures = {"rss_growth_mb": sizes[large]["peak_rss_mb"] - sizes[small]["peak_rss_mb"],
                "prepare_speedup_workers": one_worker["prepare_seconds"] / sizes[small]["prepare_seconds"],
                "read_over_train": read["read_tokens_per_s"] / train,

@@ -58,7 +58,7 @@ def test_block_reads_compare_the_same_windows_from_one_file_and_from_many(tmp_pa
 def test_bench_prepares_in_fresh_processes_and_reads_one_epoch(tmp_path):
     """Tiny sizes: every preparation's peak RSS holds MindSpore's import (the MindRecord writer) and the read
     covers as many windows as the largest corpus has for training, rounded down to whole batches."""
-    result = data.run(sizes_mb=(0.3, 0.9), workers=2, log=lambda line: None, train_tokens_per_s=1000.0,
+    result = data.run(sizes_mb=(0.3, 0.9), workers=2, log=lambda line: None, train_rate=1000.0,
                       block_mb=0.3, tokenizer="bpe:300")
     small, large = result["sizes"][0.3], result["sizes"][0.9]
     assert 0.3 <= small["corpus_mb"] < 0.6 and 0.9 <= large["corpus_mb"] < 1.2
@@ -66,5 +66,11 @@ def test_bench_prepares_in_fresh_processes_and_reads_one_epoch(tmp_path):
     assert result["read"]["windows_read"] == large["train_windows"] // data.BATCH * data.BATCH
     assert result["bytes_tokenizer"]["tokens"] > small["tokens"]  # BPE merges bytes
     assert set(result["met"]) == set(data.TARGETS) and result["workers"] == 2
+    assert data.MANY_FILES - 3 <= result["block_files"] <= data.MANY_FILES
     table = data.table(result)
     assert all(f"{name} = " in table for name in data.TARGETS)
+
+
+def test_the_training_rate_is_timed_on_the_configs_compiled_step(tiny_yaml):
+    """B = 4 rows of S = 32 tokens a step: a rate above 0 that a step of the tiny model can reach on a CPU."""
+    assert 100 < data.train_tokens_per_s(tiny_yaml, steps=1) < 1e7

@@ -361,7 +361,7 @@ def test_stream_positions_equal_replaying_every_earlier_sample(mixture):
         for j in range(2, 6):
             replayed[j // 2, pipeline.sample_domain(step * 8 + j, mixture, 11, 3, weights, layout)] += 1
     got = prepared.stream_positions(37, range(2, 6), 8, 4, 3, mixture, lambda indices: pipeline.sample_domains(
-        indices, mixture, 11, 3, weights, layout), chunk=7)
+        indices, mixture, 11, 3, weights, layout), chunk=12)
     np.testing.assert_array_equal(got, replayed)
     assert got.sum() == 37 * 4 and not got[[0, 3]].any() and (got > 0).sum() >= 2
 
