@@ -219,7 +219,8 @@ def run(sizes_mb=SIZES_MB, workers=None, log=print, train_rate=None, block_mb=BL
             log(f"bench data: a {size / 1e6:.0f} MB corpus ({tokenizer}, {workers} workers)")
         sizes = {}
         for mb in sizes_mb:
-            sizes[mb] = _fresh(scratch, "prepare_worker", sources[mb], os.path.join(scratch, f"p{mb}"), tokenizer, workers)
+            sizes[mb] = _fresh(scratch, "prepare_worker", sources[mb], os.path.join(scratch, f"p{mb}"), tokenizer,
+                               workers)
             sizes[mb].update(corpus_mb=os.path.getsize(sources[mb]) / 1e6,
                              prepare_mb_per_s=os.path.getsize(sources[mb]) / 1e6 / sizes[mb]["prepare_seconds"])
         log(f"bench data: preparing the {small} MB corpus on 1 core with 1 worker, then with the byte tokenizer")

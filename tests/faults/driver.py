@@ -286,8 +286,9 @@ def fuzz(workdir, log):
 
 # ---- main --------------------------------------------------------------------------------------------
 
-def run(kills=5, steps=24, seed=0, out=None, demo=False, log=print):
-    """Kill cycles then fuzz; returns the summary dict (also printed by `main`)."""
+def run(kills=5, steps=24, seed=0, out=None, demo=False, log=print, sets=(), fuzzing=True):
+    """Kill cycles then fuzz; returns the summary dict (also printed by `main`). `sets`: "section.key=value"
+    overrides of the tiny config; `fuzzing` False skips the fuzz (bad_inputs 0)."""
     rng = random.Random(seed)
     workdir = out or tempfile.mkdtemp(prefix="faults_")
     os.makedirs(workdir, exist_ok=True)
@@ -296,13 +297,12 @@ def run(kills=5, steps=24, seed=0, out=None, demo=False, log=print):
                                   [f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=2",
                                    "train.keep_checkpoints=3", f"train.eval_every={steps}"]).to_dict()
     else:
-        cfg = json.loads(json.dumps(TINY))
-        cfg["train"].update(steps=steps, eval_every=steps)
+        cfg = RunConfig.from_dict(TINY, [f"train.steps={steps}", f"train.eval_every={steps}", *sets]).to_dict()
     config = os.path.join(workdir, "run.yaml")
     with open(config, "w", encoding="utf-8") as fh:
         yaml.safe_dump(cfg, fh)
     result = kill_cycles(config, steps, kills, workdir, rng, log)
-    tried, tracebacks, misreported = fuzz(workdir, log)
+    tried, tracebacks, misreported = fuzz(workdir, log) if fuzzing else (0, 0, 0)
     result.update(bad_inputs=tried, misreported=misreported, tracebacks=result["tracebacks"] + tracebacks)
     return result
 
