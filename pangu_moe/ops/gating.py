@@ -13,7 +13,6 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from pangu_moe.ops.custom import aot_op
-from pangu_moe.precision import exact_dtype
 
 SOFTMAX, SOFTMAX_NORMALIZE, GRAP = 0, 1, 2  # gating modes, as GatingMode in kernels/common/moe_kernel_common.h
 GATING_MODES = (SOFTMAX, SOFTMAX_NORMALIZE, GRAP)
@@ -34,21 +33,18 @@ def choose_top_k(values, top_k):
     return ops.stack(picks, 1)
 
 
-def gating_scores(logits, top_k, mode, dtype):
+def gating_scores(logits, top_k, mode):
     """The score function and the choice.
 
     Args:
         logits: [T, E_g] fp32 (GRAP: the pre-ReLU GrAP logits), finite.
-        top_k: K; mode: one of GATING_MODES; dtype: the softmax's (`precision.exact_dtype()`).
+        top_k: K; mode: one of GATING_MODES.
     Returns:
         scores [T, E_g] fp32 (softmax of logits; GRAP: of relu(logits)), local_index [T, K] int32,
         gate [T, K] fp32 (scores at the choice; SOFTMAX_NORMALIZE with K > 1: divided by their sum).
     """
-    # float64 on CPU: a value within a few double ulps of exact, which the CPU kernel reproduces to the same
-    # float rounding (a float32 softmax rounds differently in every implementation, and the difference
-    # grows through training).
     activated = ops.relu(logits) if mode == GRAP else logits
-    scores = ops.softmax(activated.astype(dtype), axis=-1).astype(ms.float32)
+    scores = ops.softmax(activated, axis=-1)
     local_index = choose_top_k(logits, top_k)
     gate = ops.gather_elements(scores, 1, local_index)
     if mode == SOFTMAX_NORMALIZE and top_k > 1:
@@ -85,18 +81,17 @@ def keep_under_capacity(slot, capacity, requested=None):
     return keep if requested is None else keep & requested
 
 
-def reference_gating(logits, group_ids, capacity, top_k, num_experts, mode, dtype):
+def reference_gating(logits, group_ids, capacity, top_k, num_experts, mode):
     """moe_gating by plain MindSpore ops.
 
     Args:
         logits: [T, E_g] fp32, the token's own group's logits; group_ids: [T] int32;
-        capacity: python int C; top_k: K; num_experts: E = G * E_g; mode: one of GATING_MODES;
-        dtype: the softmax's (`precision.exact_dtype()`).
+        capacity: python int C; top_k: K; num_experts: E = G * E_g; mode: one of GATING_MODES.
     Returns:
         scores [T, E_g] fp32, expert_index [T, K] int32 (group * E_g + local), gate [T, K] fp32,
         slot [T, K] int32, keep [T, K] bool, tokens_per_expert [E] int32 (demand before dropping).
     """
-    scores, local_index, gate = gating_scores(logits, top_k, mode, dtype)
+    scores, local_index, gate = gating_scores(logits, top_k, mode)
     expert_index = local_index + (group_ids * logits.shape[1]).reshape(-1, 1)  # (T, K) + (T, 1)
     slot, keep = position_slots(expert_index, num_experts, capacity)
     demand = ops.unsorted_segment_sum(ops.ones(expert_index.shape, ms.int32).reshape(-1), expert_index.reshape(-1),
@@ -112,12 +107,10 @@ class ReferenceGating(nn.Cell):
         if mode not in GATING_MODES:
             raise ValueError(f"gating mode {mode!r}: must be one of {GATING_MODES}")
         self.top_k, self.num_experts, self.mode = top_k, num_experts, mode
-        self.score_dtype = exact_dtype()
 
     def construct(self, logits, group_ids, capacity):
         """logits [T, E_g] fp32, group_ids [T] int32, capacity python int -> the outputs of `reference_gating`."""
-        return reference_gating(logits, group_ids, capacity, self.top_k, self.num_experts, self.mode,
-                                self.score_dtype)
+        return reference_gating(logits, group_ids, capacity, self.top_k, self.num_experts, self.mode)
 
 
 class CustomGating(ReferenceGating):

@@ -39,7 +39,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from pangu_moe.config import ConfigError
 from pangu_moe.ops import make_op
-from pangu_moe.precision import exact_dtype, operand
+from pangu_moe.precision import kl_dtype, operand
 from pangu_moe.routing.slots import assign_slots
 
 LOSS_NAMES = ("aux_loss", "z_loss", "locality_loss")
@@ -188,7 +188,7 @@ class Router(nn.Cell):
         self.top_k = top_k
         self.slot_policy = slot_policy
         self.gating = None
-        self.score_dtype = exact_dtype()  # the softmax's and the locality loss's (`precision.exact_dtype`)
+        self.kl_dtype = kl_dtype()  # the locality loss's (`precision.kl_dtype`)
         self.fed_noise = ()  # names of the noise buffers the trainer fills each step
         self.sum_over_ranks = None  # moe.aux_scope = global, one rank per process (`sum_counts_over_ranks`)
 

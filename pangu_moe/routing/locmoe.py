@@ -126,12 +126,12 @@ class LocMoERouter(Router):
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
-                                            self.locality_coeff, self.score_dtype, self.locality_smoothing)
+                                            self.locality_coeff, self.kl_dtype, self.locality_smoothing)
         return stack_losses(aux, losses.z_loss(ops.relu(logits), self.z_loss_coeff), locality)
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         pre_relu = self.gating_logits(x, group_ids, training)
-        scores, local_index, gate = gating_scores(pre_relu, self.top_k, GRAP, self.score_dtype)
+        scores, local_index, gate = gating_scores(pre_relu, self.top_k, GRAP)
         affinity = ops.gather_elements(grap_cosines(x, self.experts_per_group), 1, local_index)
         return local_index, gate, affinity, None, self.gating_losses(x, pre_relu, scores, local_index, group_ids, rank)
 

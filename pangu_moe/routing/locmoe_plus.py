@@ -159,7 +159,7 @@ class LocMoEPlusRouter(Router):
         if self.locality_coeff > 0:
             probs = global_probs(scores, group_ids, self.num_groups)
             locality = losses.locality_loss(probs, losses.rank_mask(self.local_mask, rank), self.locality_variant,
-                                            self.locality_coeff, self.score_dtype, self.locality_smoothing)
+                                            self.locality_coeff, self.kl_dtype, self.locality_smoothing)
         return local_index, gate, affinity, requested, stack_losses(aux, losses.z_loss(logits, self.z_loss_coeff),
                                                                      locality)
 

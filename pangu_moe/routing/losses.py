@@ -96,7 +96,7 @@ def locality_loss(probs, local_mask, variant, coeff, exact, smoothing=1e-3):
         probs: [T, E] fp32 router probabilities over all experts (0 outside the token's group).
         local_mask: [W, E] fp32, 1 where expert e is on rank r's node (`Topology.local_expert_mask`).
         variant: "kl" or "mass"; coeff: mu; smoothing: eps of variant "kl".
-        exact: the dtype of the KL's log-and-sum (`precision.exact_dtype()`).
+        exact: the dtype of the KL's log-and-sum (`precision.kl_dtype()`).
     Returns:
         fp32 scalar.
     """
@@ -108,10 +108,8 @@ def locality_loss(probs, local_mask, variant, coeff, exact, smoothing=1e-3):
     if variant == "kl":
         target = local_mask / ops.maximum(local_count, 1.0).reshape(-1, 1)
         target = (1.0 - smoothing) * target + smoothing / num_experts
-        # `exact` (fp64 on CPU) on these [W, E] values: in a compiled step the fp32 log-and-sum of a one-rank
-        # row differed in the last bit between a resumed and an uninterrupted run with the same inputs (PyNative
-        # did not, nor did summing the columns one by one); in fp64 the results agree, and E values per rank
-        # cost nothing.
+        # `exact` (fp64 on CPU, `precision.kl_dtype`) on these [W, E] values: in fp32 a resumed run's locality
+        # loss differed from the uninterrupted one's in the last digits; E values per rank cost nothing.
         wide = current.astype(exact)
         log_ratio = ops.log(ops.maximum(wide, tiny.astype(exact))) - ops.log(target.astype(exact))
         per_rank = (wide * log_ratio).sum(1).astype(ms.float32)

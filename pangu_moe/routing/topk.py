@@ -11,7 +11,6 @@ import mindspore as ms
 from mindspore import ops
 
 from pangu_moe.ops.gating import SOFTMAX, SOFTMAX_NORMALIZE, choose_top_k, gating_scores
-from pangu_moe.precision import exact_dtype
 from pangu_moe.routing import losses
 from pangu_moe.routing.base import LearnedRouter, register, stack_losses
 
@@ -41,7 +40,7 @@ def topk_scores(logits, top_k, normalize):
     Returns:
         scores [T, E_g] fp32, local_index [T, K] int32, gate [T, K] fp32.
     """
-    return gating_scores(logits, top_k, SOFTMAX_NORMALIZE if normalize else SOFTMAX, exact_dtype())
+    return gating_scores(logits, top_k, SOFTMAX_NORMALIZE if normalize else SOFTMAX)
 
 
 def sigmoid_scores(logits, top_k, normalize):
@@ -142,7 +141,7 @@ class TopKRouter(LearnedRouter):
             scores, local_index, gate = sigmoid_scores(logits, self.top_k, self.normalize)
             scores = scores / (scores.sum(-1, keepdims=True) + TINY)  # what the balance losses average
         else:
-            scores, local_index, gate = gating_scores(logits, self.top_k, self.softmax_mode, self.score_dtype)
+            scores, local_index, gate = gating_scores(logits, self.top_k, self.softmax_mode)
         if self.scaling != 1.0:
             gate = gate * self.scaling
         affinity = ops.gather_elements(logits, 1, local_index)

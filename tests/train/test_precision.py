@@ -2,6 +2,7 @@
 scaling."""
 import ast
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -215,27 +216,33 @@ def test_bad_precision_settings_are_refused_in_one_line(overrides, message):
     assert "\n" not in str(error.value)
 
 
-def test_exact_dtype_is_fp32_on_ascend(monkeypatch):
-    assert precision.exact_dtype() == ms.float64  # the tests run on CPU
+def test_the_kl_dtype_is_fp32_on_ascend(monkeypatch):
+    assert precision.kl_dtype() == ms.float64  # the tests run on CPU
     monkeypatch.setattr(precision.ms, "get_context", lambda key: "Ascend")
-    assert precision.exact_dtype() == ms.float32
+    assert precision.kl_dtype() == ms.float32
 
 
 def _mindspore_float64(path):
-    """Lines of `path` naming MindSpore's float64 (not numpy's), outside `precision.exact_dtype`."""
+    """Lines of `path` naming MindSpore's float64 (not numpy's), outside `precision.kl_dtype`."""
     tree = ast.parse(path.read_text())
     allowed = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "exact_dtype":
+        if isinstance(node, ast.FunctionDef) and node.name == "kl_dtype":
             allowed |= set(range(node.lineno, node.end_lineno + 1))
     return [node.lineno for node in ast.walk(tree)
             if isinstance(node, ast.Attribute) and node.attr == "float64" and node.lineno not in allowed
             and not (isinstance(node.value, ast.Name) and node.value.id == "np")]
 
 
-def test_no_float64_in_compiled_code_but_the_exact_dtype():
+def test_no_float64_in_compiled_code_or_the_cpu_kernels_but_the_kl_dtype():
+    """The package's graph code names MindSpore's float64 only in `precision.kl_dtype`, and the C++ CPU kernels
+    (the CPU twins of the float32 Ascend kernels) hold no double."""
     files = [f for part in GRAPH_CODE for f in ([PACKAGE / part] if part.endswith(".py")
                                                 else sorted((PACKAGE / part).rglob("*.py")))]
     assert len(files) > 20
     found = {str(f.relative_to(PACKAGE)): lines for f in files if (lines := _mindspore_float64(f))}
-    assert found == {}
+    kernels = sorted((PACKAGE.parent / "kernels" / "cpu").glob("*.[ch]*"))
+    assert len(kernels) >= 4
+    found.update({f.name: [n for n, line in enumerate(f.read_text().splitlines(), 1)
+                           if re.search(r"\bdouble\b|_pd\b|__m128d", line.split("//")[0])] for f in kernels})
+    assert {name: lines for name, lines in found.items() if lines} == {}

@@ -6,8 +6,8 @@
 #include <cstring>
 #include <vector>
 #if defined(__x86_64__)
-#include <emmintrin.h>
-extern "C" __m128d _ZGVbN2v_exp(__m128d);  // glibc libmvec (linked with -lmvec by pangu_moe/ops/build.py)
+#include <xmmintrin.h>
+extern "C" __m128 _ZGVbN4v_expf(__m128);  // glibc libmvec (linked with -lmvec by pangu_moe/ops/build.py)
 #endif
 
 #include "aot.h"
@@ -18,37 +18,33 @@ using pangu_moe::GatingMode;
 
 constexpr int64_t kBlockRows = 64;  // rows whose exps go through the vector exp together
 
-// exp of n doubles in place. On x86-64, glibc's libmvec SSE2 exp (two lanes; error within a few double
-// ulps, far below the float rounding the scores get), about twice as fast as std::exp here.
-void ExpInPlace(double* x, int64_t n) {
+// exp of n floats in place. On x86-64, glibc's libmvec SSE expf (four lanes, within an ulp or so).
+void ExpInPlace(float* x, int64_t n) {
   int64_t i = 0;
 #if defined(__x86_64__)
-  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _ZGVbN2v_exp(_mm_loadu_pd(x + i)));
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _ZGVbN4v_expf(_mm_loadu_ps(x + i)));
 #endif
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-// softmax over each of `rows` rows of n logits (relu first in GrAP mode), in double, into out [rows, n].
-// The reference computes it in float64 too: the two doubles differ by a few double ulps, so their
-// float roundings agree except within ~1e-15 of a float rounding boundary (kernels/README.md,
-// Numerics); a float32 softmax rounds differently in every implementation, and the difference grows
-// through training.
-void SoftmaxBlock(const float* logits, int64_t rows, int64_t n, bool relu, double* out) {
+// softmax over each of `rows` rows of n logits (relu first in GrAP mode), in float32, into out [rows, n]: the
+// precision of the Ascend kernel and of the reference on every device. Its exp and sum are not MindSpore's, so
+// the scores agree with the reference's to float tolerance, not bit for bit (kernels/README.md, Numerics).
+void SoftmaxBlock(const float* logits, int64_t rows, int64_t n, bool relu, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = logits + r * n;
-    double max_value = -INFINITY;
+    float max_value = -INFINITY;
     for (int64_t i = 0; i < n; ++i) {
-      out[r * n + i] = relu && row[i] < 0.0f ? 0.0 : row[i];
+      out[r * n + i] = relu && row[i] < 0.0f ? 0.0f : row[i];
       max_value = out[r * n + i] > max_value ? out[r * n + i] : max_value;
     }
     for (int64_t i = 0; i < n; ++i) out[r * n + i] -= max_value;
   }
   ExpInPlace(out, rows * n);
   for (int64_t r = 0; r < rows; ++r) {
-    double sum = 0.0;
+    float sum = 0.0f;
     for (int64_t i = 0; i < n; ++i) sum += out[r * n + i];
-    const double inverse = 1.0 / sum;  // within a double ulp of dividing: the float rounding is the same
-    for (int64_t i = 0; i < n; ++i) out[r * n + i] *= inverse;
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] /= sum;
   }
 }
 
@@ -93,20 +89,17 @@ PANGU_MOE_AOT(MoeGating) {
   const int64_t num_groups = num_experts / experts_per_group;
   // One thread: two made it slower (pangu-moe bench kernels; MindSpore's pool competes for the cores).
   {
-    std::vector<double> exact(kBlockRows * experts_per_group);
     for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
       const int64_t rows = std::min(kBlockRows, num_tokens - first);
       SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
-                   exact.data());
+                   scores + first * experts_per_group);
       for (int64_t t = first; t < first + rows; ++t) {
         const float* row = logits + t * experts_per_group;
-        const double* row_exact = exact.data() + (t - first) * experts_per_group;
         float* row_scores = scores + t * experts_per_group;
         int32_t* row_index = expert_index + t * top_k;
         float* row_gate = gate + t * top_k;
         const int32_t group = group_ids[t];
         if (group < 0 || group >= num_groups) return pangu_moe::kBadIndex;
-        for (int64_t i = 0; i < experts_per_group; ++i) row_scores[i] = static_cast<float>(row_exact[i]);
         TopKRow(row, experts_per_group, top_k, row_index);
         float gate_sum = 0.0f;
         for (int64_t k = 0; k < top_k; ++k) {
@@ -148,44 +141,35 @@ PANGU_MOE_AOT(MoeGatingGrad) {
   float* d_logits = static_cast<float*>(params[8]);
   const int64_t num_tokens = shapes[0][0], experts_per_group = shapes[0][1], top_k = shapes[4][1];
   const int64_t mode = options[1];
-  {
-    std::vector<float> d_row(experts_per_group);
-    std::vector<double> exact(kBlockRows * experts_per_group);
-    for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, num_tokens - first);
-      // The softmax backward in double from the double scores, as the reference's float64 softmax does.
-      SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
-                   exact.data());
-      for (int64_t t = first; t < first + rows; ++t) {
-        const float* row_scores = scores + t * experts_per_group;
-        const double* row_exact = exact.data() + (t - first) * experts_per_group;
-        const int64_t offset = static_cast<int64_t>(group_ids[t]) * experts_per_group;
-        std::memcpy(d_row.data(), d_scores + t * experts_per_group, sizeof(float) * experts_per_group);
-        for (int64_t k = 0; k < top_k; ++k) {  // the forward's outputs, but never write out of the row
-          const int64_t local = expert_index[t * top_k + k] - offset;
-          if (local < 0 || local >= experts_per_group) return pangu_moe::kBadIndex;
-        }
-        if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
-          // gate_k = s_k / S with S = sum_j s_j: d s_k = (d gate_k - sum_j d gate_j * gate_j) / S
-          float chosen_sum = 0.0f, weighted = 0.0f;
-          for (int64_t k = 0; k < top_k; ++k) {
-            chosen_sum += row_scores[expert_index[t * top_k + k] - offset];
-            weighted += d_gate[t * top_k + k] * gate[t * top_k + k];
-          }
-          for (int64_t k = 0; k < top_k; ++k) {
-            d_row[expert_index[t * top_k + k] - offset] += (d_gate[t * top_k + k] - weighted) / chosen_sum;
-          }
-        } else {
-          for (int64_t k = 0; k < top_k; ++k) d_row[expert_index[t * top_k + k] - offset] += d_gate[t * top_k + k];
-        }
-        double dot = 0.0;
-        for (int64_t i = 0; i < experts_per_group; ++i) dot += d_row[i] * row_exact[i];
-        float* out = d_logits + t * experts_per_group;
-        for (int64_t i = 0; i < experts_per_group; ++i) {
-          out[i] = static_cast<float>(row_exact[i] * (d_row[i] - dot));
-          if (mode == pangu_moe::kGrap && !(logits[t * experts_per_group + i] > 0.0f)) out[i] = 0.0f;
-        }
+  std::vector<float> d_row(experts_per_group);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const float* row_scores = scores + t * experts_per_group;
+    const int64_t offset = static_cast<int64_t>(group_ids[t]) * experts_per_group;
+    std::memcpy(d_row.data(), d_scores + t * experts_per_group, sizeof(float) * experts_per_group);
+    for (int64_t k = 0; k < top_k; ++k) {  // the forward's outputs, but never write out of the row
+      const int64_t local = expert_index[t * top_k + k] - offset;
+      if (local < 0 || local >= experts_per_group) return pangu_moe::kBadIndex;
+    }
+    if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
+      // gate_k = s_k / S with S = sum_j s_j: d s_k = (d gate_k - sum_j d gate_j * gate_j) / S
+      float chosen_sum = 0.0f, weighted = 0.0f;
+      for (int64_t k = 0; k < top_k; ++k) {
+        chosen_sum += row_scores[expert_index[t * top_k + k] - offset];
+        weighted += d_gate[t * top_k + k] * gate[t * top_k + k];
       }
+      for (int64_t k = 0; k < top_k; ++k) {
+        d_row[expert_index[t * top_k + k] - offset] += (d_gate[t * top_k + k] - weighted) / chosen_sum;
+      }
+    } else {
+      for (int64_t k = 0; k < top_k; ++k) d_row[expert_index[t * top_k + k] - offset] += d_gate[t * top_k + k];
+    }
+    // The softmax backward from the forward's float32 scores, as the reference's softmax gradient does.
+    float dot = 0.0f;
+    for (int64_t i = 0; i < experts_per_group; ++i) dot += d_row[i] * row_scores[i];
+    float* out = d_logits + t * experts_per_group;
+    for (int64_t i = 0; i < experts_per_group; ++i) {
+      out[i] = row_scores[i] * (d_row[i] - dot);
+      if (mode == pangu_moe::kGrap && !(logits[t * experts_per_group + i] > 0.0f)) out[i] = 0.0f;
     }
   }
   return pangu_moe::kOk;
