@@ -1,6 +1,7 @@
 """The fault-injection driver in CI's size: 2 SIGKILL-and-resume cycles of a tiny run, and every
 malformed config and corpus of the fuzz (the note reports a larger run of `python -m tests.faults.driver`)."""
 import pytest
+import yaml
 
 from tests.faults import driver
 
@@ -22,3 +23,5 @@ def test_a_killed_run_resumes_identically_for_each_router_and_k(tmp_path, router
     result = driver.run(kills=1, steps=8, seed=2, out=str(tmp_path), log=lines.append,
                         sets=[f"moe.router={router}", f"moe.top_k={top_k}"], fuzzing=False)
     assert result["survived"] == 1 and result["identical"] and result["lost"] == 0, lines
+    moe = yaml.safe_load((tmp_path / "victim" / "config.yaml").read_text())["moe"]
+    assert (moe["router"], moe["top_k"]) == (router, top_k)
