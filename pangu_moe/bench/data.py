@@ -120,7 +120,8 @@ def prepare_worker(source, out, tokenizer, workers, cores="all"):
 
 def read_worker(out):
     """In a fresh process: read one epoch of `out`'s training windows (as many B-row batches as there are training
-    windows, uniform mixture); prints one JSON line of seconds, windows and peak RSS."""
+    windows, uniform mixture: the domains alternate, so the smaller domain's streams wrap into a second epoch
+    for the few windows the larger one has more); prints one JSON line of seconds, windows and peak RSS."""
     from pangu_moe.data.prepared import PreparedCorpus, train_batches
     corpus = PreparedCorpus(out, verify=False)
     steps = sum(corpus.windows[d, "train"] for d in corpus.domains) // BATCH
@@ -134,7 +135,10 @@ def _fresh(cwd, function, *args):
     """Run `function` (a name in this module) on `args` in a fresh interpreter in folder `cwd`; returns its JSON
     line."""
     call = f"import sys; from pangu_moe.bench.data import {function}; {function}(*sys.argv[1:])"
-    done = subprocess.run([sys.executable, "-c", call, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", call, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env)
     if done.returncode != 0:
         raise RuntimeError(f"bench data: {function} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -150,6 +154,9 @@ def block_seconds(out_one, out_many, domain="prose", passes=3):
     one, many = PreparedCorpus(out_one, verify=False), PreparedCorpus(out_many, verify=False)
     windows = one.windows[domain, "train"]
     starts = np.random.default_rng(0).permutation(np.arange(0, windows - BLOCK + 1, BLOCK))
+    if not len(starts):
+        raise RuntimeError(f"bench data: {domain!r} has {windows} training windows, fewer than a block of {BLOCK}; "
+                           f"use a larger block corpus")
     best = [float("inf"), float("inf")]
     for _ in range(passes):
         spent = [0.0, 0.0]
@@ -221,8 +228,8 @@ def run(sizes_mb=SIZES_MB, workers=None, log=print, train_rate=None, block_mb=BL
         for mb in sizes_mb:
             sizes[mb] = _fresh(scratch, "prepare_worker", sources[mb], os.path.join(scratch, f"p{mb}"), tokenizer,
                                workers)
-            sizes[mb].update(corpus_mb=os.path.getsize(sources[mb]) / 1e6,
-                             prepare_mb_per_s=os.path.getsize(sources[mb]) / 1e6 / sizes[mb]["prepare_seconds"])
+            corpus_mb = os.path.getsize(sources[mb]) / 1e6
+            sizes[mb].update(corpus_mb=corpus_mb, prepare_mb_per_s=corpus_mb / sizes[mb]["prepare_seconds"])
         log(f"bench data: preparing the {small} MB corpus on 1 core with 1 worker, then with the byte tokenizer")
         one_worker = _fresh(scratch, "prepare_worker", sources[small], os.path.join(scratch, "p1"), tokenizer, 1, 1)
         by_bytes = _fresh(scratch, "prepare_worker", sources[small], os.path.join(scratch, "pb"), "bytes", workers)

@@ -43,7 +43,7 @@ WINDOWS_PER_RECORD = 64
 WRITE_BATCH = 4  # records per FileWriter.write_raw_data call
 # Input a bpe:V tokenizer trains on, by default. Merges come from the most frequent pairs, which a sample of this size
 # already ranks; the trainer's memory follows the distinct words of the sample (bench data: ~700 MB peak for a 64 MB
-# Zipf-vocabulary sample at V = 8192, 740-770 MB at 100 MB).
+# Zipf-vocabulary sample at V = 8192, 732-770 MB at 100 MB).
 BPE_SAMPLE_MB = 100
 
 

@@ -210,12 +210,11 @@ def stream_positions(start_step, rows, batch_size, world, num_domains, mixture, 
     rows = np.asarray(rows, np.int64)
     if mixture == "bytes":
         steps_a_chunk = max(1, chunk // max(1, len(rows)))
-        for rank in np.unique(rows // per_rank):
-            own = rows[rows // per_rank == rank]
-            for first in range(0, start_step, steps_a_chunk):
-                steps = np.arange(first, min(start_step, first + steps_a_chunk), dtype=np.int64)
-                indices = (steps[:, None] * batch_size + own[None, :]).ravel()  # (steps * rows,)
-                consumed[rank] += np.bincount(domains_of(indices), minlength=num_domains)
+        for first in range(0, start_step, steps_a_chunk):
+            steps = np.arange(first, min(start_step, first + steps_a_chunk), dtype=np.int64)
+            indices = (steps[:, None] * batch_size + rows[None, :]).ravel()  # (steps * rows,), step-major
+            pairs = np.tile(rows // per_rank, len(steps)) * num_domains + domains_of(indices)  # rank * D + domain
+            consumed += np.bincount(pairs, minlength=world * num_domains).reshape(world, num_domains)
         return consumed
     for j in rows:
         if mixture == "by_node":

@@ -385,14 +385,18 @@ def test_a_resume_at_step_100000_of_512_rows_positions_the_streams_without_repla
 
 
 def test_the_bytes_mixture_is_a_pure_function_of_seed_and_sample():
-    """One sample at a time or many at once, in any order, the same domains; another seed, other domains; a
-    domain of weight 0 is never drawn and the shares follow the weights."""
+    """SplitMix64's known first output; the first draws of seed 0 (a change to them changes every `bytes` run's
+    data); many samples at once, in any order, the same domains; another seed, other domains; a domain of weight
+    0 is never drawn and the shares follow the weights."""
     weights = np.array([0.25, 0.0, 0.75])
     indices = np.arange(40_000, dtype=np.int64)
     many = pipeline.sample_domains(indices, "bytes", 5, 3, weights)
     shuffled = np.random.default_rng(0).permutation(indices)
     np.testing.assert_array_equal(pipeline.sample_domains(shuffled, "bytes", 5, 3, weights), many[shuffled])
-    assert [pipeline.sample_domain(i, "bytes", 5, 3, weights) for i in range(50)] == many[:50].tolist()
+    assert hex(pipeline._splitmix64(np.array([0], np.uint64))[0]) == "0xe220a8397b1dcdaf"  # SplitMix64's first output
+    # seed 0's first draws: SplitMix64(key + i) >> 11 as a fraction of 2^53 against the cumulative weights
+    assert pipeline.sample_domains(np.arange(12), "bytes", 0, 4, np.array([0.4, 0.3, 0.2, 0.1])).tolist() == \
+        [1, 0, 1, 3, 0, 0, 3, 0, 1, 3, 1, 1]
     assert (pipeline.sample_domains(indices, "bytes", 6, 3, weights) != many).mean() > 0.3
     assert not (many == 1).any() and abs((many == 2).mean() - 0.75) < 0.01
 

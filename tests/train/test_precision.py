@@ -241,8 +241,8 @@ def test_no_float64_in_compiled_code_or_the_cpu_kernels_but_the_kl_dtype():
                                                 else sorted((PACKAGE / part).rglob("*.py")))]
     assert len(files) > 20
     found = {str(f.relative_to(PACKAGE)): lines for f in files if (lines := _mindspore_float64(f))}
-    kernels = sorted((PACKAGE.parent / "kernels" / "cpu").glob("*.[ch]*"))
-    assert len(kernels) >= 4
+    kernels = sorted(f for part in ("cpu", "common") for f in (PACKAGE / "kernels" / part).glob("*.[ch]*"))
+    assert len(kernels) >= 5
     found.update({f.name: [n for n, line in enumerate(f.read_text().splitlines(), 1)
                            if re.search(r"\bdouble\b|_pd\b|__m128d", line.split("//")[0])] for f in kernels})
     assert {name: lines for name, lines in found.items() if lines} == {}

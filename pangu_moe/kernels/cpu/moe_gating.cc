@@ -18,13 +18,21 @@ using pangu_moe::GatingMode;
 
 constexpr int64_t kBlockRows = 64;  // rows whose exps go through the vector exp together
 
-// exp of n floats in place. On x86-64, glibc's libmvec SSE expf (four lanes, within an ulp or so).
+// exp of n floats in place. On x86-64, glibc's libmvec SSE expf (four lanes, within an ulp or so), the last
+// n mod 4 through the same vector call on a padded copy: a value's exp must not depend on where it sits.
 void ExpInPlace(float* x, int64_t n) {
   int64_t i = 0;
 #if defined(__x86_64__)
   for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _ZGVbN4v_expf(_mm_loadu_ps(x + i)));
-#endif
+  if (i < n) {
+    float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    std::memcpy(tail, x + i, sizeof(float) * (n - i));
+    _mm_storeu_ps(tail, _ZGVbN4v_expf(_mm_loadu_ps(tail)));
+    std::memcpy(x + i, tail, sizeof(float) * (n - i));
+  }
+#else
   for (; i < n; ++i) x[i] = std::exp(x[i]);
+#endif
 }
 
 // softmax over each of `rows` rows of n logits (relu first in GrAP mode), in float32, into out [rows, n]: the
@@ -88,29 +96,27 @@ PANGU_MOE_AOT(MoeGating) {
   }
   const int64_t num_groups = num_experts / experts_per_group;
   // One thread: two made it slower (pangu-moe bench kernels; MindSpore's pool competes for the cores).
-  {
-    for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, num_tokens - first);
-      SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
-                   scores + first * experts_per_group);
-      for (int64_t t = first; t < first + rows; ++t) {
-        const float* row = logits + t * experts_per_group;
-        float* row_scores = scores + t * experts_per_group;
-        int32_t* row_index = expert_index + t * top_k;
-        float* row_gate = gate + t * top_k;
-        const int32_t group = group_ids[t];
-        if (group < 0 || group >= num_groups) return pangu_moe::kBadIndex;
-        TopKRow(row, experts_per_group, top_k, row_index);
-        float gate_sum = 0.0f;
-        for (int64_t k = 0; k < top_k; ++k) {
-          row_gate[k] = row_scores[row_index[k]];
-          gate_sum += row_gate[k];
-        }
-        if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
-          for (int64_t k = 0; k < top_k; ++k) row_gate[k] /= gate_sum;
-        }
-        for (int64_t k = 0; k < top_k; ++k) row_index[k] += static_cast<int32_t>(group * experts_per_group);
+  for (int64_t first = 0; first < num_tokens; first += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, num_tokens - first);
+    SoftmaxBlock(logits + first * experts_per_group, rows, experts_per_group, mode == pangu_moe::kGrap,
+                 scores + first * experts_per_group);
+    for (int64_t t = first; t < first + rows; ++t) {
+      const float* row = logits + t * experts_per_group;
+      float* row_scores = scores + t * experts_per_group;
+      int32_t* row_index = expert_index + t * top_k;
+      float* row_gate = gate + t * top_k;
+      const int32_t group = group_ids[t];
+      if (group < 0 || group >= num_groups) return pangu_moe::kBadIndex;
+      TopKRow(row, experts_per_group, top_k, row_index);
+      float gate_sum = 0.0f;
+      for (int64_t k = 0; k < top_k; ++k) {
+        row_gate[k] = row_scores[row_index[k]];
+        gate_sum += row_gate[k];
       }
+      if (mode == pangu_moe::kSoftmaxNormalize && top_k > 1) {
+        for (int64_t k = 0; k < top_k; ++k) row_gate[k] /= gate_sum;
+      }
+      for (int64_t k = 0; k < top_k; ++k) row_index[k] += static_cast<int32_t>(group * experts_per_group);
     }
   }
   // The slots are a prefix count in service order, so this part is sequential.

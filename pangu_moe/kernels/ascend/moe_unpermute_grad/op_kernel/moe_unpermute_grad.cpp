@@ -7,8 +7,8 @@
 //
 // Same two phases as MoePermute: every core zero-fills its share of the B*C rows, SyncAll, then each
 // core handles its share of the tokens (kept rows are distinct, so no two cores write one row).
-// The dot product is a ReduceSum per column tile, added up over the tiles in order: float, so it
-// differs from the CPU kernel's double accumulation in the last bits.
+// The dot product is a ReduceSum per column tile, added up over the tiles in order: float, as the CPU
+// kernel's, which adds in h order, so the two differ in the last bits.
 #include "kernel_operator.h"
 // UNVERIFIED: that the device compiler accepts the <cstdint> this shared header includes.
 #include "../../../common/moe_kernel_common.h"
