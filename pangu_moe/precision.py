@@ -16,10 +16,10 @@ def kl_dtype():
     """The dtype of the locality loss's log-and-sum over [W, E] (`routing.losses.locality_loss`): float64 on
     CPU, float32 on Ascend, whose AI Core has no float64. It is the only float64 a training step holds, and only
     on CPU. In float32, a resumed LocMoE run's locality loss differed from the uninterrupted run's in the last
-    digits (measured: up to 2e-6 relative over 12 steps of a tiny run; nothing else in the step differed), and
-    MindSpore's CPU float32 `log` is not a pure function of its input: the same value rounds differently in the
-    kernel's vector body and in its scalar tail. Read from the MindSpore context that `runtime.setup` set, so
-    call it when building cells, not inside a compiled step."""
+    digits (measured: up to 3e-6 relative over 12 steps of a tiny run, and through it two gradient norms and an
+    aux loss in their last bit), and MindSpore's CPU float32 `log` is not a pure function of its input: the
+    same value rounds differently in the kernel's vector body and in its scalar tail. Read from the MindSpore
+    context that `runtime.setup` set, so call it when building cells, not inside a compiled step."""
     return ms.float64 if ms.get_context("device_target") == "CPU" else ms.float32
 
 
