@@ -20,8 +20,8 @@ def test_a_killed_run_resumes_identically_for_each_router_and_k(tmp_path, router
     """The fp32 gating softmax on CPU, as on Ascend (the first test covers topk with K = 1): the resumed run's
     every logged loss, gradient norm and routing count equal the uninterrupted run's."""
     lines = []
-    result = driver.run(kills=1, steps=8, seed=2, out=str(tmp_path), log=lines.append,
+    result = driver.run(kills=2, steps=12, seed=1, out=str(tmp_path), log=lines.append,
                         sets=[f"moe.router={router}", f"moe.top_k={top_k}"], fuzzing=False)
-    assert result["survived"] == 1 and result["identical"] and result["lost"] == 0, lines
+    assert result["survived"] == 2 and result["identical"] and result["lost"] == 0, lines
     moe = yaml.safe_load((tmp_path / "victim" / "config.yaml").read_text())["moe"]
     assert (moe["router"], moe["top_k"]) == (router, top_k)
