@@ -132,13 +132,10 @@ def read_worker(out):
 
 
 def _fresh(cwd, function, *args):
-    """Run `function` (a name in this module) on `args` in a fresh interpreter in folder `cwd`; returns its JSON
-    line."""
+    """Run `function` (a name in this module) on `args` in a fresh interpreter of the installed package, in folder
+    `cwd`; returns its JSON line."""
     call = f"import sys; from pangu_moe.bench.data import {function}; {function}(*sys.argv[1:])"
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", call, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env)
+    done = subprocess.run([sys.executable, "-c", call, *map(str, args)], capture_output=True, text=True, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"bench data: {function} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
