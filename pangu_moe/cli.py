@@ -328,12 +328,13 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
     p = sub.add_parser("study", help="experiments that train several models and print one row each")
-    p.add_argument("name", choices=["routers", "kool", "capacity", "estimator", "locality-null", "locality"],
+    p.add_argument("name", choices=["routers", "kool", "capacity", "estimator", "locality-null", "locality",
+                                    "placement"],
                    help="routers: dense, rre (hash), topk (Switch, K=1), LocMoE at four locality weights and LocMoE+ "
                    "with three keep rules on 2 nodes x 2 devices, over seeds with 95%% intervals "
                    "(pangu_moe/studies/routers.py); kool: the Kool et al. toy task, success rate over seeds per "
-                   "estimator (pangu_moe/studies/kool.py); capacity, estimator, locality-null, locality: one study "
-                   "per claim with its arms, 5 paired seeds and its verdict rules fixed in "
+                   "estimator (pangu_moe/studies/kool.py); capacity, estimator, locality-null, locality, "
+                   "placement: one study per claim with its arms, 5 paired seeds and its verdict rules fixed in "
                    "pangu_moe/studies/presets.py (a rerun with the same --out resumes)")
     p.add_argument("--config", default=None, help="base config (default: the package's configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

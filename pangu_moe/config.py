@@ -208,6 +208,15 @@ class ParallelConfig:
                                       "(assumed: no published figure)", lo=0.0)
     inter_node_latency_us: float = _f(60.0, "modelled exchange time: latency of one inter-node message, microseconds "
                                       "(HCCL's internal static latency for inter-server algorithm choice)", lo=0.0)
+    placement: List[int] = _f([], "expert placement of every MoE layer: the rank hosting each of the moe.num_experts "
+                              "experts, each rank E / W of them ([]: expert e on rank e // E_loc); moves which rank "
+                              "computes an expert, never what is computed (docs/architecture.md, Expert placement)")
+    placement_every: int = _f(0, "steps between re-placements of the experts from the kept choices per (source node, "
+                              "expert) since the last one, each move paying for itself over the next placement_every "
+                              "steps (0: never)", lo=0)
+    placement_hysteresis: float = _f(1.0, "a move must save more than this many times the bytes it sends (the "
+                                     "expert's weights and Adam moments): 0 moves for any gain, above 1 moves "
+                                     "reluctantly", lo=0.0)
     grad_bucket_mb: float = _f(25.0, "multi-process backends: the shared gradients are all-reduced in buckets of at "
                                "most this many MB, one collective a bucket", lo=0.0, lo_open=True)
 
@@ -328,6 +337,15 @@ class RunConfig:
                  "Ascend for parallel.dispatch=hccl")
         _require(p.dispatch != "msrun_cpu" or self.runtime.device == "CPU", "runtime.device", self.runtime.device,
                  "CPU for parallel.dispatch=msrun_cpu")
+        placed = bool(p.placement) or p.placement_every > 0
+        key = "parallel.placement_every" if p.placement_every else "parallel.placement"
+        value = p.placement_every or p.placement
+        _require(not placed or p.dispatch in ("local", "simulated"), key, value,
+                 f"{'0' if p.placement_every else '[]'} with parallel.dispatch={p.dispatch} (moving experts between "
+                 f"processes is not built; local and simulated place them)")
+        _require(not placed or moe.num_experts % world == 0, key, value,
+                 f"{'0' if p.placement_every else '[]'} when W = {world} ranks does not divide moe.num_experts="
+                 f"{moe.num_experts} (a placement puts E / W experts on each rank)")
         profile = self.runtime.profile_steps
         _require(not profile or (len(profile) == 2 and 0 <= profile[0] < profile[1] <= self.train.steps),
                  "runtime.profile_steps", profile, f"[] or [start, end] with 0 <= start < end <= train.steps="

@@ -37,6 +37,12 @@ class GroupedExperts(nn.Cell):
             self.w_in = Parameter(Tensor(self.w_in.asnumpy()[first:first + count]), name="w_in")  # (E_loc, H, F)
             self.w_out = Parameter(Tensor(self.w_out.asnumpy()[first:first + count]), name="w_out")  # (E_loc, F, H)
 
+    def move_rows(self, source):
+        """Put expert row source[s] of each weight into row s (`dispatch.placement.rows_after_move`): int [E]."""
+        for weight in (self.w_in, self.w_out):
+            # assign, not set_data: a compiled step keeps reading the Parameter's original memory
+            ops.assign(weight, Tensor(weight.asnumpy()[source]))
+
     def construct(self, expert_in):
         """expert_in [E, C, H] -> expert_out [E, C, H], both in expert_in's dtype (the weights are cast to it; under
         the CPU bf16 form every operand is rounded to bf16, `precision.compute_form`)."""

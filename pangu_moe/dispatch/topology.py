@@ -12,17 +12,25 @@ class Topology:
     W / E ranks and lives on the node of its first rank (LocMoE's placement: node(e) =
     floor(e * devices_per_expert / D)), so some nodes may host no expert.
 
+    A placement map (`dispatch.placement`) moves experts between ranks: with `expert_slots`, expert e lives in
+    slot expert_slots[e], on rank expert_slots[e] // E_loc (E % W == 0 only).
+
     Args:
-        nodes: N; devices_per_node: D; num_experts: E (E % W == 0 or W % E == 0).
+        nodes: N; devices_per_node: D; num_experts: E (E % W == 0 or W % E == 0);
+        expert_slots: None (expert e in slot e) or a tuple of E ints, a permutation of 0..E-1.
     """
     nodes: int
     devices_per_node: int
     num_experts: int
+    expert_slots: tuple = None
 
     def __post_init__(self):
         w, e = self.world_size, self.num_experts
         if e % w and w % e:
             raise ValueError(f"Topology: num_experts = {e} and world size {w}: one must divide the other")
+        if self.expert_slots is not None and (e % w or sorted(self.expert_slots) != list(range(e))):
+            raise ValueError(f"Topology: expert_slots = {self.expert_slots}: must be a permutation of 0..{e - 1} "
+                             f"with W = {w} dividing E")
 
     @property
     def world_size(self):
@@ -31,7 +39,7 @@ class Topology:
     def expert_rank(self):
         """int array [E]: the (first) rank hosting each expert."""
         e, w = self.num_experts, self.world_size
-        experts = np.arange(e)
+        experts = np.arange(e) if self.expert_slots is None else np.asarray(self.expert_slots, np.int64)
         return experts // (e // w) if e >= w else experts * (w // e)
 
     def expert_node(self):

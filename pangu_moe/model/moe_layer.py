@@ -1,6 +1,7 @@
 """The MoE layer: route -> dispatch -> experts -> combine, each step its own cell."""
+import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 from pangu_moe.precision import operand
 from pangu_moe.routing.base import Routing
@@ -15,7 +16,8 @@ class MoELayer(nn.Cell):
     The process holds R ranks' tokens (R = W on `local` and `simulated`, 1 on a multi-process backend),
     rank `first_rank + r` holding tokens [r*T/R, (r+1)*T/R). Each rank is its own routing group with
     capacity C: it routes and assigns slots alone, as it would on a real cluster, and its send buffer
-    [W, E_loc, C, H] is destination-major (expert e lives on rank e // E_loc).
+    [W, E_loc, C, H] is destination-major (slot s lives on rank s // E_loc; expert e in slot e unless a
+    `placement` moves it).
 
     Args:
         router: a `routing.base.Router`.
@@ -29,6 +31,11 @@ class MoELayer(nn.Cell):
         first_rank: world rank of the first rank held here.
         world_size: W (= R unless the backend runs one rank per process).
         aux_scope: "rank" or "global" (`route`; global only where the process holds every rank).
+        placement: None (expert e in slot e) or an int array [E], the slot of each expert (`dispatch.placement`):
+            the experts' weights and every buffer are in slot order, and each kept choice goes to its expert's
+            slot. It is held in Parameters a checkpoint carries and the trainer updates (`train.placement`):
+            `expert_slot` [E] int32 and `placement_window` [W, E] int32 (kept choices per (source rank, expert)
+            since the last placement).
 
     Precision (`PanguModel.use_precision`): the dispatch buffers, the experts and the exchange run in
     `compute_dtype`; the router sees its input in `router_dtype` (fp32 unless the router-precision ablation)
@@ -39,7 +46,7 @@ class MoELayer(nn.Cell):
     router_dtype = ms.float32
 
     def __init__(self, router, dispatcher, experts, num_ranks=1, exchange=None, first_rank=0, world_size=None,
-                 aux_scope="rank"):
+                 aux_scope="rank", placement=None):
         super().__init__()
         self.global_losses = aux_scope == "global" and num_ranks > 1
         self.router = router
@@ -50,6 +57,12 @@ class MoELayer(nn.Cell):
         self.exchange = exchange
         self.first_rank = first_rank
         self.world_size = world_size or num_ranks
+        self.expert_slot = None
+        if placement is not None:
+            self.expert_slot = Parameter(Tensor(np.asarray(placement, np.int32)), name="expert_slot",
+                                         requires_grad=False)
+            self.placement_window = Parameter(Tensor(np.zeros((self.world_size, self.num_experts), np.int32)),
+                                              name="placement_window", requires_grad=False)
 
     def route(self, x, token_ids, group_ids, capacity, training):
         """Route each rank's tokens as its own group; the router losses are the mean over the R groups
@@ -116,12 +129,20 @@ class MoELayer(nn.Cell):
     def layout(self, routing, capacity):
         """The buffer row of every choice and the token accounting (`Dispatcher.layout`) for a routing of the R
         ranks' T tokens: (flat_index [T*K] int32, tokens_per_expert [R, E], kept_per_expert [R, E], send and
-        node counts)."""
+        node counts). Buffers and counts are in slot order (`placement`; expert order without a map)."""
         expert_index, _, keep, slot, requested = routing[:5]
         num_tokens = expert_index.shape[0]
         rank = (ops.arange(num_tokens, dtype=ms.int32) // (num_tokens // self.num_ranks)).reshape(-1, 1)  # (T, 1)
-        pair_index = rank * self.num_experts + expert_index  # (T, K): the (source rank, expert) buffer of a choice
+        pair_index = rank * self.num_experts + self.slot_of(expert_index)  # (T, K): the (source rank, slot) buffer
         return self.dispatcher.layout(pair_index, slot, keep, requested, capacity)
+
+    def slot_of(self, expert_index):
+        """expert_index [T, K] int32 -> the slot hosting each chosen expert [T, K] int32 (`placement`)."""
+        return expert_index if self.expert_slot is None else ops.gather(self.expert_slot, expert_index, 0)
+
+    def by_expert(self, counts):
+        """counts [R, E] in slot order -> [R, E] in expert order (`placement`)."""
+        return counts if self.expert_slot is None else ops.gather(counts, self.expert_slot, 1)
 
     def apply(self, x, routing, capacity):
         """Dispatch, run the experts and combine, for a routing `route` computed.
@@ -139,16 +160,19 @@ class MoELayer(nn.Cell):
         hidden = x.shape[1]
         flat_index, tokens_per_expert, kept_per_expert, _, _ = self.layout(routing, capacity)
         if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
-            rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), expert_index, keep,
-                                                                 kept_per_expert, capacity)
+            rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype),
+                                                                 self.slot_of(expert_index), keep, kept_per_expert,
+                                                                 capacity)
             expert_rows = self.dispatcher.run_experts(rows, ends, self.experts.w_in, self.experts.w_out)  # (M, H)
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
-            return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
+            return (y.astype(ms.float32), losses, self.by_expert(tokens_per_expert), self.by_expert(kept_per_expert),
+                    policy_term)
         tokens = operand(x, self.compute_dtype, self.bf16_operands)  # the buffers and the exchange hold these
         buffer = self.dispatcher.dispatch(tokens, flat_index, capacity)  # (R*E, C, H)
         expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden), flat_index,
                                       tokens)
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
         y, policy_term = self.router.combine(self.dispatcher, expert_out, flat_index, gate, keep, log_prob)
-        return y.astype(ms.float32), losses, tokens_per_expert, kept_per_expert, policy_term
+        return (y.astype(ms.float32), losses, self.by_expert(tokens_per_expert), self.by_expert(kept_per_expert),
+                policy_term)
 

@@ -7,11 +7,12 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from pangu_moe.checks import check
+from pangu_moe.checks import check, initial_slots
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
 from pangu_moe.dispatch.collectives import SumOverRanks
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.exchange import Exchange
+from pangu_moe.dispatch.placement import rows_after_move
 from pangu_moe.dispatch.ragged import RaggedExchange
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
@@ -41,10 +42,12 @@ class PanguModel(nn.Cell):
         noise_tokens: tokens of one routing group in training: routers then take their training noise from
             buffers that `feed_noise` fills each step (`Router.enable_fed_noise`); None keeps MindSpore's
             stateful random ops.
+        placement: None (no expert placement) or the slot map [E] every MoE layer starts from
+            (`dispatch.placement`; `MoELayer`'s placement); `topology.expert_slots` must equal it.
     """
 
     def __init__(self, model_cfg, moe_cfg, topology=None, backend="local", exchange="flat", rank=0,
-                 kernels="reference", noise_tokens=None, exchange_layout="ragged"):
+                 kernels="reference", noise_tokens=None, exchange_layout="ragged", placement=None):
         super().__init__()
         m = model_cfg
         topology = topology or Topology(1, 1, moe_cfg.num_experts)
@@ -63,7 +66,7 @@ class PanguModel(nn.Cell):
         self.moe_blocks = nn.CellList([
             MoEBlock(m.hidden, m.num_heads,
                      build_moe_layer(m, moe_cfg, layer, out_std, topology, backend, exchange, rank, kernels,
-                                     noise_tokens, exchange_layout),
+                                     noise_tokens, exchange_layout, placement),
                      m.init_std,
                      out_std)
             for layer in range(m.num_moe_layers)])
@@ -192,15 +195,18 @@ class PanguModel(nn.Cell):
 
 
 def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local", exchange="flat", rank=0,
-                    kernels="reference", noise_tokens=None, exchange_layout="ragged"):
+                    kernels="reference", noise_tokens=None, exchange_layout="ragged", placement=None):
     """One MoE layer from the config (router by name, see `routing.registry`).
 
     `local` and `simulated` hold all W ranks in this process; `msrun_cpu` and `hccl` hold rank `rank`
     only, with its E_loc = E / W experts. `kernels` (an `ops.KERNEL_BACKENDS` name) runs the dispatch
-    ops, and the gating of the routers that support the fused op (`Router.use_kernels`).
+    ops, and the gating of the routers that support the fused op (`Router.use_kernels`). With a `placement`
+    slot map [E] the experts' weights are drawn as without one, then put in their slots (`MoELayer`).
     """
     router = build_router(model_cfg, moe_cfg, layer, topology)
     router.use_kernels(kernels)
+    if placement is not None:
+        router.follow_placement()
     if noise_tokens:
         router.enable_fed_noise(topology.world_size, noise_tokens)
     num_experts, world = moe_cfg.num_experts, topology.world_size
@@ -210,12 +216,14 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     held, first = (1, rank) if one_rank else (world, 0)
     shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
+    if placement is not None:
+        experts.move_rows(rows_after_move(np.arange(num_experts), placement))
     ep = None if backend == "local" else (RaggedExchange if exchange_layout == "ragged" else Exchange)(
         backend, exchange, first, topology.nodes, topology.devices_per_node)
     # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `checks.check`)
     dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes) if kernels == "ascend_builtin" else \
         Dispatcher(num_experts, held, world, topology.nodes, kernels)
-    return MoELayer(router, dispatcher, experts, held, ep, first, world, moe_cfg.aux_scope)
+    return MoELayer(router, dispatcher, experts, held, ep, first, world, moe_cfg.aux_scope, placement)
 
 
 def build_model(cfg, rank=0):
@@ -225,10 +233,12 @@ def build_model(cfg, rank=0):
     """
     check(cfg)
     p = cfg.parallel
-    topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
+    slots = initial_slots(cfg)
+    topology = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts,
+                        None if slots is None else tuple(int(s) for s in slots))
     group_tokens = cfg.train.batch_size * cfg.model.seq_len // topology.world_size
     model = PanguModel(cfg.model, cfg.moe, topology, p.dispatch, p.exchange, rank,
-                       run_kernel_backend(cfg), group_tokens, p.exchange_layout)
+                       run_kernel_backend(cfg), group_tokens, p.exchange_layout, slots)
     model.use_precision(cfg.train.precision, cfg.moe.router_dtype, cfg.runtime.device)
     return model
 
@@ -241,7 +251,8 @@ def is_expert_parameter(name):
 def extract_domain(model, domain):
     """Domain sub-model: all shared weights plus only group `domain`'s experts, routers and tables.
 
-    On inputs of that domain, with the same capacity, its logits are bit-identical to the full model's.
+    On inputs of that domain, with the same capacity, its logits are bit-identical to the full model's. Its experts
+    are in expert order whatever the full model's placement (`in_expert_order`); it has no placement.
 
     Args:
         model: a PanguModel with `moe.num_groups > 1`.
@@ -257,10 +268,25 @@ def extract_domain(model, domain):
     sub_moe = dataclasses.replace(moe, num_experts=moe.num_experts // moe.num_groups, num_groups=1)
     sub = PanguModel(model.model_cfg, sub_moe)
     sub.use_precision(*model.precision)
-    source = {p.name: p.asnumpy() for p in model.get_parameters()}
+    source = in_expert_order({p.name: p.asnumpy() for p in model.get_parameters()}, model)
     for p in sub.get_parameters():
         p.set_data(Tensor(domain_slice(p.name, source[p.name], domain, moe.num_experts, moe.num_groups), p.dtype))
     return sub
+
+
+def in_expert_order(arrays, model):
+    """{name: numpy} of `model`'s parameters or optimizer moments (`adam_m.<name>`) with each MoE layer's expert
+    rows put back in expert order, undoing its placement (`MoELayer`'s placement: row s holds the expert whose
+    slot is s). Other entries, and layers without a placement, are returned as they are."""
+    out = dict(arrays)
+    for layer, block in enumerate(model.moe_blocks):
+        if block.moe.expert_slot is None:
+            continue
+        slots = block.moe.expert_slot.asnumpy()
+        for name, value in arrays.items():
+            if is_expert_parameter(name) and f"moe_blocks.{layer}.moe." in name:
+                out[name] = value[slots]  # (E, ...): row e is expert e
+    return out
 
 
 def domain_slice(name, value, domain, num_experts, num_groups):

@@ -199,6 +199,21 @@ class Router(nn.Cell):
         (`model.moe_layer.MoELayer.route`)."""
         self.sum_over_ranks = cell
 
+    def follow_placement(self):
+        """Hold `local_mask` (routers that read where experts live: [W, E] fp32, `Topology.local_expert_mask`) in a
+        Parameter that `place` updates when experts move (`train.placement`). Call before the router joins its
+        parent cell (the Parameter's name gets the cell's prefix then)."""
+        mask = getattr(self, "local_mask", None)
+        if mask is not None:
+            delattr(self, "local_mask")
+            self.local_mask = Parameter(Tensor(mask.asnumpy()), name="local_mask", requires_grad=False)
+
+    def place(self, topology):
+        """Read the experts' placement from `topology` (a `Topology` with its `expert_slots`), after a move."""
+        if getattr(self, "local_mask", None) is not None:
+            # assign, not set_data: a compiled step keeps reading the Parameter's original memory
+            ops.assign(self.local_mask, Tensor(topology.local_expert_mask().astype(np.float32)))
+
     def noise_shapes(self, tokens):
         """{name: shape} of the U[0, 1) noise this router draws in training, per routing group of `tokens`."""
         return {"slot_keys": (tokens, self.top_k)} if self.slot_policy == "random" else {}

@@ -79,6 +79,12 @@ class DeepSeekRouter(LearnedRouter):
         limit, nodes = cfg.moe.deepseek.node_limit, cfg.parallel.nodes
         if limit > nodes:
             raise ConfigError(f"moe.deepseek.node_limit = {limit!r}: must be at most parallel.nodes={nodes}")
+        p = cfg.parallel
+        if limit and (p.placement or p.placement_every):
+            key, value = ("parallel.placement", p.placement) if p.placement else ("parallel.placement_every",
+                                                                                  p.placement_every)
+            raise ConfigError(f"{key} = {value!r}: must be {'[]' if p.placement else 0} with "
+                              f"moe.deepseek.node_limit > 0 (its node groups are fixed where the experts start)")
 
     def score(self, x, token_ids, group_ids, training, rank=None):
         logits = self.logits(x, group_ids)

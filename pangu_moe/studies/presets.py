@@ -1,4 +1,4 @@
-"""One study per claim: `pangu-moe study capacity | estimator | locality-null`.
+"""One study per claim: `pangu-moe study capacity | estimator | locality-null | locality | placement`.
 
 Each preset fixes, here and before it is run, its arms, its setting, its default steps and seeds (5, paired:
 seed i of every arm is run seed `routers.SEED` + i, the same initial weights, data order and routing tables),
@@ -32,6 +32,11 @@ end at the common evaluation capacity (`moe.eval_capacity_factor`).
   LocMoE arm requests fewer inter-node choices than the Switch arm of its aux scope, moves at most half its
   inter-node choices, and keeps val bpb within 3%. The study's JSON also carries `default_mu`, LocMoE's default
   mu as `default_mu` picks it from these verdicts (a rule written after the first locality run, for the next).
+- `placement`: the `locality` setting; Switch and LocMoE (mu 0.01, the locality study's pick), each without and
+  with expert placement every 10 steps (`parallel.placement_every`). Verdicts: Switch + placement moves at most
+  0.7 x Switch's inter-node choices (kept), with Switch's drops, val bpb and late LM loss bit for bit; LocMoE +
+  placement moves fewer inter-node choices than LocMoE alone and than Switch + placement, and keeps val bpb
+  within 3% of Switch's.
 
 Resume: OUT/<arm>/seed<i>/figures.json marks a finished run; rerun with the same --out to skip them. An
 unfinished run's folder (no figures.json) is removed and that run starts again. OUT/plan.json records the
@@ -225,6 +230,30 @@ def default_mu(result):
                                f"'not reproduced' quality verdict"}
 
 
+def placement_verdicts(result):
+    runs = result["runs"]
+    share = mean_ci95([a["inter_node_kept"] / max(b["inter_node_kept"], 1e-12)
+                       for a, b in zip(runs["switch_placed"], runs["switch"])])
+    rows = [{"claim": f"switch_placed moves at most {PLACEMENT_SHARE:g} x switch's inter-node choices",
+             "figure": f"inter-node kept share switch_placed / switch {interval(share, '{:.3f}')}",
+             "verdict": within(share, PLACEMENT_SHARE)}]
+    same = [all(a[f] == b[f] for f in SAME_AS_UNPLACED) for a, b in zip(runs["switch_placed"], runs["switch"])]
+    rows.append({"claim": "switch_placed has switch's drops, val bpb and late LM loss, bit for bit",
+                 "figure": f"all three equal in {sum(same)} of {len(same)} seeds",
+                 "verdict": REPRODUCED if all(same) else NOT_REPRODUCED})
+    for other in ("locmoe", "switch_placed"):
+        fewer = _paired(result, "locmoe_placed", other, "inter_node_kept")
+        rows.append({"claim": f"locmoe_placed moves fewer inter-node choices than {other}",
+                     "figure": f"inter-node share of kept choices locmoe_placed - {other} {interval(fewer)}",
+                     "verdict": direction(fewer, lower_is_claimed=True)})
+    rows.append(_keeps_bpb(result, "locmoe_placed", "switch"))
+    return rows
+
+
+PLACEMENT_EVERY = 10  # steps between re-placements in the placement study (the demo logs every 10 steps)
+PLACEMENT_SHARE = 0.7  # issue 31's target: Switch + placement at most 0.7 x Switch's inter-node share of kept choices
+PLACEMENT_MU = 0.01  # the mu the locality study's rule picked (default_mu; docs/results/2026-12-07-locality-study.md)
+SAME_AS_UNPLACED = ("dropped_fraction", "val_bpb", "late_lm_loss")
 LOCALITY_MUS = (0.0, 0.001, 0.003, 0.01, 0.03)
 LOCALITY_STUDY_MUS = (0.001, 0.01)  # either side of the KL variant's break-even (about 0.003 at eps 1e-3)
 BY_NODE = tuple(c for c in COMMON if not c.startswith("data.mixture")) + ("data.mixture=by_node",
@@ -253,6 +282,14 @@ PRESETS = {p.name: p for p in (
                for mu in LOCALITY_STUDY_MUS for scope in ("", "_global")},
             "control_groups_by_node": ["moe.router=topk", "moe.num_groups=2"]},
            120, "switch", locality_verdicts),
+    Preset("placement", "Expert placement: moving experts to the nodes their tokens come from cuts Switch's inter-node "
+                        "choices without changing what it computes, and adds to LocMoE's locality", BY_NODE,
+           {"switch": ["moe.router=topk"],
+            "switch_placed": ["moe.router=topk", f"parallel.placement_every={PLACEMENT_EVERY}"],
+            "locmoe": ["moe.router=locmoe", f"moe.locmoe.locality_coeff={PLACEMENT_MU}"],
+            "locmoe_placed": ["moe.router=locmoe", f"moe.locmoe.locality_coeff={PLACEMENT_MU}",
+                              f"parallel.placement_every={PLACEMENT_EVERY}"]},
+           120, "switch", placement_verdicts),
 )}
 
 
@@ -352,6 +389,7 @@ def _run_isolated(cfg, run_dir, probes):
 def train_figures(config, run_dir, probes=False):
     """Train one run; return its figures: `SUMMARY_FIELDS`, `late_figures` and, with `probes`, the direction
     checks at the start and the end (`direction_probes`). `config`: a RunConfig as a dict."""
+    from pangu_moe.checks import initial_slots
     from pangu_moe.train.metrics import read
     from pangu_moe.train.trainer import Trainer
     trainer = Trainer(RunConfig.from_dict(config), run_dir, lambda line: print(line, file=sys.stderr, flush=True))
@@ -360,8 +398,10 @@ def train_figures(config, run_dir, probes=False):
     if probes:
         figures.update({f"{k}_end": v for k, v in direction_probes(trainer).items()})
     records = read(os.path.join(run_dir, "metrics.jsonl"))
-    return {**{f: summary[f] for f in SUMMARY_FIELDS}, **figures,
-            **late_figures(records, trainer.topology)}
+    first = initial_slots(trainer.cfg)  # the map the run started from, before any `placements` event
+    topology = trainer.topology if first is None else dataclasses.replace(
+        trainer.topology, expert_slots=tuple(int(s) for s in first))
+    return {**{f: summary[f] for f in SUMMARY_FIELDS}, **figures, **late_figures(records, topology)}
 
 
 def late_figures(records, topology):
@@ -376,15 +416,23 @@ def late_figures(records, topology):
     from pangu_moe.accounting.traffic import route_classes
     train = [r for r in records if "layers" in r]
     late = train[-max(1, math.ceil(LATE * len(train))):]
-    layers = [layer for r in late for layer in r["layers"]]
+    placed = [(layer, topology_of) for r in late
+              for layer, topology_of in zip(r["layers"], _maps(records, r, topology))]
+    layers = [layer for layer, _ in placed]
     requested = sum(sum(map(sum, layer["tokens_per_rank_expert"])) for layer in layers)
     kept = sum(sum(layer["kept_per_expert"]) for layer in layers)
     out = {"late_lm_loss": float(np.mean([r["lm_loss"] for r in late])),
            "kept_per_expert": float(np.mean([np.mean(layer["kept_per_expert"]) / topology.world_size
                                              for layer in layers])),
-           "inter_node_requested": sum(route_classes(layer["tokens_per_rank_expert"], topology)["inter"]
-                                       for layer in layers) / max(1, requested),
-           "inter_node_kept": sum(layer["tokens_inter"] for layer in layers) / max(1, kept)}
+           "inter_node_requested": sum(route_classes(layer["tokens_per_rank_expert"], topology_of)["inter"]
+                                       for layer, topology_of in placed) / max(1, requested),
+           "inter_node_kept": sum(layer["tokens_inter"] for layer in layers) / max(1, kept),
+           "late_inter_node_mb_per_step": sum(layer["bytes_inter"] for layer in layers) / len(late) / 1e6}
+    events = [e for r in records for e in r.get("placements", ())]
+    if events:
+        out.update(placement_moves=sum(sum(e["moved"]) for e in events),
+                   placement_move_mb=sum(e["move_bytes_intra"] + e["move_bytes_inter"] for e in events) / 1e6,
+                   early_inter_node_mb_per_step=sum(layer["bytes_inter"] for layer in train[0]["layers"]) / 1e6)
     modelled = [r["modelled_exchange_ms"] for r in late if "modelled_exchange_ms" in r]
     if modelled:  # modelled (accounting.cost.modelled_exchange_seconds): the step's routing on the config's links
         out["modelled_exchange_ms"] = float(np.mean(modelled))
@@ -399,6 +447,18 @@ def late_figures(records, topology):
                         f"{field}_slope": slope})
         out["q_max_last"] = float(np.mean([e["q_max"] for e in estimates if e["step"] == steps[-1]]))
     return out
+
+
+def _maps(records, record, topology):
+    """The `Topology` of each MoE layer at the step of `record`: `topology` with the expert placement in force,
+    the map of the latest `placements` event of an earlier step (events: docs/outputs.md), or `topology` itself."""
+    from pangu_moe.dispatch.placement import slots_from_ranks
+    events = [e for r in records for e in r.get("placements", ()) if e["step"] < record["step"]]
+    if not events:
+        return [topology] * len(record["layers"])
+    latest = max(events, key=lambda e: e["step"])
+    return [dataclasses.replace(topology, expert_slots=tuple(int(s) for s in slots_from_ranks(
+        ranks, topology.world_size))) for ranks in latest["expert_rank"]]
 
 
 def direction_probes(trainer):

@@ -9,19 +9,25 @@ Both write a run directory (OUT/config.yaml plus the checkpoint), so `eval`, `ge
   The config gets a parallel layout of W2 ranks (the source's node count if W2 allows, else its
   devices per node, else one node); a consolidated file keeps the source's layout. Either gets the
   `simulated` backend when one process will hold every expert (W2 = 1, or consolidated) of a
-  multi-process run.
+  multi-process run. A run that places its experts (parallel.placement*) keeps each layer's slot map: on
+  a new world size the slots' rows are hosted by new ranks, the routers' locality masks follow, and the
+  window of kept choices towards the next re-placement starts again (`_placement_for_layout`).
 - `extract_domain`: the PanGu-Σ sub-model of one domain (`model.pangu.extract_domain`: dense layers plus
-  the domain's expert group, with its optimizer moments), with `moe.num_groups = 1` and E_g experts.
+  the domain's expert group, with its optimizer moments), with `moe.num_groups = 1` and E_g experts, in
+  expert order whatever the run's placement, and no placement of its own.
 """
 import dataclasses
 import os
 import shutil
 
+import numpy as np
 from mindspore import Tensor
 
 from pangu_moe.config import MULTI_PROCESS_BACKENDS, ConfigError, RunConfig
 from pangu_moe.data.source import RUN_FILES
-from pangu_moe.model.pangu import domain_slice, extract_domain, is_expert_parameter
+from pangu_moe.dispatch.placement import expert_ranks, slots_from_ranks
+from pangu_moe.dispatch.topology import Topology
+from pangu_moe.model.pangu import domain_slice, extract_domain, in_expert_order, is_expert_parameter
 from pangu_moe.train import checkpoint
 from pangu_moe.train.optim import HybridEpsAdamW
 from pangu_moe.train.restore import restore, run_config
@@ -52,6 +58,23 @@ def read_all(path):
     return {n: v.asnumpy() for n, v in shared.items()}, experts
 
 
+def _placement_for_layout(shared, topology):
+    """The shared entries of a run that places its experts (`model.moe_layer.MoELayer`'s placement), moved to the
+    ranks of `topology` (a new world size): each layer's slot map stays (a slot is a row of the expert weights,
+    hosted by rank slot // E_loc on any layout), its routers' locality masks are those of the new layout, and its
+    window of kept choices per source rank starts again (the old ranks' rows are not the new ones')."""
+    out = dict(shared)
+    for name, value in shared.items():
+        layer = name.rsplit(".moe.", 1)[0]
+        if name.endswith(".moe.placement_window"):
+            out[name] = np.zeros((topology.world_size, value.shape[1]), value.dtype)
+        elif name.endswith(".moe.router.local_mask"):
+            slots = tuple(int(s) for s in shared[layer + ".moe.expert_slot"])
+            placed = dataclasses.replace(topology, expert_slots=slots)
+            out[name] = placed.local_expert_mask().astype(value.dtype)
+    return out
+
+
 def reshard(path, out, ep=None, consolidate=False):
     """Convert checkpoint `path` to `ep` expert shards, or with `consolidate` to one bare file (the run's
     own layout, single-process), in run directory `out`.
@@ -75,8 +98,14 @@ def reshard(path, out, ep=None, consolidate=False):
     dispatch = source.parallel.dispatch
     if (ep == 1 or consolidate) and dispatch in MULTI_PROCESS_BACKENDS:
         dispatch = "simulated"  # one process holds every expert
-    cfg = RunConfig.from_dict(source.to_dict(), [f"parallel.nodes={nodes}", f"parallel.devices_per_node={devices}",
-                                                 f"parallel.dispatch={dispatch}"])
+    overrides = [f"parallel.nodes={nodes}", f"parallel.devices_per_node={devices}", f"parallel.dispatch={dispatch}"]
+    if (nodes, devices) != (source.parallel.nodes, source.parallel.devices_per_node):
+        shared = _placement_for_layout(shared, Topology(nodes, devices, experts_total))
+        if source.parallel.placement:  # the initial map, on the new ranks
+            p = source.parallel
+            first = slots_from_ranks(p.placement, p.nodes * p.devices_per_node)
+            overrides.append(f"parallel.placement={expert_ranks(first, nodes * devices).tolist()}")
+    cfg = RunConfig.from_dict(source.to_dict(), overrides)
     _prepare(out, path)
     cfg.save(os.path.join(out, "config.yaml"))
     file_format = cfg.runtime.checkpoint_format
@@ -127,12 +156,14 @@ def extract_domain_run(path, domain, out):
     model, optimizer, state = restore(path, cfg)
     sub = extract_domain(model, d)
     moe = cfg.moe
+    # the sub-model's experts are in expert order (`extract_domain`), so it starts with no placement
     sub_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(moe, num_experts=moe.num_experts // moe.num_groups,
-                                                                num_groups=1))
+                                                                num_groups=1),
+                                  parallel=dataclasses.replace(cfg.parallel, placement=[], placement_every=0))
     sub_cfg = RunConfig.from_dict(sub_cfg.to_dict())  # validated: e.g. the topology must fit E_g experts
     t = cfg.train
     sub_optimizer = HybridEpsAdamW(sub.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps, t.weight_decay)
-    moments = {p.name: p.asnumpy() for p in optimizer.get_parameters()}
+    moments = in_expert_order({p.name: p.asnumpy() for p in optimizer.get_parameters()}, model)
     for p in sub_optimizer.get_parameters():
         name = p.name
         for prefix in MOMENT_PREFIXES:

@@ -31,13 +31,15 @@ from pangu_moe.train import metrics as metrics_file
 from pangu_moe.train.metrics import MetricsLog, TensorBoardLog
 from pangu_moe.train.optim import HybridEpsAdamW
 from pangu_moe.train.profile import StepProfiler
+from pangu_moe.train.placement import ExpertPlacement
 from pangu_moe.train.restore import STATE_KEYS
 from pangu_moe.train.schedule import learning_rate
 from pangu_moe.train.stop import StopOnSignal, TrainingStopped
 from pangu_moe.train.steps import make_eval_step, make_train_step
 
 # Trajectory fields added after checkpoints began to carry a config fingerprint, with their defaults.
-ADDED_FIELDS = {"train.fused_optimizer": False}
+ADDED_FIELDS = {"train.fused_optimizer": False, "parallel.placement": [], "parallel.placement_every": 0,
+                "parallel.placement_hysteresis": 1.0}
 # What the start line adds to train.precision on a device (CPU fp16 matmuls are slower than fp32 ones: a demo step
 # took 2.69x as long, mean of 3 seeds, docs/results/2026-12-07-precision.md).
 PRECISION_NOTES = {("fp16", "CPU"): " (on CPU about 2.7x slower than fp32: for checking numerics, not for speed)",
@@ -84,6 +86,8 @@ class Trainer:
         scaler = LossScaler(t.precision == "fp16", t.loss_scale, t.loss_scale_window, t.loss_scale_backoff)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay, scaler, t.fused_optimizer)
+        self.placement = ExpertPlacement(self.model, self.optimizer, self.topology, cfg.parallel.placement_every,
+                                         BYTES[t.precision], cfg.parallel.placement_hysteresis)
         self.data_parallel = None
         if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
             self.data_parallel = DataParallel(self.optimizer.parameters, world,
@@ -150,11 +154,12 @@ class Trainer:
             bucket = min(limit, capacity_bucket(demand, self.capacity))
             self.reruns += 1
 
-    def _exchange_seconds(self, kept, slots):
+    def _exchange_seconds(self, kept, slots, topology):
         """Modelled exchange time of one layer at this step's routing (`accounting.cost.modelled_exchange_seconds`
-        with the run's links, layout and algorithm): kept [W, E]; slots: the buffers' slots per expert."""
+        with the run's links, layout and algorithm): kept [W, E]; slots: the buffers' slots per expert; topology:
+        where the layer's experts were."""
         p = self.cfg.parallel
-        return modelled_exchange_seconds(kept, slots, self.topology, self.cfg.model.hidden,
+        return modelled_exchange_seconds(kept, slots, topology, self.cfg.model.hidden,
                                          BYTES[self.cfg.train.precision], Links.from_config(p), p.exchange_layout,
                                          p.exchange == "hierarchical")
 
@@ -262,11 +267,14 @@ class Trainer:
             loss, lm_loss, router_losses, grad_norm, demand, kept, loss_scale = out
             state["step"] = step = state["step"] + 1
             profiler.after_step(step - 1)
+            topologies = self.placement.topologies()  # where this step's experts were
             if np.isfinite(loss) and np.isfinite(grad_norm):
                 state["consecutive_skips"] = 0
-                self._count_routing(state, demand, kept)
+                self._count_routing(state, demand, kept, topologies)
+                self.placement.observe(kept)
             else:
                 self._skip(state, loss, grad_norm, scale_before, loss_scale)
+            self.placement.after_step(step)
             scale_before = loss_scale
             if timed:
                 state["train_seconds"] += seconds
@@ -284,12 +292,16 @@ class Trainer:
                           "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
                           "capacity_bucket": bucket, "reruns": self.reruns, "compile_seconds": compiling,
                           "compiled_steps": compiled,
-                          "modelled_exchange_ms": 1e3 * sum(self._exchange_seconds(k, bucket) for k in kept),
-                          "layers": [layer_record(d, k, c, self.topology, cfg.model.hidden, BYTES[t.precision], bucket)
-                                     for d, k, c in zip(demand, kept, capacities)]}
+                          "modelled_exchange_ms": 1e3 * sum(self._exchange_seconds(k, bucket, topology)
+                                                            for k, topology in zip(kept, topologies)),
+                          "layers": [layer_record(d, k, c, topology, cfg.model.hidden, BYTES[t.precision], bucket)
+                                     for d, k, c, topology in zip(demand, kept, capacities, topologies)]}
                 if self.estimates:
                     record["estimates"] = self.estimates
                     self.estimates = []
+                if self.placement.events:
+                    record["placements"] = self.placement.events
+                    self.placement.events = []
                 if do_eval:
                     val = self.evaluator.evaluate(t.eval_batches)
                     record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"])
@@ -320,14 +332,15 @@ class Trainer:
             return "the same launch command with --resume"
         return f"pangu-moe train --config {os.path.join(self.run_dir, 'config.yaml')} --out {self.run_dir} --resume"
 
-    def _count_routing(self, state, demand, kept):
-        """Host-side router updates and the run's token accounting of a step that was applied."""
+    def _count_routing(self, state, demand, kept, topologies):
+        """Host-side router updates and the run's token accounting of a step that was applied (`topologies`: where
+        each MoE layer's experts were)."""
         for router, layer_demand in zip(self.routers, demand):
             router.after_step(layer_demand.sum(0))
         state["choices_total"] += int(demand.sum())
         state["kept_total"] += int(kept.sum())
-        for layer_kept in kept:
-            for place, count in route_classes(layer_kept, self.topology).items():
+        for layer_kept, topology in zip(kept, topologies):
+            for place, count in route_classes(layer_kept, topology).items():
                 state["routed_" + place] += count
 
     def _skip(self, state, loss, grad_norm, scale_before, loss_scale):

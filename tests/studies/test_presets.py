@@ -124,6 +124,54 @@ def test_locality_verdicts():
     assert presets.default_mu(_result("locality", per_arm))["mu"] == 0.001
 
 
+def test_the_placement_arms_differ_only_in_router_and_placement(tiny_yaml):
+    configs = presets.preset_configs(presets.PRESETS["placement"], tiny_yaml, 7, 3)
+    assert [c.parallel.placement_every for c in configs.values()] == [0, 10, 0, 10]
+    assert [c.moe.router for c in configs.values()] == ["topk", "topk", "locmoe", "locmoe"]
+    assert configs["locmoe_placed"].moe.locmoe.locality_coeff == 0.01
+    assert {c.data.mixture for c in configs.values()} == {"by_node"}
+
+
+def test_placement_verdicts():
+    def arm(inter_kept, bpb=3.0, noise=0.002):
+        return _seeds(BASE, noise, inter_node_kept=inter_kept, val_bpb=bpb, late_lm_loss=4.0)
+    per_arm = {"switch": arm(0.5), "switch_placed": arm(0.3), "locmoe": arm(0.2), "locmoe_placed": arm(0.1)}
+    rows = {r["claim"]: r["verdict"] for r in _result("placement", per_arm)["verdicts"]}
+    assert rows == {"switch_placed moves at most 0.7 x switch's inter-node choices": "reproduced",
+                    "switch_placed has switch's drops, val bpb and late LM loss, bit for bit": "reproduced",
+                    "locmoe_placed moves fewer inter-node choices than locmoe": "reproduced",
+                    "locmoe_placed moves fewer inter-node choices than switch_placed": "reproduced",
+                    "locmoe_placed keeps quality (val bpb within 3% of switch's)": "reproduced"}
+    per_arm["switch_placed"] = arm(0.36)  # 0.72 x switch's
+    per_arm["switch_placed"][4]["val_bpb"] += 1e-9  # one seed's val bpb differs in its last digits
+    per_arm["locmoe_placed"] = arm(0.25)
+    rows = {r["claim"]: r["verdict"] for r in _result("placement", per_arm)["verdicts"]}
+    assert rows["switch_placed moves at most 0.7 x switch's inter-node choices"] == "not reproduced"
+    assert rows["switch_placed has switch's drops, val bpb and late LM loss, bit for bit"] == "not reproduced"
+    assert rows["locmoe_placed moves fewer inter-node choices than locmoe"] == "not reproduced"
+    assert rows["locmoe_placed moves fewer inter-node choices than switch_placed"] == "reproduced"
+
+
+def test_late_figures_read_each_step_on_the_map_it_ran_on():
+    from pangu_moe.dispatch.topology import Topology
+    # 2 nodes x 1 device, 2 experts; rank 0 asks 6 of expert 0 and 2 of expert 1, rank 1 the reverse
+    layer = {"kept_per_expert": [8, 8], "tokens_per_rank_expert": [[6, 2], [2, 6]], "tokens_inter": 4,
+             "bytes_inter": 1000}
+    records = [{"step": s, "lm_loss": 1.0, "layers": [layer]} for s in range(1, 11)]
+    got = presets.late_figures(records, Topology(2, 1, 2))
+    assert got["inter_node_requested"] == 0.25 and got["late_inter_node_mb_per_step"] == 0.001
+    assert "placement_moves" not in got
+    # a placement after step 8 swaps the experts: steps 9 and 10 (the late 20%) ask 12 of 16 across nodes
+    records[7]["placements"] = [{"step": 8, "expert_rank": [[1, 0]], "moved": [2], "move_bytes_intra": 0,
+                                 "move_bytes_inter": 3_000_000}]
+    got = presets.late_figures(records, Topology(2, 1, 2))
+    assert got["inter_node_requested"] == 0.75
+    assert (got["placement_moves"], got["placement_move_mb"], got["early_inter_node_mb_per_step"]) == (2, 3.0, 0.001)
+    records[9]["placements"] = [{"step": 10, "expert_rank": [[0, 1]], "moved": [2], "move_bytes_intra": 0,
+                                 "move_bytes_inter": 3_000_000}]  # after the last step: reads no step
+    assert presets.late_figures(records, Topology(2, 1, 2))["inter_node_requested"] == 0.75
+
+
 def test_direction_probes_on_hand_made_inputs():
     same = np.ones((2, 3, 4))
     assert presets.token_correlation(same) == pytest.approx(1.0)
@@ -140,8 +188,10 @@ def test_late_figures_from_records():
     from pangu_moe.dispatch.topology import Topology
     # 2 nodes x 1 device, 2 experts: expert 0 on node 0, expert 1 on node 1; layer 0's rank 0 asks 6 of expert 0
     # and 2 of expert 1 (inter), rank 1 asks 2 of expert 0 (inter) and 2 of expert 1
-    layer0 = {"kept_per_expert": [8, 4], "tokens_per_rank_expert": [[6, 2], [2, 2]], "tokens_inter": 3}
-    layer1 = {"kept_per_expert": [4, 4], "tokens_per_rank_expert": [[4, 0], [0, 4]], "tokens_inter": 0}
+    layer0 = {"kept_per_expert": [8, 4], "tokens_per_rank_expert": [[6, 2], [2, 2]], "tokens_inter": 3,
+              "bytes_inter": 0}
+    layer1 = {"kept_per_expert": [4, 4], "tokens_per_rank_expert": [[4, 0], [0, 4]], "tokens_inter": 0,
+              "bytes_inter": 0}
     records = [{"step": s, "lm_loss": float(s), "layers": [layer0, layer1]} for s in range(1, 11)]
     records[0]["estimates"] = [{"step": 0, "layer": 0, "need": 20, "capacity": 16, "q_max": 0.5},
                                {"step": 0, "layer": 1, "need": 30, "capacity": 16, "q_max": 0.5}]
@@ -167,8 +217,9 @@ def test_late_figures_from_records():
 def test_an_unknown_study_and_empty_runs_are_refused(tiny_yaml, tmp_path, capsys):
     assert cli.main(["study", "routers", "--first-seed", "3"]) == 2
     assert capsys.readouterr().err == ("pangu-moe study: error: --first-seed: only for the claim studies (capacity, "
-                                       "estimator, locality-null, locality), not routers\n")
-    with pytest.raises(ConfigError, match="study 'speed': choose from capacity, estimator, locality-null, locality"):
+                                       "estimator, locality-null, locality, placement), not routers\n")
+    with pytest.raises(ConfigError, match="study 'speed': choose from capacity, estimator, locality-null, locality, "
+                                          "placement"):
         presets.run("speed", "x.yaml", "out")
     for seeds, steps in ((0, 10), (1, 0)):
         with pytest.raises(ConfigError, match=f"--seeds = {seeds}, --steps = {steps}: both must be >= 1"):

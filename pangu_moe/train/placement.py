@@ -1,0 +1,105 @@
+"""Expert placement during training (parallel.placement_every): count where the kept choices come from, and every
+N steps move each MoE layer's experts to the slots `dispatch.placement.choose` picks.
+
+A move permutes the expert weight rows and their Adam moments in this process (`local`, `simulated`: every rank's
+experts are here) and updates the layer's slot map and the locality masks of the routers that read it. The
+routing, capacity and drops are by expert id, so a move changes which rank computes an expert, never the result.
+Everything a resume needs is in the model's Parameters (`model.moe_layer.MoELayer`'s placement): the slot map,
+the window's counts, the routers' masks; a checkpoint carries them.
+"""
+import dataclasses
+import math
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from pangu_moe.dispatch.placement import choose, expert_ranks, rows_after_move
+
+VALUE_BYTES = 4  # weights and Adam moments are fp32 whatever train.precision (`precision`)
+
+
+class ExpertPlacement:
+    """The placement of a trainer's model.
+
+    Args: model: `PanguModel`; optimizer: `train.optim.HybridEpsAdamW` over its parameters; topology: the run's
+        `Topology` (no placement); every: parallel.placement_every (0: the map stays as built); exchange_bytes:
+        bytes per value of the exchanged activations (`train.precision`); hysteresis: parallel.placement_hysteresis.
+    """
+
+    def __init__(self, model, optimizer, topology, every, exchange_bytes, hysteresis=1.0):
+        self.layers = [block.moe for block in model.moe_blocks]
+        self.enabled = self.layers[0].expert_slot is not None
+        self.topology, self.every = topology, every
+        self.moments = {p.name: (m, v) for p, m, v in zip(optimizer.parameters, optimizer.moments1,
+                                                           optimizer.moments2)}
+        experts = self.layers[0].experts
+        hidden = experts.w_in.shape[1]
+        # A choice served on its own node saves its H-vector both ways; the window's demand is taken to persist
+        # for the next `every` steps, so a windowed choice stands for one such choice over that horizon.
+        self.saved_per_choice = 2 * hidden * exchange_bytes
+        # a moved expert sends its two weights and both Adam moments of each
+        self.expert_bytes = 3 * int(np.prod(experts.w_in.shape[1:]) + np.prod(experts.w_out.shape[1:])) * VALUE_BYTES
+        self.cost_per_move = math.ceil(hysteresis * self.expert_bytes)  # what a move must save (`choose`)
+        self.events = []  # re-placements since the last metrics record
+
+    def slots(self, layer):
+        """int64 [E]: MoE layer `layer`'s slot map (the identity without a placement)."""
+        moe = self.layers[layer]
+        return np.arange(moe.num_experts) if moe.expert_slot is None else moe.expert_slot.asnumpy().astype(np.int64)
+
+    def topology_of(self, layer):
+        """The `Topology` MoE layer `layer`'s experts live in (the run's without a placement)."""
+        if not self.enabled:
+            return self.topology
+        return dataclasses.replace(self.topology, expert_slots=tuple(int(s) for s in self.slots(layer)))
+
+    def topologies(self):
+        """[`topology_of`(layer) for each MoE layer]."""
+        return [self.topology_of(layer) for layer in range(len(self.layers))]
+
+    def observe(self, kept):
+        """Add a step's kept choices [L, W, E] (expert order) to each layer's window."""
+        if not self.enabled:
+            return
+        for moe, layer_kept in zip(self.layers, kept):
+            ops.assign(moe.placement_window, Tensor(moe.placement_window.asnumpy() + layer_kept.astype(np.int32)))
+
+    def after_step(self, step):
+        """Re-place every layer's experts if `step` ends a window (`every`); the event is kept for the next
+        metrics record (`events`)."""
+        if not self.enabled or not self.every or step % self.every:
+            return
+        node = np.arange(self.topology.world_size) // self.topology.devices_per_node
+        event = {"step": step, "expert_rank": [], "moved": [], "move_bytes_intra": 0, "move_bytes_inter": 0}
+        for layer, moe in enumerate(self.layers):
+            window = moe.placement_window.asnumpy().astype(np.int64)  # (W, E)
+            by_node = np.zeros((self.topology.nodes, window.shape[1]), np.int64)
+            np.add.at(by_node, node, window)  # (N, E)
+            old = self.slots(layer)
+            new = choose(by_node, old, self.topology.world_size, self.topology.devices_per_node,
+                         self.saved_per_choice, self.cost_per_move)
+            if (new != old).any():
+                self.move(layer, old, new)
+            old_node = node[expert_ranks(old, self.topology.world_size)]
+            new_rank = expert_ranks(new, self.topology.world_size)
+            moved = new != old
+            crossing = int((moved & (old_node != node[new_rank])).sum())
+            event["expert_rank"].append(new_rank.tolist())
+            event["moved"].append(int(moved.sum()))
+            event["move_bytes_inter"] += crossing * self.expert_bytes
+            event["move_bytes_intra"] += (int(moved.sum()) - crossing) * self.expert_bytes
+            ops.assign(moe.placement_window, Tensor(np.zeros(window.shape, np.int32)))
+        self.events.append(event)
+
+    def move(self, layer, old, new):
+        """Move MoE layer `layer`'s experts from slot map `old` to `new` (int [E]): weights, Adam moments, the
+        map and the router's masks."""
+        moe = self.layers[layer]
+        source = rows_after_move(old, new)
+        moe.experts.move_rows(source)
+        for weight in (moe.experts.w_in, moe.experts.w_out):
+            for moment in self.moments[weight.name]:
+                # assign, not set_data: a compiled step keeps reading the Parameter's original memory
+                ops.assign(moment, Tensor(moment.asnumpy()[source]))
+        ops.assign(moe.expert_slot, Tensor(np.asarray(new, np.int32)))
+        moe.router.place(self.topology_of(layer))
