@@ -93,6 +93,17 @@ def test_moves_are_logged_with_their_bytes_and_the_accounting_follows_the_map(un
                [[layer[k] for k in split] for layer in want["layers"]] for got, want in zip(records[2:], unplaced[2:]))
 
 
+def test_placement_gathers_each_domains_experts_on_its_node(tmp_path):
+    # two domain groups (experts 0, 1 for domain 0 on node 0; 2, 3 for domain 1 on node 1), started scattered:
+    # experts 1 and 2 on the wrong node, so half of every node's choices cross. One window shows where the
+    # demand is; the first placement swaps them and from then on nothing crosses.
+    records = _train(tmp_path, "moe.num_groups=2", "parallel.placement=[0, 2, 1, 3]", *MOVING)
+    assert all(layer["tokens_inter"] > 0 for r in records[:2] for layer in r["layers"])
+    assert records[1]["placements"][0]["expert_rank"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert all(layer["tokens_inter"] == 0 for r in records[2:] for layer in r["layers"])
+    assert [sum(e["moved"]) for r in records for e in r.get("placements", [])] == [4, 0, 0]
+
+
 def test_resume_across_a_move_reproduces_the_uninterrupted_run(moving_simulated, tmp_path):
     run_dir, records = moving_simulated
     resumed = tmp_path / "resumed"
