@@ -61,6 +61,24 @@ def test_series_of_hand_made_records():
     assert steps.tolist() == [4] and values.tolist() == [5.5]
 
 
+def test_the_placement_figure_draws_each_experts_rank_from_each_placement_on(tmp_path):
+    moved = {"step": 3, "expert_rank": [[1, 0, 2, 3], [0, 1, 3, 2]], "moved": [2, 2], "move_bytes_intra": 0,
+             "move_bytes_inter": 0}
+    records = [dict(RECORDS[0]), {**RECORDS[1], "placements": [moved]}]
+    assert run_data.placement_series(RECORDS, [0, 1, 2, 3]) is None
+    steps, ranks = run_data.placement_series(records, [0, 1, 2, 3])
+    assert steps.tolist() == [0, 3]
+    assert ranks.tolist() == [[[0, 1, 2, 3], [1, 0, 2, 3]], [[0, 1, 2, 3], [0, 1, 3, 2]]]  # (L, n + 1, E)
+    run = run_data.Run("placed", "", None, records, None, None)
+    assert "placement_placed.png" in [name for name, _, _ in report.figures([run])]
+    assert "placement_r.png" not in [name for name, _, _ in report.figures([run_data.Run("r", "", None, RECORDS,
+                                                                                          None, None)])]
+    fig = plots.placement_figure(run, str(tmp_path / "placement.png"), [0, 1, 2, 3])
+    assert open(tmp_path / "placement.png", "rb").read(8) == PNG
+    mesh = fig.axes[0].collections[0]
+    assert mesh.get_array().reshape(4, 2).tolist() == [[0, 1], [1, 0], [2, 2], [3, 3]]  # expert x column
+
+
 def test_constant_routing_panels_are_named_not_drawn():
     from pangu_moe.report import plots
     run = run_data.Run("hand", "hand", None, RECORDS, None, None)

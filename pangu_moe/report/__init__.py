@@ -3,7 +3,8 @@
 `write(runs, out)` writes OUT/report.md (the table, the figures it links), OUT/report.json (the same
 numbers) and, when matplotlib is installed (`pip install 'pangu_moe[plot]'`), the PNGs:
 loss.png, routing.png (dropped, inter-node, capacity), load_<run>.png per run (expert-load heatmap per
-MoE layer) and trace_<run>.png for runs holding a generation trace.
+MoE layer), placement_<run>.png for runs that re-placed their experts (the rank of each expert over the
+steps) and trace_<run>.png for runs holding a generation trace.
 """
 import json
 import os
@@ -29,10 +30,25 @@ def figures(runs):
             # one expert (the study's dense arm) has a constant load: no figure
             found.append((f"load_{run.name}.png", f"{run.name}: expert load per MoE layer over steps",
                           lambda path, run=run: plots.load_figure(run, path)))
+        first = initial_ranks(run)
+        if run_data.placement_series(run.records, first) is not None:
+            found.append((f"placement_{run.name}.png", f"{run.name}: where each expert lived (expert placement)",
+                          lambda path, run=run, first=first: plots.placement_figure(run, path, first)))
         if run.trace:
             found.append((f"trace_{run.name}.png", f"{run.name}: routing of generated text",
                           lambda path, run=run: plots.trace_figure(run.trace, run.name, path)))
     return found
+
+
+def initial_ranks(run):
+    """int [E]: the rank of each expert when `run` started (parallel.placement, else contiguous); the
+    contiguous map of one rank when the run has no config."""
+    experts = len(run.records[0]["layers"][0]["tokens_per_expert"]) if run_data.num_moe_layers(run.records) else 0
+    if run.config is None:
+        return [0] * experts
+    p = run.config.parallel
+    world = p.nodes * p.devices_per_node
+    return list(p.placement) or [e * world // experts for e in range(experts)]
 
 
 def write(runs, out, log=print):

@@ -131,6 +131,26 @@ def load_figure(run, path):
     _save(fig, path)
 
 
+def placement_figure(run, path, first):
+    """Per MoE layer, the rank hosting each expert over the run (`runs.placement_series` from `first`, the map
+    it started from): one row per expert, coloured by rank, a column from each placement's step on."""
+    plt = pyplot()
+    steps, ranks = run_data.placement_series(run.records, first)
+    last = max(int(steps[-1]) + 1, run_data.layer_steps(run.records)[-1] if run_data.num_moe_layers(run.records)
+               else 0)
+    edges = np.append(steps, last)  # column j spans steps [edges[j], edges[j + 1])
+    world = int(ranks.max()) + 1
+    fig, axes = plt.subplots(len(ranks), 1, figsize=(10, (1.2 + 0.35 * ranks.shape[2]) * len(ranks)), squeeze=False)
+    for layer, ax in enumerate(axes[:, 0]):
+        image = ax.pcolormesh(edges, np.arange(ranks.shape[2] + 1) - 0.5, ranks[layer].T,
+                              cmap=plt.get_cmap("tab10", world), vmin=-0.5, vmax=world - 0.5)
+        ax.set(title=f"{run.name}: MoE layer {layer}, the rank hosting each expert", xlabel="step", ylabel="expert")
+        fig.colorbar(image, ax=ax, label="rank", ticks=range(world))
+    fig.tight_layout()
+    _save(fig, path)
+    return fig
+
+
 def _expert_nodes(run):
     experts = len(run.records[0]["layers"][0]["tokens_per_expert"])
     if run.config is None:

@@ -181,3 +181,16 @@ def expert_load(records, layer):
 def num_moe_layers(records):
     layered = _layered(records)
     return len(layered[0]["layers"]) if layered else 0
+
+
+def placement_series(records, first):
+    """Where each expert lived over the run (`placements` events, docs/outputs.md): (steps int [n + 1]: 0 and
+    each placement's step, ranks int [L, n + 1, E]: each MoE layer's expert -> rank map from that step on),
+    starting from `first` (int [E], the map the run started from); None for a run that never placed."""
+    events = sorted((e for r in records for e in r.get("placements", ())), key=lambda e: e["step"])
+    if not events:
+        return None
+    layers = len(events[0]["expert_rank"])
+    steps = np.array([0] + [e["step"] for e in events], np.int64)
+    ranks = np.array([[list(first)] * layers] + [e["expert_rank"] for e in events], np.int64)  # (n + 1, L, E)
+    return steps, ranks.transpose(1, 0, 2)
