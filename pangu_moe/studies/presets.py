@@ -370,10 +370,12 @@ def summarise(preset, runs, steps, seeds):
     and the preset's verdicts."""
     fields = sorted({f for per_seed in runs.values() for r in per_seed for f, v in r.items()
                      if isinstance(v, (int, float))})
-    arms = {arm: {f: mean_ci95([r[f] for r in per_seed]) for f in fields} for arm, per_seed in runs.items()}
+    # a field some arms lack (the placement figures of arms that place no experts) is summarised where it exists
+    arms = {arm: {f: mean_ci95([r[f] for r in per_seed]) for f in fields if all(f in r for r in per_seed)}
+            for arm, per_seed in runs.items()}
     base = runs[preset.baseline]
     paired = {arm: {f"{f}_vs_baseline": paired_difference([r[f] for r in per_seed], [r[f] for r in base])
-                    for f in fields} for arm, per_seed in runs.items()}
+                    for f in arms[arm] if f in arms[preset.baseline]} for arm, per_seed in runs.items()}
     result = {"study": preset.name, "claim": preset.claim, "steps": steps, "seeds": seeds,
               "baseline": preset.baseline, "arms": arms, "paired": paired, "runs": runs}
     result["verdicts"] = preset.verdicts(result)
