@@ -3,7 +3,8 @@
 Reads each run directory (a study's OUT/<router> folders, or single runs): its summary.json
 (inter_node_fraction, tokens_local/intra/inter, steps) and config.yaml (nodes, devices, layers, H).
 Locality is carried over as `accounting.cost.locality_preference`; tokens per device and H default to
-the run's own, and can be set to a target model's (`--tokens`, `--hidden`).
+the run's own, and can be set to a target model's (`--tokens`, `--hidden`). A run that re-placed its experts
+also gets the break-even step count of its moves on its own links (`placement_payback`, modelled).
 """
 import json
 import os
@@ -29,6 +30,51 @@ def run_profile(run_dir):
     return locality_preference(summary["inter_node_fraction"], nodes), tokens, cfg.model.hidden
 
 
+def placement_payback(run_dir, late=0.2):
+    """For a run that re-placed its experts (metrics `placements`, docs/outputs.md), on its own links (all
+    modelled, `accounting.cost.modelled_exchange_seconds`): the seconds its moves took, the exchange seconds a
+    step its placement saved over the last `late` share of its logged steps (each step's demand per (rank,
+    expert) on the map it ran on, against the same demand on the contiguous map) and the break-even steps
+    (move seconds / saving a step; None when nothing was saved). None for a run that never placed.
+
+    Returns {"move_s", "saved_s_per_step", "break_even_steps"} or None.
+    """
+    import dataclasses
+    import math
+
+    from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
+    from pangu_moe.dispatch.placement import slots_from_ranks
+    from pangu_moe.dispatch.topology import Topology
+    from pangu_moe.precision import BYTES
+    from pangu_moe.report.runs import map_in_force, read_records
+    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    events = [e for r in records for e in r.get("placements", ())]
+    if not events:
+        return None
+    cfg = RunConfig.from_yaml(os.path.join(run_dir, "config.yaml"))
+    p = cfg.parallel
+    links = Links.from_config(p)
+    contiguous = Topology(p.nodes, p.devices_per_node, cfg.moe.num_experts)
+    train = [r for r in records if r.get("layers")]
+    saved = []
+    for record in train[-max(1, math.ceil(late * len(train))):]:
+        ranks = map_in_force(records, record["step"]) or [None] * len(record["layers"])
+        step = 0.0
+        for layer, layer_ranks in zip(record["layers"], ranks):
+            placed = contiguous if layer_ranks is None else dataclasses.replace(
+                contiguous, expert_slots=tuple(int(s) for s in slots_from_ranks(layer_ranks, contiguous.world_size)))
+            step += sum(sign * modelled_exchange_seconds(
+                layer["tokens_per_rank_expert"], layer["capacity"], topology, cfg.model.hidden,
+                BYTES[cfg.train.precision], links, p.exchange_layout, p.exchange == "hierarchical")
+                for sign, topology in ((1, contiguous), (-1, placed)))
+        saved.append(step)
+    move = sum(e["move_bytes_intra"] / (links.intra_gbps * 1e9) + e["move_bytes_inter"] / (links.inter_gbps * 1e9)
+               for e in events)
+    per_step = sum(saved) / len(saved)
+    return {"move_s": move, "saved_s_per_step": per_step,
+            "break_even_steps": move / per_step if per_step > 0 else None}
+
+
 def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, bytes_per_value=2, hierarchical=False,
         experts=None, tensor_parallel=1):
     """Returns {"cluster": ..., "rows": [{router, devices, ms, inter_fraction}], "impossible": [{devices, why}],
@@ -48,6 +94,9 @@ def run(paths, cluster="atlas800", devices=DEVICES, tokens=None, hidden=None, by
         if "modelled_step_s" in summary:  # runs before the modelled exchange time have none
             own_scale.append({"router": name, "modelled_step_s": summary["modelled_step_s"],
                               "modelled_exchange_s_per_step": summary["modelled_exchange_s_per_step"]})
+            payback = placement_payback(run_dir)
+            if payback is not None:
+                own_scale[-1]["placement"] = payback
         for w in devices:
             try:
                 est = exchange_seconds(tokens or measured_tokens, hidden or measured_hidden, bytes_per_value,
@@ -75,4 +124,9 @@ def table(result):
     lines += [f"{r['router']} at its own scale: step {r['modelled_step_s']:.3f} s = measured compute + "
               f"{r['modelled_exchange_s_per_step'] * 1e3:.3f} ms of exchange on the run's links (modelled)"
               for r in result["own_scale"]]
+    lines += [f"{r['router']}: its expert moves took {r['placement']['move_s'] * 1e3:.3f} ms and saved "
+              f"{r['placement']['saved_s_per_step'] * 1e3:.4f} ms of exchange a step late in the run: break-even "
+              + (f"after {r['placement']['break_even_steps']:.0f} steps" if r['placement']['break_even_steps']
+                 is not None else "never") + " (modelled)"
+              for r in result["own_scale"] if "placement" in r]
     return "\n".join(lines)

@@ -194,3 +194,10 @@ def placement_series(records, first):
     steps = np.array([0] + [e["step"] for e in events], np.int64)
     ranks = np.array([[list(first)] * layers] + [e["expert_rank"] for e in events], np.int64)  # (n + 1, L, E)
     return steps, ranks.transpose(1, 0, 2)
+
+
+def map_in_force(records, step):
+    """Each MoE layer's expert -> rank map that step `step` ran on: that of the latest `placements` event of an
+    earlier step ([L] lists of E ranks), or None before the first (the run's starting map)."""
+    events = [e for r in records for e in r.get("placements", ()) if e["step"] < step]
+    return max(events, key=lambda e: e["step"])["expert_rank"] if events else None

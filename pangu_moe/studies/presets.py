@@ -452,15 +452,15 @@ def late_figures(records, topology):
 
 
 def _maps(records, record, topology):
-    """The `Topology` of each MoE layer at the step of `record`: `topology` with the expert placement in force,
-    the map of the latest `placements` event of an earlier step (events: docs/outputs.md), or `topology` itself."""
+    """The `Topology` of each MoE layer at the step of `record`: `topology` with the expert placement in force
+    (`report.runs.map_in_force`; events: docs/outputs.md), or `topology` itself before the first placement."""
     from pangu_moe.dispatch.placement import slots_from_ranks
-    events = [e for r in records for e in r.get("placements", ()) if e["step"] < record["step"]]
-    if not events:
+    from pangu_moe.report.runs import map_in_force
+    ranks = map_in_force(records, record["step"])
+    if ranks is None:
         return [topology] * len(record["layers"])
-    latest = max(events, key=lambda e: e["step"])
     return [dataclasses.replace(topology, expert_slots=tuple(int(s) for s in slots_from_ranks(
-        ranks, topology.world_size))) for ranks in latest["expert_rank"]]
+        layer_ranks, topology.world_size))) for layer_ranks in ranks]
 
 
 def direction_probes(trainer):

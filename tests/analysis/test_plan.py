@@ -64,3 +64,41 @@ def test_plan_models_fewer_experts_than_nodes_and_lists_impossible_layouts(tmp_p
     assert "48 devices: E = 4 experts" in plan.table(result)
     grouped = plan.run([str(tmp_path)], devices=(64,), tokens=4096, hidden=1024, tensor_parallel=2)
     assert grouped["rows"][0]["ms"] < plan.run([str(tmp_path)], devices=(64,), tokens=4096, hidden=1024)["rows"][0]["ms"]
+
+
+def test_plan_gives_a_placed_runs_break_even_on_its_own_links(tmp_path):
+    from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
+    from pangu_moe.dispatch.topology import Topology
+    cfg = tiny_config("parallel.nodes=2", "moe.num_groups=1")  # 2 ranks on 2 nodes, experts 0, 1 | 2, 3
+    # every rank asks only for the other node's experts; after step 5 they live where they are asked for
+    layer = {"tokens_per_rank_expert": [[0, 0, 8, 8], [8, 8, 0, 0]], "capacity": 16}
+    records = [{"step": s, "loss": 1.0, "layers": [layer, layer]} for s in range(1, 11)]
+
+    def write(run_dir, ranks):
+        run_dir.mkdir()
+        cfg.save(str(run_dir / "config.yaml"))
+        records[4]["placements"] = [{"step": 5, "expert_rank": [ranks, ranks], "moved": [4, 4],
+                                     "move_bytes_intra": 0, "move_bytes_inter": 4_000_000}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return plan.placement_payback(str(run_dir))
+
+    got = write(tmp_path / "moved", [1, 1, 0, 0])
+    assert got["move_s"] == 4_000_000 / (cfg.parallel.inter_node_gbps * 1e9)  # 0.2 ms at 20 GB/s
+    links = Links.from_config(cfg.parallel)
+    per_layer = [modelled_exchange_seconds(layer["tokens_per_rank_expert"], 16, topology, 32, 4, links)
+                 for topology in (Topology(2, 1, 4), Topology(2, 1, 4, (2, 3, 0, 1)))]
+    assert per_layer[1] < per_layer[0]  # nothing crosses after the move
+    assert got["saved_s_per_step"] == pytest.approx(2 * (per_layer[0] - per_layer[1]), rel=1e-12)
+    assert got["break_even_steps"] == pytest.approx(got["move_s"] / got["saved_s_per_step"], rel=1e-12)
+    same = write(tmp_path / "unmoved", [0, 0, 1, 1])  # an event that kept the contiguous map
+    assert same["saved_s_per_step"] == 0.0 and same["break_even_steps"] is None
+    records[4].pop("placements")
+    (tmp_path / "never").mkdir()
+    cfg.save(str(tmp_path / "never" / "config.yaml"))
+    (tmp_path / "never" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plan.placement_payback(str(tmp_path / "never")) is None
+    summary = {"steps": 10, "inter_node_fraction": 0.5, "tokens_local": 600, "tokens_intra": 0, "tokens_inter": 200,
+               "modelled_step_s": 0.5, "modelled_exchange_s_per_step": 0.002}
+    (tmp_path / "moved" / "summary.json").write_text(json.dumps(summary))
+    table = plan.table(plan.run([str(tmp_path / "moved")], devices=(64,)))
+    assert f"break-even after {got['break_even_steps']:.0f} steps (modelled)" in table
