@@ -35,7 +35,8 @@ def placement_payback(run_dir, late=0.2):
     modelled, `accounting.cost.modelled_exchange_seconds`): the seconds its moves took, the exchange seconds a
     step its placement saved over the last `late` share of its logged steps (each step's demand per (rank,
     expert) on the map it ran on, against the same demand on the contiguous map) and the break-even steps
-    (move seconds / saving a step; None when nothing was saved). None for a run that never placed.
+    (move seconds / saving a step; None when nothing was saved). None for a run that never placed or has no
+    metrics.jsonl.
 
     Returns {"move_s", "saved_s_per_step", "break_even_steps"} or None.
     """
@@ -47,7 +48,8 @@ def placement_payback(run_dir, late=0.2):
     from pangu_moe.dispatch.topology import Topology
     from pangu_moe.precision import BYTES
     from pangu_moe.report.runs import map_in_force, read_records
-    records = read_records(os.path.join(run_dir, "metrics.jsonl"))
+    path = os.path.join(run_dir, "metrics.jsonl")
+    records = read_records(path) if os.path.exists(path) else []
     events = [e for r in records for e in r.get("placements", ())]
     if not events:
         return None
