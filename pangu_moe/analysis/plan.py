@@ -40,11 +40,10 @@ def placement_payback(run_dir, late=0.2):
 
     Returns {"move_s", "saved_s_per_step", "break_even_steps"} or None.
     """
-    import dataclasses
     import math
 
     from pangu_moe.accounting.cost import Links, modelled_exchange_seconds
-    from pangu_moe.dispatch.placement import slots_from_ranks
+    from pangu_moe.dispatch.placement import placed
     from pangu_moe.dispatch.topology import Topology
     from pangu_moe.precision import BYTES
     from pangu_moe.report.runs import map_in_force, read_records
@@ -63,12 +62,11 @@ def placement_payback(run_dir, late=0.2):
         ranks = map_in_force(records, record["step"]) or [None] * len(record["layers"])
         step = 0.0
         for layer, layer_ranks in zip(record["layers"], ranks):
-            placed = contiguous if layer_ranks is None else dataclasses.replace(
-                contiguous, expert_slots=tuple(int(s) for s in slots_from_ranks(layer_ranks, contiguous.world_size)))
+            moved = contiguous if layer_ranks is None else placed(contiguous, layer_ranks)
             step += sum(sign * modelled_exchange_seconds(
                 layer["tokens_per_rank_expert"], layer["capacity"], topology, cfg.model.hidden,
                 BYTES[cfg.train.precision], links, p.exchange_layout, p.exchange == "hierarchical")
-                for sign, topology in ((1, contiguous), (-1, placed)))
+                for sign, topology in ((1, contiguous), (-1, moved)))
         saved.append(step)
     move = sum(e["move_bytes_intra"] / (links.intra_gbps * 1e9) + e["move_bytes_inter"] / (links.inter_gbps * 1e9)
                for e in events)

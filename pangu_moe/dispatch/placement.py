@@ -10,6 +10,8 @@ Choosing (`choose`): from the kept choices per (source node, expert) counted ove
 exactly E_loc experts a rank that maximises the choices served on their own node, minus what the moves cost, as
 an assignment of experts to slots solved exactly (`scipy.optimize.linear_sum_assignment`).
 """
+import dataclasses
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -36,6 +38,12 @@ def slots_from_ranks(expert_rank, world_size):
     slots = np.empty(e, np.int64)
     slots[order] = np.arange(e)
     return slots
+
+
+def placed(topology, expert_rank):
+    """`topology` (a `Topology`) with its experts where `expert_rank` (E ranks, `slots_from_ranks`) puts them."""
+    slots = slots_from_ranks(expert_rank, topology.world_size)
+    return dataclasses.replace(topology, expert_slots=tuple(int(s) for s in slots))
 
 
 def expert_ranks(slots, world_size):

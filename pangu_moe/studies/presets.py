@@ -454,13 +454,12 @@ def late_figures(records, topology):
 def _maps(records, record, topology):
     """The `Topology` of each MoE layer at the step of `record`: `topology` with the expert placement in force
     (`report.runs.map_in_force`; events: docs/outputs.md), or `topology` itself before the first placement."""
-    from pangu_moe.dispatch.placement import slots_from_ranks
+    from pangu_moe.dispatch.placement import placed
     from pangu_moe.report.runs import map_in_force
     ranks = map_in_force(records, record["step"])
     if ranks is None:
         return [topology] * len(record["layers"])
-    return [dataclasses.replace(topology, expert_slots=tuple(int(s) for s in slots_from_ranks(
-        layer_ranks, topology.world_size))) for layer_ranks in ranks]
+    return [placed(topology, layer_ranks) for layer_ranks in ranks]
 
 
 def direction_probes(trainer):
