@@ -59,7 +59,8 @@ def placement_payback(run_dir, late=0.2):
     train = [r for r in records if r.get("layers")]
     saved = []
     for record in train[-max(1, math.ceil(late * len(train))):]:
-        ranks = map_in_force(records, record["step"]) or [None] * len(record["layers"])
+        start = [p.placement or None] * len(record["layers"])  # parallel.placement, before the first event
+        ranks = map_in_force(records, record["step"]) or start
         step = 0.0
         for layer, layer_ranks in zip(record["layers"], ranks):
             moved = contiguous if layer_ranks is None else placed(contiguous, layer_ranks)

@@ -9,6 +9,7 @@ steps) and trace_<run>.png for runs holding a generation trace.
 import json
 import os
 
+from pangu_moe.dispatch.topology import Topology
 from pangu_moe.progress import Progress
 from pangu_moe.report import runs as run_data
 from pangu_moe.report.tables import markdown, summary_row
@@ -47,8 +48,7 @@ def initial_ranks(run):
     if run.config is None:
         return [0] * experts
     p = run.config.parallel
-    world = p.nodes * p.devices_per_node
-    return list(p.placement) or [e * world // experts for e in range(experts)]
+    return list(p.placement) or Topology(p.nodes, p.devices_per_node, experts).expert_rank().tolist()
 
 
 def write(runs, out, log=print):

@@ -102,3 +102,22 @@ def test_plan_gives_a_placed_runs_break_even_on_its_own_links(tmp_path):
     (tmp_path / "moved" / "summary.json").write_text(json.dumps(summary))
     table = plan.table(plan.run([str(tmp_path / "moved")], devices=(64,)))
     assert f"break-even after {got['break_even_steps']:.0f} steps (modelled)" in table
+
+
+def test_a_placed_runs_steps_before_its_first_move_run_on_its_starting_map(tmp_path):
+    placed = tiny_config("parallel.nodes=2", "moe.num_groups=1", "parallel.placement=[1, 1, 0, 0]")
+    layer = {"tokens_per_rank_expert": [[0, 0, 8, 8], [8, 8, 0, 0]], "capacity": 16}
+    records = [{"step": s, "loss": 1.0, "layers": [layer]} for s in range(1, 11)]
+    # a placement after step 9 that keeps the starting map: steps 9 and 10 both ran on it, all local
+    records[8]["placements"] = [{"step": 9, "expert_rank": [[1, 1, 0, 0]], "moved": [0], "move_bytes_intra": 0,
+                                 "move_bytes_inter": 0}]
+    run_dir = tmp_path / "started_placed"
+    run_dir.mkdir()
+    placed.save(str(run_dir / "config.yaml"))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records[8]["placements"][0]["step"] = 8  # the same map in force from step 9 on through an event
+    (tmp_path / "event").mkdir()
+    placed.save(str(tmp_path / "event" / "config.yaml"))
+    (tmp_path / "event" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    started = plan.placement_payback(str(run_dir))["saved_s_per_step"]
+    assert started > 0 and started == plan.placement_payback(str(tmp_path / "event"))["saved_s_per_step"]
