@@ -340,9 +340,6 @@ class RunConfig:
         placed = bool(p.placement) or p.placement_every > 0
         key = "parallel.placement_every" if p.placement_every else "parallel.placement"
         value = p.placement_every or p.placement
-        _require(not placed or p.dispatch in ("local", "simulated"), key, value,
-                 f"{'0' if p.placement_every else '[]'} with parallel.dispatch={p.dispatch} (moving experts between "
-                 f"processes is not built; local and simulated place them)")
         _require(not placed or moe.num_experts % world == 0, key, value,
                  f"{'0' if p.placement_every else '[]'} when W = {world} ranks does not divide moe.num_experts="
                  f"{moe.num_experts} (a placement puts E / W experts on each rank)")

@@ -17,31 +17,25 @@ class GroupedExperts(nn.Cell):
     Args:
         num_experts: E; hidden: H; expert_hidden: F; init_std: normal init std (w_out is scaled by
         1/sqrt(2 * num_layers) through `out_std`).
-        shard: (first, count) to hold experts [first, first + count) only (expert parallelism). The full
-            [E, ...] tensors are drawn first and then sliced, so a shard equals the same experts of an
-            unsharded model built from the same seed (at the cost of holding all E experts briefly
-            at build time; a model too large for that needs a per-shard initializer).
+        rows: int [n], the rows of the [E, ...] draw to hold, in order (None: all E in expert order). Expert
+            parallelism holds a rank's slots; a placement puts expert rows in their slots (`MoELayer`). The full
+            [E, ...] tensors are drawn first and then indexed, so a held row equals the same expert of a model
+            built from the same seed without either (at the cost of holding all E experts briefly at build
+            time; a model too large for that needs a per-shard initializer).
     """
 
     bf16_operands = False  # set by `PanguModel.use_precision` (the CPU bf16 form)
 
-    def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None, shard=None):
+    def __init__(self, num_experts, hidden, expert_hidden, init_std=0.02, out_std=None, rows=None):
         super().__init__()
         out_std = init_std if out_std is None else out_std
         self.w_in = Parameter(initializer(Normal(init_std), (num_experts, hidden, expert_hidden), ms.float32),
                               name="w_in")
         self.w_out = Parameter(initializer(Normal(out_std), (num_experts, expert_hidden, hidden), ms.float32),
                                name="w_out")
-        if shard is not None:
-            first, count = shard
-            self.w_in = Parameter(Tensor(self.w_in.asnumpy()[first:first + count]), name="w_in")  # (E_loc, H, F)
-            self.w_out = Parameter(Tensor(self.w_out.asnumpy()[first:first + count]), name="w_out")  # (E_loc, F, H)
-
-    def move_rows(self, source):
-        """Put expert row source[s] of each weight into row s (`dispatch.placement.rows_after_move`): int [E]."""
-        for weight in (self.w_in, self.w_out):
-            # assign, not set_data: a compiled step keeps reading the Parameter's original memory
-            ops.assign(weight, Tensor(weight.asnumpy()[source]))
+        if rows is not None:
+            self.w_in = Parameter(Tensor(self.w_in.asnumpy()[rows]), name="w_in")  # (n, H, F)
+            self.w_out = Parameter(Tensor(self.w_out.asnumpy()[rows]), name="w_out")  # (n, F, H)
 
     def construct(self, expert_in):
         """expert_in [E, C, H] -> expert_out [E, C, H], both in expert_in's dtype (the weights are cast to it; under

@@ -214,10 +214,12 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
     if one_rank and moe_cfg.aux_scope == "global" and world > 1:
         router.sum_counts_over_ranks(SumOverRanks())
     held, first = (1, rank) if one_rank else (world, 0)
-    shard = (rank * (num_experts // world), num_experts // world) if one_rank else None
-    experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std, shard)
-    if placement is not None:
-        experts.move_rows(rows_after_move(np.arange(num_experts), placement))
+    rows = np.arange(num_experts) if placement is None else rows_after_move(np.arange(num_experts), placement)
+    if one_rank:
+        local = num_experts // world
+        rows = rows[rank * local:(rank + 1) * local]  # this rank's slots
+    experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std,
+                             None if placement is None and not one_rank else rows)
     ep = None if backend == "local" else (RaggedExchange if exchange_layout == "ragged" else Exchange)(
         backend, exchange, first, topology.nodes, topology.devices_per_node)
     # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `checks.check`)

@@ -98,6 +98,10 @@ class DataParallel(nn.Cell):
         gathered = self.all_gather(counts.astype(ms.float32))  # (W*L, 1, E): rank-major
         return ops.swapaxes(gathered.reshape(self.world_size, layers, experts), 0, 1).astype(ms.int32)
 
+    def sum_rows(self, array):
+        """numpy [M, ...] fp32 (this rank's) -> numpy [M, ...]: the sum of every rank's, from host to host."""
+        return self.all_reduce(Tensor(array)).asnumpy()
+
     def barrier(self):
         """Return once every rank has called it (host side, between steps)."""
         self.all_reduce(Tensor(1.0, ms.float32)).asnumpy()

@@ -1,9 +1,12 @@
 """Expert placement during training (parallel.placement_every): count where the kept choices come from, and every
 N steps move each MoE layer's experts to the slots `dispatch.placement.choose` picks.
 
-A move permutes the expert weight rows and their Adam moments in this process (`local`, `simulated`: every rank's
-experts are here) and updates the layer's slot map and the locality masks of the routers that read it. The
-routing, capacity and drops are by expert id, so a move changes which rank computes an expert, never the result.
+A move permutes the expert weight rows and their Adam moments (`moved_rows`): in this process on `local` and
+`simulated` (every rank's experts are here), through one sum over ranks per tensor on `msrun_cpu` and `hccl` (each
+process holds its rank's slots). It updates the layer's slot map and the locality masks of the routers that read
+it. The routing, capacity and drops are by expert id, so a move changes which rank computes an expert, never the
+result. Every process holds the same window (the counts are gathered over ranks before it), so every process
+chooses the same map.
 Everything a resume needs is in the model's Parameters (`model.moe_layer.MoELayer`'s placement): the slot map,
 the window's counts, the routers' masks; a checkpoint carries them.
 """
@@ -18,18 +21,54 @@ from pangu_moe.dispatch.placement import choose, expert_ranks, rows_after_move
 VALUE_BYTES = 4  # weights and Adam moments are fp32 whatever train.precision (`precision`)
 
 
+def moved_rows(rows, source, rank=None, sum_over_ranks=None):
+    """The slot rows a process holds after a move.
+
+    Args: rows: numpy [n, ...], the slot rows this process holds before it: all E in one process (`rank` None),
+        rank `rank`'s n = E_loc slots [rank*n, (rank+1)*n) with one rank per process; source: int [E], slot s takes
+        the row of old slot source[s] (`dispatch.placement.rows_after_move`); sum_over_ranks: numpy [M, ...] ->
+        numpy [M, ...], the sum over every rank's argument (one collective; one rank per process only).
+    Returns: numpy [n, ...] of rows' dtype.
+
+    With one rank per process, every moved row travels in one sum: its owner writes it, every other rank adds zeros,
+    so the rank that receives it gets it exactly. The buffer holds M rows, M the slots whose expert changes: a real
+    send/receive would move each once, this moves them to every rank (CPU MindSpore has no Send/Recv; the bytes
+    `ExpertPlacement` reports are those of the moves).
+    """
+    if rank is None:
+        return rows[source]
+    held = len(rows)
+    moved = np.flatnonzero(source != np.arange(len(source)))  # the slots that receive another slot's row
+    if not len(moved):
+        return rows
+    outgoing = np.zeros((len(moved),) + rows.shape[1:], rows.dtype)  # (M, ...)
+    for m, slot in enumerate(moved):
+        if source[slot] // held == rank:
+            outgoing[m] = rows[source[slot] % held]
+    received = sum_over_ranks(outgoing)  # (M, ...): every moved row, from its owner
+    out = rows.copy()
+    for m, slot in enumerate(moved):
+        if slot // held == rank:
+            out[slot % held] = received[m]
+    return out
+
+
 class ExpertPlacement:
     """The placement of a trainer's model.
 
     Args: model: `PanguModel`; optimizer: `train.optim.HybridEpsAdamW` over its parameters; topology: the run's
         `Topology` (no placement); every: parallel.placement_every (0: the map stays as built); exchange_bytes:
-        bytes per value of the exchanged activations (`train.precision`); hysteresis: parallel.placement_hysteresis.
+        bytes per value of the exchanged activations (`train.precision`); hysteresis: parallel.placement_hysteresis;
+        data_parallel: `train.data_parallel.DataParallel` with one rank per process (the model holds rank `rank`'s
+        experts), None in one process.
     """
 
-    def __init__(self, model, optimizer, topology, every, exchange_bytes, hysteresis=1.0):
+    def __init__(self, model, optimizer, topology, every, exchange_bytes, hysteresis=1.0, data_parallel=None, rank=0):
         self.layers = [block.moe for block in model.moe_blocks]
         self.enabled = self.layers[0].expert_slot is not None
         self.topology, self.every = topology, every
+        self.rank = None if data_parallel is None else rank
+        self.sum_over_ranks = None if data_parallel is None else data_parallel.sum_rows
         self.moments = {p.name: (m, v) for p, m, v in zip(optimizer.parameters, optimizer.moments1,
                                                            optimizer.moments2)}
         experts = self.layers[0].experts
@@ -96,10 +135,9 @@ class ExpertPlacement:
         map and the router's masks."""
         moe = self.layers[layer]
         source = rows_after_move(old, new)
-        moe.experts.move_rows(source)
         for weight in (moe.experts.w_in, moe.experts.w_out):
-            for moment in self.moments[weight.name]:
+            for tensor in (weight, *self.moments[weight.name]):
                 # assign, not set_data: a compiled step keeps reading the Parameter's original memory
-                ops.assign(moment, Tensor(moment.asnumpy()[source]))
+                ops.assign(tensor, Tensor(moved_rows(tensor.asnumpy(), source, self.rank, self.sum_over_ranks)))
         ops.assign(moe.expert_slot, Tensor(np.asarray(new, np.int32)))
         moe.router.place(self.topology_of(layer))

@@ -86,12 +86,13 @@ class Trainer:
         scaler = LossScaler(t.precision == "fp16", t.loss_scale, t.loss_scale_window, t.loss_scale_backoff)
         self.optimizer = HybridEpsAdamW(self.model.trainable_params(), t.beta1, t.beta2, t.eps, t.expert_eps,
                                         t.weight_decay, scaler, t.fused_optimizer)
-        self.placement = ExpertPlacement(self.model, self.optimizer, self.topology, cfg.parallel.placement_every,
-                                         BYTES[t.precision], cfg.parallel.placement_hysteresis)
         self.data_parallel = None
         if cfg.parallel.dispatch in MULTI_PROCESS_BACKENDS:
             self.data_parallel = DataParallel(self.optimizer.parameters, world,
                                               int(cfg.parallel.grad_bucket_mb * 2 ** 20))
+        self.placement = ExpertPlacement(self.model, self.optimizer, self.topology, cfg.parallel.placement_every,
+                                         BYTES[t.precision], cfg.parallel.placement_hysteresis, self.data_parallel,
+                                         self.rank)
         self.tokens_per_step = t.batch_size * m.seq_len
         # Each rank routes its own batch_size/W sequences as one group: capacities are per rank group.
         self.group_tokens = self.tokens_per_step // self.topology.world_size

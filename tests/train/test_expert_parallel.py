@@ -26,12 +26,22 @@ EP = ("parallel.nodes=2", "parallel.devices_per_node=2", "train.steps=5", "train
       "train.checkpoint_every=5")
 
 
+# Each node reads its own domain, whose experts start on the other node for expert 0 and 2 (ranks 2 and 0); the
+# placement after step 1 swaps them (crossing nodes), and none moves after it.
+PLACED = ("moe.aux_scope=global", "data.mixture=by_node", "parallel.placement=[2, 1, 0, 3]",
+          "parallel.placement_every=1", "parallel.placement_hysteresis=0")
+
+
 def _run(run_dir, *overrides):
-    """Train 5 steps; returns (losses, step-0 gradients by name, summary)."""
+    """Train 5 steps; returns (losses, step-0 gradients by name, summary, placement events)."""
     trainer = Trainer(tiny_config(*EP, *overrides), str(run_dir), log=lambda line: None)
     grads = first_gradients(trainer)
     summary = trainer.train()
-    return [r["loss"] for r in read(run_dir / "metrics.jsonl")], grads, summary
+    return [r["loss"] for r in read(run_dir / "metrics.jsonl")], grads, summary, _placements(run_dir)
+
+
+def _placements(run_dir):
+    return [event for r in read(run_dir / "metrics.jsonl") for event in r.get("placements", ())]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +51,8 @@ def local_run(tmp_path_factory):
 
 @pytest.mark.parametrize("exchange,layout", [("flat", "ragged"), ("hierarchical", "ragged"), ("flat", "padded")])
 def test_simulated_equals_local(local_run, tmp_path, exchange, layout):
-    losses, grads, summary = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}",
-                                  f"parallel.exchange_layout={layout}")
+    losses, grads, summary, _ = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}",
+                                     f"parallel.exchange_layout={layout}")
     np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
     assert grads.keys() == local_run[1].keys()
     for name, g in grads.items():
@@ -79,22 +89,27 @@ def _launch(tmp_path, *args, timeout=600):
     return done, time.monotonic() - began
 
 
+@pytest.fixture(scope="module")
+def local_placed_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("local_placed"), *PLACED)
+
+
 @pytest.mark.msrun
-@pytest.mark.parametrize("exchange,kernels,bucket_mb,aux_scope", [("flat", "custom", 25.0, "rank"),
-                                                                  ("hierarchical", "reference", 0.01, "global")])
-def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchange, kernels, bucket_mb, aux_scope):
+@pytest.mark.parametrize("exchange,kernels,bucket_mb,placed", [("flat", "custom", 25.0, ()),
+                                                               ("hierarchical", "reference", 0.01, PLACED)])
+def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchange, kernels, bucket_mb, placed):
     """Four msrun processes against the one-process `local` run (reference kernels); the flat case runs the
     custom CPU kernels in every worker (built once, shared through the cache); the hierarchical case all-reduces
-    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`) and takes the aux
-    loss over all ranks' tokens (`moe.aux_scope=global`: the choice counts all-reduced, `SumOverRanks`)."""
-    local_run = request.getfixturevalue("local_run" if aux_scope == "rank" else "local_global_run")
+    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`), takes the aux
+    loss over all ranks' tokens (`moe.aux_scope=global`: the choice counts all-reduced, `SumOverRanks`) and moves
+    experts between the processes (`PLACED`, `train.placement.moved_rows`) as the local run does in one."""
+    local_run = request.getfixturevalue("local_placed_run" if placed else "local_run")
     config = tmp_path / "tiny.yaml"
     with open(config, "w") as fh:
         yaml.safe_dump(TINY, fh)
     run_dir = tmp_path / "run"
     sets = [a for o in EP + ("parallel.dispatch=msrun_cpu", f"parallel.exchange={exchange}",
-                             f"runtime.kernels={kernels}", f"parallel.grad_bucket_mb={bucket_mb}",
-                             f"moe.aux_scope={aux_scope}")
+                             f"runtime.kernels={kernels}", f"parallel.grad_bucket_mb={bucket_mb}") + placed
             for a in ("--set", o)]
     done, _ = _launch(tmp_path, "--script", os.path.join(REPO, "tests", "train", "ep_worker.py"), "--", str(config),
                       str(run_dir), *sets)
@@ -104,13 +119,15 @@ def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchang
     assert not _ours(str(run_dir)), "workers outlived the launcher"
     losses = [r["loss"] for r in read(run_dir / "metrics.jsonl")]
     np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
+    assert _placements(run_dir) == local_run[3]  # the same maps, moves and move bytes
+    assert sum(sum(event["moved"]) for event in local_run[3]) == (4 if placed else 0)
     local_grads = local_run[1]
     for rank in range(4):
         grads = dict(np.load(run_dir / f"grads_rank{rank}.npz"))
         assert grads.keys() == local_grads.keys()
         for name, g in grads.items():
             want = local_grads[name]
-            if ".experts." in name:  # rank r holds expert r of E = 4
+            if ".experts." in name:  # rank r holds slot r of E = 4 (the local run's rows are in slot order)
                 want = want[rank:rank + 1]
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-8, err_msg=f"rank {rank} {name}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -121,14 +138,18 @@ def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchang
     (step, folder), = checkpoint.list_checkpoints(str(run_dir))
     manifest = json.loads(open(os.path.join(folder, checkpoint.MANIFEST)).read())
     assert step == 5 and [s["experts"] for s in manifest["shards"]] == [[0], [1], [2], [3]]
-    joined = Trainer(tiny_config(*EP, "parallel.dispatch=simulated"), str(tmp_path / "eval"), log=lambda line: None)
+    joined = Trainer(tiny_config(*EP, "parallel.dispatch=simulated", *placed), str(tmp_path / "eval"),
+                     log=lambda line: None)
     assert checkpoint.load(folder, [joined.model, joined.optimizer], STATE_KEYS)["step"] == 5
     assert joined.evaluator.evaluate()["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
 
-    # The 4 rank shards reshard to 2 and back, and to one file and back, bit for bit.
+    # The 4 rank shards reshard to 2 and back, and to one file and back, bit for bit (a placement's window of counts
+    # per source rank is [W, E]: it restarts on another world size, and is empty after the step-5 placement).
     two = convert.reshard(folder, str(tmp_path / "ep2"), 2)
     consolidated = convert.reshard(folder, str(tmp_path / "one"), consolidate=True)
-    for path in (two, convert.reshard(two, str(tmp_path / "ep4"), 4), consolidated,
+    for path in (two, consolidated):
+        assert same_tensors(folder, path, skip=("placement_window",)), path
+    for path in (convert.reshard(two, str(tmp_path / "ep4"), 4),
                  convert.reshard(consolidated, str(tmp_path / "one_ep4"), 4)):
         assert same_tensors(folder, path), path
 

@@ -2,6 +2,7 @@
 math; a resume across a move is exact; LocMoE's locality target follows the experts; bad maps are refused."""
 import os
 import shutil
+import threading
 
 import mindspore as ms
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from mindspore import Tensor
 
 from pangu_moe.config import ConfigError
-from pangu_moe.dispatch.placement import slots_from_ranks
+from pangu_moe.dispatch.placement import rows_after_move, slots_from_ranks
 from pangu_moe.dispatch.topology import Topology
 from pangu_moe.model.pangu import build_model, extract_domain, in_expert_order
 from pangu_moe.train import checkpoint, convert
@@ -17,6 +18,7 @@ from pangu_moe.train.checkpoint import remove
 from pangu_moe.train.restore import restore, run_config
 from pangu_moe.train.steps import make_gradient
 from pangu_moe.train.metrics import read
+from pangu_moe.train.placement import moved_rows
 from pangu_moe.train.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -206,8 +208,6 @@ def test_locmoe_locality_target_moves_with_the_experts(tmp_path):
                                           r"each must host exactly E / W = 1"),
     (("parallel.placement=[0, 1, 2]",), r"parallel.placement = \[0, 1, 2\]: must list 4 ranks, one per expert"),
     (("parallel.placement=[0, 1, 2, 4]",), r"must list one rank in \[0, 4\) per expert"),
-    (("parallel.dispatch=msrun_cpu", "parallel.placement_every=5"),
-     r"parallel.placement_every = 5: must be 0 with parallel.dispatch=msrun_cpu"),
     (("parallel.nodes=4", "parallel.devices_per_node=2", "train.batch_size=8", "parallel.placement_every=5"),
      r"parallel.placement_every = 5: must be 0 when W = 8 ranks does not divide moe.num_experts=4"),
     (("moe.router=deepseek", "moe.deepseek.node_limit=1", "moe.top_k=2", "parallel.placement=[1, 0, 2, 3]"),
@@ -265,3 +265,45 @@ def test_a_domain_cut_from_a_placed_model_is_the_unplaced_models(tmp_path):
     rows = np.arange(4.0).reshape(4, 1)  # slot-ordered rows of a moment: row s is the expert in slot s
     assert in_expert_order({moment: rows, "adam_m.embedding": rows}, placed)[moment][:, 0].tolist() == [1, 2, 3, 0]
     assert in_expert_order({moment: rows, "adam_m.embedding": rows}, placed)["adam_m.embedding"] is rows
+
+
+def _in_processes(rows, source, world):
+    """`moved_rows` run by `world` threads standing for one process a rank each, their sum over ranks a real sum;
+    returns the rows the ranks hold after the move, concatenated in rank order."""
+    held = len(rows) // world
+    barrier, posted, out = threading.Barrier(world), [None] * world, [None] * world
+
+    def sum_over_ranks(rank, array):
+        posted[rank] = array
+        barrier.wait()
+        total = sum(posted)
+        barrier.wait()
+        return total
+
+    def rank_work(rank):
+        out[rank] = moved_rows(rows[rank * held:(rank + 1) * held], source, rank, lambda a: sum_over_ranks(rank, a))
+    threads = [threading.Thread(target=rank_work, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return np.concatenate(out)
+
+
+def test_moving_rows_between_processes_equals_the_gather_in_one():
+    rng = np.random.default_rng(0)
+    for world, held in ((2, 1), (4, 1), (4, 2), (2, 3)):
+        experts = world * held
+        rows = rng.standard_normal((experts, 3, 2)).astype(np.float32)
+        for _ in range(5):
+            source = rows_after_move(rng.permutation(experts), rng.permutation(experts))
+            want = moved_rows(rows, source)
+            assert want.tobytes() == rows[source].tobytes()
+            assert _in_processes(rows, source, world).tobytes() == want.tobytes(), (world, held, source)
+
+
+def test_no_move_sends_nothing():
+    def refuse(array):
+        raise AssertionError("a collective for no move")
+    rows = np.arange(8, dtype=np.float32).reshape(8, 1)  # W = 4 ranks of 2 slots each
+    assert moved_rows(rows[2:4], np.arange(8), 1, refuse).tobytes() == rows[2:4].tobytes()
