@@ -79,6 +79,25 @@ def test_the_placement_figure_draws_each_experts_rank_from_each_placement_on(tmp
     assert mesh.get_array().reshape(4, 2).tolist() == [[0, 1], [1, 0], [2, 2], [3, 3]]  # expert x column
 
 
+def test_the_load_figure_draws_each_layers_experts_by_their_node_after_the_last_placement(tmp_path):
+    config = tiny_config("parallel.nodes=2", "parallel.devices_per_node=1", "moe.num_groups=1")  # ranks [0, 0, 1, 1]
+    moved = {"step": 3, "expert_rank": [[1, 0, 0, 1], [0, 0, 1, 1]], "moved": [4, 0], "move_bytes_intra": 0,
+             "move_bytes_inter": 0}
+    records = [dict(RECORDS[0]), {**RECORDS[1], "placements": [moved]}]
+    for run_records, rows, labels in (
+            (RECORDS, [[0, 1, 2, 3]] * 2, [["e0 n0", "e1 n0", "e2 n1", "e3 n1"]] * 2),
+            (records, [[1, 2, 0, 3], [0, 1, 2, 3]], [["e1 n0", "e2 n0", "e0 n1", "e3 n1"],
+                                                     ["e0 n0", "e1 n0", "e2 n1", "e3 n1"]])):
+        run = run_data.Run("r", "", config, run_records, None, None)
+        fig = plots.load_figure(run, str(tmp_path / "load.png"))
+        for layer in range(2):
+            ax = fig.axes[layer]  # the layers' heatmaps, then their colour bars
+            assert [t.get_text() for t in ax.get_yticklabels()] == labels[layer]
+            drawn = np.asarray(ax.images[0].get_array())  # (E rows, steps)
+            assert drawn.tolist() == run_data.expert_load(run_records, layer)[:, rows[layer]].T.tolist()
+            assert [line.get_ydata()[0] for line in ax.lines if line.get_color() == "white"] == [1.5]
+
+
 def test_constant_routing_panels_are_named_not_drawn():
     from pangu_moe.report import plots
     run = run_data.Run("hand", "hand", None, RECORDS, None, None)

@@ -9,7 +9,6 @@ steps) and trace_<run>.png for runs holding a generation trace.
 import json
 import os
 
-from pangu_moe.dispatch.topology import Topology
 from pangu_moe.progress import Progress
 from pangu_moe.report import runs as run_data
 from pangu_moe.report.tables import markdown, summary_row
@@ -31,7 +30,7 @@ def figures(runs):
             # one expert (the study's dense arm) has a constant load: no figure
             found.append((f"load_{run.name}.png", f"{run.name}: expert load per MoE layer over steps",
                           lambda path, run=run: plots.load_figure(run, path)))
-        first = initial_ranks(run)
+        first = run_data.initial_ranks(run)
         if run_data.placement_series(run.records, first) is not None:
             found.append((f"placement_{run.name}.png", f"{run.name}: where each expert lived (expert placement)",
                           lambda path, run=run, first=first: plots.placement_figure(run, path, first)))
@@ -39,16 +38,6 @@ def figures(runs):
             found.append((f"trace_{run.name}.png", f"{run.name}: routing of generated text",
                           lambda path, run=run: plots.trace_figure(run.trace, run.name, path)))
     return found
-
-
-def initial_ranks(run):
-    """int [E]: the rank of each expert when `run` started (parallel.placement, else contiguous); the
-    contiguous map of one rank when the run has no config."""
-    experts = len(run.records[0]["layers"][0]["tokens_per_expert"]) if run_data.num_moe_layers(run.records) else 0
-    if run.config is None:
-        return [0] * experts
-    p = run.config.parallel
-    return list(p.placement) or Topology(p.nodes, p.devices_per_node, experts).expert_rank().tolist()
 
 
 def write(runs, out, log=print):

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-from pangu_moe.dispatch.topology import Topology
 from pangu_moe.report import runs as run_data
 from pangu_moe.report.palette import expert_colours, expert_groups
 from pangu_moe.report.trace import WIDTH, characters, expert_labels
@@ -106,29 +105,38 @@ def routing_figure(runs, path):
 
 def load_figure(run, path):
     """Per MoE layer, a heatmap of each expert's demand over the fair share against the step; lines
-    separate the experts of different nodes."""
+    separate the experts of different nodes. Each layer's experts are drawn in the order of their nodes after the
+    last logged step (`runs.final_expert_nodes`: expert order unless the run placed its experts); the level-1
+    groups are marked where that is expert order, and named in the labels."""
     plt = pyplot()
     layers = run_data.num_moe_layers(run.records)
     steps = run_data.layer_steps(run.records)
-    nodes = _expert_nodes(run)
-    groups = expert_groups(len(nodes), run.config.moe.num_groups if run.config else 1)
-    fig, axes = plt.subplots(layers, 1, figsize=(10, (1.2 + 0.35 * len(nodes)) * layers), squeeze=False)
+    num_experts = len(run.records[0]["layers"][0]["tokens_per_expert"])
+    groups = expert_groups(num_experts, run.config.moe.num_groups if run.config else 1)
+    fig, axes = plt.subplots(layers, 1, figsize=(10, (1.2 + 0.35 * num_experts) * layers), squeeze=False)
     for layer, ax in enumerate(axes[:, 0]):
-        load = run_data.expert_load(run.records, layer)  # (n steps, E)
+        nodes = run_data.final_expert_nodes(run, layer)
+        order = np.argsort(nodes, kind="stable")  # row i draws expert order[i]
+        load = run_data.expert_load(run.records, layer)[:, order]  # (n steps, E) in row order
         image = ax.imshow(load.T, aspect="auto", origin="lower", cmap="viridis", vmin=0,
                           vmax=max(2.0, float(load.max())), interpolation="nearest",
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, load.shape[1] - 0.5)
                           if len(steps) > 1 else None)
-        for boundary in np.nonzero(np.diff(nodes))[0]:
+        for boundary in np.nonzero(np.diff(nodes[order]))[0]:
             ax.axhline(boundary + 0.5, color="white", linewidth=1.5)
-        for boundary in np.nonzero(np.diff(groups))[0]:
-            ax.axhline(boundary + 0.5, color="red", linewidth=1.5, linestyle="--")
-        ax.set(title=f"{run.name}: MoE layer {layer} expert load (white: node boundary, red dashed: level-1 group)",
-               xlabel="step", ylabel="expert")
-        ax.set_yticks(range(load.shape[1]), expert_labels({"expert_node": nodes, "num_groups": max(groups) + 1}))
+        reordered = not np.array_equal(order, np.arange(num_experts))
+        if not reordered:
+            for boundary in np.nonzero(np.diff(groups))[0]:
+                ax.axhline(boundary + 0.5, color="red", linewidth=1.5, linestyle="--")
+        where = "white: node boundary, experts by their node at the last step" if reordered else \
+            "white: node boundary, red dashed: level-1 group"
+        ax.set(title=f"{run.name}: MoE layer {layer} expert load ({where})", xlabel="step", ylabel="expert")
+        labels = expert_labels({"expert_node": nodes.tolist(), "num_groups": max(groups) + 1})
+        ax.set_yticks(range(load.shape[1]), [labels[e] for e in order])
         fig.colorbar(image, ax=ax, label="demand / fair share")
     fig.tight_layout()
     _save(fig, path)
+    return fig
 
 
 def placement_figure(run, path, first):
@@ -149,14 +157,6 @@ def placement_figure(run, path, first):
     fig.tight_layout()
     _save(fig, path)
     return fig
-
-
-def _expert_nodes(run):
-    experts = len(run.records[0]["layers"][0]["tokens_per_expert"])
-    if run.config is None:
-        return np.zeros(experts, np.int64)
-    p = run.config.parallel
-    return Topology(p.nodes, p.devices_per_node, experts).expert_node()
 
 
 FIGURE_FALLBACK = "\u25a1"  # drawn for characters no installed font covers (CJK without a CJK font, emoji)

@@ -13,6 +13,7 @@ import numpy as np
 
 from pangu_moe.config import ConfigError, RunConfig
 from pangu_moe.data.source import TOKENIZER_RECORD
+from pangu_moe.dispatch.topology import Topology
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -201,3 +202,25 @@ def map_in_force(records, step):
     earlier step ([L] lists of E ranks), or None before the first (the run's starting map)."""
     events = [e for r in records for e in r.get("placements", ()) if e["step"] < step]
     return max(events, key=lambda e: e["step"])["expert_rank"] if events else None
+
+
+def initial_ranks(run):
+    """int [E]: the rank of each expert when `run` started (parallel.placement, else contiguous); the
+    contiguous map of one rank when the run has no config."""
+    experts = len(run.records[0]["layers"][0]["tokens_per_expert"]) if num_moe_layers(run.records) else 0
+    if run.config is None:
+        return [0] * experts
+    p = run.config.parallel
+    return list(p.placement) or Topology(p.nodes, p.devices_per_node, experts).expert_rank().tolist()
+
+
+def final_expert_nodes(run, layer):
+    """int [E]: the node of each expert of MoE layer `layer` after the run's last logged step (its last placement's
+    map, else the map it started from); all 0 when the run has no config."""
+    ranks = np.asarray(initial_ranks(run), np.int64)
+    if run.config is None:
+        return ranks
+    last = map_in_force(run.records, run.records[-1]["step"] + 1)
+    if last is not None:
+        ranks = np.asarray(last[layer], np.int64)
+    return ranks // run.config.parallel.devices_per_node
