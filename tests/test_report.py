@@ -81,7 +81,8 @@ def test_the_placement_figure_draws_each_experts_rank_from_each_placement_on(tmp
 
 def test_the_load_figure_draws_each_layers_experts_by_their_node_after_the_last_placement(tmp_path):
     config = tiny_config("parallel.nodes=2", "parallel.devices_per_node=1", "moe.num_groups=1")  # ranks [0, 0, 1, 1]
-    moved = {"step": 3, "expert_rank": [[1, 0, 0, 1], [0, 0, 1, 1]], "moved": [4, 0], "move_bytes_intra": 0,
+    # placed after the last logged step (4): the figure draws the map the run ended with
+    moved = {"step": 4, "expert_rank": [[1, 0, 0, 1], [0, 0, 1, 1]], "moved": [4, 0], "move_bytes_intra": 0,
              "move_bytes_inter": 0}
     records = [dict(RECORDS[0]), {**RECORDS[1], "placements": [moved]}]
     for run_records, rows, labels in (
