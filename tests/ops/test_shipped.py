@@ -13,6 +13,7 @@ from mindspore import Tensor, ops
 
 from pangu_moe.config import ConfigError
 from pangu_moe.dispatch.dispatcher import Dispatcher
+from pangu_moe.dispatch.placement import rows_after_move
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.ops import run_kernel_backend
@@ -185,6 +186,42 @@ def test_adapter_equals_the_reference_layer_in_output_and_gradients(k, capacity,
     # the experts multiply min(T*K, R*E*C) rows: 40 tokens, E = 4
     assert set(multiplied) == {{(1, 3, 1): 12, (1, 40, 1): 40, (2, 4, 1): 16, (2, 80, 1): 80,
                                 (2, 3, 2): 24}[(k, capacity, num_ranks)]}
+
+
+@pytest.mark.parametrize("k, capacity", [(1, 3), (2, 80)])
+def test_a_placement_changes_nothing_the_adapter_computes(k, capacity):
+    """Experts in slots [2, 0, 3, 1] (`MoELayer`'s placement): the adapter groups the rows by slot and multiplies
+    them by their slot's weights, so output, counts and gradients (the expert rows in slot order) equal the unplaced
+    adapter's exactly."""
+    ms.set_seed(5)
+    router, experts = TopKRouter(8, 4, 1, k, 0.01, 0.001), GroupedExperts(4, 8, 16, 0.3)
+    slots = np.array([2, 0, 3, 1])
+    source = rows_after_move(np.arange(4), slots)  # slot s holds expert source[s]
+    placed_experts = GroupedExperts(4, 8, 16, 0.3)
+    for weight, original in ((placed_experts.w_in, experts.w_in), (placed_experts.w_out, experts.w_out)):
+        weight.set_data(Tensor(original.asnumpy()[source]))
+    shipped_ops = ShippedOps(emulated_permute, emulated_unpermute, emulated_grouped_matmul)
+    unplaced = MoELayer(router, CompactDispatcher(4, shipped=shipped_ops), experts)
+    placed = MoELayer(router, CompactDispatcher(4, shipped=shipped_ops), placed_experts, placement=slots)
+    x = Tensor(np.random.default_rng(k).standard_normal((40, 8)).astype(np.float32))
+    zeros = Tensor(np.zeros(40, np.int32))
+
+    def run(layer):
+        weights = [p for p in layer.trainable_params() if "expert_slot" not in p.name]
+
+        def f(x_in):
+            y = layer(x_in, zeros, zeros, capacity, False)[0]
+            return (y * y).sum()
+        return layer(x, zeros, zeros, capacity, False), ms.value_and_grad(f, 0, weights)(x), weights
+
+    (out, (value, (dx, dw)), names), (out_p, (value_p, (dx_p, dw_p)), names_p) = run(unplaced), run(placed)
+    for got, want in zip(out_p[:4], out[:4]):  # output, losses, requested and kept counts (expert order)
+        assert got.asnumpy().tobytes() == want.asnumpy().tobytes()
+    assert value_p.asnumpy() == value.asnumpy() and dx_p.asnumpy().tobytes() == dx.asnumpy().tobytes()
+    assert [p.name for p in names_p] == [p.name for p in names]
+    for got, want, param in zip(dw_p, dw, names):
+        want = want.asnumpy()[source] if param.name.startswith("experts.") else want.asnumpy()
+        assert got.asnumpy().tobytes() == want.tobytes(), param.name
 
 
 def test_ascend_builtin_is_refused_where_it_cannot_run():
