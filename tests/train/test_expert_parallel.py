@@ -90,20 +90,20 @@ def _launch(tmp_path, *args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def local_placed_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("local_placed"), *PLACED)
+def simulated_placed_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("simulated_placed"), *PLACED, "parallel.dispatch=simulated")
 
 
 @pytest.mark.msrun
 @pytest.mark.parametrize("exchange,kernels,bucket_mb,placed", [("flat", "custom", 25.0, ()),
                                                                ("hierarchical", "reference", 0.01, PLACED)])
-def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchange, kernels, bucket_mb, placed):
-    """Four msrun processes against the one-process `local` run (reference kernels); the flat case runs the
-    custom CPU kernels in every worker (built once, shared through the cache); the hierarchical case all-reduces
-    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`), takes the aux
-    loss over all ranks' tokens (`moe.aux_scope=global`: the choice counts all-reduced, `SumOverRanks`) and moves
-    experts between the processes (`PLACED`, `train.placement.moved_rows`) as the local run does in one."""
-    local_run = request.getfixturevalue("local_placed_run" if placed else "local_run")
+def test_msrun_cpu_equals_one_process_and_leaves_no_process(request, tmp_path, exchange, kernels, bucket_mb, placed):
+    """Four msrun processes against one process (reference kernels). The flat case runs the custom CPU kernels in
+    every worker (built once, shared through the cache), against the `local` run. The hierarchical case all-reduces
+    the shared gradients in 10 KB buckets (several collectives a step, `data_parallel.buckets`), takes the aux loss
+    over all ranks' tokens (`moe.aux_scope=global`: the choice counts all-reduced, `SumOverRanks`) and moves experts
+    between the processes (`PLACED`, `train.placement.moved_rows`), against the simulated run that moves them in one."""
+    reference = request.getfixturevalue("simulated_placed_run" if placed else "local_run")
     config = tmp_path / "tiny.yaml"
     with open(config, "w") as fh:
         yaml.safe_dump(TINY, fh)
@@ -118,21 +118,21 @@ def test_msrun_cpu_equals_local_and_leaves_no_process(request, tmp_path, exchang
     assert "step     5/5" in done.stderr and "[WARNING]" not in done.stderr  # rank 0's progress, streamed
     assert not _ours(str(run_dir)), "workers outlived the launcher"
     losses = [r["loss"] for r in read(run_dir / "metrics.jsonl")]
-    np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
-    assert _placements(run_dir) == local_run[3]  # the same maps, moves and move bytes
-    assert sum(sum(event["moved"]) for event in local_run[3]) == (4 if placed else 0)
-    local_grads = local_run[1]
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    assert _placements(run_dir) == reference[3]  # the same maps, moves and move bytes
+    assert sum(sum(event["moved"]) for event in reference[3]) == (4 if placed else 0)
+    reference_grads = reference[1]
     for rank in range(4):
         grads = dict(np.load(run_dir / f"grads_rank{rank}.npz"))
-        assert grads.keys() == local_grads.keys()
+        assert grads.keys() == reference_grads.keys()
         for name, g in grads.items():
-            want = local_grads[name]
-            if ".experts." in name:  # rank r holds slot r of E = 4 (the local run's rows are in slot order)
+            want = reference_grads[name]
+            if ".experts." in name:  # rank r holds slot r of E = 4 (the one-process run's rows are in slot order)
                 want = want[rank:rank + 1]
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-8, err_msg=f"rank {rank} {name}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["val_loss"] == pytest.approx(local_run[2]["val_loss"], rel=1e-5)
-    assert summary["params_total"] == local_run[2]["params_total"]
+    assert summary["val_loss"] == pytest.approx(reference[2]["val_loss"], rel=1e-5)
+    assert summary["params_total"] == reference[2]["params_total"]
 
     # The sharded checkpoint joins into a one-process model with the same validation loss.
     (step, folder), = checkpoint.list_checkpoints(str(run_dir))
