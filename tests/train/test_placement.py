@@ -271,7 +271,8 @@ def _in_processes(rows, source, world):
     """`moved_rows` run by `world` threads standing for one process a rank each, their sum over ranks a real sum;
     returns the rows the ranks hold after the move, concatenated in rank order."""
     held = len(rows) // world
-    barrier, posted, out = threading.Barrier(world), [None] * world, [None] * world
+    # a timeout: a rank that fails before the sum must not leave the others waiting for it forever
+    barrier, posted, out = threading.Barrier(world, timeout=30), [None] * world, [None] * world
 
     def sum_over_ranks(rank, array):
         posted[rank] = array
