@@ -146,8 +146,10 @@ def save(folder, cells, state, config_sha256, rank=0, shards=None, barrier=None,
     Args:
         folder: `step_path(run_dir, step)`; cells: cells whose Parameters are saved;
         state: {name: int or float} trainer state (with "step"); config_sha256: `config_fingerprint` of the run.
-        rank: this process's rank; shards: list over ranks of the expert ids each holds (default: one shard,
-            this process holding every expert); barrier: callable returning once every rank called it;
+        rank: this process's rank; shards: list over ranks of the expert rows each holds (default: one shard,
+            this process holding every expert): expert ids, or slots when the run places its experts (the rows
+            are then in slot order, as a one-process model holds them); barrier: callable returning once every rank
+            called it;
         file_format: an `EXTENSIONS` key (`runtime.checkpoint_format`).
     Raises:
         FloatingPointError when a parameter holds a non-finite value (nothing is written).
@@ -283,8 +285,9 @@ def _check_rows(folder, shard, tensors):
 
 
 def join_shards(folder, manifest, parts):
-    """{name: numpy array} of every expert tensor with all E experts in expert order, from the shards'
-    tensors (`read_shards`). Each shard holds its experts' rows in its `experts` order."""
+    """{name: numpy array} of every expert tensor with all E rows in order (expert order, or slot order for a run
+    that places its experts), from the shards' tensors (`read_shards`). Each shard holds its rows in its `experts`
+    order."""
     for shard, part in zip(manifest["shards"], parts):
         _check_rows(folder, shard, part)
     order = np.array([e for shard in manifest["shards"] for e in shard["experts"]], np.int64)
