@@ -286,7 +286,7 @@ class RuntimeConfig:
     seed: int = _f(1234, "seed of weights, data order and routing tables", lo=0)
     kernels: str = _f("auto", "MoE gating/dispatch ops: reference (plain MindSpore), custom (C++ kernels on "
                       "CPU, Ascend C on Ascend), ascend_builtin (MindSpore's shipped Ascend MoE ops; Ascend, "
-                      "parallel.dispatch=local, train.precision=bf16, not expert_choice) or auto (ascend_builtin "
+                      "train.precision=bf16, the ragged exchange under expert parallelism, not expert_choice) or auto (ascend_builtin "
                       "where it can run, else reference, the faster on CPU); kernels/README.md", choices=KERNELS)
     checkpoint_format: str = _f("ckpt", "checkpoint files: ckpt (MindSpore's) or safetensors", choices=CHECKPOINT_FORMATS)
     profile_steps: List[int] = _f([], "[start, end]: MindSpore's profiler around training steps start..end-1 (0-based), "

@@ -23,7 +23,8 @@ class MoELayer(nn.Cell):
         router: a `routing.base.Router`.
         dispatcher: `dispatch.dispatcher.Dispatcher` over R*E buffers (one [E, C, H] per rank held here); its
             layout op also counts the tokens per (rank, expert). Or `ops.shipped.CompactDispatcher`
-            (kernels ascend_builtin, no exchange): compact rows [T*K, H] grouped by expert instead of buffers.
+            (kernels ascend_builtin): compact rows grouped by expert instead of buffers, moved by the dispatcher's
+            own exchange under expert parallelism (`exchange` is then not used).
         experts: `experts.GroupedExperts` with the experts of the ranks held here (all E, or E_loc).
         num_ranks: R ranks held by this process.
         exchange: `dispatch.ragged.RaggedExchange` (kept rows only) or `dispatch.exchange.Exchange` (every slot),
@@ -159,11 +160,11 @@ class MoELayer(nn.Cell):
         expert_index, gate, keep, _, _, losses, log_prob = routing
         hidden = x.shape[1]
         flat_index, tokens_per_expert, kept_per_expert, _, _ = self.layout(routing, capacity)
-        if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, no buffers, no exchange
-            rows, order, ends = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype),
-                                                                 self.slot_of(expert_index), keep, kept_per_expert,
-                                                                 capacity)
-            expert_rows = self.dispatcher.run_experts(rows, ends, self.experts.w_in, self.experts.w_out)  # (M, H)
+        if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, the dispatcher's own exchange
+            rows, order = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), self.slot_of(expert_index),
+                                                           keep, capacity)
+            expert_rows = self.dispatcher.run_experts(rows, order, kept_per_expert, capacity, self.experts.w_in,
+                                                      self.experts.w_out)
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
             return (y.astype(ms.float32), losses, self.by_expert(tokens_per_expert), self.by_expert(kept_per_expert),
                     policy_term)

@@ -10,6 +10,7 @@ from mindspore.common.initializer import Normal, initializer
 from pangu_moe.checks import check, initial_slots
 from pangu_moe.config import MULTI_PROCESS_BACKENDS
 from pangu_moe.dispatch.collectives import SumOverRanks
+from pangu_moe.dispatch.compact_exchange import CompactExchange
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.exchange import Exchange
 from pangu_moe.dispatch.placement import rows_after_move
@@ -220,11 +221,14 @@ def build_moe_layer(model_cfg, moe_cfg, layer, out_std, topology, backend="local
         rows = rows[rank * local:(rank + 1) * local]  # this rank's slots
     experts = GroupedExperts(num_experts, model_cfg.hidden, moe_cfg.expert_hidden, model_cfg.init_std, out_std,
                              None if placement is None and not one_rank else rows)
-    ep = None if backend == "local" else (RaggedExchange if exchange_layout == "ragged" else Exchange)(
-        backend, exchange, first, topology.nodes, topology.devices_per_node)
-    # ascend_builtin comes only with the local dispatch (`ops.shipped.unfit`, checked by `checks.check`)
-    dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes) if kernels == "ascend_builtin" else \
-        Dispatcher(num_experts, held, world, topology.nodes, kernels)
+    where = (backend, exchange, first, topology.nodes, topology.devices_per_node)
+    if kernels == "ascend_builtin":  # compact rows; under expert parallelism only ragged (`ops.shipped.unfit`)
+        dispatcher = CompactDispatcher(num_experts, held, world, topology.nodes,
+                                       exchange=None if backend == "local" else CompactExchange(*where))
+        ep = None
+    else:
+        dispatcher = Dispatcher(num_experts, held, world, topology.nodes, kernels)
+        ep = None if backend == "local" else (RaggedExchange if exchange_layout == "ragged" else Exchange)(*where)
     return MoELayer(router, dispatcher, experts, held, ep, first, world, moe_cfg.aux_scope, placement)
 
 

@@ -25,6 +25,11 @@ pages list fp16 and bf16 (fp32 only in newer ones). So the adapter runs only und
 reference dispatch for fp32 and fp16 runs. The gate is weighted inside moe_token_unpermute, in bf16 (the
 reference combine weights in fp32).
 
+Under expert parallelism (`parallel.dispatch` other than local) each rank permutes its own choices by slot, which
+groups them by destination rank, and `dispatch.compact_exchange.CompactExchange` sends the kept rows on AlltoAllV to
+the ranks of their experts, regroups them by expert there for GroupedMatmul, and brings the outputs back for
+moe_token_unpermute (see that module for the rows each rank multiplies).
+
 Which choices are kept is decided by the router (its slot policy, under capacity), exactly as on the other
 backends; the order of rows inside an expert's group is whatever the op's sort gives and nothing depends on it.
 The shipped ops run on Ascend only. On CPU the adapter is tested against emulations of each op's documented
@@ -119,9 +124,9 @@ def unfit(cfg):
     """Why `ascend_builtin` cannot run a `RunConfig` (one line), or None where it can."""
     if cfg.runtime.device != "Ascend":
         return f"runtime.device={cfg.runtime.device}: MindSpore's shipped MoE ops run on Ascend only"
-    if cfg.parallel.dispatch != "local":
-        return (f"parallel.dispatch={cfg.parallel.dispatch}: the compact layout needs the local dispatch (the "
-                f"expert-parallel exchange sends fixed-size buffers)")
+    if cfg.parallel.dispatch != "local" and cfg.parallel.exchange_layout != "ragged":
+        return (f"parallel.exchange_layout={cfg.parallel.exchange_layout}: the compact rows travel on the ragged "
+                f"exchange only (dispatch/compact_exchange.py); use parallel.exchange_layout=ragged")
     if cfg.train.precision != "bf16":
         return (f"train.precision={cfg.train.precision}: the shipped MoE ops run in bf16, the one dtype every "
                 f"documented version of all three accepts (docs/ascend.md); use train.precision=bf16")
@@ -135,47 +140,104 @@ def unfit(cfg):
 
 
 class CompactDispatcher(ReferenceLayout):
-    """The `dispatch.dispatcher.Dispatcher` of `ascend_builtin`: no padded buffers, no exchange (the layer's
-    `parallel.dispatch` is local, so every expert is held here).
+    """The `dispatch.dispatcher.Dispatcher` of `ascend_builtin`: compact rows grouped by expert, no padded buffers.
 
-    `layout` is the reference layout (the per-expert counts feed the token accounting and `group_ends`); the other
+    `layout` is the reference layout (the per-slot counts feed the token accounting and the group ends); the other
     steps run the shipped ops of `shipped` (a `ShippedOps`; held as cell attributes so a compiled step sees them).
+    With `parallel.dispatch` local every expert is held here and the R ranks' choices are permuted at once; under
+    expert parallelism each rank permutes its own and `exchange` (a `dispatch.compact_exchange.CompactExchange`)
+    moves the kept rows to the ranks of their experts and the outputs back.
 
-    Args: num_experts E; num_ranks R (ranks whose tokens this process holds); world_size W; nodes N; shipped.
+    Args: num_experts E; num_ranks R (ranks whose tokens this process holds); world_size W; nodes N; shipped;
+    exchange (None for the local dispatch).
     """
 
     compact = True
 
-    def __init__(self, num_experts, num_ranks=1, world_size=1, nodes=1, shipped=None):
+    def __init__(self, num_experts, num_ranks=1, world_size=1, nodes=1, shipped=None, exchange=None):
         super().__init__(num_ranks, num_experts, world_size, nodes)
         shipped = shipped or ShippedOps()
         self.token_permute, self.token_unpermute = shipped.permute, shipped.unpermute
         self.grouped_matmul = shipped.grouped_matmul
+        self.exchange = exchange
+        self.world_size = world_size
 
     def layout(self, pair_index, slot, keep, requested, capacity):
         """As `dispatch.dispatcher.Dispatcher.layout`."""
         return self.construct(pair_index, slot, keep, requested, capacity)
 
-    def dispatch_compact(self, x, expert_index, keep, kept_per_expert, capacity):
-        """x [T, H], expert_index [T, K] int32, keep [T, K] bool, kept_per_expert [R, E] int32, capacity: python
-        int C -> rows [M, H] bf16 (M = min(T*K, R*E*C)) grouped by expert, dropped choices last; order
-        [T*K] int32, the row of choice n*K + k; ends [E] int64 (`group_ends`)."""
-        num_tokens, top_k = expert_index.shape
-        num_rows = min(num_tokens * top_k, self.num_ranks * self.num_experts * capacity)
-        key = ops.select(keep, expert_index, ops.full_like(expert_index, self.num_experts))  # (T, K): dropped last
-        rows, order = self.token_permute(x.astype(OPS_DTYPE), key, num_rows, False)
-        return rows, order, group_ends(kept_per_expert, num_rows)
+    def _permute(self, x, slot_index, keep, num_rows):
+        """x [n, H], slot_index [n, K] int32 (the slot of each choice), keep [n, K] bool -> rows [M, H] bf16 grouped
+        by slot, dropped choices last (M = num_rows), order [n*K] int32: the row of choice i*K + k."""
+        key = ops.select(keep, slot_index, ops.full_like(slot_index, self.num_experts))  # (n, K): dropped last
+        return self.token_permute(x.astype(OPS_DTYPE), key, num_rows, False)
 
-    def run_experts(self, rows, ends, w_in, w_out):
-        """rows [M, H] bf16, ends [E] int64, w_in [E, H, F], w_out [E, F, H] fp32 (cast here) -> [M, H] bf16
-        (`grouped_ffn`)."""
-        return grouped_ffn(rows, ends, w_in.astype(rows.dtype), w_out.astype(rows.dtype), self.grouped_matmul)
+    def dispatch_compact(self, x, slot_index, keep, capacity):
+        """x [T, H], slot_index [T, K] int32, keep [T, K] bool, capacity: python int C -> (rows, order).
+
+        Local dispatch: rows [M, H] bf16 (M = min(T*K, R*E*C)) grouped by slot, dropped choices last; order [T*K]
+        int32, the row of choice n*K + k. Expert parallelism: rows [R, W * S, H] in the exchange's carrier dtype
+        (bf16 on hccl), each rank's M_r = min(n*K, E*C) rows (n = T / R) padded with zeros (S = E_loc * C, W * S =
+        E * C >= M_r); order [R, n*K] int32.
+        """
+        num_tokens, top_k = slot_index.shape
+        if self.exchange is None:
+            return self._permute(x, slot_index, keep, min(num_tokens * top_k, self.num_ranks * self.num_experts *
+                                                          capacity))
+        n = num_tokens // self.num_ranks
+        rows, orders = (), ()
+        for r in range(self.num_ranks):  # each rank permutes its own choices, as on a cluster
+            part, order = self._permute(x[r * n:(r + 1) * n], slot_index[r * n:(r + 1) * n], keep[r * n:(r + 1) * n],
+                                        min(n * top_k, self.num_experts * capacity))
+            part = part.astype(self.exchange.carrier)
+            pad = self.num_experts * capacity - part.shape[0]
+            if pad:
+                part = ops.concat((part, ops.zeros((pad, part.shape[1]), part.dtype)), 0)
+            rows, orders = rows + (part,), orders + (order,)
+        return ops.stack(rows), ops.stack(orders)  # (R, E*C, H), (R, n*K)
+
+    def run_experts(self, rows, order, kept_per_expert, capacity, w_in, w_out):
+        """The held experts on the rows of `dispatch_compact` (`grouped_ffn`), back in those rows' layout.
+
+        Args: rows, order as `dispatch_compact` returns them; kept_per_expert [R, E] int32 (slot order); capacity
+            C; w_in [E_held, H, F], w_out [E_held, F, H] fp32 (cast here).
+        Returns: expert outputs in the layout and dtype of `rows` (after an exchange: zero past each rank's kept
+        rows). The shipped ops see bf16 only: the rows are cast to it after every slice (CPU MindSpore cannot
+        slice bf16 in the backward pass).
+        """
+        if self.exchange is None:
+            return grouped_ffn(rows, group_ends(kept_per_expert, rows.shape[0]), w_in.astype(OPS_DTYPE),
+                               w_out.astype(OPS_DTYPE), self.grouped_matmul)
+        local = self.num_experts // self.world_size
+        expert_rows = self.world_size * min(order.shape[-1], local * capacity)  # B (dispatch/compact_exchange.py)
+        grouped, received, state = self.exchange.dispatch(rows, kept_per_expert, capacity, expert_rows)
+        out = ()
+        for i in range(rows.shape[0]):  # rank i holds slots i*E_loc..(i+1)*E_loc-1 of the weights held here
+            w_in_i, w_out_i = w_in[i * local:(i + 1) * local], w_out[i * local:(i + 1) * local]  # (E_loc, ...)
+            out += (grouped_ffn(grouped[i].astype(OPS_DTYPE), group_ends(received[i], expert_rows),
+                                w_in_i.astype(OPS_DTYPE), w_out_i.astype(OPS_DTYPE),
+                                self.grouped_matmul).astype(rows.dtype),)
+        return self.exchange.combine(ops.stack(out), state)  # (R, B, H) -> (R, W*S, H)
 
     def combine(self, expert_rows, order, gate, keep):
-        """expert_rows [M, H] (`dispatch_compact`), order [T*K] int32, gate [T, K] fp32, keep [T, K] bool -> y [T, H]
-        in the rows' dtype; dropped choices weigh 0."""
-        weight = (gate * keep.astype(gate.dtype)).astype(expert_rows.dtype)
-        cut = order.shape[0] - expert_rows.shape[0]
-        if cut:  # the choices cut off by num_out_tokens read zero rows
-            expert_rows = ops.concat((expert_rows, ops.zeros((cut, expert_rows.shape[1]), expert_rows.dtype)), 0)
-        return self.token_unpermute(expert_rows, order, weight, False, None)
+        """expert_rows and order as `run_experts` and `dispatch_compact` give them, gate [T, K] fp32, keep [T, K] bool
+        -> y [T, H] bf16; dropped choices weigh 0."""
+        weight = gate * keep.astype(gate.dtype)
+        if self.exchange is None:
+            return self._unpermute(expert_rows, order, weight.astype(expert_rows.dtype))
+        n = weight.shape[0] // self.num_ranks
+        parts = ()
+        for r in range(self.num_ranks):
+            parts += (self._unpermute(expert_rows[r], order[r], weight[r * n:(r + 1) * n].astype(OPS_DTYPE)),)
+        return ops.concat(parts, 0)
+
+    def _unpermute(self, rows, order, weight):
+        """rows [M, H] (bf16, or the exchange's carrier dtype), order [n*K] int32, weight [n, K] bf16 -> [n, H] bf16:
+        moe_token_unpermute takes n*K rows, so the rows are cut (before the cast to bf16: CPU MindSpore cannot
+        slice bf16 in the backward pass) or padded with zeros to n*K (the choices past M read zero rows)."""
+        cut = order.shape[0] - rows.shape[0]
+        if cut > 0:
+            rows = ops.concat((rows, ops.zeros((cut, rows.shape[1]), rows.dtype)), 0)
+        elif cut < 0:
+            rows = rows[:order.shape[0]]
+        return self.token_unpermute(rows.astype(OPS_DTYPE), order, weight, False, None)

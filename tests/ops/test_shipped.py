@@ -228,19 +228,25 @@ def test_ascend_builtin_is_refused_where_it_cannot_run():
     with pytest.raises(ConfigError, match="runtime.kernels.*Ascend only"):
         tiny_config("runtime.kernels=ascend_builtin").validate()
     ascend = ("runtime.kernels=ascend_builtin", "runtime.device=Ascend")
-    with pytest.raises(ConfigError, match="parallel.dispatch=simulated: the compact layout needs the local"):
-        tiny_config(*ascend, "parallel.dispatch=simulated", "parallel.nodes=2").validate()
+    with pytest.raises(ConfigError, match="parallel.exchange_layout=padded: the compact rows travel on the ragged"):
+        tiny_config(*ascend, "train.precision=bf16", "parallel.dispatch=hccl", "parallel.nodes=2",
+                    "parallel.exchange_layout=padded").validate()
     with pytest.raises(ConfigError, match="train.precision=fp32: the shipped MoE ops run in bf16"):
         tiny_config(*ascend).validate()
     with pytest.raises(ConfigError, match="moe.router=expert_choice: its K = E columns"):
         tiny_config(*ascend, "train.precision=bf16", "moe.router=expert_choice").validate()
     tiny_config(*ascend, "train.precision=bf16").validate()
+    # under expert parallelism on the ragged exchange (dispatch/compact_exchange.py), the default layout
+    for dispatch in ("hccl", "simulated"):
+        tiny_config(*ascend, "train.precision=bf16", f"parallel.dispatch={dispatch}", "parallel.nodes=2").validate()
 
 
 @pytest.mark.parametrize("settings, backend", [
     (("runtime.device=Ascend", "train.precision=bf16"), "ascend_builtin"), (("runtime.device=CPU",), "reference"),
-    (("runtime.device=Ascend", "train.precision=bf16", "parallel.dispatch=simulated", "parallel.nodes=2"),
-     "reference"),
+    (("runtime.device=Ascend", "train.precision=bf16", "parallel.dispatch=hccl", "parallel.nodes=2"),
+     "ascend_builtin"),
+    (("runtime.device=Ascend", "train.precision=bf16", "parallel.dispatch=hccl", "parallel.nodes=2",
+      "parallel.exchange_layout=padded"), "reference"),
     (("runtime.device=Ascend",), "reference"), (("runtime.device=Ascend", "train.precision=fp16"), "reference"),
     (("runtime.device=Ascend", "train.precision=bf16", "moe.router=expert_choice"), "reference"),
     (("runtime.device=Ascend", "train.precision=bf16", "moe.num_experts=256", "moe.num_groups=1"), "reference"),
