@@ -69,6 +69,7 @@ class CompactExchange(nn.Cell):
 
     def __init__(self, backend, algorithm, rank, nodes, devices_per_node):
         super().__init__()
+        self.world_size = nodes * devices_per_node
         self.blocks = Exchange(backend, algorithm, rank, nodes, devices_per_node)
         self.rows = HcclAlltoAllV() if backend == "hccl" else EmulatedAlltoAllV(self.blocks)
         # The dtype the rows travel and are moved around in: bf16 (the shipped ops') on Ascend; fp32 on the CPU
@@ -80,8 +81,7 @@ class CompactExchange(nn.Cell):
         int32 (kept choices per slot), capacity C, expert_rows B -> (the received rows regrouped by expert [R, B, H],
         the received counts [R, W, E_loc] int32, the state `combine` needs)."""
         r, _, h = rows.shape
-        w = self.blocks.nodes * self.blocks.devices
-        counts = kept.reshape(r, w, -1)  # (R, W destinations, E_loc)
+        counts = kept.reshape(r, self.world_size, -1)  # (R, W destinations, E_loc)
         received = ops.stop_gradient(self.blocks(counts.astype(ms.float32)).astype(ms.int32))  # (R, W sources, E_loc)
         send, receive = counts.sum(2), received.sum(2)
         gather, scatter = ops.stop_gradient(expert_major(received, capacity, expert_rows))

@@ -3,6 +3,10 @@ expert-major regrouping exact on a hand-built case, and W = 2 and 4 ranks in one
 and AlltoAllV replaced by emulations of their documented semantics (tests/ops/test_shipped.py, dispatch/ragged.py),
 equal to the reference layer in output and gradients; only the kept rows travel, and the experts multiply the
 bucket B = W * min(n * K, E_loc * C) of rows a rank."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import mindspore as ms
 import pytest
@@ -15,8 +19,9 @@ from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
 from pangu_moe.ops.shipped import CompactDispatcher, ShippedOps
 from pangu_moe.routing.topk import TopKRouter
-from tests.ops.test_shipped import _agree, emulated_grouped_matmul, emulated_permute, emulated_unpermute
+from tests.ops.test_shipped import EMULATED, _agree, emulated_grouped_matmul, emulated_permute, emulated_unpermute
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENS, E, H, F = 40, 4, 8, 16
 
 
@@ -156,3 +161,68 @@ def test_expert_parallel_adapter_compiles_in_graph_mode_and_agrees():
     _agree(dx, ref_dx)
     for got, want in zip(dw, ref_dw):
         _agree(got, want)
+
+
+MSRUN_WORLD, MSRUN_K, MSRUN_CAPACITY = 4, 2, 4  # 2 nodes x 2 devices, one expert a rank, with drops
+
+
+def _msrun_inputs():
+    """The tokens and weights of the one-rank-a-process test: x [T, H], router [1, H, E], w_in [E, H, F],
+    w_out [E, F, H] fp32."""
+    rng = np.random.default_rng(11)
+    return {"x": rng.standard_normal((TOKENS, H)).astype(np.float32),
+            "router": (0.3 * rng.standard_normal((1, H, E))).astype(np.float32),
+            "w_in": (0.3 * rng.standard_normal((E, H, F))).astype(np.float32),
+            "w_out": (0.3 * rng.standard_normal((E, F, H))).astype(np.float32)}
+
+
+def _with_weights(inputs, rows, ranks, first, exchange):
+    """A compact layer holding `ranks` ranks' tokens from world rank `first` on and the expert rows `rows`, weights
+    from `inputs`."""
+    router = TopKRouter(H, E, 1, MSRUN_K, 0.01, 0.001)
+    router.weight.set_data(Tensor(inputs["router"]))
+    experts = GroupedExperts(E, H, F, 0.3, rows=rows)
+    experts.w_in.set_data(Tensor(inputs["w_in"][rows]))
+    experts.w_out.set_data(Tensor(inputs["w_out"][rows]))
+    return MoELayer(router, CompactDispatcher(E, ranks, MSRUN_WORLD, 2, EMULATED, exchange), experts, ranks, None,
+                    first, MSRUN_WORLD)
+
+
+def rank_layer(inputs, rank):
+    """Rank `rank`'s layer on the msrun_cpu exchange (tests/ops/compact_exchange_worker.py) and its tokens."""
+    n = TOKENS // MSRUN_WORLD
+    exchange = CompactExchange("msrun_cpu", "flat", rank, 2, MSRUN_WORLD // 2)
+    return _with_weights(inputs, [rank], 1, rank, exchange), Tensor(inputs["x"][rank * n:(rank + 1) * n])
+
+
+@pytest.mark.msrun
+def test_one_rank_a_process_equals_the_simulated_ranks(tmp_path):
+    """4 msrun_cpu processes, each holding one rank's tokens and expert (the path hccl runs, with AlltoAllV's
+    contract emulated on msrun_cpu's all-to-all): every rank's output and input gradient equal the simulated
+    layer's rows for that rank, its expert gradient that expert's, and the router gradients sum to the simulated
+    one."""
+    inputs = _msrun_inputs()
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    cmd = ["bash", os.path.join(REPO, "run_scripts", "run_msrun_cpu.sh"), "--workers", str(MSRUN_WORLD), "--python",
+           sys.executable, "--log-dir", str(tmp_path / "logs"), "--timeout", "300", "--script",
+           os.path.join(REPO, "tests", "ops", "compact_exchange_worker.py"), "--", str(tmp_path), str(MSRUN_CAPACITY)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert done.returncode == 0, done.stderr[-3000:]
+    simulated = _with_weights(inputs, list(range(E)), MSRUN_WORLD, 0,
+                              CompactExchange("simulated", "flat", 0, 2, MSRUN_WORLD // 2))
+    (out, (_, (dx, dw)), names) = _outputs_and_gradients(simulated, Tensor(inputs["x"]), MSRUN_CAPACITY)
+    assert (out[3].asnumpy().sum() < out[2].asnumpy().sum()), "the case must drop"
+    grads = dict(zip(names, (g.asnumpy() for g in dw)))
+    n = TOKENS // MSRUN_WORLD
+    saved = [np.load(tmp_path / f"rank{r}.npz") for r in range(MSRUN_WORLD)]
+    for r, got in enumerate(saved):
+        rows = slice(r * n, (r + 1) * n)
+        np.testing.assert_array_equal(got["y"], out[0].asnumpy()[rows])
+        np.testing.assert_array_equal(got["dx"], dx.asnumpy()[rows])
+        for name in ("experts.w_in", "experts.w_out"):
+            np.testing.assert_allclose(got[f"d_{name}"], grads[name][r:r + 1], rtol=1e-5, atol=1e-6)
+    router = [name for name in names if not name.startswith("experts.")]
+    assert router == ["router.weight"]
+    np.testing.assert_allclose(sum(got["d_router.weight"] for got in saved), grads["router.weight"], rtol=1e-5,
+                               atol=1e-6)
