@@ -1,4 +1,4 @@
-"""One `ops.Custom` AOT op for the `cpu` or `ascend` kernel backend, with its reg_info.
+"""One `ops.Custom` AOT op for the `cpu` or `ascend_c` kernel backend, with its reg_info.
 
 The same wrapper serves both backends (kernels/README.md): on CPU `func` is
 `<library>:<Name>` from `ops.build`; on Ascend it is the op name of the installed Ascend C package.
@@ -10,8 +10,8 @@ from mindspore.ops import CustomRegOp, DataType
 
 from pangu_moe.ops.build import library_path
 
-CUSTOM_BACKENDS = ("cpu", "ascend")
-TARGETS = {"cpu": "CPU", "ascend": "Ascend"}
+CUSTOM_BACKENDS = ("cpu", "ascend_c")
+TARGETS = {"cpu": "CPU", "ascend_c": "Ascend"}
 DTYPES = {"f32": DataType.F32_Default, "i32": DataType.I32_Default, "i8": DataType.I8_Default,
           "bool": DataType.BOOL_Default}
 
@@ -21,7 +21,7 @@ def aot_op(name, backend, inputs, outputs, out_shape, out_dtype, bprop=None, att
 
     Args:
         name: the kernel's symbol (CPU) and op type (Ascend), e.g. "MoePermute".
-        backend: "cpu" or "ascend".
+        backend: "cpu" or "ascend_c".
         inputs, outputs: sequences of (name, dtype key of DTYPES), in the kernel's parameter order.
         out_shape, out_dtype: infer functions of the input shapes / dtypes (named defs: graph mode
             cannot parse lambdas in every position).
@@ -39,7 +39,7 @@ def aot_op(name, backend, inputs, outputs, out_shape, out_dtype, bprop=None, att
         reg = reg.input(i, arg)
     for i, (arg, _) in enumerate(outputs):
         reg = reg.output(i, arg)
-    if backend == "ascend":
+    if backend == "ascend_c":
         for attr, value in (attrs or {}).items():
             reg = reg.attr(attr, "required", "int", value=str(value))
     reg = reg.dtype_format(*(DTYPES[dtype] for _, dtype in tuple(inputs) + tuple(outputs)))

@@ -1,6 +1,7 @@
 """The kernel registry: (op, backend) -> the cell implementing it.
 
-`reference` is plain MindSpore and the specification; `cpu` and `ascend` are the custom kernels.
+`reference` is plain MindSpore and the specification; `cpu` and `ascend_c` are the custom kernels (our C++ and
+Ascend C; `ascend_c` is named apart from `ascend_builtin`, MindSpore's shipped MoE ops).
 `runtime.kernels` picks reference, custom, ascend_builtin or auto, and the device picks which custom backend
 (`kernel_backend`); nothing reads the environment. `ascend_builtin` replaces the whole dispatch, not single ops
 (`ops.shipped.CompactDispatcher`), so it has no entries here.
@@ -13,9 +14,9 @@ from pangu_moe.ops.layout import CustomLayout, ReferenceLayout
 from pangu_moe.ops.permute import CustomPermute, CustomUnpermute, ReferencePermute, ReferenceUnpermute
 from pangu_moe.ops.shipped import unfit
 
-KERNEL_BACKENDS = ("reference", "cpu", "ascend", "ascend_builtin")  # ascend_builtin: ops.shipped, not OPS
+KERNEL_BACKENDS = ("reference", "cpu", "ascend_c", "ascend_builtin")  # ascend_builtin: ops.shipped, not OPS
 OPS = {}
-for _backend in ("cpu", "ascend"):
+for _backend in ("cpu", "ascend_c"):
     OPS["moe_gating", _backend] = partial(CustomGating, backend=_backend)
     OPS["moe_dispatch_layout", _backend] = partial(CustomLayout, backend=_backend)
     OPS["moe_permute", _backend] = partial(CustomPermute, backend=_backend)
@@ -39,7 +40,7 @@ def kernel_backend(kernels, device, shipped_fits=False):
         return "ascend_builtin" if shipped_fits else "reference"
     if kernels in ("reference", "ascend_builtin"):
         return kernels
-    return "cpu" if device == "CPU" else "ascend"
+    return "cpu" if device == "CPU" else "ascend_c"
 
 
 def run_kernel_backend(cfg):

@@ -517,7 +517,7 @@ def _trajectory(cfg):
     and checkpoints from before `auto` existed keep their fingerprint."""
     flat = _flatten(cfg.to_dict())
     backend = run_kernel_backend(cfg)
-    flat["runtime.kernels"] = "custom" if backend in ("cpu", "ascend") else backend
+    flat["runtime.kernels"] = "custom" if backend in ("cpu", "ascend_c") else backend
     return flat
 
 

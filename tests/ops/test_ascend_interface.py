@@ -34,7 +34,7 @@ def registered():
     """Every Custom primitive of the ascend-backend cells, by op type, with its reg_info."""
     found = {}
     for name, args in CELLS.items():
-        cell = make_op(name, "ascend", *args)
+        cell = make_op(name, "ascend_c", *args)
         for attr in dir(cell):
             prim = getattr(cell, attr, None)
             if isinstance(prim, ops.Custom):

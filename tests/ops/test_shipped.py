@@ -254,7 +254,7 @@ def test_ascend_builtin_is_refused_where_it_cannot_run():
     (("runtime.device=Ascend", "train.precision=bf16", "moe.num_experts=128", "moe.num_groups=1"),
      "ascend_builtin"),  # CANN's limit is 128 groups: 128 experts fit
     (("runtime.device=Ascend", "train.precision=bf16", "runtime.kernels=ascend_builtin"), "ascend_builtin"),
-    (("runtime.kernels=custom",), "cpu"), (("runtime.device=Ascend", "runtime.kernels=custom"), "ascend")])
+    (("runtime.kernels=custom",), "cpu"), (("runtime.device=Ascend", "runtime.kernels=custom"), "ascend_c")])
 def test_kernel_backend_of_each_setting(settings, backend):
     assert run_kernel_backend(tiny_config(*settings)) == backend  # runtime.kernels is auto unless given
 
