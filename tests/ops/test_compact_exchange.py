@@ -15,10 +15,13 @@ from mindspore import Tensor
 from pangu_moe.dispatch.compact_exchange import CompactExchange, expert_major
 from pangu_moe.dispatch.dispatcher import Dispatcher
 from pangu_moe.dispatch.placement import rows_after_move
+from pangu_moe.dispatch.topology import Topology
 from pangu_moe.experts import GroupedExperts
 from pangu_moe.model.moe_layer import MoELayer
+from pangu_moe.model.pangu import build_moe_layer
 from pangu_moe.ops.shipped import CompactDispatcher, ShippedOps
 from pangu_moe.routing.topk import TopKRouter
+from tests.conftest import tiny_config
 from tests.ops.test_shipped import EMULATED, _agree, emulated_grouped_matmul, emulated_permute, emulated_unpermute
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,7 +99,8 @@ def _outputs_and_gradients(layer, x, capacity):
 
 
 # (W, K, C, drops): with 40 tokens and E = 4, a rank of n = 40 / W tokens drops nothing at C = n
-CASES = [(2, 1, 3, True), (2, 2, 20, False), (4, 1, 3, True), (4, 2, 10, False), (4, 2, 2, True)]
+# (2, 1, 40): n * K = 20 choices a rank, fewer than the E_loc * C = 80 slots of a block, so B = W * n * K
+CASES = [(2, 1, 3, True), (2, 1, 40, False), (2, 2, 20, False), (4, 1, 3, True), (4, 2, 10, False), (4, 2, 2, True)]
 
 
 @pytest.mark.parametrize("world, k, capacity, drops", CASES)
@@ -143,6 +147,33 @@ def test_hierarchical_padded_primitive_and_a_placement_change_nothing():
         for got, want, name in zip(dw_b, dw, names):
             want = want.asnumpy()[source] if name.startswith("experts.") else want.asnumpy()
             assert got.asnumpy().tobytes() == want.tobytes()
+
+
+def test_a_built_expert_parallel_layer_runs_the_compact_exchange():
+    """`build_moe_layer` with ascend_builtin on the simulated backend (2 nodes x 2 devices, E = 8: two experts a
+    rank) builds the compact exchange, and with the shipped ops emulated equals the local reference layer built
+    from the same seed."""
+    cfg = tiny_config("runtime.device=Ascend", "train.precision=bf16", "parallel.dispatch=simulated",
+                      "parallel.nodes=2", "moe.num_experts=8", "moe.top_k=2")
+    layers = {}
+    for backend, kernels in (("local", "reference"), ("simulated", "ascend_builtin")):
+        ms.set_seed(5)
+        layers[backend] = build_moe_layer(cfg.model, cfg.moe, 0, 0.02, Topology(2, 2, 8), backend, kernels=kernels)
+    reference, builtin = layers["local"], layers["simulated"]
+    assert builtin.exchange is None and isinstance(builtin.dispatcher.exchange, CompactExchange)
+    assert builtin.dispatcher.exchange.world_size == 4
+    builtin.dispatcher.token_permute, builtin.dispatcher.token_unpermute = emulated_permute, emulated_unpermute
+    builtin.dispatcher.grouped_matmul = emulated_grouped_matmul
+    reference.bf16_operands = reference.experts.bf16_operands = True
+    x = Tensor(np.random.default_rng(2).standard_normal((TOKENS, cfg.model.hidden)).astype(np.float32))
+    (out_ref, (_, (dx_ref, dw_ref)), names), (out, (_, (dx, dw)), names_b) = (
+        _outputs_and_gradients(reference, x, 6), _outputs_and_gradients(builtin, x, 6))
+    assert names_b == names
+    _agree(out[0], out_ref[0])
+    np.testing.assert_array_equal(out[3].asnumpy(), out_ref[3].asnumpy())
+    _agree(dx, dx_ref)
+    for got, want in zip(dw, dw_ref):
+        _agree(got, want)
 
 
 def test_expert_parallel_adapter_compiles_in_graph_mode_and_agrees():
