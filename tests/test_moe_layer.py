@@ -53,7 +53,7 @@ def test_layer_matches_loop_and_onehot_references(k, capacity):
     rng = np.random.default_rng(k * 100 + capacity)
     x = rng.standard_normal((40, 8)).astype(np.float32)
     zeros = Tensor(np.zeros(40, np.int32))
-    y, _, demand, kept, _ = layer(Tensor(x), zeros, zeros, capacity, False)
+    y, _, demand, kept, _, _ = layer(Tensor(x), zeros, zeros, capacity, False)
     r = route(layer.router, Tensor(x), zeros, zeros, capacity)
     idx, gate, keep, slot = (v.asnumpy() for v in r[:4])
     np.testing.assert_allclose(y.asnumpy(), _loop_reference(layer, x, idx, gate, keep), atol=1e-5)
@@ -69,7 +69,7 @@ def test_fully_dropped_token_gets_exactly_zero():
     layer.router.weight.set_data(Tensor(weight))
     x = Tensor(np.abs(np.random.default_rng(1).standard_normal((10, 8))).astype(np.float32))
     zeros = Tensor(np.zeros(10, np.int32))
-    y, _, demand, kept, _ = layer(x, zeros, zeros, 4, False)
+    y, _, demand, kept, _, _ = layer(x, zeros, zeros, 4, False)
     assert demand.asnumpy().tolist() == [[10, 0, 0, 0]] and kept.asnumpy().tolist() == [[4, 0, 0, 0]]
     assert (y.asnumpy()[4:] == 0).all() and (np.abs(y.asnumpy()[:4]).sum(1) > 0).all()
 
@@ -119,7 +119,7 @@ def test_without_binding_capacity_nothing_drops_and_token_order_does_not_matter(
     x = rng.standard_normal((24, 8)).astype(np.float32)
     perm = rng.permutation(24)
     zeros = Tensor(np.zeros(24, np.int32))
-    y, _, demand, kept, _ = layer(Tensor(x), zeros, zeros, 24, False)  # C = T: cannot bind
+    y, _, demand, kept, _, _ = layer(Tensor(x), zeros, zeros, 24, False)  # C = T: cannot bind
     y_perm = layer(Tensor(x[perm]), zeros, zeros, 24, False)[0]
     assert (demand.asnumpy() == kept.asnumpy()).all()
     np.testing.assert_allclose(y_perm.asnumpy(), y.asnumpy()[perm], rtol=1e-5, atol=1e-6)

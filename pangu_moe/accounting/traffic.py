@@ -69,7 +69,7 @@ def block_slots(capacity, topology):
     return max(topology.num_experts // topology.world_size, 1) * int(capacity)
 
 
-def exchange_bytes(kept_per_expert, capacity, topology, hidden, bytes_per_value):
+def exchange_bytes(kept_per_expert, capacity, topology, hidden, bytes_per_value, inter_rows=None):
     """Bytes one step of one layer's expert-parallel exchange sends between ranks, dispatch and combine.
 
     Ragged (`dispatch.ragged`, what the exchange sends on simulated, msrun_cpu and hccl): each kept choice's
@@ -78,14 +78,30 @@ def exchange_bytes(kept_per_expert, capacity, topology, hidden, bytes_per_value)
     Blocks between the ranks of one node count as intra-node, others as inter-node; a rank's own block
     does not leave it.
 
+    With `inter_rows` (the hierarchical ragged exchange, N > 1 and D > 1) the ragged figures are that exchange's:
+    inter-node, the dispatch's stage-1 rows as it counted them (one per (token, other node)), the combine's
+    kept choices crossing nodes (not deduplicated) and each stage-1 message's slot map (D * S values to each other
+    node, as many as the flat exchange's remote occupancies); intra-node, both ways, every kept choice whose
+    source and destination differ in local rank (stage 2 forwards it inside a node: the destination's, or on
+    the combine the source's), plus the stage-2 occupancies (N blocks of S to each other local rank).
+
     Args: kept_per_expert [W, E] int; capacity C; topology: `Topology` (E % W == 0 for the padded figures);
-        hidden H; bytes_per_value b.
+        hidden H; bytes_per_value b; inter_rows: None or int [W], rows each rank's stage-1 messages carried to
+        other nodes.
     Returns: {"ragged": {"intra": int, "inter": int}, "padded": {"intra": int, "inter": int}}.
     """
     rows, tiers, block = pair_rows(kept_per_expert, topology), tier_masks(topology), block_slots(capacity, topology)
-    return {"ragged": {t: int((2 * rows[m].sum() * hidden + m.sum() * block) * bytes_per_value)
-                       for t, m in tiers.items()},
-            "padded": {t: int(2 * m.sum() * block * hidden * bytes_per_value) for t, m in tiers.items()}}
+    padded = {t: int(2 * m.sum() * block * hidden * bytes_per_value) for t, m in tiers.items()}
+    if inter_rows is None:
+        return {"ragged": {t: int((2 * rows[m].sum() * hidden + m.sum() * block) * bytes_per_value)
+                           for t, m in tiers.items()}, "padded": padded}
+    w, d, nodes = topology.world_size, topology.devices_per_node, topology.nodes
+    local = np.arange(w) % d
+    forwarded = local[:, None] != local[None, :]  # (source, destination): stage 2 moves it inside a node
+    inter = (int(np.sum(inter_rows)) + rows[tiers["inter"]].sum()) * hidden + tiers["inter"].sum() * block
+    intra = 2 * rows[forwarded].sum() * hidden + w * (d - 1) * nodes * block
+    return {"ragged": {"intra": int(intra * bytes_per_value), "inter": int(inter * bytes_per_value)},
+            "padded": padded}
 
 
 def load_stats(tokens_per_expert):
@@ -104,13 +120,15 @@ def load_stats(tokens_per_expert):
             "dead_experts": int((demand == 0).sum())}
 
 
-def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden, bytes_per_value=4, slots=None):
+def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden, bytes_per_value=4, slots=None,
+                 inter_rows=None):
     """The per-layer metrics.jsonl record for one step (docs/outputs.md).
 
     Args:
         tokens_per_expert, kept_per_expert: int arrays [W, E]; capacity: C of the step;
         hidden: H; bytes_per_value: of the exchanged activations (4 for fp32); slots: the buffers' slots per expert
-        (the step's capacity bucket, >= C; default C).
+        (the step's capacity bucket, >= C; default C); inter_rows: the hierarchical ragged exchange's stage-1 rows
+        to other nodes [W] (`exchange_bytes`), None for the flat exchange.
     Returns:
         dict: tokens_per_expert, kept_per_expert (summed over ranks), tokens_per_rank_expert [W][E] and
         kept_per_rank [W] (what capacity sees: it binds per rank), dropped, capacity, tokens_local/intra/inter,
@@ -121,7 +139,7 @@ def layer_record(tokens_per_expert, kept_per_expert, capacity, topology, hidden,
     kept = np.asarray(kept_per_expert, np.int64)
     places = route_classes(kept, topology)
     flat, hierarchical = inter_node_messages(kept, topology)
-    moved = exchange_bytes(kept, capacity if slots is None else slots, topology, hidden, bytes_per_value)
+    moved = exchange_bytes(kept, capacity if slots is None else slots, topology, hidden, bytes_per_value, inter_rows)
     return {
         "tokens_per_expert": [int(v) for v in demand.sum(0)],
         "kept_per_expert": [int(v) for v in kept.sum(0)],

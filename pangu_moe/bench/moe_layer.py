@@ -101,7 +101,7 @@ def moe_layer_phases(layer, x, token_ids, group_ids, capacity):
     dtype = layer.compute_dtype
     buffer = layer.dispatcher.dispatch(x.astype(dtype), flat_index, capacity).reshape(r, e, capacity, h)
     tokens = x.astype(dtype)
-    expert_out = layer.run_experts(buffer, flat_index, tokens).reshape(r * e, capacity, h)  # (R*E, C, H)
+    expert_out = layer.run_experts(buffer, flat_index, tokens)[0].reshape(r * e, capacity, h)  # (R*E, C, H)
     y = layer.router.combine(layer.dispatcher, expert_out, flat_index, gate, keep, log_prob)[0]
     gate_cot, buffer_cot = noise(gate.shape), noise(buffer.shape)
     out_cot, y_cot = noise(expert_out.shape), noise(y.shape)
@@ -115,7 +115,7 @@ def moe_layer_phases(layer, x, token_ids, group_ids, capacity):
         return (layer.dispatcher.dispatch(x.astype(dtype), rows, capacity).reshape(buffer.shape) * buffer_cot).sum()
 
     def experts(buffer):
-        return (layer.run_experts(buffer, flat_index, tokens).reshape(expert_out.shape) * out_cot).sum()
+        return (layer.run_experts(buffer, flat_index, tokens)[0].reshape(expert_out.shape) * out_cot).sum()
 
     def combine(expert_out, gate):
         return (layer.router.combine(layer.dispatcher, expert_out, flat_index, gate, keep, log_prob)[0] * y_cot).sum()

@@ -40,8 +40,9 @@ class Exchange(nn.Cell):
 
     def dispatch(self, send, slot_token, tokens):
         """The expert-parallel interface shared with `RaggedExchange`: send [R, W, S, H] -> (received
-        [R, W, S, H], state for `combine`); every slot travels, so slot_token and tokens are not read."""
-        return self.construct(send), None
+        [R, W, S, H], state for `combine`, None: every slot travels, so no deduplicated row count); slot_token
+        and tokens are not read."""
+        return self.construct(send), None, None
 
     def combine(self, expert_out, state):
         """expert_out [R, W, S, H] -> back at the sources [R, W, S, H]: the same transpose."""

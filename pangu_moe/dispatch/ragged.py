@@ -160,6 +160,14 @@ def node_rows(slot_token, tokens_per_rank, nodes, devices_per_node):
     return slot_row, message.reshape(r, nodes, n + 1)[:, :, :n], present.sum(2)
 
 
+def to_other_nodes(per_node, first_rank, devices_per_node):
+    """per_node [R, N] int32: rows each held rank (world rank first_rank + r) sends to each node -> [R] int32: those
+    sent to another node than the rank's own."""
+    r, nodes = per_node.shape
+    home = ((ops.arange(r, dtype=ms.int32) + first_rank) // devices_per_node).reshape(r, 1)  # (R, 1)
+    return (per_node * (ops.arange(nodes, dtype=ms.int32).reshape(1, nodes) != home).astype(ms.int32)).sum(1)
+
+
 class RaggedExchange(nn.Cell):
     """The exchange of `dispatch.exchange.Exchange`'s interface (`dispatch`, `combine`) moving kept rows only.
 
@@ -171,6 +179,7 @@ class RaggedExchange(nn.Cell):
 
     def __init__(self, backend, algorithm, rank, nodes, devices_per_node):
         super().__init__()
+        self.first_rank = rank
         self.blocks = Exchange(backend, algorithm, rank, nodes, devices_per_node)  # occupancy, hierarchical rows
         self.contiguous = not self.blocks.hierarchical
         if self.contiguous:
@@ -189,21 +198,24 @@ class RaggedExchange(nn.Cell):
     def dispatch(self, send, slot_token, tokens):
         """send [R, W, S, H] (block q for rank q), slot_token [R, W, S] int32 (1 + the token in each slot, 0 if
         empty), tokens [R, n, H] (each rank's tokens; read by the hierarchical exchange instead of `send`) ->
-        (received [R, W sources, S, H], the state `combine` needs: both occupancies)."""
+        (received [R, W sources, S, H], the state `combine` needs: both occupancies, inter-node rows [R] int32
+        counted on the hierarchical stage-1 messages (one per (token, other node)), or None where one row
+        travels per kept choice)."""
         occupancy = (slot_token > 0).astype(ms.int32)
         if self.blocks.hierarchical:
-            received, received_occupancy = self._dispatch_by_node(slot_token, tokens)
-            return received, (occupancy, received_occupancy)
+            received, received_occupancy, inter_rows = self._dispatch_by_node(slot_token, tokens)
+            return received, (occupancy, received_occupancy), inter_rows
         received_occupancy = ops.stop_gradient(self.blocks(occupancy.astype(ms.float32)).astype(ms.int32))
-        return self._send(send, occupancy, received_occupancy), (occupancy, received_occupancy)
+        return self._send(send, occupancy, received_occupancy), (occupancy, received_occupancy), None
 
     def _dispatch_by_node(self, slot_token, tokens):
         """The deduplicated two-stage dispatch (module docstring): -> (received [R, W, S, H], received
-        occupancy [R, W, S] int32)."""
+        occupancy [R, W, S] int32, the rows of each held rank's stage-1 messages to other nodes [R] int32)."""
         r, w, s = slot_token.shape
         n, h = tokens.shape[1], tokens.shape[2]
         nodes, d = self.blocks.nodes, self.blocks.devices
-        slot_row, message, _ = ops.stop_gradient(node_rows(slot_token, n, nodes, d))
+        slot_row, message, per_node = ops.stop_gradient(node_rows(slot_token, n, nodes, d))
+        inter_rows = to_other_nodes(per_node, self.first_rank, d)
         rank_base = (ops.arange(r, dtype=ms.int32) * n).reshape(r, 1, 1)
         rows = ops.gather(_with_zero_row(tokens), ops.where(message > 0, message + rank_base, message), 0)
         rows = self.blocks.inter(rows.reshape(r, nodes, n, h))  # (R, N source nodes, n, H) at the peer
@@ -215,7 +227,8 @@ class RaggedExchange(nn.Cell):
         occupancy = (slot_row > 0).astype(ms.float32).reshape(r, nodes, d, s)
         received = ops.swapaxes(self.blocks.intra(ops.swapaxes(slots, 1, 2)), 1, 2)  # (R, N, D sources, S, H)
         occupancy = ops.swapaxes(self.blocks.intra(ops.swapaxes(occupancy, 1, 2)), 1, 2)
-        return received.reshape(r, w, s, h), ops.stop_gradient(occupancy.reshape(r, w, s).astype(ms.int32))
+        return (received.reshape(r, w, s, h), ops.stop_gradient(occupancy.reshape(r, w, s).astype(ms.int32)),
+                inter_rows)
 
     def combine(self, expert_out, state):
         """expert_out [R, W sources, S, H] -> at the sources [R, W, S, H] (rows of empty slots are zero)."""

@@ -44,14 +44,15 @@ class MoEBlock(nn.Cell):
 
     def sparse_ffn(self, h, token_ids, group_ids, capacity, training):
         """The MoE half: h [B, S, H] -> (h + MoE(LN(h)), losses [3], tokens_per_expert, kept_per_expert,
-        policy_term [T]) (see `MoELayer.construct`)."""
-        y, losses, tokens_per_expert, kept_per_expert, policy_term = self.moe(
+        policy_term [T], inter_rows [R]) (see `MoELayer.apply`)."""
+        y, losses, tokens_per_expert, kept_per_expert, policy_term, inter_rows = self.moe(
             self.router_input(h), token_ids.reshape(-1), group_ids.reshape(-1), capacity, training)  # ids: (T,)
-        return h + y.reshape(h.shape), losses, tokens_per_expert, kept_per_expert, policy_term  # (B, S, H) <- (T, H)
+        return (h + y.reshape(h.shape), losses, tokens_per_expert, kept_per_expert, policy_term,  # (B, S, H) <- (T, H)
+                inter_rows)
 
     def construct(self, h, token_ids, group_ids, mask, capacity, training):
         """h [B, S, H]; token_ids, group_ids [B, S] int32 -> (h, losses [3], tokens_per_expert, kept_per_expert,
-        policy_term [T])."""
+        policy_term [T], inter_rows [R])."""
         return self.sparse_ffn(self.attend(h, mask), token_ids, group_ids, capacity, training)
 
 

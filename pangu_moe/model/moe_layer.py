@@ -3,6 +3,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from pangu_moe.dispatch.ragged import to_other_nodes
 from pangu_moe.precision import operand
 from pangu_moe.routing.base import Routing
 
@@ -56,6 +57,8 @@ class MoELayer(nn.Cell):
         self.num_experts = router.num_experts
         self.num_ranks = num_ranks
         self.exchange = exchange
+        # the hierarchical ragged exchange sends one row per (token, other node) and counts them (`apply`)
+        self.deduplicates = exchange is not None and exchange.ragged and exchange.blocks.hierarchical
         self.first_rank = first_rank
         self.world_size = world_size or num_ranks
         self.expert_slot = None
@@ -96,12 +99,13 @@ class MoELayer(nn.Cell):
     def run_experts(self, buffer, flat_index, tokens):
         """buffer [R, E, C, H] (rank r's tokens for expert e), flat_index [T*K] int32 (`Dispatcher.layout`),
         tokens [T, H] (what the buffer was gathered from; the hierarchical ragged exchange sends these rows
-        once per node instead of the buffer's slots) -> expert outputs in the buffer's layout (zero in empty
-        slots after a ragged exchange)."""
+        once per node instead of the buffer's slots) -> (expert outputs in the buffer's layout (zero in empty
+        slots after a ragged exchange), the rows each held rank's dispatch sent to other nodes [R] int32 as the
+        hierarchical ragged exchange counted them, or None where one row travels per kept choice)."""
         r, e, c, h = buffer.shape
         if self.exchange is None:
             expert_in = ops.swapaxes(buffer, 0, 1).reshape(e, r * c, h)  # (E, R*C, H) <- (E, R, C, H)
-            return ops.swapaxes(self.experts(expert_in).reshape(e, r, c, h), 0, 1)  # (R, E, C, H)
+            return ops.swapaxes(self.experts(expert_in).reshape(e, r, c, h), 0, 1), None  # (R, E, C, H)
         w = self.world_size
         e_loc = e // w
         # which token each slot holds (1-based within its rank, 0 empty): flat_index is R*E*C for a dropped choice
@@ -109,13 +113,13 @@ class MoELayer(nn.Cell):
         token = (ops.arange(flat_index.shape[0], dtype=ms.int32) // (flat_index.shape[0] // tokens.shape[0])) % n + 1
         slot_token = ops.scatter_nd(flat_index.reshape(-1, 1), token, (r * e * c + 1,))[:-1]
         slot_token = slot_token.reshape(r, w, e_loc * c)  # (R, W, E_loc*C): destination-major blocks
-        received, state = self.exchange.dispatch(buffer.reshape(r, w, e_loc * c, h), slot_token,
-                                                 tokens.reshape(r, n, h))  # (R, W sources, S, H)
+        received, state, inter_rows = self.exchange.dispatch(buffer.reshape(r, w, e_loc * c, h), slot_token,
+                                                             tokens.reshape(r, n, h))  # (R, W sources, S, H)
         received = received.reshape(r, w, e_loc, c, h)  # (R, W sources, E_loc, C, H)
         expert_in = ops.swapaxes(received, 1, 2).reshape(r * e_loc, w * c, h)  # (R*E_loc, W*C, H)
         expert_out = ops.swapaxes(self.experts(expert_in).reshape(r, e_loc, w, c, h), 1, 2)  # (R, W, E_loc, C, H)
         back = self.exchange.combine(expert_out.reshape(r, w, e_loc * c, h), state)  # at the sources: (R, W, S, H)
-        return back.reshape(r, e, c, h)
+        return back.reshape(r, e, c, h), inter_rows
 
     def construct(self, x, token_ids, group_ids, capacity, training):
         """Apply the layer to the R ranks' tokens: `route`, then `apply`.
@@ -155,11 +159,14 @@ class MoELayer(nn.Cell):
             losses [3] fp32 (weighted, named by `routing.base.LOSS_NAMES`; mean over rank groups),
             tokens_per_expert [R, E] int32 (requested choices of each rank's tokens, before dropping),
             kept_per_expert [R, E] int32,
-            policy_term [T] fp32: the router's per-token input to its `objective` (`Router.combine`).
+            policy_term [T] fp32: the router's per-token input to its `objective` (`Router.combine`),
+            inter_rows [R] int32: the rows each rank's dispatch sent to other nodes: one per (token, other node)
+                as the hierarchical ragged exchange counted them on its messages, else one per kept choice (what
+                a flat exchange sends; on `local` the ranks and nodes are those of the topology).
         """
         expert_index, gate, keep, _, _, losses, log_prob = routing
         hidden = x.shape[1]
-        flat_index, tokens_per_expert, kept_per_expert, _, _ = self.layout(routing, capacity)
+        flat_index, tokens_per_expert, kept_per_expert, _, node_counts = self.layout(routing, capacity)
         if self.dispatcher.compact:  # ascend_builtin (ops/shipped.py): compact rows, the dispatcher's own exchange
             rows, order = self.dispatcher.dispatch_compact(x.astype(self.compute_dtype), self.slot_of(expert_index),
                                                            keep, capacity)
@@ -167,13 +174,18 @@ class MoELayer(nn.Cell):
                                                       self.experts.w_out)
             y, policy_term = self.router.combine(self.dispatcher, expert_rows, order, gate, keep, log_prob)
             return (y.astype(ms.float32), losses, self.by_expert(tokens_per_expert), self.by_expert(kept_per_expert),
-                    policy_term)
+                    policy_term, self.crossing(node_counts))
         tokens = operand(x, self.compute_dtype, self.bf16_operands)  # the buffers and the exchange hold these
         buffer = self.dispatcher.dispatch(tokens, flat_index, capacity)  # (R*E, C, H)
-        expert_out = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden), flat_index,
-                                      tokens)
+        expert_out, inter_rows = self.run_experts(buffer.reshape(self.num_ranks, self.num_experts, capacity, hidden),
+                                                  flat_index, tokens)
         expert_out = expert_out.reshape(self.num_ranks * self.num_experts, capacity, hidden)  # (R*E, C, H)
         y, policy_term = self.router.combine(self.dispatcher, expert_out, flat_index, gate, keep, log_prob)
         return (y.astype(ms.float32), losses, self.by_expert(tokens_per_expert), self.by_expert(kept_per_expert),
-                policy_term)
+                policy_term, self.crossing(node_counts) if inter_rows is None else inter_rows)
+
+    def crossing(self, node_counts):
+        """node_counts [R, N] int32 (kept choices by destination node, `Dispatcher.layout`) -> [R] int32: those
+        sent to another node than the rank's own."""
+        return to_other_nodes(node_counts, self.first_rank, self.world_size // node_counts.shape[1])
 

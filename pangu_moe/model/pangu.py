@@ -105,22 +105,26 @@ class PanguModel(nn.Cell):
             tokens_per_expert [L_moe, W, E] int32, kept_per_expert [L_moe, W, E] int32 (W ranks of the
             topology, each holding B/W whole sequences),
             policy_terms [L_moe, B*S] fp32: each MoE layer's router input to its `objective`
-            (`Router.combine`; zeros for most routers), read by `router_objective`.
+            (`Router.combine`; zeros for most routers), read by `router_objective`,
+            inter_rows [L_moe, W] int32: the rows each rank's dispatch sent to other nodes (`MoELayer.apply`).
         """
         s = token_ids.shape[1]
         mask = self.mask[:s, :s]
         group_ids = self._group_ids(domain_ids)
         h = self._dense_trunk(token_ids, mask)
         losses = ops.zeros((3,), ms.float32)
-        tokens_per_expert, kept_per_expert, policy_terms = (), (), ()
+        tokens_per_expert, kept_per_expert, policy_terms, inter_rows = (), (), (), ()
         for block in self.moe_blocks:
-            h, layer_losses, demand, kept, policy_term = block(h, token_ids, group_ids, mask, capacity, training)
+            h, layer_losses, demand, kept, policy_term, crossing = block(h, token_ids, group_ids, mask, capacity,
+                                                                         training)
             losses = losses + layer_losses
             tokens_per_expert += (demand,)
             kept_per_expert += (kept,)
             policy_terms += (policy_term,)
+            inter_rows += (crossing,)
         logits = self._head(h, mask)
-        return logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert), ops.stack(policy_terms)
+        return (logits, losses, ops.stack(tokens_per_expert), ops.stack(kept_per_expert), ops.stack(policy_terms),
+                ops.stack(inter_rows))
 
     def router_objective(self, token_loss, policy_terms):
         """The routers' extra training-loss terms (`Router.objective`) summed, or None if no router has one.

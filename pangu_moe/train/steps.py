@@ -20,12 +20,13 @@ def make_gradient(model, params, capacity, data_parallel=None, loss_scaler=None)
 
     Returns gradient(input_ids, labels, domain_ids [B,S] int32) -> (loss, lm_loss fp32 scalars, router losses
     [3] fp32 (`routing.base.LOSS_NAMES`), tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32,
-    grads (tuple in `params` order), global sum of squares of the grads fp32).
+    grads (tuple in `params` order), global sum of squares of the grads fp32, inter_rows [L,W] int32 (the rows
+    each rank's dispatch sent to other nodes, `model.moe_layer.MoELayer.apply`)).
     """
     scaled = loss_scaler is not None and loss_scaler.dynamic
 
     def forward(input_ids, labels, domain_ids):
-        logits, losses, demand, kept, policy_terms = model(input_ids, domain_ids, capacity, True)
+        logits, losses, demand, kept, policy_terms, inter_rows = model(input_ids, domain_ids, capacity, True)
         vocab = logits.shape[-1]
         token_loss = ops.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none")  # (B*S,)
         lm_loss = token_loss.mean()
@@ -34,22 +35,24 @@ def make_gradient(model, params, capacity, data_parallel=None, loss_scaler=None)
         if objective is not None:
             loss = loss + objective
         if scaled:
-            return loss * loss_scaler.scale, (loss, lm_loss, losses, demand, kept)
-        return loss, (loss, lm_loss, losses, demand, kept)
+            return loss * loss_scaler.scale, (loss, lm_loss, losses, demand, kept, inter_rows)
+        return loss, (loss, lm_loss, losses, demand, kept, inter_rows)
 
     grad_fn = ms.value_and_grad(forward, None, params, has_aux=True)
 
     def gradient(input_ids, labels, domain_ids):
-        (_, (loss, lm_loss, losses, demand, kept)), grads = grad_fn(input_ids, labels, domain_ids)
+        (_, (loss, lm_loss, losses, demand, kept, inter_rows)), grads = grad_fn(input_ids, labels, domain_ids)
         if scaled:
             unscale = 1.0 / loss_scaler.scale
             grads = tuple(g * unscale for g in grads)
         if data_parallel is None:
-            return loss, lm_loss, losses, demand, kept, grads, square_sum(grads)
+            return loss, lm_loss, losses, demand, kept, grads, square_sum(grads), inter_rows
         grads = data_parallel.grads(grads)
+        layers = inter_rows.shape[0]
         return (data_parallel.mean(loss), data_parallel.mean(lm_loss), data_parallel.mean(losses),
                 data_parallel.gather_ranks(demand), data_parallel.gather_ranks(kept), grads,
-                data_parallel.square_sum(grads))
+                data_parallel.square_sum(grads),
+                data_parallel.gather_ranks(inter_rows.reshape(layers, 1, 1)).reshape(layers, -1))  # (L, W)
 
     return gradient
 
@@ -68,13 +71,14 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=
 
     Returns step(input_ids [B,S] int32, labels [B,S] int32, domain_ids [B,S] int32, lr fp32 scalar) ->
     (loss, lm_loss) fp32 scalars, router losses [3] fp32 (`routing.base.LOSS_NAMES`), grad_norm fp32,
-    tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32, loss scale fp32 (after the update).
+    tokens_per_expert [L,W,E] int32, kept_per_expert [L,W,E] int32, loss scale fp32 (after the update), inter_rows
+    [L,W] int32 (`make_gradient`).
     """
     scaler = optimizer.loss_scaler
     gradient = make_gradient(model, optimizer.parameters, capacity, data_parallel, scaler)
 
     def train_step(input_ids, labels, domain_ids, lr):
-        loss, lm_loss, losses, demand, kept, grads, squares = gradient(input_ids, labels, domain_ids)
+        loss, lm_loss, losses, demand, kept, grads, squares, inter_rows = gradient(input_ids, labels, domain_ids)
         grads, grad_norm = clip_by_global_norm(grads, grad_clip, squares)
         applied = ops.logical_and(ops.isfinite(loss), ops.isfinite(grad_norm))
         if must_fit:
@@ -82,7 +86,7 @@ def make_train_step(model, optimizer, capacity, grad_clip, graph, data_parallel=
         optimizer(grads, lr, applied)
         model.update_router_state(lm_loss, applied)
         scale = scaler(ops.isfinite(grad_norm), applied)
-        return loss, lm_loss, losses, grad_norm, demand, kept, scale
+        return loss, lm_loss, losses, grad_norm, demand, kept, scale, inter_rows
 
     return ms.jit(train_step) if graph else train_step
 

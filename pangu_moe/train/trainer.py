@@ -265,7 +265,7 @@ class Trainer:
             self.model.feed_noise(np.random.default_rng([cfg.runtime.seed, state["step"]]))
             out, bucket, seconds, timed = self.run_step(capacities, (
                 Tensor(input_ids), Tensor(labels), Tensor(domain_ids), Tensor(lr, ms.float32)))
-            loss, lm_loss, router_losses, grad_norm, demand, kept, loss_scale = out
+            loss, lm_loss, router_losses, grad_norm, demand, kept, loss_scale, inter_rows = out
             state["step"] = step = state["step"] + 1
             profiler.after_step(step - 1)
             topologies = self.placement.topologies()  # where this step's experts were
@@ -295,8 +295,10 @@ class Trainer:
                           "compiled_steps": compiled,
                           "modelled_exchange_ms": 1e3 * sum(self._exchange_seconds(k, bucket, topology)
                                                             for k, topology in zip(kept, topologies)),
-                          "layers": [layer_record(d, k, c, topology, cfg.model.hidden, BYTES[t.precision], bucket)
-                                     for d, k, c, topology in zip(demand, kept, capacities, topologies)]}
+                          "layers": [layer_record(d, k, c, topology, cfg.model.hidden, BYTES[t.precision], bucket,
+                                                  rows if self.model.moe_blocks[0].moe.deduplicates else None)
+                                     for d, k, c, topology, rows in zip(demand, kept, capacities, topologies,
+                                                                        inter_rows)]}
                 if self.estimates:
                     record["estimates"] = self.estimates
                     self.estimates = []

@@ -51,7 +51,7 @@ def _inputs(tokens, hidden=8, seed=1):
 def test_each_rank_is_its_own_routing_group():
     """W = 2 ranks in one layer equal two W = 1 layers on each half: capacity and slots are per rank."""
     x, token_ids, group_ids = _inputs(24)
-    y, losses, demand, kept, _ = _layer(2)(x, token_ids, group_ids, 3, False)
+    y, losses, demand, kept, _, _ = _layer(2)(x, token_ids, group_ids, 3, False)
     single = _layer(1)
     halves = [single(x[i * 12:(i + 1) * 12], token_ids[:12], group_ids[:12], 3, False) for i in range(2)]
     np.testing.assert_allclose(y.asnumpy(), np.concatenate([h[0].asnumpy() for h in halves]), rtol=1e-6, atol=1e-7)

@@ -108,12 +108,21 @@ def test_the_rows_that_travel_are_the_kept_choices(algorithm):
     rows_sent = (np.abs(packed).sum(-1) > 0).sum(1)  # (R,) rows a rank packs
     np.testing.assert_array_equal(rows_sent, kept.sum(1))
     assert positions(Tensor(occ))[1].asnumpy().tolist() == kept.tolist()
-    received, (_, received_occ) = exchange.dispatch(Tensor(send), Tensor(slot_token), Tensor(tokens))
+    received, (_, received_occ), inter_rows = exchange.dispatch(Tensor(send), Tensor(slot_token), Tensor(tokens))
     np.testing.assert_array_equal(received.asnumpy(), send.transpose(1, 0, 2, 3))
     np.testing.assert_array_equal(received_occ.asnumpy(), occ.transpose(1, 0, 2))
+    # every slot holds another token here, so the stage-1 rows to the other node are the choices crossing to it
+    crossing = [kept[r, 2:].sum() if r < 2 else kept[r, :2].sum() for r in range(4)]
+    assert (inter_rows is None) if algorithm == "flat" else inter_rows.asnumpy().tolist() == crossing
     # the bytes the metrics report: rows both ways by tier plus each remote block's occupancy
     moved = exchange_bytes(kept, 3, topology, 5, 4)["ragged"]
     assert moved == {"intra": 248, "inter": 296}  # 5 rows each, x 2 ways x 5 values x 4 bytes, + 4 or 8 blocks of 3
+    # hierarchical, if the stage-1 messages carried 3 rows to other nodes (ranks 0, 1, 2 one each): inter-node 3
+    # dispatch + 5 combine rows x 20 bytes + 8 slot maps of 3 x 4 bytes; intra-node 6 choices between different
+    # local ranks (0->1, 2->1, 2->3, 3->2 x 3) x 2 ways x 20 bytes + 4 ranks x 1 other local rank x 2 nodes' blocks
+    # of 3 occupancies x 4 bytes
+    moved = exchange_bytes(kept, 3, topology, 5, 4, inter_rows=[1, 1, 1, 0])["ragged"]
+    assert moved == {"intra": 6 * 2 * 20 + 4 * 1 * 2 * 3 * 4, "inter": (3 + 5) * 20 + 8 * 3 * 4}
 
 
 def test_the_hierarchical_exchange_sends_each_token_once_per_node():
@@ -131,8 +140,9 @@ def test_the_hierarchical_exchange_sends_each_token_once_per_node():
     rng = np.random.default_rng(2)
     tokens = rng.normal(size=(4, 3, 5)).astype(np.float32)
     send = _slots(slot_token, tokens)
-    received, (_, received_occ) = RaggedExchange("simulated", "hierarchical", 0, 2, 2).dispatch(
+    received, (_, received_occ), inter_rows = RaggedExchange("simulated", "hierarchical", 0, 2, 2).dispatch(
         Tensor(send * 0), Tensor(slot_token), Tensor(tokens))  # the send buffer is not read
+    assert inter_rows.asnumpy().tolist() == [3, 0, 0, 0]  # rank 0's 3 rows to node 1; rank 3's 1 row stays home
     np.testing.assert_array_equal(received.asnumpy(), send.transpose(1, 0, 2, 3))
     np.testing.assert_array_equal(received_occ.asnumpy(), (slot_token > 0).transpose(1, 0, 2))
 
@@ -167,16 +177,27 @@ def test_ragged_layers_equal_padded_in_output_and_gradients(layers, capacity):
     rng = np.random.default_rng(capacity)
     x = Tensor(rng.normal(size=(32, 16)).astype(np.float32))
     ids = Tensor(np.zeros(32, np.int32))
-    results = {}
+    results, inter_rows = {}, {}
     for name, layer in layers.items():
         loss = _Loss(layer, capacity)
         grad = ms.grad(loss, grad_position=0, weights=layer.trainable_params())
         out = layer(x, ids, ids, capacity, True)
         results[name] = (out[0].asnumpy(), out[3].asnumpy(), grad(x, ids))
+        inter_rows[name] = out[5].asnumpy().tolist()
     # some token sends both choices to one node (expert e lives on node e // 4): the hierarchical exchange
     # then carries it once
-    experts = layers["padded"].route(x, ids, ids, capacity, True)[0].asnumpy()
+    routing = layers["padded"].route(x, ids, ids, capacity, True)
+    experts, keep = routing[0].asnumpy(), routing[2].asnumpy()
     assert ((experts[:, 0] // 4) == (experts[:, 1] // 4)).any()
+    # the rows each rank (8 tokens, node r // 2) sends to the other node: one per kept choice on the flat exchange,
+    # one per token on the hierarchical one
+    choices, tokens = [0] * 4, [0] * 4
+    for t in range(32):
+        remote = [e // 4 for e, k in zip(experts[t], keep[t]) if k and e // 4 != t // 8 // 2]
+        choices[t // 8] += len(remote)
+        tokens[t // 8] += len(set(remote))
+    assert inter_rows["ragged"] == inter_rows["padded"] == choices and inter_rows["ragged_hierarchical"] == tokens
+    assert sum(tokens) < sum(choices)
     y_p, kept_p, (gx_p, gw_p) = results["padded"]
     for name in ("ragged", "ragged_hierarchical"):
         y_r, kept_r, (gx_r, gw_r) = results[name]

@@ -16,7 +16,7 @@ def test_forward_shapes_and_exact_token_accounting():
     ms.set_seed(1)
     model = build_model(tiny_config())
     ids, dom = _batch(0)
-    logits, losses, demand, kept, policy_terms = model(ids, dom, 5, True)
+    logits, losses, demand, kept, policy_terms, _ = model(ids, dom, 5, True)
     assert policy_terms.shape == (2, 96) and not policy_terms.asnumpy().any()  # (L, B*S); topk does not sample
     assert losses.shape == (3,) and float(losses.asnumpy()[2]) == 0.0  # topk has no locality loss
     assert logits.shape == (3, 32, 256) and logits.dtype == ms.float32
@@ -103,7 +103,7 @@ def test_demand_is_counted_per_rank():
     model = build_model(tiny_config("parallel.nodes=2", "train.batch_size=4"))
     ids = Tensor(np.random.default_rng(0).integers(0, 256, (4, 32)).astype(np.int32))
     dom = Tensor(np.repeat(np.array([[0], [1], [0], [1]], np.int32), 32, 1))
-    _, _, demand, kept, _ = model(ids, dom, 64, False)
+    _, _, demand, kept, _, _ = model(ids, dom, 64, False)
     demand, kept = demand.asnumpy(), kept.asnumpy()
     assert demand.shape == (2, 2, 4)
     assert (demand.sum(2) == 2 * 32).all()  # each rank holds 2 sequences

@@ -45,7 +45,7 @@ def test_moe_layer_outputs_and_gradients_match(kind):
         layer = _layer(kind, backend)
 
         def loss(x_):
-            y, losses, tokens, kept, _ = layer(x_, groups, groups, 3, True)
+            y, losses, tokens, kept, _, _ = layer(x_, groups, groups, 3, True)
             return (y * cot).sum() + losses.sum(), tokens, kept
         step = ms.jit(ms.value_and_grad(loss, grad_position=0, weights=layer.trainable_params(), has_aux=True))
         (value, tokens, kept), (d_x, d_params) = step(x)

@@ -126,7 +126,7 @@ def _layer_gradients(cfg, seed=0):
     target = Tensor(rng.standard_normal(x.shape).astype(np.float32))
 
     def loss_fn(inputs):
-        y, _, _, _, policy_term = layer(inputs, Tensor(token_ids), Tensor(group_ids), CAPACITY, True)
+        y, _, _, _, policy_term, _ = layer(inputs, Tensor(token_ids), Tensor(group_ids), CAPACITY, True)
         token_loss = ((y - target) ** 2).sum(1)  # (T,): a per-token stand-in for the LM loss
         loss = token_loss.mean()
         objective = layer.router.objective(token_loss, policy_term)

@@ -53,7 +53,7 @@ def test_forward_is_ungated_and_backward_is_importance_weighted():
     requests = np.bincount(index[:, 0], minlength=E)
     np.testing.assert_allclose(weight[:, 0], np.maximum(1.0, requests[index[:, 0]] / capacity) * keep[:, 0])
     assert keep.sum() < 12 and set(np.unique(weight[keep])) - {1.0}  # capacity binds, weights > 1 exist
-    y, _, _, _, score = layer(x, zeros, zeros, capacity, False)
+    y, _, _, _, score, _ = layer(x, zeros, zeros, capacity, False)
     w_in, w_out = layer.experts.w_in.asnumpy(), layer.experts.w_out.asnumpy()
     xs = x.asnumpy()
 

@@ -147,8 +147,8 @@ def test_a_smaller_capacity_bucket_shrinks_the_buffers_and_trains_the_kept_token
     object.__setattr__(layer, "run_experts", lambda b, rows, x: shapes.append(b.shape) or run_experts(b, rows, x))
     x, ids = _x(7, t=64), Tensor(np.zeros(64, np.int32))
     bucket = capacity_bucket(5, 20)
-    small, _, _, small_kept, _ = layer(x, ids, ids, bucket, True)
-    full, _, _, full_kept, _ = layer(x, ids, ids, 20, True)
+    small, _, _, small_kept, _, _ = layer(x, ids, ids, bucket, True)
+    full, _, _, full_kept, _, _ = layer(x, ids, ids, 20, True)
     assert bucket == 8 and [s[2] for s in shapes] == [8, 20]  # (R, E, C, H): the slots follow the bucket
     np.testing.assert_array_equal(small_kept.asnumpy(), full_kept.asnumpy())
     assert small_kept.asnumpy().max() == 5 and (full.asnumpy() == 0).all(1).any()  # binding: some tokens dropped

@@ -33,11 +33,30 @@ PLACED = ("moe.aux_scope=global", "data.mixture=by_node", "parallel.placement=[2
 
 
 def _run(run_dir, *overrides):
-    """Train 5 steps; returns (losses, step-0 gradients by name, summary, placement events)."""
+    """Train 5 steps; returns (losses, step-0 gradients by name, summary, placement events, layer records)."""
     trainer = Trainer(tiny_config(*EP, *overrides), str(run_dir), log=lambda line: None)
     grads = first_gradients(trainer)
     summary = trainer.train()
-    return [r["loss"] for r in read(run_dir / "metrics.jsonl")], grads, summary, _placements(run_dir)
+    return ([r["loss"] for r in read(run_dir / "metrics.jsonl")], grads, summary, _placements(run_dir),
+            _layers(run_dir))
+
+
+def _layers(run_dir):
+    return [r["layers"] for r in read(run_dir / "metrics.jsonl") if "layers" in r]
+
+
+def _same_bytes_but_hierarchical_intra(layers, reference, hierarchical):
+    """The layer records of a run against those of a run with the same routing: with K = 1 each token crosses to
+    at most one other node, so the hierarchical exchange's counted stage-1 rows equal the flat exchange's crossing
+    choices and the inter-node bytes agree; its intra-node bytes add the forwarding inside the nodes."""
+    assert len(layers) == len(reference)
+    crossing = 0
+    for got, want in zip((g for step in layers for g in step), (w for step in reference for w in step)):
+        assert got["kept_per_rank"] == want["kept_per_rank"] and got["tokens_inter"] == want["tokens_inter"]
+        assert got["bytes_inter"] == want["bytes_inter"]
+        assert (got["bytes_intra"] != want["bytes_intra"]) == hierarchical
+        crossing += got["tokens_inter"]
+    assert crossing > 0
 
 
 def _placements(run_dir):
@@ -51,8 +70,9 @@ def local_run(tmp_path_factory):
 
 @pytest.mark.parametrize("exchange,layout", [("flat", "ragged"), ("hierarchical", "ragged"), ("flat", "padded")])
 def test_simulated_equals_local(local_run, tmp_path, exchange, layout):
-    losses, grads, summary, _ = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}",
-                                     f"parallel.exchange_layout={layout}")
+    losses, grads, summary, _, layers = _run(tmp_path, "parallel.dispatch=simulated", f"parallel.exchange={exchange}",
+                                             f"parallel.exchange_layout={layout}")
+    _same_bytes_but_hierarchical_intra(layers, local_run[4], exchange == "hierarchical")
     np.testing.assert_allclose(losses, local_run[0], rtol=1e-5)
     assert grads.keys() == local_run[1].keys()
     for name, g in grads.items():
@@ -120,6 +140,8 @@ def test_msrun_cpu_equals_one_process_and_leaves_no_process(request, tmp_path, e
     losses = [r["loss"] for r in read(run_dir / "metrics.jsonl")]
     np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
     assert _placements(run_dir) == reference[3]  # the same maps, moves and move bytes
+    # the stage-1 rows each process counted, gathered over ranks (`train.steps.make_gradient`)
+    _same_bytes_but_hierarchical_intra(_layers(run_dir), reference[4], exchange == "hierarchical")
     assert sum(sum(event["moved"]) for event in reference[3]) == (4 if placed else 0)
     reference_grads = reference[1]
     for rank in range(4):
