@@ -51,10 +51,10 @@ def expert_major(counts, capacity, rows):
     gather = ops.scatter_nd(ops.where(valid, expert_row, spare).reshape(-1, 1),
                             ops.where(valid, source_row + 1, ops.zeros_like(source_row)).reshape(-1),
                             (r * rows + 1,))[:-1]
-    scatter = ops.where(valid, expert_row + 1, ops.zeros_like(expert_row))
-    # source_row runs over every (source, expert, i) cell, so the scatter map is read out in that order: place it
+    # the inverse map: each received row's cell writes its expert-major row at its source-major row
     spare = ops.full_like(source_row, r * sent)
-    scatter = ops.scatter_nd(ops.where(valid, source_row, spare).reshape(-1, 1), scatter.reshape(-1),
+    scatter = ops.scatter_nd(ops.where(valid, source_row, spare).reshape(-1, 1),
+                             ops.where(valid, expert_row + 1, ops.zeros_like(expert_row)).reshape(-1),
                              (r * sent + 1,))[:-1]
     return gather.reshape(r, rows), scatter.reshape(r, sent)
 
