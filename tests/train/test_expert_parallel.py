@@ -42,20 +42,25 @@ def _run(run_dir, *overrides):
 
 
 def _layers(run_dir):
-    return [r["layers"] for r in read(run_dir / "metrics.jsonl") if "layers" in r]
+    """(capacity bucket, layer records) of each logged step."""
+    return [(r["capacity_bucket"], r["layers"]) for r in read(run_dir / "metrics.jsonl") if "layers" in r]
 
 
 def _same_bytes_but_hierarchical_intra(layers, reference, hierarchical):
-    """The layer records of a run against those of a run with the same routing: with K = 1 each token crosses to
-    at most one other node, so the hierarchical exchange's counted stage-1 rows equal the flat exchange's crossing
-    choices and the inter-node bytes agree; its intra-node bytes add the forwarding inside the nodes."""
+    """The layer records of a run against those of a run with the same routing. With K = 1 each token crosses to at
+    most one other node, so the hierarchical exchange's counted stage-1 rows equal the crossing choices, and both
+    runs' inter-node bytes are the flat exchange's (docs/outputs.md: H = 32 fp32 values a row both ways, plus the
+    occupancy of the W * (W - D) remote blocks of S = E_loc * bucket slots); inside the nodes the hierarchical one
+    also forwards rows, so only the flat run's intra-node bytes are the flat definition's."""
     assert len(layers) == len(reference)
     crossing = 0
-    for got, want in zip((g for step in layers for g in step), (w for step in reference for w in step)):
-        assert got["kept_per_rank"] == want["kept_per_rank"] and got["tokens_inter"] == want["tokens_inter"]
-        assert got["bytes_inter"] == want["bytes_inter"]
-        assert (got["bytes_intra"] != want["bytes_intra"]) == hierarchical
-        crossing += got["tokens_inter"]
+    for (bucket, step), (_, reference_step) in zip(layers, reference):
+        for got, want in zip(step, reference_step):
+            assert got["kept_per_rank"] == want["kept_per_rank"] and got["tokens_inter"] == want["tokens_inter"]
+            assert got["bytes_inter"] == (2 * got["tokens_inter"] * 32 + 4 * 2 * bucket) * 4 == want["bytes_inter"]
+            flat_intra = (2 * got["tokens_intra"] * 32 + 4 * 1 * bucket) * 4
+            assert (got["bytes_intra"] != flat_intra) == hierarchical
+            crossing += got["tokens_inter"]
     assert crossing > 0
 
 
