@@ -22,7 +22,8 @@ from pangu_moe.model.pangu import build_moe_layer
 from pangu_moe.ops.shipped import CompactDispatcher, ShippedOps
 from pangu_moe.routing.topk import TopKRouter
 from tests.conftest import tiny_config
-from tests.ops.test_shipped import EMULATED, _agree, emulated_grouped_matmul, emulated_permute, emulated_unpermute
+from tests.ops.test_shipped import (EMULATED, _agree, compiled_layers_agree, emulated_grouped_matmul, emulated_permute,
+                                   emulated_unpermute)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENS, E, H, F = 40, 4, 8, 16
@@ -177,21 +178,7 @@ def test_a_built_expert_parallel_layer_runs_the_compact_exchange():
 
 
 def test_expert_parallel_adapter_compiles_in_graph_mode_and_agrees():
-    reference, builtin, _, _ = _layers(2, 2, record=False)
-    x = Tensor(np.random.default_rng(1).standard_normal((TOKENS, H)).astype(np.float32))
-    zeros = Tensor(np.zeros(TOKENS, np.int32))
-
-    def compiled(layer):
-        def f(x_in):
-            y = layer(x_in, zeros, zeros, 6, False)[0]
-            return (y * y).sum()
-        return ms.jit(ms.value_and_grad(f, 0, layer.trainable_params()))(x)
-
-    (ref_value, (ref_dx, ref_dw)), (value, (dx, dw)) = compiled(reference), compiled(builtin)
-    _agree(value, ref_value)
-    _agree(dx, ref_dx)
-    for got, want in zip(dw, ref_dw):
-        _agree(got, want)
+    compiled_layers_agree(*_layers(2, 2, record=False)[:2], 6)
 
 
 MSRUN_WORLD, MSRUN_K, MSRUN_CAPACITY = 4, 2, 4  # 2 nodes x 2 devices, one expert a rank, with drops

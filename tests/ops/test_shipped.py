@@ -267,13 +267,17 @@ def test_auto_falls_back_when_the_installed_signatures_differ(monkeypatch):
 def test_adapter_compiles_in_graph_mode_and_agrees():
     """The compact branch of the layer inside `ms.jit` (how the trainer runs it): list arguments to GroupedMatmul,
     the ops held as cell attributes."""
-    reference, builtin = _layers(2)
+    compiled_layers_agree(*_layers(2), 4)
+
+
+def compiled_layers_agree(reference, builtin, capacity):
+    """Both layers' loss sum(y * y) on 40 tokens of H = 8, with its gradients, inside `ms.jit`, agree (`_agree`)."""
     x = Tensor(np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32))
     zeros = Tensor(np.zeros(40, np.int32))
 
     def compiled(layer):
         def f(x_in):
-            y = layer(x_in, zeros, zeros, 4, False)[0]
+            y = layer(x_in, zeros, zeros, capacity, False)[0]
             return (y * y).sum()
         return ms.jit(ms.value_and_grad(f, 0, layer.trainable_params()))(x)
 
