@@ -1,8 +1,8 @@
 """kernels: ascend_builtin under expert parallelism (pangu_moe/dispatch/compact_exchange.py, ops/shipped.py): the
 expert-major regrouping exact on a hand-built case, and W = 2 and 4 ranks in one process, with the shipped ops
 and AlltoAllV replaced by emulations of their documented semantics (tests/ops/test_shipped.py, dispatch/ragged.py),
-equal to the reference layer in output and gradients; only the kept rows travel, and the experts multiply the
-bucket B = W * min(n * K, E_loc * C) of rows a rank."""
+equal to the reference layer in output and gradients; only the kept rows travel, and the experts multiply
+B = W * min(n * K, E_loc * C) rows a rank."""
 import os
 import subprocess
 import sys
@@ -79,11 +79,12 @@ def _layers(k, world, algorithm="flat", placement=None, record=True):
             weight.set_data(Tensor(original.asnumpy()[source]))
         experts = placed
     exchange = CompactExchange("simulated", algorithm, 0, 2, world // 2)
-    shipped_ops, sent = _Counted(), _SentRows(exchange.rows)
+    sent = _SentRows(exchange.rows)
     if record:
+        shipped_ops = _Counted()
         object.__setattr__(exchange, "rows", sent)
     else:
-        shipped_ops = ShippedOps(emulated_permute, emulated_unpermute, emulated_grouped_matmul)
+        shipped_ops = EMULATED
     dispatcher = CompactDispatcher(E, world, world, 2, shipped_ops, exchange)
     builtin = MoELayer(router, dispatcher, experts, world, None, 0, world, placement=placement)
     return reference, builtin, getattr(shipped_ops, "multiplied", None), sent.sent
