@@ -160,7 +160,6 @@ class CompactDispatcher(ReferenceLayout):
         self.token_permute, self.token_unpermute = shipped.permute, shipped.unpermute
         self.grouped_matmul = shipped.grouped_matmul
         self.exchange = exchange
-        self.world_size = world_size
 
     def layout(self, pair_index, slot, keep, requested, capacity):
         """As `dispatch.dispatcher.Dispatcher.layout`."""
