@@ -76,17 +76,17 @@ class CompactExchange(nn.Cell):
         # backends, exact both ways, since CPU MindSpore cannot gather, stack, slice or reshape bf16 in a graph.
         self.carrier = OPS_DTYPE if backend == "hccl" else ms.float32
 
-    def dispatch(self, rows, kept, capacity, expert_rows):
+    def dispatch(self, rows, kept, capacity, multiplied):
         """rows [R, W * S, H] in the carrier dtype (each rank's kept rows sorted by slot, zero past them), kept [R, E]
-        int32 (kept choices per slot), capacity C, expert_rows B -> (the received rows regrouped by expert [R, B, H],
+        int32 (kept choices per slot), capacity C, multiplied B -> (the received rows regrouped by expert [R, B, H],
         the received counts [R, W, E_loc] int32, the state `combine` needs)."""
         r, _, h = rows.shape
         counts = kept.reshape(r, self.world_size, -1)  # (R, W destinations, E_loc)
         received = ops.stop_gradient(self.blocks(counts.astype(ms.float32)).astype(ms.int32))  # (R, W sources, E_loc)
         send, receive = counts.sum(2), received.sum(2)
-        gather, scatter = ops.stop_gradient(expert_major(received, capacity, expert_rows))
+        gather, scatter = ops.stop_gradient(expert_major(received, capacity, multiplied))
         source_major = self.rows(rows, send, receive)  # (R, W*S, H)
-        grouped = ops.gather(_with_zero_row(source_major), gather.reshape(-1), 0).reshape(r, expert_rows, h)
+        grouped = ops.gather(_with_zero_row(source_major), gather.reshape(-1), 0).reshape(r, multiplied, h)
         return grouped, received, (send, receive, scatter)
 
     def combine(self, expert_out, state):

@@ -208,12 +208,12 @@ class CompactDispatcher(ReferenceLayout):
             return grouped_ffn(rows, group_ends(kept_per_expert, rows.shape[0]), w_in.astype(OPS_DTYPE),
                                w_out.astype(OPS_DTYPE), self.grouped_matmul)
         local = self.num_experts // self.world_size
-        expert_rows = self.world_size * min(order.shape[-1], local * capacity)  # B (dispatch/compact_exchange.py)
-        grouped, received, state = self.exchange.dispatch(rows, kept_per_expert, capacity, expert_rows)
+        multiplied = self.world_size * min(order.shape[-1], local * capacity)  # B (dispatch/compact_exchange.py)
+        grouped, received, state = self.exchange.dispatch(rows, kept_per_expert, capacity, multiplied)
         out = ()
         for i in range(rows.shape[0]):  # rank i holds slots i*E_loc..(i+1)*E_loc-1 of the weights held here
             w_in_i, w_out_i = w_in[i * local:(i + 1) * local], w_out[i * local:(i + 1) * local]  # (E_loc, ...)
-            out += (grouped_ffn(grouped[i].astype(OPS_DTYPE), group_ends(received[i], expert_rows),
+            out += (grouped_ffn(grouped[i].astype(OPS_DTYPE), group_ends(received[i], multiplied),
                                 w_in_i.astype(OPS_DTYPE), w_out_i.astype(OPS_DTYPE),
                                 self.grouped_matmul).astype(rows.dtype),)
         return self.exchange.combine(ops.stack(out), state)  # (R, B, H) -> (R, W*S, H)

@@ -286,6 +286,7 @@ class Trainer:
                 compiling, compiled = compiling + seconds, compiled + 1
             do_eval = step % t.eval_every == 0 or step == t.steps
             if step % t.log_every == 0 or do_eval:
+                counted = self.model.moe_blocks[0].moe.deduplicates  # the hierarchical exchange's own row counts
                 record = {"step": step, "loss": float(loss), "lm_loss": float(lm_loss),
                           **{name: float(v) for name, v in zip(LOSS_NAMES, router_losses)},
                           "lr": lr, "grad_norm": float(grad_norm), "skipped_steps": state["skipped_steps"],
@@ -296,7 +297,7 @@ class Trainer:
                           "modelled_exchange_ms": 1e3 * sum(self._exchange_seconds(k, bucket, topology)
                                                             for k, topology in zip(kept, topologies)),
                           "layers": [layer_record(d, k, c, topology, cfg.model.hidden, BYTES[t.precision], bucket,
-                                                  rows if self.model.moe_blocks[0].moe.deduplicates else None)
+                                                  rows if counted else None)
                                      for d, k, c, topology, rows in zip(demand, kept, capacities, topologies,
                                                                         inter_rows)]}
                 if self.estimates:
